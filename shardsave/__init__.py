@@ -1,0 +1,28 @@
+"""shardsave: fast, safe checkpoints of sharded JAX training state.
+
+tf.train.Saver's contract (global_step naming, the `checkpoint` state file,
+latest_checkpoint, max_to_keep, keep_checkpoint_every_n_hours, sharded=True,
+restore_sequentially, reshape), made JAX-native: one data file per device,
+asynchronous tensorstore I/O, an index written last as the commit marker, and
+restores onto any mesh or device count.
+"""
+
+from . import errors as errors
+from ._format import FORMAT_VERSION as FORMAT_VERSION
+from ._saver import Saver as Saver
+from ._saver import load_structure as load_structure
+from ._state import CheckpointState as CheckpointState
+from ._state import get_checkpoint_state as get_checkpoint_state
+from ._state import latest_checkpoint as latest_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointState",
+    "Saver",
+    "errors",
+    "get_checkpoint_state",
+    "latest_checkpoint",
+    "load_structure",
+]

@@ -1,0 +1,375 @@
+"""The on-disk format: names, the index as dataclasses, encode/decode/validate.
+
+FORMAT.md is the specification; this module is its reference implementation.
+Everything read from an index is validated here before any other module sees it,
+so the rest of the package may trust an Index object: offsets lie inside their
+files, shard boxes lie inside their arrays and cover them exactly once, dtypes
+come from a fixed list, and file names are derived from the prefix, never read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from . import _tree
+from .errors import CorruptCheckpointError, UnsupportedFormatError
+
+FORMAT_NAME = "shardsave"
+FORMAT_VERSION = 1
+# Stored shards carry one crc32c per chunk of this many bytes, so a reader that
+# needs only part of a shard can verify what it reads without reading it all.
+CRC_CHUNK_BYTES = 4 << 20
+
+INDEX_SUFFIX = ".index"
+_DATA_RE = re.compile(r"^(?P<base>.+)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$")
+
+# Limits that keep a hostile index from making a reader allocate or loop without bound.
+MAX_NDIM = 64
+MAX_BYTES = 1 << 50  # 1 PiB per array or per data file
+MAX_SHARDS_PER_LEAF = 1 << 20
+
+_DTYPE_NAMES = (
+    "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64 "
+    "complex64 complex128"
+).split()
+_ML_DTYPE_NAMES = (
+    "bfloat16 float8_e4m3fn float8_e4m3fnuz float8_e4m3b11fnuz float8_e5m2 float8_e5m2fnuz "
+    "float8_e3m4 float8_e4m3 float8_e8m0fnu float4_e2m1fn float6_e2m3fn float6_e3m2fn "
+    "int2 int4 uint2 uint4"
+).split()
+DTYPES: dict[str, np.dtype] = {n: np.dtype(n) for n in _DTYPE_NAMES}
+DTYPES.update({n: np.dtype(getattr(ml_dtypes, n)) for n in _ML_DTYPE_NAMES if hasattr(ml_dtypes, n)})
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    name = np.dtype(dtype).name
+    if name not in DTYPES:
+        raise TypeError(f"dtype {name} cannot be stored (supported: {', '.join(DTYPES)})")
+    return name
+
+
+def index_key(base: str) -> str:
+    return base + INDEX_SUFFIX
+
+
+def data_key(base: str, k: int, n: int) -> str:
+    return f"{base}.data-{k:05d}-of-{n:05d}"
+
+
+def parse_data_key(key: str) -> tuple[str, int, int] | None:
+    """(base, k, n) of a data file name, or None if the name is not one."""
+    m = _DATA_RE.match(key)
+    return (m["base"], int(m["k"]), int(m["n"])) if m else None
+
+
+def crc_chunks(nbytes: int, chunk: int) -> int:
+    return -(-nbytes // chunk)
+
+
+@dataclass(frozen=True)
+class StoredShard:
+    """One stored box of one array: where its bytes are and their checksums."""
+
+    file: int
+    offset: int
+    nbytes: int
+    start: tuple[int, ...]
+    stop: tuple[int, ...]
+    crc32c: tuple[int, ...]  # one per CRC chunk, in order
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+
+@dataclass(frozen=True)
+class LeafEntry:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    kind: str
+    sharding: dict[str, Any] | None  # JSON form; see encode_sharding
+    shards: tuple[StoredShard, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class DataFile:
+    nbytes: int
+    device_id: int | None  # the device whose shards the file holds (sharded=True)
+    process_index: int  # the process that wrote it
+
+
+@dataclass(frozen=True)
+class Index:
+    global_step: int | None
+    created: float
+    crc_chunk_bytes: int
+    files: tuple[DataFile, ...]
+    structure: Any
+    leaves: tuple[LeafEntry, ...]
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+
+# ---------------------------------------------------------------- shardings
+
+
+def encode_sharding(sharding: jax.sharding.Sharding) -> dict[str, Any]:
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        (device,) = sharding.device_set
+        return {"type": "single", "device": device.id}
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        mesh = sharding.mesh
+        spec: list[Any] = []
+        for entry in sharding.spec:
+            if entry is None or isinstance(entry, str):
+                spec.append(entry)
+            elif isinstance(entry, tuple) and all(isinstance(a, str) for a in entry):
+                spec.append(list(entry))
+            else:  # UNCONSTRAINED and friends cannot be rebuilt
+                return {"type": "other", "devices": sorted(d.id for d in sharding.device_set)}
+        return {
+            "type": "named",
+            "axis_names": list(mesh.axis_names),
+            "mesh_shape": list(mesh.devices.shape),
+            "devices": [d.id for d in mesh.devices.flat],
+            "spec": spec,
+        }
+    return {"type": "other", "devices": sorted(d.id for d in sharding.device_set)}
+
+
+def decode_sharding(
+    desc: dict[str, Any] | None, devices_by_id: dict[int, jax.Device]
+) -> jax.sharding.Sharding | None:
+    """The sharding a leaf was saved with, or None when it cannot be rebuilt here."""
+    if desc is None:
+        return None
+    try:
+        kind = desc["type"]
+        if kind == "single":
+            device = devices_by_id.get(desc["device"])
+            return None if device is None else jax.sharding.SingleDeviceSharding(device)
+        if kind == "named":
+            ids = desc["devices"]
+            if not all(i in devices_by_id for i in ids):
+                return None
+            devices = np.array([devices_by_id[i] for i in ids], dtype=object)
+            mesh = jax.sharding.Mesh(devices.reshape(desc["mesh_shape"]), tuple(desc["axis_names"]))
+            spec = [tuple(e) if isinstance(e, list) else e for e in desc["spec"]]
+            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+        return None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpointError(f"the index holds a malformed sharding {desc!r:.200}: {e}") from e
+
+
+# ---------------------------------------------------------------- encode
+
+
+def encode_index(index: Index) -> bytes:
+    leaves = []
+    for leaf in index.leaves:
+        leaves.append(
+            {
+                "name": leaf.name,
+                "dtype": dtype_name(leaf.dtype),
+                "shape": list(leaf.shape),
+                "kind": leaf.kind,
+                "sharding": leaf.sharding,
+                "shards": [
+                    [s.file, s.offset, s.nbytes, list(s.start), list(s.stop), list(s.crc32c)]
+                    for s in leaf.shards
+                ],
+            }
+        )
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": index.format_version,
+        "global_step": index.global_step,
+        "created": index.created,
+        "crc_chunk_bytes": index.crc_chunk_bytes,
+        "files": [
+            {"nbytes": f.nbytes, "device_id": f.device_id, "process_index": f.process_index}
+            for f in index.files
+        ],
+        "structure": index.structure,
+        "leaves": leaves,
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+
+
+# ---------------------------------------------------------------- decode
+
+
+def _int(value: Any, what: str, lo: int = 0, hi: int = MAX_BYTES) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{what} must be an integer in [{lo}, {hi}], found {value!r:.60}")
+    return value
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list, found {type(value).__name__}")
+    return value
+
+
+def decode_index(raw: bytes, where: str) -> Index:
+    """Parses and validates an index; every defect raises CorruptCheckpointError."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{where}: the index is not valid JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(f"{where}: not a shardsave index (no \"format\": \"shardsave\")")
+    version = doc.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{where}: written by format version {version}, but this shardsave reads versions "
+            f"up to {FORMAT_VERSION}; upgrade shardsave to read it"
+        )
+    try:
+        return _decode(doc)
+    except (ValueError, TypeError, KeyError, RecursionError) as e:
+        detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise CorruptCheckpointError(f"{where}: invalid index: {detail}") from e
+
+
+def _decode(doc: dict[str, Any]) -> Index:
+    _int(doc["format_version"], "format_version", 1, FORMAT_VERSION)
+    step = doc["global_step"]
+    if step is not None:
+        _int(step, "global_step", -(1 << 62), 1 << 62)
+    created = doc["created"]
+    if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
+        raise ValueError(f"created must be a number, found {created!r:.60}")
+    chunk = _int(doc["crc_chunk_bytes"], "crc_chunk_bytes", 1, 1 << 40)
+
+    files = []
+    for i, f in enumerate(_list(doc["files"], "files")):
+        if not isinstance(f, dict):
+            raise ValueError(f"files[{i}] must be an object")
+        device = f["device_id"]
+        if device is not None:
+            _int(device, f"files[{i}].device_id", 0, 1 << 31)
+        files.append(
+            DataFile(
+                nbytes=_int(f["nbytes"], f"files[{i}].nbytes"),
+                device_id=device,
+                process_index=_int(f["process_index"], f"files[{i}].process_index", 0, 1 << 31),
+            )
+        )
+
+    leaves = []
+    names: set[str] = set()
+    for i, leaf in enumerate(_list(doc["leaves"], "leaves")):
+        if not isinstance(leaf, dict):
+            raise ValueError(f"leaves[{i}] must be an object")
+        name = leaf["name"]
+        if not isinstance(name, str) or not name or "\0" in name:
+            raise ValueError(f"leaves[{i}].name must be a non-empty string without NUL")
+        if name in names:
+            raise ValueError(f"leaf name {name!r} appears twice")
+        names.add(name)
+        leaves.append(_decode_leaf(leaf, name, files, chunk))
+
+    structure = doc["structure"]
+    indices = _tree.structure_leaf_indices(structure)
+    if indices != list(range(len(leaves))):
+        raise ValueError("structure does not refer to every leaf exactly once, in order")
+    return Index(
+        global_step=step,
+        created=float(created),
+        crc_chunk_bytes=chunk,
+        files=tuple(files),
+        structure=structure,
+        leaves=tuple(leaves),
+        format_version=doc["format_version"],
+    )
+
+
+def _decode_leaf(leaf: dict[str, Any], name: str, files: list[DataFile], chunk: int) -> LeafEntry:
+    dtype_str = leaf["dtype"]
+    if not isinstance(dtype_str, str) or dtype_str not in DTYPES:
+        raise ValueError(f"leaf {name!r}: unknown dtype {dtype_str!r:.40}")
+    dtype = DTYPES[dtype_str]
+    shape_list = _list(leaf["shape"], f"leaf {name!r} shape")
+    if len(shape_list) > MAX_NDIM:
+        raise ValueError(f"leaf {name!r}: more than {MAX_NDIM} dimensions")
+    shape = tuple(_int(d, f"leaf {name!r} shape") for d in shape_list)
+    size = math.prod(shape)
+    if size * dtype.itemsize > MAX_BYTES:
+        raise ValueError(f"leaf {name!r}: claims {size * dtype.itemsize} bytes, over the limit")
+    kind = leaf["kind"]
+    if kind not in _tree.KINDS:
+        raise ValueError(f"leaf {name!r}: unknown kind {kind!r:.40}")
+    sharding = leaf["sharding"]
+    if sharding is not None and not isinstance(sharding, dict):
+        raise ValueError(f"leaf {name!r}: sharding must be an object or null")
+
+    raw_shards = _list(leaf["shards"], f"leaf {name!r} shards")
+    if len(raw_shards) > MAX_SHARDS_PER_LEAF:
+        raise ValueError(f"leaf {name!r}: too many shards ({len(raw_shards)})")
+    shards = []
+    covered = 0
+    for j, s in enumerate(raw_shards):
+        what = f"leaf {name!r} shard {j}"
+        if not isinstance(s, list) or len(s) != 6:
+            raise ValueError(f"{what} must be [file, offset, nbytes, start, stop, crc32c]")
+        file = _int(s[0], f"{what} file", 0, len(files) - 1)
+        offset = _int(s[1], f"{what} offset")
+        nbytes = _int(s[2], f"{what} nbytes")
+        start = tuple(_int(x, f"{what} start", 0, 1 << 50) for x in _list(s[3], f"{what} start"))
+        stop = tuple(_int(x, f"{what} stop", 0, 1 << 50) for x in _list(s[4], f"{what} stop"))
+        if len(start) != len(shape) or len(stop) != len(shape):
+            raise ValueError(f"{what}: box has {len(start)}/{len(stop)} dims, array has {len(shape)}")
+        if not all(0 <= a <= b <= d for a, b, d in zip(start, stop, shape)):
+            raise ValueError(f"{what}: box {start}..{stop} lies outside shape {shape}")
+        volume = math.prod(b - a for a, b in zip(start, stop))
+        if nbytes != volume * dtype.itemsize:
+            raise ValueError(f"{what}: nbytes {nbytes} != {volume} elements of {dtype_str}")
+        if offset + nbytes > files[file].nbytes:
+            raise ValueError(f"{what}: bytes {offset}..{offset + nbytes} lie past the end of file {file}")
+        crcs = _list(s[5], f"{what} crc32c")
+        if len(crcs) != crc_chunks(nbytes, chunk):
+            raise ValueError(f"{what}: {len(crcs)} checksums for {crc_chunks(nbytes, chunk)} chunks")
+        crc = tuple(_int(c, f"{what} crc32c", 0, 0xFFFFFFFF) for c in crcs)
+        covered += volume
+        shards.append(StoredShard(file, offset, nbytes, start, stop, crc))
+    if covered != size:
+        raise ValueError(f"leaf {name!r}: shards hold {covered} elements, the array has {size}")
+    if size == 0 and len(shards) != 1:
+        raise ValueError(f"leaf {name!r}: an empty array is stored as exactly one empty shard")
+    if size:
+        _check_grid(name, shape, shards)
+    return LeafEntry(name, dtype, shape, kind, sharding, tuple(shards))
+
+
+def _check_grid(name: str, shape: tuple[int, ...], shards: list[StoredShard]) -> None:
+    # jax shardings cut each dimension at a set of boundaries; stored boxes are the
+    # cells of that grid. Requiring every box to be one distinct grid cell, and every
+    # cell to be present, proves the boxes cover the array exactly once, in
+    # O(n log n) however hostile the index.
+    cuts = [sorted({s.start[d] for s in shards}) for d in range(len(shape))]
+    next_cut = [dict(zip(c, [*c[1:], dim])) for c, dim in zip(cuts, shape)]
+    if any(c[0] != 0 for c in cuts):
+        raise ValueError(f"leaf {name!r}: stored shards leave the array's start uncovered")
+    cells = {s.start for s in shards}
+    if len(cells) != len(shards) or len(shards) != math.prod(len(c) for c in cuts):
+        raise ValueError(f"leaf {name!r}: stored shards do not form a grid covering the array once")
+    for s in shards:
+        if any(next_cut[d][a] != b for d, (a, b) in enumerate(zip(s.start, s.stop))):
+            raise ValueError(f"leaf {name!r}: stored shard {s.start}..{s.stop} is not a grid cell")

@@ -1,0 +1,217 @@
+"""Planning, with no I/O: who writes what on save, which bytes to read on restore.
+
+Save: every unique stored box of every leaf is assigned one writer device among
+the devices holding a replica of it, greedily by bytes so replicated data spreads
+evenly; each writer device gets one data file (sharded=True) or all go into one
+(sharded=False). The plan depends only on the leaves' shapes, dtypes and
+shardings, so the Saver caches it across saves.
+
+Restore: for every unique target box (a box that several devices need is read
+once and placed on each of them), the stored shards that overlap it, and for
+each overlap the contiguous byte span to read: the rows (along axis 0) of the
+stored shard that the overlap touches. Reads can be split into smaller row
+ranges to respect a memory cap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import jax
+import numpy as np
+
+from ._format import StoredShard
+from ._tree import LeafSpec
+
+Box = tuple[tuple[int, int], ...]  # per dimension [start, stop)
+
+
+def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
+    out = []
+    for sl, dim in zip(index, shape):
+        start, stop, _ = sl.indices(dim)
+        out.append((start, max(start, stop)))
+    return tuple(out)
+
+
+def box_shape(box: Box) -> tuple[int, ...]:
+    return tuple(b - a for a, b in box)
+
+
+def full_box(shape: tuple[int, ...]) -> Box:
+    return tuple((0, d) for d in shape)
+
+
+def device_boxes(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> dict[jax.Device, Box]:
+    return {d: _box(idx, shape) for d, idx in sharding.devices_indices_map(shape).items()}
+
+
+# ---------------------------------------------------------------- save
+
+
+@dataclass(frozen=True)
+class PlannedShard:
+    leaf: int
+    box: Box
+    nbytes: int
+    writer: jax.Device | None  # the device whose copy is written; None: a host leaf
+    offset: int = 0
+
+
+@dataclass
+class PlannedFile:
+    device_id: int | None
+    process_index: int
+    shards: list[PlannedShard] = field(default_factory=list)
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    leaves: tuple[LeafSpec, ...]
+    files: tuple[PlannedFile, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+
+def plan_save(leaves: list[LeafSpec], sharded: bool, all_devices: list[jax.Device]) -> SavePlan:
+    """Assigns every unique box to one writer and lays out the data files.
+
+    Host leaves (numpy arrays, scalars) hold the same value on every process and
+    are written by the least-loaded of all devices.
+    """
+    items: list[tuple[int, Box, int, list[jax.Device]]] = []
+    for i, leaf in enumerate(leaves):
+        itemsize = leaf.dtype.itemsize
+        if leaf.sharding is None or math.prod(leaf.shape) == 0:
+            # Host leaves and empty arrays: one box for the whole array.
+            holders = sorted(leaf.sharding.device_set, key=lambda d: d.id) if leaf.sharding else all_devices
+            items.append((i, full_box(leaf.shape), math.prod(leaf.shape) * itemsize, holders))
+            continue
+        replicas: dict[Box, list[jax.Device]] = {}
+        for device, box in device_boxes(leaf.sharding, leaf.shape).items():
+            if math.prod(box_shape(box)):
+                replicas.setdefault(box, []).append(device)
+        for box, devices in replicas.items():
+            nbytes = math.prod(box_shape(box)) * itemsize
+            items.append((i, box, nbytes, sorted(devices, key=lambda d: d.id)))
+
+    # Largest first, then the least-loaded replica: balances bytes across writers.
+    load: dict[int, int] = {}
+    assigned: list[PlannedShard] = []
+    for i, box, nbytes, holders in sorted(items, key=lambda t: (-t[2], t[0], t[1])):
+        writer = min(holders, key=lambda d: (load.get(d.id, 0), d.id))
+        load[writer.id] = load.get(writer.id, 0) + nbytes
+        assigned.append(PlannedShard(i, box, nbytes, writer))
+    assigned.sort(key=lambda s: (s.leaf, s.box))
+
+    files: dict[int | None, PlannedFile] = {}
+    for shard in assigned:
+        device = shard.writer
+        key = device.id if sharded and device is not None else None
+        if key not in files:
+            files[key] = PlannedFile(
+                device_id=key,
+                process_index=device.process_index if sharded and device is not None else 0,
+            )
+        f = files[key]
+        f.shards.append(PlannedShard(shard.leaf, shard.box, shard.nbytes, shard.writer, f.nbytes))
+        f.nbytes += shard.nbytes
+    ordered = [files[k] for k in sorted(files, key=lambda k: -1 if k is None else k)]
+    return SavePlan(tuple(leaves), tuple(ordered))
+
+
+# ---------------------------------------------------------------- restore
+
+
+@dataclass(frozen=True)
+class Read:
+    """Rows [row_start, row_stop) of one stored shard, copied into a target box.
+
+    src indexes the rows read (shape (rows, *stored.shape[1:])) to select the
+    overlap; dst indexes the target box's array where the overlap goes.
+    """
+
+    shard: StoredShard
+    row_start: int
+    row_stop: int
+    row_bytes: int
+    src: tuple[slice, ...]
+    dst: tuple[slice, ...]
+
+    @property
+    def byte_start(self) -> int:
+        return self.shard.offset + self.row_start * self.row_bytes
+
+    @property
+    def byte_stop(self) -> int:
+        return self.shard.offset + self.row_stop * self.row_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return (self.row_stop - self.row_start) * self.row_bytes
+
+    @property
+    def rows_shape(self) -> tuple[int, ...]:
+        return (self.row_stop - self.row_start, *self.shard.shape[1:]) if self.shard.shape else ()
+
+    @property
+    def fills_target(self) -> bool:
+        """The rows read are exactly the target box, in its memory order."""
+        return all(s == slice(None) for s in (*self.src, *self.dst))
+
+
+def plan_reads(
+    shards: tuple[StoredShard, ...], target: Box, itemsize: int, max_read_bytes: int | None = None
+) -> list[Read]:
+    """The reads that fill the target box from the stored shards overlapping it.
+
+    Each read is a contiguous byte span: whole rows (along axis 0) of one stored
+    shard. With max_read_bytes, a span is cut into row ranges no larger than that
+    (but at least one row), so a stored shard larger than a memory cap is still read.
+    """
+    target_shape = box_shape(target)
+    if math.prod(target_shape) == 0:
+        return []
+    if not target:  # 0-d: one element, one shard
+        return [Read(shards[0], 0, 1, itemsize, (), ())]
+    reads = []
+    for shard in shards:
+        lo = [max(a, s) for (a, _), s in zip(target, shard.start)]
+        hi = [min(b, s) for (_, b), s in zip(target, shard.stop)]
+        if any(h <= low for low, h in zip(lo, hi)):
+            continue
+        row_bytes = math.prod(shard.shape[1:]) * itemsize
+        row0, row1 = lo[0] - shard.start[0], hi[0] - shard.start[0]
+        step = row1 - row0
+        if max_read_bytes is not None and row_bytes:
+            step = max(1, min(step, max_read_bytes // row_bytes))
+        src_rest = tuple(
+            slice(None) if (low, h) == (a, b) else slice(low - a, h - a)
+            for low, h, a, b in zip(lo[1:], hi[1:], shard.start[1:], shard.stop[1:])
+        )
+        dst_rest = tuple(
+            slice(None) if (low, h) == (a, b) else slice(low - a, h - a)
+            for low, h, (a, b) in zip(lo[1:], hi[1:], target[1:])
+        )
+        for r in range(row0, row1, step):
+            r_end = min(row1, r + step)
+            t0, t1 = r + shard.start[0] - target[0][0], r_end + shard.start[0] - target[0][0]
+            dst0 = slice(None) if (t0, t1) == (0, target_shape[0]) else slice(t0, t1)
+            reads.append(Read(shard, r, r_end, row_bytes, (slice(None), *src_rest), (dst0, *dst_rest)))
+    return reads
+
+
+def unique_target_boxes(
+    sharding: jax.sharding.Sharding, shape: tuple[int, ...]
+) -> dict[Box, list[jax.Device]]:
+    """Each box the process's devices need, with the devices that need it."""
+    out: dict[Box, list[jax.Device]] = {}
+    for device, idx in sharding.addressable_devices_indices_map(shape).items():
+        if idx is None:
+            continue
+        out.setdefault(_box(idx, shape), []).append(device)
+    return out

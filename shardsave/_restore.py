@@ -1,0 +1,298 @@
+"""Reads stored bytes and lands them on the target devices, under a memory budget.
+
+A restore is a list of units: one per unique target box of a leaf (a box several
+devices need is read once and placed on each), or the whole leaf for host
+targets and reshapes. Units are executed in batches whose host bytes (reads plus
+assembly buffers) stay within the budget: every read of a batch is issued at
+once to tensorstore, then the batch is verified (crc32c), assembled and placed
+on its devices with one jax.device_put call, and its host buffers are dropped
+before the next batch starts.
+
+A unit too large for the budget on its own (restore_sequentially with a small
+max_host_bytes) is streamed: its target buffer is allocated on the device and
+filled in place, row range by row range, so host memory never holds it whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import google_crc32c
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _format
+from ._format import Index, LeafEntry
+from ._plan import Box, Read, box_shape, full_box, plan_reads, unique_target_boxes
+from ._storage import Directory, join, open_prefix
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+
+DEFAULT_INFLIGHT_BYTES = 1 << 30
+MIN_SEQUENTIAL_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class LeafRequest:
+    """One leaf to restore: where it is stored and what the caller wants."""
+
+    entry: LeafEntry
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    sharding: jax.sharding.Sharding | None  # None: return a numpy array
+
+
+@dataclass
+class _Unit:
+    request: int
+    box: Box  # in the stored array's coordinates
+    reads: list[Read]
+    # (devices, index into the unit's array once reshaped to the target) per placement
+    placements: list[tuple[list[jax.Device], tuple[slice, ...] | None]] = field(default_factory=list)
+
+    def assembly_bytes(self, itemsize: int) -> int:
+        if len(self.reads) == 1 and self.reads[0].fills_target:
+            return 0
+        return math.prod(box_shape(self.box)) * itemsize
+
+    def read_bytes(self) -> int:
+        return sum(r.nbytes for r in self.reads)
+
+
+def _target_index(box: Box) -> tuple[slice, ...]:
+    return tuple(slice(a, b) for a, b in box)
+
+
+def _plan_units(requests: list[LeafRequest], chunk: int, max_read_bytes: int | None) -> list[_Unit]:
+    units = []
+    for i, req in enumerate(requests):
+        entry, itemsize = req.entry, req.entry.dtype.itemsize
+        if req.sharding is None or req.shape != entry.shape:
+            # Host targets and reshapes read the whole stored array once.
+            box = full_box(entry.shape)
+            unit = _Unit(i, box, plan_reads(entry.shards, box, itemsize, max_read_bytes))
+            if req.sharding is not None:
+                for tbox, devices in unique_target_boxes(req.sharding, req.shape).items():
+                    unit.placements.append((devices, _target_index(tbox)))
+            units.append(unit)
+            continue
+        for tbox, devices in unique_target_boxes(req.sharding, req.shape).items():
+            reads = plan_reads(entry.shards, tbox, itemsize, max_read_bytes)
+            units.append(_Unit(i, tbox, reads, [(devices, None)]))
+    return units
+
+
+def _span(read: Read, chunk: int) -> tuple[int, int]:
+    """The read widened to whole checksum chunks, relative to the shard's start."""
+    rel0 = read.row_start * read.row_bytes
+    rel1 = rel0 + read.nbytes
+    return rel0 // chunk * chunk, min(-(-rel1 // chunk) * chunk, read.shard.nbytes)
+
+
+class _Fetcher:
+    """Issues reads and verifies what comes back against the index."""
+
+    def __init__(self, directory: Directory, base: str, index: Index, names: dict[int, str]):
+        self.directory = directory
+        self.index = index
+        self.chunk = index.crc_chunk_bytes
+        self.names = names  # id(StoredShard) -> leaf name, for error messages
+        n = len(index.files)
+        self.keys = [_format.data_key(base, k, n) for k in range(n)]
+
+    def issue(self, read: Read) -> Any:
+        a, b = _span(read, self.chunk)
+        return self.directory.read(self.keys[read.shard.file], read.shard.offset + a, read.shard.offset + b)
+
+    def verified(self, read: Read, future: Any, dtype: np.dtype) -> np.ndarray:
+        """The rows of the read, as an array of the stored dtype (read-only view)."""
+        shard = read.shard
+        key = self.keys[shard.file]
+        where = f"{join(self.directory.path, key)} (leaf {self.names[id(shard)]!r})"
+        a, b = _span(read, self.chunk)
+        try:
+            result = future.result()
+        except Exception as e:  # tensorstore reports a short file as an out-of-range read
+            raise CorruptCheckpointError(
+                f"{where}: cannot read bytes {shard.offset + a}..{shard.offset + b}: {e}"
+            ) from e
+        if result.state != "value":
+            raise CorruptCheckpointError(f"{where}: the data file is missing")
+        data = np.frombuffer(result.value, dtype=np.uint8)
+        if data.size != b - a:
+            raise CorruptCheckpointError(
+                f"{where}: expected {b - a} bytes at offset {shard.offset + a}, found {data.size} "
+                "(the file is truncated)"
+            )
+        for j in range(a // self.chunk, -(-b // self.chunk)):
+            lo = j * self.chunk - a
+            piece = data[lo : min(lo + self.chunk, data.size)]
+            if google_crc32c.value(piece) != shard.crc32c[j]:
+                raise CorruptCheckpointError(
+                    f"{where}: crc32c mismatch in bytes {shard.offset + a + lo}..{shard.offset + a + lo + piece.size}"
+                    " (the data is corrupt)"
+                )
+        rel0 = read.row_start * read.row_bytes
+        rows = data[rel0 - a : rel0 - a + read.nbytes]
+        return rows.view(dtype.newbyteorder("<")).reshape(read.rows_shape)
+
+
+@partial(jax.jit, donate_argnums=0)
+def _write_block(buffer: jax.Array, block: jax.Array, starts: tuple[jax.Array, ...]) -> jax.Array:
+    return jax.lax.dynamic_update_slice(buffer, block, starts)
+
+
+def restore_leaves(
+    directory: Directory,
+    base: str,
+    index: Index,
+    requests: list[LeafRequest],
+    *,
+    budget: int | None,
+    sequential: bool,
+    progress: Callable[[int], None] | None = None,
+) -> list[Any]:
+    """Restores each request; returns a jax.Array or numpy array per request."""
+    if sequential:
+        budget = max(budget or 0, MIN_SEQUENTIAL_BYTES)
+        max_read = max(1, budget // 4)
+    else:
+        budget = budget or DEFAULT_INFLIGHT_BYTES
+        max_read = None
+    names = {id(s): req.entry.name for req in requests for s in req.entry.shards}
+    fetcher = _Fetcher(directory, base, index, names)
+    units = _plan_units(requests, index.crc_chunk_bytes, max_read)
+
+    host_results: dict[int, np.ndarray] = {}
+    device_results: dict[int, dict[jax.Device, jax.Array]] = {i: {} for i in range(len(requests))}
+
+    for batch in _batches(units, requests, budget, sequential):
+        if len(batch) == 1 and _streamed(batch[0], requests, budget, sequential):
+            _stream_unit(batch[0], requests[batch[0].request], fetcher, device_results)
+        else:
+            _run_batch(batch, requests, fetcher, host_results, device_results)
+        if progress is not None:
+            progress(sum(u.read_bytes() for u in batch))
+
+    out: list[Any] = []
+    for i, req in enumerate(requests):
+        if req.sharding is None:
+            out.append(host_results[i])
+        else:
+            arrays = device_results[i]
+            out.append(jax.make_array_from_single_device_arrays(req.shape, req.sharding, list(arrays.values())))
+    return out
+
+
+def _streamed(unit: _Unit, requests: list[LeafRequest], budget: int, sequential: bool) -> bool:
+    req = requests[unit.request]
+    return (
+        sequential
+        and req.sharding is not None
+        and req.shape == req.entry.shape
+        and unit.assembly_bytes(req.entry.dtype.itemsize) > budget // 2
+    )
+
+
+def _batches(
+    units: list[_Unit], requests: list[LeafRequest], budget: int, sequential: bool
+) -> Iterator[list[_Unit]]:
+    batch: list[_Unit] = []
+    used = 0
+    for unit in units:
+        if _streamed(unit, requests, budget, sequential):
+            if batch:
+                yield batch
+            batch, used = [], 0
+            yield [unit]
+            continue
+        cost = unit.read_bytes() + unit.assembly_bytes(requests[unit.request].entry.dtype.itemsize)
+        if batch and used + cost > budget:
+            yield batch
+            batch, used = [], 0
+        batch.append(unit)
+        used += cost
+    if batch:
+        yield batch
+
+
+def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, futures: dict[int, Any]) -> np.ndarray:
+    dtype = req.entry.dtype
+    if len(unit.reads) == 1 and unit.reads[0].fills_target:
+        read = unit.reads[0]
+        return fetcher.verified(read, futures[id(read)], dtype)
+    out = np.empty(box_shape(unit.box), dtype=dtype)
+    for read in unit.reads:
+        out[read.dst] = fetcher.verified(read, futures[id(read)], dtype)[read.src]
+    return out
+
+
+def _run_batch(
+    batch: list[_Unit],
+    requests: list[LeafRequest],
+    fetcher: _Fetcher,
+    host_results: dict[int, np.ndarray],
+    device_results: dict[int, dict[jax.Device, jax.Array]],
+) -> None:
+    futures = {id(r): fetcher.issue(r) for unit in batch for r in unit.reads}
+    arrays: list[np.ndarray] = []
+    devices: list[jax.Device] = []
+    owners: list[int] = []
+    for unit in batch:
+        req = requests[unit.request]
+        array = _assemble(unit, req, fetcher, futures)
+        if req.shape != req.entry.shape:
+            array = array.reshape(req.shape)
+        if req.dtype != req.entry.dtype:
+            array = array.astype(req.dtype)
+        if req.sharding is None:
+            host_results[unit.request] = array if array.flags.writeable else array.copy()
+            continue
+        for targets, index in unit.placements:
+            piece = array if index is None else array[index]
+            for device in targets:
+                arrays.append(piece)
+                devices.append(device)
+                owners.append(unit.request)
+    if arrays:
+        for owner, device, placed in zip(owners, devices, jax.device_put(arrays, devices)):
+            device_results[owner][device] = placed
+
+
+def _stream_unit(
+    unit: _Unit,
+    req: LeafRequest,
+    fetcher: _Fetcher,
+    device_results: dict[int, dict[jax.Device, jax.Array]],
+) -> None:
+    ((targets, _),) = unit.placements
+    buffers = {d: jnp.zeros(box_shape(unit.box), req.dtype, device=d) for d in targets}
+    for read in unit.reads:
+        rows = fetcher.verified(read, fetcher.issue(read), req.entry.dtype)[read.src]
+        block = np.ascontiguousarray(rows, dtype=req.dtype)
+        starts = tuple(np.int32(s.start or 0) for s in read.dst)
+        for d in targets:
+            buffers[d] = _write_block(buffers[d], jax.device_put(block, d), starts)
+        del rows, block
+    device_results[unit.request].update(buffers)
+
+
+def open_checkpoint(path: str) -> tuple[Directory, str, Index]:
+    """The directory, base name and validated index of a committed checkpoint."""
+    directory, base = open_prefix(path)
+    raw = directory.read_all(_format.index_key(base))
+    if raw is None:
+        leftovers = [k for k in directory.list() if (p := _format.parse_data_key(k)) and p[0] == base]
+        hint = (
+            f" ({len(leftovers)} data files exist without it: a save that never committed)"
+            if leftovers
+            else ""
+        )
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint at {path!r}: {path}{_format.INDEX_SUFFIX} does not exist{hint}"
+        )
+    return directory, base, _format.decode_index(raw, f"{path}{_format.INDEX_SUFFIX}")

@@ -1,0 +1,542 @@
+"""Saver: the one place that knows the order of a save and of a restore.
+
+Save:    tree -> leaf specs -> plan (cached) -> stage (blocking) -> [background:
+         checksums -> data writes -> index (commit) -> state file -> retention].
+Restore: index -> match target leaves -> plan reads -> read, verify, place.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import google_crc32c
+import jax
+import numpy as np
+
+from . import _format, _tree
+from ._commit import BackgroundCommits
+from ._format import DataFile, Index, LeafEntry, StoredShard
+from ._plan import SavePlan, plan_save
+from ._restore import LeafRequest, open_checkpoint, restore_leaves
+from ._stage import stage
+from ._state import (
+    Retention,
+    delete_checkpoint,
+    read_state,
+    remove_uncommitted,
+    write_state,
+)
+from ._storage import Directory, join, open_prefix, split_prefix
+from .errors import (
+    CheckpointExistsError,
+    ShardingMismatchError,
+    StructureMismatchError,
+)
+
+_PLAN_CACHE_SIZE = 8
+
+
+def _leaf_spec(name: str, leaf: Any) -> _tree.LeafSpec:
+    try:
+        kind = _tree.leaf_kind(leaf)
+    except TypeError:
+        raise TypeError(
+            f"leaf {name!r} is a {type(leaf).__name__}, which shardsave cannot store; "
+            "leaves must be jax.Array, numpy arrays or numbers"
+        ) from None
+    if kind == _tree.KIND_ARRAY:
+        if leaf.is_deleted():
+            raise ValueError(f"leaf {name!r} is a deleted jax.Array (was it donated?)")
+        shape, dtype, sharding = tuple(leaf.shape), np.dtype(leaf.dtype), leaf.sharding
+    else:
+        try:
+            array = np.asarray(leaf)
+        except OverflowError as e:
+            raise ValueError(f"leaf {name!r}: {e}") from e
+        shape, dtype, sharding = array.shape, array.dtype.newbyteorder("="), None
+    try:
+        _format.dtype_name(dtype)
+    except TypeError as e:
+        raise TypeError(f"leaf {name!r}: {e}") from None
+    return _tree.LeafSpec(name, shape, dtype, kind, sharding)
+
+
+def _checksums(data: bytes, plan_file: Any, chunk: int) -> list[tuple[int, ...]]:
+    view = np.frombuffer(data, dtype=np.uint8)
+    out = []
+    for shard in plan_file.shards:
+        out.append(
+            tuple(
+                google_crc32c.value(view[o : min(o + chunk, shard.offset + shard.nbytes)])
+                for o in range(shard.offset, shard.offset + shard.nbytes, chunk)
+            )
+        )
+    return out
+
+
+class Saver:
+    """Saves and restores pytrees of sharded jax.Arrays, numpy arrays and numbers.
+
+    The contract is tf.train.Saver's: save(tree, "dir/model", global_step=N)
+    writes the checkpoint "dir/model-N", records it in the directory's
+    `checkpoint` state file, and deletes checkpoints beyond max_to_keep.
+
+    Args:
+      max_to_keep: how many recent checkpoints to keep; None or 0 keeps all.
+      keep_checkpoint_every_n_hours: additionally keep (for good) one checkpoint
+        per this many hours of saving.
+      sharded: write one data file per device that stores something (True) or a
+        single data file (False).
+      pad_step_number: name checkpoints "model-00001000" instead of "model-1000".
+      save_relative_paths: write paths relative to the directory in the state
+        file, so the directory can be moved.
+      allow_empty: save() of a tree with no leaves returns None instead of raising.
+      async_save: return from save() once the shards are copied to host memory;
+        the writes and the commit finish in the background.
+      reshape: let restore() fill a target leaf of another shape with the same
+        number of elements.
+      restore_sequentially: restore in bounded batches so host memory stays near
+        max_host_bytes.
+      max_host_bytes: the host-memory budget of a restore (with
+        restore_sequentially, at least 32 MiB); None uses 1 GiB of reads in flight.
+      clock: the time source for timestamps and keep_checkpoint_every_n_hours.
+
+    Example:
+      >>> import jax.numpy as jnp, shardsave, tempfile
+      >>> saver = shardsave.Saver(max_to_keep=2)
+      >>> d = tempfile.mkdtemp()
+      >>> path = saver.save({"w": jnp.ones((4, 2))}, f"{d}/model", global_step=7)
+      >>> saver.wait_until_finished()
+      >>> restored = saver.restore(path, {"w": jnp.zeros((4, 2))})
+      >>> float(restored["w"].sum())
+      8.0
+    """
+
+    def __init__(
+        self,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float = 10000.0,
+        sharded: bool = True,
+        pad_step_number: bool = False,
+        save_relative_paths: bool = True,
+        allow_empty: bool = False,
+        async_save: bool = True,
+        reshape: bool = False,
+        restore_sequentially: bool = False,
+        max_host_bytes: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        if max_to_keep is not None and max_to_keep < 0:
+            raise ValueError(f"max_to_keep must be None or >= 0, found {max_to_keep}")
+        if not keep_checkpoint_every_n_hours > 0:
+            raise ValueError(f"keep_checkpoint_every_n_hours must be > 0, found {keep_checkpoint_every_n_hours}")
+        if max_host_bytes is not None and max_host_bytes <= 0:
+            raise ValueError(f"max_host_bytes must be positive, found {max_host_bytes}")
+        self.max_to_keep = max_to_keep
+        self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
+        self.sharded = sharded
+        self.pad_step_number = pad_step_number
+        self.save_relative_paths = save_relative_paths
+        self.allow_empty = allow_empty
+        self.async_save = async_save
+        self.reshape = reshape
+        self.restore_sequentially = restore_sequentially
+        self.max_host_bytes = max_host_bytes
+        self._clock = clock
+        self._created = clock()
+        self._commits = BackgroundCommits()
+        self._plans: dict[Any, SavePlan] = {}
+        self._retention: dict[str, Retention] = {}
+        self._last_directory: str | None = None
+
+    # ------------------------------------------------------------ save
+
+    @property
+    def last_checkpoints(self) -> list[str]:
+        """Committed checkpoints that retention keeps, oldest first."""
+        if self._last_directory is None:
+            return []
+        retention = self._retention.get(self._last_directory)
+        return [] if retention is None else [join(self._last_directory, b) for b, _ in retention.kept]
+
+    def save(
+        self,
+        tree: Any,
+        save_path: str,
+        global_step: int | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> str | None:
+        """Saves a pytree as the checkpoint save_path[-global_step].
+
+        With async_save, returns once every shard is copied to host memory (the
+        arrays may then be deleted, donated or changed); the commit finishes in
+        the background. A failure there is raised by the next save() or
+        wait_until_finished(). A second save first waits for the previous one.
+
+        Args:
+          tree: a pytree of jax.Array (any sharding), numpy arrays and numbers.
+          save_path: the checkpoint prefix, such as "ckpt/model" or "memory://x/m".
+          global_step: appended to the prefix as "-STEP" when given.
+          overwrite: replace a committed checkpoint at the same prefix.
+
+        Returns:
+          The checkpoint's prefix, or None for an empty tree with allow_empty.
+
+        Raises:
+          ValueError: the tree is empty or two leaves have the same name.
+          TypeError: a leaf cannot be stored.
+          CheckpointExistsError: the prefix holds a committed checkpoint.
+          SaveFailedError: the previous asynchronous save failed.
+        """
+        self._commits.wait()
+        names, leaves, _ = _tree.flatten(tree)
+        if not leaves:
+            if self.allow_empty:
+                return None
+            raise ValueError("the tree to save has no leaves; pass allow_empty=True to Saver to allow it")
+        prefix = os.fspath(save_path)
+        if global_step is not None:
+            step = int(global_step)
+            prefix = f"{prefix}-{step:08d}" if self.pad_step_number else f"{prefix}-{step}"
+        else:
+            step = None
+        directory, base = open_prefix(prefix)
+        index_key = _format.index_key(base)
+        if directory.exists(index_key):
+            if not overwrite:
+                raise CheckpointExistsError(
+                    f"a committed checkpoint exists at {prefix!r}; pass overwrite=True to replace it"
+                )
+            # Uncommit first: a crash while rewriting must not leave an index over mixed data.
+            directory.delete(index_key).result()
+
+        specs = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
+        plan = self._plan(specs)
+        staged = stage(plan, leaves, jax.process_index())
+        structure = _tree.encode_structure(tree)
+        timestamp = self._clock()
+
+        def commit() -> None:
+            self._commit(directory, base, plan, staged, structure, step, timestamp)
+
+        if self.async_save:
+            self._commits.submit(commit, prefix)
+        else:
+            commit()
+        return prefix
+
+    def wait_until_finished(self) -> None:
+        """Blocks until the pending asynchronous save has committed.
+
+        Raises:
+          SaveFailedError: the save failed; the original error is its __cause__.
+        """
+        self._commits.wait()
+
+    def close(self) -> None:
+        """Finishes the pending save and stops the background worker."""
+        self._commits.close()
+
+    def __enter__(self) -> Saver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _plan(self, specs: list[_tree.LeafSpec]) -> SavePlan:
+        key = (self.sharded, tuple((s.name, s.shape, s.dtype, s.kind, s.sharding) for s in specs))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.pop(next(iter(self._plans)))
+            plan = self._plans[key] = plan_save(specs, self.sharded, jax.devices())
+        return plan
+
+    def _commit(
+        self,
+        directory: Directory,
+        base: str,
+        plan: SavePlan,
+        staged: dict[int, bytes],
+        structure: Any,
+        step: int | None,
+        timestamp: float,
+    ) -> None:
+        n = len(plan.files)
+        chunk = _format.CRC_CHUNK_BYTES
+        keys = {k: _format.data_key(base, k, n) for k in staged}
+        try:
+            writes = [directory.write(keys[k], data) for k, data in staged.items()]
+            crcs = {k: _checksums(data, plan.files[k], chunk) for k, data in staged.items()}
+            for w in writes:
+                w.result()
+            index = self._index(plan, crcs, structure, step, timestamp, chunk)
+            directory.write(_format.index_key(base), _format.encode_index(index)).result()
+        except BaseException:
+            for future in [directory.delete(key) for key in keys.values()]:
+                try:
+                    future.result()
+                except Exception:  # the original error matters more than cleanup's
+                    pass
+            raise
+        self._after_commit(directory, base, timestamp)
+
+    @staticmethod
+    def _index(
+        plan: SavePlan,
+        crcs: dict[int, list[tuple[int, ...]]],
+        structure: Any,
+        step: int | None,
+        timestamp: float,
+        chunk: int,
+    ) -> Index:
+        shards: list[list[StoredShard]] = [[] for _ in plan.leaves]
+        for k, f in enumerate(plan.files):
+            for shard, crc in zip(f.shards, crcs[k]):
+                start = tuple(a for a, _ in shard.box)
+                stop = tuple(b for _, b in shard.box)
+                shards[shard.leaf].append(StoredShard(k, shard.offset, shard.nbytes, start, stop, crc))
+        leaves = tuple(
+            LeafEntry(
+                name=spec.name,
+                dtype=spec.dtype,
+                shape=spec.shape,
+                kind=spec.kind,
+                sharding=None if spec.sharding is None else _format.encode_sharding(spec.sharding),
+                shards=tuple(s),
+            )
+            for spec, s in zip(plan.leaves, shards)
+        )
+        files = tuple(DataFile(f.nbytes, f.device_id, f.process_index) for f in plan.files)
+        return Index(step, timestamp, chunk, files, structure, leaves)
+
+    def _after_commit(self, directory: Directory, base: str, timestamp: float) -> None:
+        retention = self._retention_for(directory)
+        doomed = retention.add(base, timestamp)
+        state = retention.state()
+        if not self.save_relative_paths:
+            state = type(state)(
+                model_checkpoint_path=join(os.path.abspath(directory.path) if directory.is_local else directory.path, state.model_checkpoint_path),
+                all_model_checkpoint_paths=tuple(
+                    join(os.path.abspath(directory.path) if directory.is_local else directory.path, p)
+                    for p in state.all_model_checkpoint_paths
+                ),
+                all_model_checkpoint_timestamps=state.all_model_checkpoint_timestamps,
+                last_preserved_timestamp=state.last_preserved_timestamp,
+            )
+        # The state file stops naming a checkpoint before its files go.
+        write_state(directory, state)
+        keys = directory.list()
+        for old in doomed:
+            delete_checkpoint(directory, old, keys)
+        remove_uncommitted(directory, keep=set())
+        self._last_directory = directory.path
+
+    def _retention_for(self, directory: Directory) -> Retention:
+        retention = self._retention.get(directory.path)
+        if retention is not None:
+            return retention
+        interval = self.keep_checkpoint_every_n_hours * 3600
+        state = read_state(directory)
+        if state is None:
+            retention = Retention(self.max_to_keep, self.keep_checkpoint_every_n_hours, self._created + interval)
+        else:
+            # A new Saver over an existing directory continues its retention.
+            kept = [
+                (split_prefix(p)[1], t)
+                for p, t in zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)
+            ]
+            retention = Retention(
+                self.max_to_keep,
+                self.keep_checkpoint_every_n_hours,
+                state.last_preserved_timestamp + interval,
+                kept,
+            )
+        self._retention[directory.path] = retention
+        return retention
+
+    # ------------------------------------------------------------ restore
+
+    def restore(
+        self,
+        save_path: str,
+        target: Any = None,
+        *,
+        reshape: bool | None = None,
+        cast: bool = False,
+        restore_sequentially: bool | None = None,
+        max_host_bytes: int | None = None,
+    ) -> Any:
+        """Restores a checkpoint into the structure, shapes and shardings of target.
+
+        Args:
+          save_path: the checkpoint prefix returned by save().
+          target: a pytree of jax.Array or jax.ShapeDtypeStruct (with a sharding),
+            numpy arrays or numbers, naming a subset of the saved leaves; any
+            mesh, device count or partition spec. None restores the saved tree
+            onto the saved shardings, which requires the same devices.
+          reshape: allow a target shape with the same number of elements
+            (defaults to the Saver's setting).
+          cast: convert stored values to the target dtype where they differ.
+          restore_sequentially: bound host memory by max_host_bytes (defaults to
+            the Saver's setting).
+          max_host_bytes: the host-memory budget (defaults to the Saver's).
+
+        Returns:
+          A pytree like target (or like the saved tree) holding the values.
+
+        Raises:
+          CheckpointNotFoundError: there is no committed checkpoint at save_path.
+          StructureMismatchError: a target leaf is missing, or its shape or dtype
+            cannot be satisfied.
+          ShardingMismatchError: target=None, but the saved devices do not exist.
+          CorruptCheckpointError: stored bytes disagree with the index.
+        """
+        self._commits.wait()
+        directory, base, index = open_checkpoint(os.fspath(save_path))
+        reshape = self.reshape if reshape is None else reshape
+        sequential = self.restore_sequentially if restore_sequentially is None else restore_sequentially
+        budget = self.max_host_bytes if max_host_bytes is None else max_host_bytes
+        if target is None:
+            requests, finish = _requests_for_saved(index, save_path)
+        else:
+            requests, finish = _requests_for_target(index, target, reshape, cast, save_path)
+        values = restore_leaves(directory, base, index, requests, budget=budget, sequential=sequential)
+        return finish(values)
+
+
+def _devices_by_id() -> dict[int, jax.Device]:
+    return {d.id: d for d in jax.devices()}
+
+
+def _as_kind(value: Any, kind: str) -> Any:
+    if kind == _tree.KIND_NUMPY_SCALAR:
+        return value[()]
+    if kind == _tree.KIND_INT:
+        return int(value)
+    if kind == _tree.KIND_FLOAT:
+        return float(value)
+    if kind == _tree.KIND_BOOL:
+        return bool(value)
+    if kind == _tree.KIND_COMPLEX:
+        return complex(value)
+    return value
+
+
+def _requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
+    devices = _devices_by_id()
+    requests = []
+    for entry in index.leaves:
+        sharding = None
+        if entry.kind == _tree.KIND_ARRAY:
+            sharding = _format.decode_sharding(entry.sharding, devices)
+            if sharding is None:
+                raise ShardingMismatchError(
+                    f"leaf {entry.name!r} of {path!r} was saved with a sharding over devices that do "
+                    f"not exist here ({len(devices)} devices); pass a target with the shardings to "
+                    "restore onto (shardsave.load_structure gives the saved shapes and dtypes)"
+                )
+        requests.append(LeafRequest(entry, entry.shape, entry.dtype, sharding))
+
+    def finish(values: list[Any]) -> Any:
+        leaves = [_as_kind(v, e.kind) for v, e in zip(values, index.leaves)]
+        return _tree.decode_structure(index.structure, leaves)
+
+    return requests, finish
+
+
+def _missing_error(missing: list[str], saved: list[str], path: str) -> StructureMismatchError:
+    lines = []
+    for name in missing:
+        close = difflib.get_close_matches(name, saved, n=3, cutoff=0.5)
+        hint = f" (closest saved: {', '.join(repr(c) for c in close)})" if close else ""
+        lines.append(f"  {name!r}{hint}")
+    return StructureMismatchError(
+        f"{len(missing)} target leaves are not in checkpoint {path!r}:\n" + "\n".join(lines)
+    )
+
+
+def _requests_for_target(
+    index: Index, target: Any, reshape: bool, cast: bool, path: str
+) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
+    names, leaves, treedef = _tree.flatten(target)
+    by_name = {e.name: e for e in index.leaves}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise _missing_error(missing, list(by_name), path)
+    devices = _devices_by_id()
+    requests = []
+    kinds = []
+    for name, leaf in zip(names, leaves):
+        entry = by_name[name]
+        if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+            shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+            sharding = leaf.sharding
+            if sharding is None:  # a ShapeDtypeStruct without one: the saved layout, else device 0
+                sharding = _format.decode_sharding(entry.sharding, devices) or jax.sharding.SingleDeviceSharding(
+                    jax.devices()[0]
+                )
+            kind = _tree.KIND_ARRAY
+        elif isinstance(leaf, np.ndarray):
+            shape, dtype, sharding, kind = leaf.shape, leaf.dtype.newbyteorder("="), None, _tree.KIND_NUMPY
+        else:
+            try:
+                kind = _tree.leaf_kind(leaf)
+            except TypeError:
+                raise StructureMismatchError(
+                    f"target leaf {name!r} is a {type(leaf).__name__}; use a jax.Array, "
+                    "jax.ShapeDtypeStruct, numpy array or number"
+                ) from None
+            # Numbers take the stored dtype: a Python int has no width to match.
+            shape, dtype, sharding = np.shape(leaf), entry.dtype, None
+        if shape != entry.shape:
+            if not reshape or math.prod(shape) != math.prod(entry.shape):
+                hint = " (pass reshape=True to restore into a shape with as many elements)" if math.prod(
+                    shape
+                ) == math.prod(entry.shape) else ""
+                raise StructureMismatchError(
+                    f"leaf {name!r}: the checkpoint holds shape {entry.shape}, the target has {shape}{hint}"
+                )
+        if dtype != entry.dtype and not cast:
+            raise StructureMismatchError(
+                f"leaf {name!r}: the checkpoint holds dtype {entry.dtype}, the target has {dtype} "
+                "(pass cast=True to convert)"
+            )
+        requests.append(LeafRequest(entry, shape, dtype, sharding))
+        kinds.append(kind)
+
+    def finish(values: list[Any]) -> Any:
+        return jax.tree_util.tree_unflatten(treedef, [_as_kind(v, k) for v, k in zip(values, kinds)])
+
+    return requests, finish
+
+
+def load_structure(path: str) -> Any:
+    """The saved tree with jax.ShapeDtypeStruct leaves, read from the index alone.
+
+    Each leaf carries the saved sharding when its devices exist in this process,
+    and no sharding otherwise. Pass the result (with shardings filled in where
+    needed) as a restore target.
+
+    Args:
+      path: a checkpoint prefix.
+
+    Example:
+      >>> import numpy as np, shardsave, tempfile
+      >>> p = shardsave.Saver(async_save=False).save({"b": np.zeros(3)}, tempfile.mkdtemp() + "/m")
+      >>> shardsave.load_structure(p)["b"].shape
+      (3,)
+    """
+    _, _, index = open_checkpoint(os.fspath(path))
+    devices = _devices_by_id()
+    leaves = [
+        jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=_format.decode_sharding(e.sharding, devices))
+        for e in index.leaves
+    ]
+    return _tree.decode_structure(index.structure, leaves)
