@@ -23,3 +23,22 @@ def mesh24():
 def io_stats():
     _storage.STATS.reset()
     return _storage.STATS
+
+
+def run_python(code: str, devices: int = 8, timeout: float = 300, env: dict | None = None) -> str:
+    """Runs code in a fresh interpreter with `devices` simulated CPU devices; returns stdout."""
+    import subprocess
+    import sys
+
+    full_env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        **(env or {}),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout

@@ -1,0 +1,216 @@
+"""Restore at scale: any mesh or device count, abstract and partial targets, reshape, cast."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import run_python
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import shardsave
+from shardsave.errors import StructureMismatchError
+
+
+def _mesh(shape, names=("a", "b")):
+    n = int(np.prod(shape))
+    return Mesh(np.array(jax.devices()[:n]).reshape(shape), names[: len(shape)])
+
+
+def _value(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.fixture
+def saved(tmp_path, mesh24):
+    values = {"w": _value((8, 16)), "v": _value((16,), 1), "r": _value((8, 8), 2), "s": _value((16, 8), 3)}
+    tree = {
+        "w": jax.device_put(values["w"], NamedSharding(mesh24, P("data", "model"))),
+        "v": jax.device_put(values["v"], NamedSharding(mesh24, P("model"))),
+        "r": jax.device_put(values["r"], NamedSharding(mesh24, P())),
+        "s": jax.device_put(values["s"], jax.devices()[2]),
+    }
+    path = shardsave.Saver(async_save=False).save(tree, str(tmp_path / "m"), global_step=1)
+    return path, values
+
+
+TARGETS = {
+    "4x2": ((4, 2), P("a", "b")),
+    "4x2-transposed": ((4, 2), P("b", "a")),
+    "1x8": ((1, 8), P("a", "b")),
+    "8x1": ((8, 1), P("a", None)),
+    "8-cols": ((8,), P(None, "a")),
+    "replicated": ((2, 4), P()),
+    "2-devices": ((2,), P("a")),
+}
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_reshard_onto_other_meshes_and_specs(saved, name):
+    path, values = saved
+    mesh_shape, spec = TARGETS[name]
+    mesh = _mesh(mesh_shape)
+    target = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, spec if v.ndim == 2 else P()))
+        for k, v in values.items()
+    }
+    restored = shardsave.Saver().restore(path, target)
+    for k, v in values.items():
+        assert restored[k].sharding == target[k].sharding
+        np.testing.assert_array_equal(np.asarray(restored[k]), v)
+        for shard in restored[k].addressable_shards:  # every device holds exactly its box
+            np.testing.assert_array_equal(np.asarray(shard.data), v[shard.index])
+
+
+def test_single_device_and_replicated_into_sharded_and_back(saved):
+    path, values = saved
+    mesh = _mesh((2, 4))
+    target = {
+        "s": jax.ShapeDtypeStruct((16, 8), np.float32, sharding=NamedSharding(mesh, P("a", "b"))),
+        "r": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(mesh, P("b", "a"))),
+        "w": jax.ShapeDtypeStruct((8, 16), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[7])),
+    }
+    restored = shardsave.Saver().restore(path, target)
+    for k in target:
+        np.testing.assert_array_equal(np.asarray(restored[k]), values[k])
+    assert restored["w"].devices() == {jax.devices()[7]}
+
+
+def test_odd_shapes(tmp_path, mesh24):
+    # jax 0.10 refuses shardings that do not divide a dimension evenly (IndivisibleError),
+    # so a 7x13 array lives replicated or on one device; it still moves between layouts.
+    value = _value((7, 13))
+    with pytest.raises(ValueError, match="evenly divide"):
+        jax.device_put(value, NamedSharding(_mesh((4,)), P("a")))
+    tree = {
+        "odd": jax.device_put(value, NamedSharding(mesh24, P())),
+        "odd_single": jax.device_put(value, jax.devices()[6]),
+        "zero_d": jnp.float32(2.0),
+        "empty": jnp.zeros((0, 8)),
+    }
+    path = shardsave.Saver(async_save=False).save(tree, str(tmp_path / "m"))
+    other = _mesh((2, 4))
+    target = {
+        "odd": jax.ShapeDtypeStruct((7, 13), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[1])),
+        "odd_single": jax.ShapeDtypeStruct((7, 13), np.float32, sharding=NamedSharding(other, P())),
+        "zero_d": jax.ShapeDtypeStruct((), np.float32, sharding=NamedSharding(other, P())),
+        "empty": jax.ShapeDtypeStruct((0, 8), np.float32, sharding=NamedSharding(other, P(None, "b"))),
+    }
+    restored = shardsave.Saver().restore(path, target)
+    np.testing.assert_array_equal(np.asarray(restored["odd"]), value)
+    np.testing.assert_array_equal(np.asarray(restored["odd_single"]), value)
+    assert float(restored["zero_d"]) == 2.0 and restored["empty"].shape == (0, 8)
+
+
+def test_partial_restore_reads_only_its_leaves(saved, io_stats):
+    path, values = saved
+    restored = shardsave.Saver().restore(path, {"v": np.zeros(16, np.float32)})
+    np.testing.assert_array_equal(restored["v"], values["v"])
+    assert io_stats.bytes_read - _index_bytes(path) == values["v"].nbytes
+
+
+def _index_bytes(path):
+    with open(path + ".index", "rb") as f:
+        return len(f.read())
+
+
+def test_same_layout_reads_each_byte_once(saved, io_stats, mesh24):
+    path, values = saved
+    shardsave.Saver().restore(path)
+    stored = sum(v.nbytes for v in values.values())
+    assert io_stats.bytes_read - _index_bytes(path) == stored
+
+
+def test_missing_leaves_are_listed_with_close_names(saved):
+    path, _ = saved
+    with pytest.raises(StructureMismatchError) as info:
+        shardsave.Saver().restore(path, {"w_": np.zeros((8, 16), np.float32), "vv": np.zeros(16, np.float32)})
+    message = str(info.value)
+    assert "2 target leaves" in message and "'w_'" in message and "closest saved: 'w'" in message
+    assert "'vv'" in message and "'v'" in message
+
+
+def test_shape_dtype_reshape_and_cast(saved):
+    path, values = saved
+    saver = shardsave.Saver()
+    with pytest.raises(StructureMismatchError, match=r"leaf 'w'.*\(8, 16\).*\(16, 8\).*reshape=True"):
+        saver.restore(path, {"w": np.zeros((16, 8), np.float32)})
+    with pytest.raises(StructureMismatchError, match=r"leaf 'w'.*\(8, 16\).*\(3, 3\)"):
+        saver.restore(path, {"w": np.zeros((3, 3), np.float32)})
+    mesh = _mesh((2, 4))
+    reshaped = saver.restore(
+        path, {"w": jax.ShapeDtypeStruct((16, 8), np.float32, sharding=NamedSharding(mesh, P("b")))}, reshape=True
+    )
+    np.testing.assert_array_equal(np.asarray(reshaped["w"]), values["w"].reshape(16, 8))
+    assert shardsave.Saver(reshape=True).restore(path, {"v": np.zeros((4, 4), np.float32)})["v"].shape == (4, 4)
+    with pytest.raises(StructureMismatchError, match=r"leaf 'v'.*float32.*bfloat16.*cast=True"):
+        saver.restore(path, {"v": jnp.zeros(16, jnp.bfloat16)})
+    cast = saver.restore(path, {"v": jnp.zeros(16, jnp.bfloat16)}, cast=True)
+    assert cast["v"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(cast["v"]), values["v"].astype(jnp.bfloat16))
+
+
+def test_load_structure_restores_without_the_model(saved):
+    path, values = saved
+    structure = shardsave.load_structure(path)
+    assert {k: (v.shape, v.dtype) for k, v in structure.items()} == {
+        k: (v.shape, v.dtype) for k, v in values.items()
+    }
+    restored = shardsave.Saver().restore(path, structure)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), values["w"])
+
+
+SUBPROCESS_RESTORE = """
+import json, sys, numpy as np, jax, shardsave
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+path = {path!r}
+n = len(jax.devices())
+mesh = Mesh(np.array(jax.devices()).reshape(n), ("x",))
+structure = shardsave.load_structure(path)
+# The saved devices do not all exist here: load_structure drops the shardings it cannot rebuild.
+print(json.dumps({{k: v.sharding is not None for k, v in structure.items()}}))
+try:
+    shardsave.Saver().restore(path)
+    print("no error")
+except shardsave.errors.ShardingMismatchError as e:
+    print("error:", str(e).splitlines()[0][:60])
+target = {{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, P("x") if v.shape[0] % n == 0 else P()))
+          for k, v in structure.items()}}
+restored = shardsave.Saver().restore(path, target)
+np.savez({out!r}, **{{k: np.asarray(v) for k, v in restored.items()}})
+"""
+
+
+@pytest.mark.parametrize("devices", [4, 2, 1])
+def test_restore_onto_fewer_devices(saved, tmp_path, devices):
+    path, values = saved
+    out = tmp_path / "out.npz"
+    lines = run_python(SUBPROCESS_RESTORE.format(path=path, out=str(out)), devices=devices).splitlines()
+    has_sharding = json.loads(lines[0])
+    assert has_sharding["s"] == (devices > 2)  # saved on device 2
+    assert lines[1].startswith("error:" if devices < 8 else "no error")
+    with np.load(out) as restored:
+        for k, v in values.items():
+            np.testing.assert_array_equal(restored[k], v)
+
+
+def test_restore_from_one_device_onto_eight(tmp_path):
+    path = str(tmp_path / "one")
+    run_python(
+        textwrap.dedent(f"""
+        import numpy as np, jax, shardsave
+        x = jax.device_put(np.arange(64, dtype=np.float32).reshape(8, 8))
+        shardsave.Saver(async_save=False).save({{"x": x, "y": np.ones(3)}}, {path!r})
+        """),
+        devices=1,
+    )
+    # Saved on device 0 of a 1-device process; device 0 exists here too.
+    assert shardsave.Saver().restore(path)["x"].devices() == {jax.devices()[0]}
+    target = {"x": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(_mesh((2, 4)), P("a", "b")))}
+    restored = shardsave.Saver().restore(path, target)
+    np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(64, dtype=np.float32).reshape(8, 8))
