@@ -36,15 +36,40 @@ MAX_NDIM = 64
 MAX_BYTES = 1 << 50  # 1 PiB per array or per data file
 MAX_SHARDS_PER_LEAF = 1 << 20
 
-_DTYPE_NAMES = (
-    "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 float16 float32 float64 "
-    "complex64 complex128"
-).split()
-_ML_DTYPE_NAMES = (
-    "bfloat16 float8_e4m3fn float8_e4m3fnuz float8_e4m3b11fnuz float8_e5m2 float8_e5m2fnuz "
-    "float8_e3m4 float8_e4m3 float8_e8m0fnu float4_e2m1fn float6_e2m3fn float6_e3m2fn "
-    "int2 int4 uint2 uint4"
-).split()
+_DTYPE_NAMES = [
+    "bool",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "complex64",
+    "complex128",
+]
+_ML_DTYPE_NAMES = [
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e4m3b11fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e3m4",
+    "float8_e4m3",
+    "float8_e8m0fnu",
+    "float4_e2m1fn",
+    "float6_e2m3fn",
+    "float6_e3m2fn",
+    "int2",
+    "int4",
+    "uint2",
+    "uint4",
+]
 DTYPES: dict[str, np.dtype] = {n: np.dtype(n) for n in _DTYPE_NAMES}
 DTYPES.update({n: np.dtype(getattr(ml_dtypes, n)) for n in _ML_DTYPE_NAMES if hasattr(ml_dtypes, n)})
 
@@ -129,10 +154,15 @@ class Index:
 # ---------------------------------------------------------------- shardings
 
 
+def device_ids(devices: Any) -> list[int]:
+    """Sorted ids of a collection of jax devices."""
+    return sorted(d.id for d in devices)
+
+
 def encode_sharding(sharding: jax.sharding.Sharding) -> dict[str, Any]:
     if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        (device,) = sharding.device_set
-        return {"type": "single", "device": device.id}
+        (device,) = device_ids(sharding.device_set)
+        return {"type": "single", "device": device}
     if isinstance(sharding, jax.sharding.NamedSharding):
         mesh = sharding.mesh
         spec: list[Any] = []
@@ -142,7 +172,7 @@ def encode_sharding(sharding: jax.sharding.Sharding) -> dict[str, Any]:
             elif isinstance(entry, tuple) and all(isinstance(a, str) for a in entry):
                 spec.append(list(entry))
             else:  # UNCONSTRAINED and friends cannot be rebuilt
-                return {"type": "other", "devices": sorted(d.id for d in sharding.device_set)}
+                return {"type": "other", "devices": device_ids(sharding.device_set)}
         return {
             "type": "named",
             "axis_names": list(mesh.axis_names),
@@ -150,7 +180,7 @@ def encode_sharding(sharding: jax.sharding.Sharding) -> dict[str, Any]:
             "devices": [d.id for d in mesh.devices.flat],
             "spec": spec,
         }
-    return {"type": "other", "devices": sorted(d.id for d in sharding.device_set)}
+    return {"type": "other", "devices": device_ids(sharding.device_set)}
 
 
 def decode_sharding(
@@ -234,7 +264,7 @@ def decode_index(raw: bytes, where: str) -> Index:
     except (ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"{where}: the index is not valid JSON ({e})") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise CorruptCheckpointError(f"{where}: not a shardsave index (no \"format\": \"shardsave\")")
+        raise CorruptCheckpointError(f'{where}: not a shardsave index (no "format": "shardsave")')
     version = doc.get("format_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise UnsupportedFormatError(

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import jax
-import numpy as np
 
 from ._format import StoredShard
 from ._tree import LeafSpec
@@ -77,6 +77,10 @@ class SavePlan:
         return sum(f.nbytes for f in self.files)
 
 
+def _by_id(devices: Any) -> list[jax.Device]:
+    return sorted(devices, key=lambda d: d.id)
+
+
 def plan_save(leaves: list[LeafSpec], sharded: bool, all_devices: list[jax.Device]) -> SavePlan:
     """Assigns every unique box to one writer and lays out the data files.
 
@@ -88,7 +92,7 @@ def plan_save(leaves: list[LeafSpec], sharded: bool, all_devices: list[jax.Devic
         itemsize = leaf.dtype.itemsize
         if leaf.sharding is None or math.prod(leaf.shape) == 0:
             # Host leaves and empty arrays: one box for the whole array.
-            holders = sorted(leaf.sharding.device_set, key=lambda d: d.id) if leaf.sharding else all_devices
+            holders = _by_id(leaf.sharding.device_set) if leaf.sharding else all_devices
             items.append((i, full_box(leaf.shape), math.prod(leaf.shape) * itemsize, holders))
             continue
         replicas: dict[Box, list[jax.Device]] = {}
@@ -97,7 +101,7 @@ def plan_save(leaves: list[LeafSpec], sharded: bool, all_devices: list[jax.Devic
                 replicas.setdefault(box, []).append(device)
         for box, devices in replicas.items():
             nbytes = math.prod(box_shape(box)) * itemsize
-            items.append((i, box, nbytes, sorted(devices, key=lambda d: d.id)))
+            items.append((i, box, nbytes, _by_id(devices)))
 
     # Largest first, then the least-loaded replica: balances bytes across writers.
     load: dict[int, int] = {}

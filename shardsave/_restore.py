@@ -184,7 +184,9 @@ def restore_leaves(
             out.append(host_results[i])
         else:
             arrays = device_results[i]
-            out.append(jax.make_array_from_single_device_arrays(req.shape, req.sharding, list(arrays.values())))
+            out.append(
+                jax.make_array_from_single_device_arrays(req.shape, req.sharding, list(arrays.values()))
+            )
     return out
 
 

@@ -7,6 +7,7 @@ Restore: index -> match target leaves -> plan reads -> read, verify, place.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -134,7 +135,9 @@ class Saver:
         if max_to_keep is not None and max_to_keep < 0:
             raise ValueError(f"max_to_keep must be None or >= 0, found {max_to_keep}")
         if not keep_checkpoint_every_n_hours > 0:
-            raise ValueError(f"keep_checkpoint_every_n_hours must be > 0, found {keep_checkpoint_every_n_hours}")
+            raise ValueError(
+                f"keep_checkpoint_every_n_hours must be > 0, found {keep_checkpoint_every_n_hours}"
+            )
         if max_host_bytes is not None and max_host_bytes <= 0:
             raise ValueError(f"max_host_bytes must be positive, found {max_host_bytes}")
         self.max_to_keep = max_to_keep
@@ -280,10 +283,8 @@ class Saver:
             directory.write(_format.index_key(base), _format.encode_index(index)).result()
         except BaseException:
             for future in [directory.delete(key) for key in keys.values()]:
-                try:
+                with contextlib.suppress(Exception):  # the original error matters more
                     future.result()
-                except Exception:  # the original error matters more than cleanup's
-                    pass
             raise
         self._after_commit(directory, base, timestamp)
 
@@ -322,7 +323,10 @@ class Saver:
         state = retention.state()
         if not self.save_relative_paths:
             state = type(state)(
-                model_checkpoint_path=join(os.path.abspath(directory.path) if directory.is_local else directory.path, state.model_checkpoint_path),
+                model_checkpoint_path=join(
+                    os.path.abspath(directory.path) if directory.is_local else directory.path,
+                    state.model_checkpoint_path,
+                ),
                 all_model_checkpoint_paths=tuple(
                     join(os.path.abspath(directory.path) if directory.is_local else directory.path, p)
                     for p in state.all_model_checkpoint_paths
@@ -345,7 +349,9 @@ class Saver:
         interval = self.keep_checkpoint_every_n_hours * 3600
         state = read_state(directory)
         if state is None:
-            retention = Retention(self.max_to_keep, self.keep_checkpoint_every_n_hours, self._created + interval)
+            retention = Retention(
+                self.max_to_keep, self.keep_checkpoint_every_n_hours, self._created + interval
+            )
         else:
             # A new Saver over an existing directory continues its retention.
             kept = [
@@ -479,9 +485,9 @@ def _requests_for_target(
             shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
             sharding = leaf.sharding
             if sharding is None:  # a ShapeDtypeStruct without one: the saved layout, else device 0
-                sharding = _format.decode_sharding(entry.sharding, devices) or jax.sharding.SingleDeviceSharding(
-                    jax.devices()[0]
-                )
+                sharding = _format.decode_sharding(
+                    entry.sharding, devices
+                ) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
             kind = _tree.KIND_ARRAY
         elif isinstance(leaf, np.ndarray):
             shape, dtype, sharding, kind = leaf.shape, leaf.dtype.newbyteorder("="), None, _tree.KIND_NUMPY
@@ -495,14 +501,12 @@ def _requests_for_target(
                 ) from None
             # Numbers take the stored dtype: a Python int has no width to match.
             shape, dtype, sharding = np.shape(leaf), entry.dtype, None
-        if shape != entry.shape:
-            if not reshape or math.prod(shape) != math.prod(entry.shape):
-                hint = " (pass reshape=True to restore into a shape with as many elements)" if math.prod(
-                    shape
-                ) == math.prod(entry.shape) else ""
-                raise StructureMismatchError(
-                    f"leaf {name!r}: the checkpoint holds shape {entry.shape}, the target has {shape}{hint}"
-                )
+        same_size = math.prod(shape) == math.prod(entry.shape)
+        if shape != entry.shape and not (reshape and same_size):
+            hint = " (pass reshape=True to restore into a shape with as many elements)" if same_size else ""
+            raise StructureMismatchError(
+                f"leaf {name!r}: the checkpoint holds shape {entry.shape}, the target has {shape}{hint}"
+            )
         if dtype != entry.dtype and not cast:
             raise StructureMismatchError(
                 f"leaf {name!r}: the checkpoint holds dtype {entry.dtype}, the target has {dtype} "

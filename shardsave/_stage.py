@@ -44,14 +44,14 @@ def stage(plan: SavePlan, leaves: list[Any], process_index: int) -> dict[int, by
         data
         for per_device in device_data.values()
         for data in per_device.values()
-        if data.device.platform != "cpu"
+        if next(iter(data.devices())).platform != "cpu"
     ]
     for data in pending:
         data.copy_to_host_async()
 
     staged: dict[int, bytes] = {}
     for k, f in local.items():
-        parts = []
+        parts: list[Any] = []  # uint8 views; bytes.join copies each once
         for shard in f.shards:
             spec = plan.leaves[shard.leaf]
             leaf = leaves[shard.leaf]

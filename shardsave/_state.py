@@ -157,7 +157,7 @@ class Retention:
         """Records a committed checkpoint; returns the base names to delete."""
         self.kept = [(b, t) for b, t in self.kept if b != base]
         self.kept.append((base, timestamp))
-        doomed = []
+        doomed: list[str] = []
         if not self.max_to_keep:
             return doomed
         while len(self.kept) > self.max_to_keep:

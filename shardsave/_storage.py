@@ -13,6 +13,7 @@ import os
 import posixpath
 import threading
 from dataclasses import dataclass
+from typing import ClassVar
 
 import tensorstore as ts
 
@@ -67,8 +68,8 @@ def _spec(directory: str) -> str | dict[str, str]:
 class Directory:
     """A checkpoint directory: keys are file names inside it."""
 
-    _open: dict[str, ts.KvStore] = {}
-    _open_lock = threading.Lock()
+    _open: ClassVar[dict[str, ts.KvStore]] = {}
+    _open_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, directory: str):
         self.path = directory

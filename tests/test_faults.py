@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -27,7 +28,9 @@ from shardsave.errors import (
 @pytest.fixture
 def ckpt(tmp_path, mesh24):
     tree = {
-        "w": jax.device_put(np.arange(256, dtype=np.float32).reshape(16, 16), NamedSharding(mesh24, P("data", "model"))),
+        "w": jax.device_put(
+            np.arange(256, dtype=np.float32).reshape(16, 16), NamedSharding(mesh24, P("data", "model"))
+        ),
         "b": np.arange(10, dtype=np.int32),
     }
     path = shardsave.Saver(async_save=False).save(tree, str(tmp_path / "m"))
@@ -43,24 +46,24 @@ def test_every_flipped_bit_is_detected(ckpt):
     path, tree = ckpt
     rng = random.Random(0)
     for file in _data_files(path):
-        original = open(file, "rb").read()
+        original = Path(file).read_bytes()
         for _ in range(8):
             pos = rng.randrange(len(original) * 8)
             damaged = bytearray(original)
             damaged[pos // 8] ^= 1 << (pos % 8)
-            open(file, "wb").write(bytes(damaged))
+            Path(file).write_bytes(bytes(damaged))
             with pytest.raises(CorruptCheckpointError, match=r"crc32c mismatch") as info:
                 shardsave.Saver().restore(path, tree)
             assert os.path.basename(file) in str(info.value) and "leaf '" in str(info.value)
-        open(file, "wb").write(original)
+        Path(file).write_bytes(original)
     shardsave.Saver().restore(path, tree)  # and the repaired checkpoint restores
 
 
 def test_truncated_and_missing_data_files(ckpt):
     path, tree = ckpt
     file = _data_files(path)[3]
-    data = open(file, "rb").read()
-    open(file, "wb").write(data[: len(data) // 2])
+    data = Path(file).read_bytes()
+    Path(file).write_bytes(data[: len(data) // 2])
     with pytest.raises(CorruptCheckpointError, match=os.path.basename(file)):
         shardsave.Saver().restore(path, tree)
     os.remove(file)
@@ -69,25 +72,63 @@ def test_truncated_and_missing_data_files(ckpt):
 
 
 def _rewrite_index(path, change):
-    doc = json.loads(open(path + ".index", "rb").read())
+    doc = json.loads(Path(path + ".index").read_bytes())
     change(doc)
-    open(path + ".index", "w").write(json.dumps(doc))
+    Path(path + ".index").write_text(json.dumps(doc))
 
 
 @pytest.mark.parametrize(
     "damage, error, match",
     [
-        (lambda p: open(p + ".index", "w").close(), CorruptCheckpointError, "not valid JSON"),
-        (lambda p: open(p + ".index", "r+").truncate(100), CorruptCheckpointError, "not valid JSON"),
-        (lambda p: _rewrite_index(p, lambda d: d.update(format_version=99)), UnsupportedFormatError, "version 99"),
-        (lambda p: _rewrite_index(p, lambda d: d.pop("files")), CorruptCheckpointError, "missing field 'files'"),
-        (lambda p: _rewrite_index(p, lambda d: d["leaves"][0].pop("dtype")), CorruptCheckpointError, "'dtype'"),
-        (lambda p: _rewrite_index(p, lambda d: d["leaves"][0].update(dtype="object")), CorruptCheckpointError, "unknown dtype"),
-        (lambda p: _rewrite_index(p, lambda d: d["leaves"][0].update(shape=[10**18])), CorruptCheckpointError, "integer in"),
-        (lambda p: _rewrite_index(p, lambda d: d["leaves"][1]["shards"].pop()), CorruptCheckpointError, "elements"),
-        (lambda p: _rewrite_index(p, lambda d: d["leaves"][1]["shards"][0].__setitem__(1, 10**9)), CorruptCheckpointError, "past the end"),
+        (lambda p: Path(p + ".index").write_bytes(b""), CorruptCheckpointError, "not valid JSON"),
+        (lambda p: os.truncate(p + ".index", 100), CorruptCheckpointError, "not valid JSON"),
+        (
+            lambda p: _rewrite_index(p, lambda d: d.update(format_version=99)),
+            UnsupportedFormatError,
+            "version 99",
+        ),
+        (
+            lambda p: _rewrite_index(p, lambda d: d.pop("files")),
+            CorruptCheckpointError,
+            "missing field 'files'",
+        ),
+        (
+            lambda p: _rewrite_index(p, lambda d: d["leaves"][0].pop("dtype")),
+            CorruptCheckpointError,
+            "'dtype'",
+        ),
+        (
+            lambda p: _rewrite_index(p, lambda d: d["leaves"][0].update(dtype="object")),
+            CorruptCheckpointError,
+            "unknown dtype",
+        ),
+        (
+            lambda p: _rewrite_index(p, lambda d: d["leaves"][0].update(shape=[10**18])),
+            CorruptCheckpointError,
+            "integer in",
+        ),
+        (
+            lambda p: _rewrite_index(p, lambda d: d["leaves"][1]["shards"].pop()),
+            CorruptCheckpointError,
+            "elements",
+        ),
+        (
+            lambda p: _rewrite_index(p, lambda d: d["leaves"][1]["shards"][0].__setitem__(1, 10**9)),
+            CorruptCheckpointError,
+            "past the end",
+        ),
     ],
-    ids=["empty", "truncated", "newer-version", "missing-files", "missing-dtype", "object-dtype", "huge-shape", "gap", "offset"],
+    ids=[
+        "empty",
+        "truncated",
+        "newer-version",
+        "missing-files",
+        "missing-dtype",
+        "object-dtype",
+        "huge-shape",
+        "gap",
+        "offset",
+    ],
 )
 def test_damaged_index(ckpt, damage, error, match):
     path, tree = ckpt
@@ -108,7 +149,7 @@ def test_missing_checkpoint_is_file_not_found(tmp_path):
 @given(data=st.data())
 def test_fuzzed_index_decodes_or_raises_a_shardsave_error(ckpt, data):
     path, _ = ckpt
-    raw = open(path + ".index", "rb").read()
+    raw = Path(path + ".index").read_bytes()
     mode = data.draw(st.sampled_from(["bytes", "flip", "json"]))
     if mode == "bytes":
         mutated = data.draw(st.binary(max_size=2000))
@@ -123,7 +164,9 @@ def test_fuzzed_index_decodes_or_raises_a_shardsave_error(ckpt, data):
         leaf = data.draw(st.sampled_from(doc["leaves"]))
         field = data.draw(st.sampled_from(["shape", "dtype", "shards", "name", "kind", "sharding"]))
         leaf[field] = data.draw(
-            st.recursive(st.none() | st.integers(-(2**70), 2**70) | st.text(max_size=5), st.lists, max_leaves=8)
+            st.recursive(
+                st.none() | st.integers(-(2**70), 2**70) | st.text(max_size=5), st.lists, max_leaves=8
+            )
         )
         mutated = json.dumps(doc).encode()
     try:

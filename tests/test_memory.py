@@ -67,7 +67,9 @@ def test_restore_sequentially_holds_the_cap(tmp_path):
     result = _measure(tmp_path, total_mib=512, big_mib=128, sequential=True, cap=cap)
     assert result["ok"]
     bound = max(cap, 64 * MIB) + 64 * MIB
-    assert result["transient"] < bound, f"transient {result['transient'] / MIB:.0f} MiB >= {bound / MIB:.0f} MiB"
+    assert result["transient"] < bound, (
+        f"transient {result['transient'] / MIB:.0f} MiB >= {bound / MIB:.0f} MiB"
+    )
 
 
 def test_default_restore_stays_near_the_bytes_restored(tmp_path):

@@ -73,7 +73,9 @@ def test_single_device_and_replicated_into_sharded_and_back(saved):
     target = {
         "s": jax.ShapeDtypeStruct((16, 8), np.float32, sharding=NamedSharding(mesh, P("a", "b"))),
         "r": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(mesh, P("b", "a"))),
-        "w": jax.ShapeDtypeStruct((8, 16), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[7])),
+        "w": jax.ShapeDtypeStruct(
+            (8, 16), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[7])
+        ),
     }
     restored = shardsave.Saver().restore(path, target)
     for k in target:
@@ -96,7 +98,9 @@ def test_odd_shapes(tmp_path, mesh24):
     path = shardsave.Saver(async_save=False).save(tree, str(tmp_path / "m"))
     other = _mesh((2, 4))
     target = {
-        "odd": jax.ShapeDtypeStruct((7, 13), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[1])),
+        "odd": jax.ShapeDtypeStruct(
+            (7, 13), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[1])
+        ),
         "odd_single": jax.ShapeDtypeStruct((7, 13), np.float32, sharding=NamedSharding(other, P())),
         "zero_d": jax.ShapeDtypeStruct((), np.float32, sharding=NamedSharding(other, P())),
         "empty": jax.ShapeDtypeStruct((0, 8), np.float32, sharding=NamedSharding(other, P(None, "b"))),
@@ -144,10 +148,15 @@ def test_shape_dtype_reshape_and_cast(saved):
         saver.restore(path, {"w": np.zeros((3, 3), np.float32)})
     mesh = _mesh((2, 4))
     reshaped = saver.restore(
-        path, {"w": jax.ShapeDtypeStruct((16, 8), np.float32, sharding=NamedSharding(mesh, P("b")))}, reshape=True
+        path,
+        {"w": jax.ShapeDtypeStruct((16, 8), np.float32, sharding=NamedSharding(mesh, P("b")))},
+        reshape=True,
     )
     np.testing.assert_array_equal(np.asarray(reshaped["w"]), values["w"].reshape(16, 8))
-    assert shardsave.Saver(reshape=True).restore(path, {"v": np.zeros((4, 4), np.float32)})["v"].shape == (4, 4)
+    assert shardsave.Saver(reshape=True).restore(path, {"v": np.zeros((4, 4), np.float32)})["v"].shape == (
+        4,
+        4,
+    )
     with pytest.raises(StructureMismatchError, match=r"leaf 'v'.*float32.*bfloat16.*cast=True"):
         saver.restore(path, {"v": jnp.zeros(16, jnp.bfloat16)})
     cast = saver.restore(path, {"v": jnp.zeros(16, jnp.bfloat16)}, cast=True)
@@ -211,6 +220,8 @@ def test_restore_from_one_device_onto_eight(tmp_path):
     )
     # Saved on device 0 of a 1-device process; device 0 exists here too.
     assert shardsave.Saver().restore(path)["x"].devices() == {jax.devices()[0]}
-    target = {"x": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(_mesh((2, 4)), P("a", "b")))}
+    target = {
+        "x": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(_mesh((2, 4)), P("a", "b")))
+    }
     restored = shardsave.Saver().restore(path, target)
     np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(64, dtype=np.float32).reshape(8, 8))

@@ -38,7 +38,7 @@ def test_one_data_file_per_device_and_replicas_written_once(tmp_path, mesh24):
     assert [f["device_id"] for f in index["files"]] == list(range(8))
     # The replicated arrays' bytes are on disk as saved.
     leaf = next(entry for entry in index["leaves"] if entry["name"] == "replicated/3")
-    (file, offset, nbytes, _, _, _), = leaf["shards"]
+    ((file, offset, nbytes, _, _, _),) = leaf["shards"]
     raw = (tmp_path / files[file]).read_bytes()[offset : offset + nbytes]
     np.testing.assert_array_equal(np.frombuffer(raw, "<f4"), np.full(16, 3.0))
     assert shardsave.Saver().restore(path)["replicated"][3].sharding == replicated[3].sharding

@@ -38,7 +38,9 @@ def test_max_to_keep_and_state_file(tmp_path):
     assert len(state["all_model_checkpoint_timestamps"]) == 3
     ckpt = shardsave.get_checkpoint_state(str(tmp_path))
     assert ckpt.model_checkpoint_path == str(tmp_path / "m-6")
-    assert not [f for f in os.listdir(tmp_path) if ".data-" in f and f.split(".")[0] not in _committed(tmp_path)]
+    assert not [
+        f for f in os.listdir(tmp_path) if ".data-" in f and f.split(".")[0] not in _committed(tmp_path)
+    ]
 
 
 @pytest.mark.parametrize("keep", [None, 0])
