@@ -9,6 +9,9 @@ restores onto any mesh or device count.
 
 from . import errors as errors
 from ._format import FORMAT_VERSION as FORMAT_VERSION
+from ._reader import CheckpointReader as CheckpointReader
+from ._reader import VariableInfo as VariableInfo
+from ._saver import SaveInfo as SaveInfo
 from ._saver import Saver as Saver
 from ._saver import load_structure as load_structure
 from ._state import CheckpointState as CheckpointState
@@ -19,8 +22,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "CheckpointReader",
     "CheckpointState",
+    "SaveInfo",
     "Saver",
+    "VariableInfo",
     "errors",
     "get_checkpoint_state",
     "latest_checkpoint",

@@ -44,6 +44,7 @@ class LeafRequest:
     shape: tuple[int, ...]
     dtype: np.dtype
     sharding: jax.sharding.Sharding | None  # None: return a numpy array
+    box: Box | None = None  # host requests only: read just this box of the stored array
 
 
 @dataclass
@@ -72,8 +73,8 @@ def _plan_units(requests: list[LeafRequest], chunk: int, max_read_bytes: int | N
     for i, req in enumerate(requests):
         entry, itemsize = req.entry, req.entry.dtype.itemsize
         if req.sharding is None or req.shape != entry.shape:
-            # Host targets and reshapes read the whole stored array once.
-            box = full_box(entry.shape)
+            # Host targets and reshapes read the whole stored array (or the box asked for) once.
+            box = req.box or full_box(entry.shape)
             unit = _Unit(i, box, plan_reads(entry.shards, box, itemsize, max_read_bytes))
             if req.sharding is not None:
                 for tbox, devices in unique_target_boxes(req.sharding, req.shape).items():
@@ -247,7 +248,7 @@ def _run_batch(
     for unit in batch:
         req = requests[unit.request]
         array = _assemble(unit, req, fetcher, futures)
-        if req.shape != req.entry.shape:
+        if req.shape != req.entry.shape and req.box is None:
             array = array.reshape(req.shape)
         if req.dtype != req.entry.dtype:
             array = array.astype(req.dtype)

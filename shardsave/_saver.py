@@ -8,11 +8,11 @@ Restore: index -> match target leaves -> plan reads -> read, verify, place.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import google_crc32c
@@ -36,10 +36,29 @@ from ._storage import Directory, join, open_prefix, split_prefix
 from .errors import (
     CheckpointExistsError,
     ShardingMismatchError,
+    ShardsaveError,
     StructureMismatchError,
 )
 
 _PLAN_CACHE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """Timings of a save, for logs and reports.
+
+    Attributes:
+      path: the checkpoint prefix.
+      nbytes: bytes this process wrote.
+      blocking_seconds: how long save() blocked the caller (the device-to-host copy).
+      commit_seconds: from save() returning to the commit, or None while in flight
+        (or if the save failed).
+    """
+
+    path: str
+    nbytes: int
+    blocking_seconds: float
+    commit_seconds: float | None = None
 
 
 def _leaf_spec(name: str, leaf: Any) -> _tree.LeafSpec:
@@ -156,8 +175,14 @@ class Saver:
         self._plans: dict[Any, SavePlan] = {}
         self._retention: dict[str, Retention] = {}
         self._last_directory: str | None = None
+        self._last_save: SaveInfo | None = None
 
     # ------------------------------------------------------------ save
+
+    @property
+    def last_save(self) -> SaveInfo | None:
+        """Timings of the most recent save() call."""
+        return self._last_save
 
     @property
     def last_checkpoints(self) -> list[str]:
@@ -198,6 +223,7 @@ class Saver:
           SaveFailedError: the previous asynchronous save failed.
         """
         self._commits.wait()
+        began = time.perf_counter()
         names, leaves, _ = _tree.flatten(tree)
         if not leaves:
             if self.allow_empty:
@@ -224,9 +250,13 @@ class Saver:
         staged = stage(plan, leaves, jax.process_index())
         structure = _tree.encode_structure(tree)
         timestamp = self._clock()
+        info = SaveInfo(prefix, sum(len(b) for b in staged.values()), time.perf_counter() - began)
+        self._last_save = info
 
         def commit() -> None:
+            started = time.perf_counter()
             self._commit(directory, base, plan, staged, structure, step, timestamp)
+            self._last_save = replace(info, commit_seconds=time.perf_counter() - started)
 
         if self.async_save:
             self._commits.submit(commit, prefix)
@@ -358,6 +388,7 @@ class Saver:
                 (split_prefix(p)[1], t)
                 for p, t in zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)
             ]
+            kept += _unrecorded_commits(directory, kept)
             retention = Retention(
                 self.max_to_keep,
                 self.keep_checkpoint_every_n_hours,
@@ -417,6 +448,34 @@ class Saver:
         return finish(values)
 
 
+def _unrecorded_commits(directory: Directory, kept: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Checkpoints committed after the state file was last written.
+
+    A process killed between writing a checkpoint's index and updating the state
+    file leaves a committed checkpoint the state file does not name. Adopting it
+    (only when newer than every recorded one, so checkpoints preserved by
+    keep_checkpoint_every_n_hours are never touched) lets retention delete it in
+    due course instead of leaking it.
+    """
+    newest = max((t for _, t in kept), default=float("-inf"))
+    recorded = {b for b, _ in kept}
+    found = []
+    for key in directory.list():
+        if not key.endswith(_format.INDEX_SUFFIX):
+            continue
+        base = key[: -len(_format.INDEX_SUFFIX)]
+        if base in recorded:
+            continue
+        raw = directory.read_all(key)
+        try:
+            created = _format.decode_index(raw or b"", key).created
+        except ShardsaveError:
+            continue  # not ours to judge, and never ours to delete
+        if created > newest:
+            found.append((base, created))
+    return sorted(found, key=lambda bt: bt[1])
+
+
 def _devices_by_id() -> dict[int, jax.Device]:
     return {d.id: d for d in jax.devices()}
 
@@ -457,17 +516,6 @@ def _requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Cal
     return requests, finish
 
 
-def _missing_error(missing: list[str], saved: list[str], path: str) -> StructureMismatchError:
-    lines = []
-    for name in missing:
-        close = difflib.get_close_matches(name, saved, n=3, cutoff=0.5)
-        hint = f" (closest saved: {', '.join(repr(c) for c in close)})" if close else ""
-        lines.append(f"  {name!r}{hint}")
-    return StructureMismatchError(
-        f"{len(missing)} target leaves are not in checkpoint {path!r}:\n" + "\n".join(lines)
-    )
-
-
 def _requests_for_target(
     index: Index, target: Any, reshape: bool, cast: bool, path: str
 ) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
@@ -475,7 +523,7 @@ def _requests_for_target(
     by_name = {e.name: e for e in index.leaves}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise _missing_error(missing, list(by_name), path)
+        raise _tree.missing_leaves_error(missing, list(by_name), path)
     devices = _devices_by_id()
     requests = []
     kinds = []

@@ -10,11 +10,14 @@ keyed by its children's names.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
+
+from .errors import LeafNotFoundError
 
 __all__ = [
     "LeafSpec",
@@ -174,3 +177,14 @@ def structure_leaf_indices(structure: Any) -> list[int]:
                 raise ValueError(f"bad structure entry {pair!r:.80}")
             stack.append(pair[1])
     return indices
+
+
+def missing_leaves_error(missing: list[str], saved: list[str], where: str) -> LeafNotFoundError:
+    """An error listing every missing leaf name with the closest saved names."""
+    lines = []
+    for name in missing:
+        close = difflib.get_close_matches(name, saved, n=3, cutoff=0.5)
+        hint = f" (closest saved: {', '.join(repr(c) for c in close)})" if close else ""
+        lines.append(f"  {name!r}{hint}")
+    count = "1 leaf is" if len(missing) == 1 else f"{len(missing)} leaves are"
+    return LeafNotFoundError(f"{count} not in checkpoint {where!r}:\n" + "\n".join(lines))

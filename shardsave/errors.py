@@ -31,6 +31,13 @@ class StructureMismatchError(ShardsaveError, ValueError):
     """The target tree cannot be filled from the checkpoint (names, shapes, dtypes)."""
 
 
+class LeafNotFoundError(StructureMismatchError, KeyError):
+    """A leaf name is not in the checkpoint; the message suggests close names."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
 class ShardingMismatchError(ShardsaveError, ValueError):
     """A sharding cannot be used here (its devices do not exist, or none is known)."""
 

@@ -103,3 +103,21 @@ def test_no_state_file_and_a_corrupt_one(tmp_path):
     (tmp_path / "checkpoint").write_text("{not json")
     with pytest.raises(CorruptCheckpointError, match="checkpoint"):
         shardsave.latest_checkpoint(str(tmp_path))
+
+
+def test_a_commit_the_state_file_missed_is_adopted_by_retention(tmp_path):
+    clock = Clock()
+    saver = shardsave.Saver(max_to_keep=2, clock=clock, async_save=False)
+    for step in (1, 2):
+        clock.t += 1
+        saver.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=step)
+    state = (tmp_path / "checkpoint").read_bytes()
+    clock.t += 1
+    saver.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=3)
+    # As if killed after m-3's index was written but before the state file was updated:
+    (tmp_path / "checkpoint").write_bytes(state)
+    assert shardsave.latest_checkpoint(str(tmp_path)).endswith("m-2")
+    restarted = shardsave.Saver(max_to_keep=2, clock=clock, async_save=False)
+    clock.t += 1
+    restarted.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=4)
+    assert _committed(tmp_path) == ["m-3", "m-4"]  # m-3 adopted, so m-1 and m-2 went first

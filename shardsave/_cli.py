@@ -1,0 +1,215 @@
+"""The `shardsave` command: ls, inspect, verify, demo. It only ever reads checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import _format
+from ._reader import CheckpointReader
+from ._state import STATE_FILENAME, latest_checkpoint
+from ._storage import Directory, join
+from .errors import CheckpointNotFoundError, ShardsaveError
+
+EXIT_BAD = 1  # a checkpoint is damaged
+EXIT_USAGE = 2  # bad usage or a missing path
+
+
+class _Usage(Exception):
+    """Bad usage: printed as one line, exit status 2."""
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _when(t: float | None) -> str:
+    return "-" if t is None else datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(rows: list[list[str]], out: Any) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+
+
+def cmd_ls(args: argparse.Namespace, out: Any) -> int:
+    directory = Directory(args.dir)
+    if directory.is_local and not os.path.isdir(args.dir):
+        raise _Usage(f"{args.dir}: no such directory")
+    keys = directory.list()
+    bases: dict[str, list[str]] = {}
+    for key in keys:
+        parsed = _format.parse_data_key(key)
+        if parsed is not None:
+            bases.setdefault(parsed[0], []).append(key)
+        elif key.endswith(_format.INDEX_SUFFIX):
+            bases.setdefault(key[: -len(_format.INDEX_SUFFIX)], [])
+    if not bases and STATE_FILENAME not in keys:
+        raise _Usage(f"{args.dir} is not a checkpoint directory (no index, data or state file in it)")
+    latest = latest_checkpoint(args.dir)
+    latest_base = latest.rsplit("/", 1)[-1] if latest else None
+    entries: list[tuple[float | None, int | None, str, str, str, str]] = []
+    for base, data_keys in bases.items():
+        match = re.search(r"-(\d+)$", base)
+        step: int | None = int(match[1]) if match else None
+        if _format.index_key(base) in keys:
+            try:
+                index = CheckpointReader(join(args.dir, base)).index
+            except ShardsaveError as e:
+                entries.append((None, step, "?", str(len(data_keys)), f"CORRUPT INDEX: {e}", base))
+                continue
+            state = "committed" + (" (latest)" if base == latest_base else "")
+            entries.append(
+                (index.created, index.global_step, _size(index.nbytes), str(len(index.files)), state, base)
+            )
+        else:
+            local = [os.path.join(args.dir, k) for k in data_keys] if directory.is_local else []
+            size = _size(sum(os.path.getsize(p) for p in local)) if local else "?"
+            mtime = max((os.path.getmtime(p) for p in local), default=None)
+            entries.append((mtime, step, size, str(len(data_keys)), "UNCOMMITTED (no index)", base))
+    entries.sort(key=lambda e: (e[0] or 0.0, e[1] or 0), reverse=True)
+    rows = [["CHECKPOINT", "STEP", "SAVED", "SIZE", "FILES", "STATE"]]
+    rows += [
+        [b, "-" if s is None else str(s), _when(t), size, n, state] for t, s, size, n, state, b in entries
+    ]
+    _table(rows, out)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
+    reader = CheckpointReader(args.path)
+    variables = reader.variables()
+    total = sum(v.nbytes for v in variables)
+    if args.json:
+        doc = {
+            "path": args.path,
+            "global_step": reader.global_step,
+            "format_version": reader.index.format_version,
+            "created": reader.index.created,
+            "files": len(reader.index.files),
+            "total_bytes": total,
+            "leaves": [
+                {
+                    "name": v.name,
+                    "dtype": v.dtype.name,
+                    "shape": list(v.shape),
+                    "sharding": v.sharding,
+                    "bytes": v.nbytes,
+                    "shards": v.num_shards,
+                }
+                for v in variables
+            ],
+        }
+        print(json.dumps(doc, indent=1), file=out)
+        return 0
+    rows = [["NAME", "DTYPE", "SHAPE", "SHARDING", "BYTES"]]
+    rows += [[v.name, v.dtype.name, str(v.shape), v.sharding, _size(v.nbytes)] for v in variables]
+    _table(rows, out)
+    print(
+        f"{len(variables)} leaves, {_size(total)} in {len(reader.index.files)} data files, "
+        f"step {reader.global_step}, saved {_when(reader.index.created)}",
+        file=out,
+    )
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, out: Any) -> int:
+    reader = CheckpointReader(args.path)
+    total = reader.index.nbytes
+    bar = None
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify", leave=False)
+        except ImportError:  # tqdm is in the "cli" extra
+            bar = None
+    problems = reader.verify(progress=bar.update if bar is not None else None)
+    if bar is not None:
+        bar.close()
+    if problems:
+        for line in problems:
+            print(f"BAD {line}", file=out)
+        print(f"{len(problems)} bad shards in {args.path}", file=out)
+        return EXIT_BAD
+    shards = sum(len(leaf.shards) for leaf in reader.index.leaves)
+    print(f"OK {args.path}: {_size(total)} in {shards} shards, lengths and crc32c sound", file=out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, out: Any) -> int:
+    from ._demo import load_config, run_demo
+
+    overrides = {
+        k: v
+        for k, v in {
+            "steps": args.steps,
+            "save_every": args.save_every,
+            "crash_at": args.crash_at,
+            "directory": args.directory,
+            "size": args.size,
+        }.items()
+        if v is not None
+    }
+    return run_demo(load_config(args.config, overrides), out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardsave", description="Look inside shardsave checkpoints.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ls", help="list the checkpoints in a directory, newest first")
+    p.add_argument("dir")
+    p.set_defaults(run=cmd_ls)
+    p = sub.add_parser("inspect", help="the leaves of a checkpoint")
+    p.add_argument("path", help="a checkpoint prefix, such as ckpt/model-1000")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_inspect)
+    p = sub.add_parser("verify", help="read every stored byte and check lengths and crc32c")
+    p.add_argument("path")
+    p.set_defaults(run=cmd_verify)
+    p = sub.add_parser("demo", help="train, crash, resume onto another mesh, and report")
+    p.add_argument("--config", default=None, help="settings file (default: configs/demo.yaml)")
+    p.add_argument("--size", type=int, help="scale the model's width by this factor")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--crash-at", type=int, help="kill the training process after this step")
+    p.add_argument("--directory", help="where checkpoints go (emptied first)")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: Any = None) -> int:
+    """Runs the command line; returns the exit status."""
+    out = out or sys.stdout
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed the usage line
+        return int(e.code or 0) and EXIT_USAGE
+    try:
+        return int(args.run(args, out))
+    except BrokenPipeError:  # `shardsave inspect ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (_Usage, CheckpointNotFoundError, FileNotFoundError) as e:
+        print(f"shardsave: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ShardsaveError as e:
+        first, *rest = str(e).splitlines()
+        print(f"shardsave: error: {first}" + "".join(f"\n{line}" for line in rest), file=sys.stderr)
+        return EXIT_BAD
+
+
+if __name__ == "__main__":
+    sys.exit(main())

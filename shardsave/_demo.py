@@ -1,0 +1,284 @@
+"""`shardsave demo`: train, save asynchronously, crash, resume onto another mesh, compare.
+
+The parent process runs three children, each with its own number of simulated CPU
+devices (XLA reads the device count once, at start):
+
+  reference  trains every step on the first mesh without saving: the losses to match;
+  train      trains on the first mesh, saving asynchronously every few steps, and is
+             killed with SIGKILL right after a save has started;
+  resume     starts on a different device count and mesh, restores the latest
+             committed checkpoint, and trains to the end.
+
+The resumed losses must equal the reference's from the restored step on. The two
+meshes reduce in different orders, so "equal" allows a relative difference of
+`tolerance` (configs/demo.yaml); the report prints the largest one seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "configs/demo.yaml"
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Reads the demo's settings; flags override them."""
+    import yaml
+
+    candidates = [Path(path)] if path else [Path(CONFIG_NAME), Path(__file__).parent.parent / CONFIG_NAME]
+    for candidate in candidates:
+        if candidate.is_file():
+            config = yaml.safe_load(candidate.read_text())
+            config.update(overrides)
+            config["config_path"] = str(candidate)
+            return config
+    raise FileNotFoundError(f"demo settings not found (looked for {', '.join(map(str, candidates))})")
+
+
+# ---------------------------------------------------------------- the child processes
+
+
+def _worker(role: str, config: dict[str, Any]) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import shardsave
+
+    layout = config["resume"] if role == "resume" else config["first"]
+    mesh = Mesh(np.array(jax.devices()).reshape(layout["mesh"]), ("data", "model"))
+    width, layers, batch = config["width"] * config["size"], config["layers"], config["batch"]
+    lr = config["learning_rate"]
+
+    def sharding(spec: P) -> NamedSharding:
+        return NamedSharding(mesh, spec)
+
+    # Alternate column- and row-sharded kernels, as tensor parallelism does; biases replicated.
+    param_specs = {
+        f"layer{i}": {"kernel": P(None, "model") if i % 2 == 0 else P("model", None), "bias": P()}
+        for i in range(layers)
+    }
+    state_specs = {
+        "params": param_specs,
+        "mu": param_specs,
+        "nu": param_specs,
+        "step": P(),
+    }
+    state_shardings = jax.tree_util.tree_map(sharding, state_specs, is_leaf=lambda x: isinstance(x, P))
+
+    def init() -> dict[str, Any]:
+        key = jax.random.PRNGKey(config["seed"])
+        params = {}
+        for i in range(layers):
+            k = jax.random.fold_in(key, i)
+            params[f"layer{i}"] = {
+                "kernel": jax.random.normal(k, (width, width)) / np.sqrt(width),
+                "bias": jnp.zeros(width),
+            }
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return {"params": params, "mu": zeros, "nu": zeros, "step": jnp.int32(0)}
+
+    teacher = jax.random.normal(jax.random.PRNGKey(config["seed"] + 1), (width, width)) / np.sqrt(width)
+
+    def batch_for(step: int) -> jax.Array:
+        x = jax.random.normal(
+            jax.random.fold_in(jax.random.PRNGKey(config["seed"] + 2), step), (batch, width)
+        )
+        return jax.device_put(x, sharding(P("data", None)))
+
+    def loss_fn(params: dict[str, Any], x: jax.Array) -> jax.Array:
+        h = x
+        for i in range(layers):
+            layer = params[f"layer{i}"]
+            h = h @ layer["kernel"] + layer["bias"]
+            h = jnp.tanh(h) if i < layers - 1 else h
+        return jnp.mean((h - jnp.tanh(x @ teacher)) ** 2)
+
+    def train_step(state: dict[str, Any], x: jax.Array) -> tuple[dict[str, Any], jax.Array]:
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], x)
+        t = state["step"] + 1
+        mu = jax.tree_util.tree_map(lambda m, g: 0.9 * m + 0.1 * g, state["mu"], grads)
+        nu = jax.tree_util.tree_map(lambda v, g: 0.999 * v + 0.001 * g * g, state["nu"], grads)
+        bias1, bias2 = 1 - 0.9**t, 1 - 0.999**t
+        params = jax.tree_util.tree_map(
+            lambda p, m, v: p - lr * (m / bias1) / (jnp.sqrt(v / bias2) + 1e-8), state["params"], mu, nu
+        )
+        return {"params": params, "mu": mu, "nu": nu, "step": t}, loss
+
+    step_fn = jax.jit(train_step, out_shardings=(state_shardings, sharding(P())), donate_argnums=0)
+
+    def emit(**record: Any) -> None:
+        print(json.dumps(record), flush=True)
+
+    saver = shardsave.Saver(max_to_keep=config["max_to_keep"])
+    prefix = os.path.join(config["directory"], "model")
+    if role == "resume":
+        latest = shardsave.latest_checkpoint(config["directory"])
+        if latest is None:
+            raise SystemExit("no committed checkpoint to resume from")
+        target = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            jax.eval_shape(init),
+            state_shardings,
+        )
+        began = time.perf_counter()
+        state = saver.restore(latest, target)
+        jax.block_until_ready(state)
+        emit(event="restored", path=latest, step=int(state["step"]), seconds=time.perf_counter() - began)
+    else:
+        state = jax.jit(init, out_shardings=state_shardings)()
+
+    for step in range(int(state["step"]) + 1, config["steps"] + 1):
+        began = time.perf_counter()
+        state, loss = step_fn(state, batch_for(step))
+        loss_value = float(loss)  # waits for the step
+        emit(step=step, loss=loss_value, seconds=time.perf_counter() - began)
+        if role == "train" and step % config["save_every"] == 0:
+            previous = saver.last_save
+            saver.save(state, prefix, global_step=step)  # waits for the previous save first
+            info = saver.last_save
+            assert info is not None
+            emit(
+                event="save",
+                step=step,
+                blocking=info.blocking_seconds,
+                nbytes=info.nbytes,
+                previous_commit=previous.commit_seconds if previous else None,
+            )
+    saver.wait_until_finished()
+
+
+# ---------------------------------------------------------------- the parent
+
+
+def _spawn(role: str, config: dict[str, Any], devices: int) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "shardsave._demo", role, json.dumps(config)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _records(proc: subprocess.Popen[str], deadline: float, kill_after_step: int | None = None) -> list[dict]:
+    records = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("the demo ran past its time limit (timeout_s in the config)")
+        record = json.loads(line)
+        records.append(record)
+        if kill_after_step is not None and record.get("step") == kill_after_step and "loss" in record:
+            proc.send_signal(signal.SIGKILL)  # a crash: no cleanup, a save may be in flight
+            break
+    proc.wait()
+    return records
+
+
+def run_demo(config: dict[str, Any], out: Any) -> int:
+    """Runs the demo; prints a report to out; returns 0 when the resumed run matches."""
+    from . import _storage
+    from ._reader import CheckpointReader
+    from ._state import latest_checkpoint
+
+    directory = config["directory"]
+    shutil.rmtree(directory, ignore_errors=True)
+    first, resume = config["first"], config["resume"]
+    n_first, n_resume = first["mesh"][0] * first["mesh"][1], resume["mesh"][0] * resume["mesh"][1]
+    deadline = time.monotonic() + config["timeout_s"]
+    print(
+        f"shardsave demo: {config['layers']} layers of width {config['width'] * config['size']}, "
+        f"{config['steps']} steps, async save every {config['save_every']} (max_to_keep={config['max_to_keep']}), "
+        f"crash after step {config['crash_at']}",
+        file=out,
+    )
+
+    began = time.perf_counter()
+    reference = {
+        r["step"]: r["loss"] for r in _records(_spawn("reference", config, n_first), deadline) if "loss" in r
+    }
+    print(f"  reference run: {len(reference)} steps on {n_first} devices, mesh {first['mesh']}", file=out)
+
+    train = _records(_spawn("train", config, n_first), deadline, kill_after_step=config["crash_at"])
+    steps = [r for r in train if "loss" in r]
+    saves = [r for r in train if r.get("event") == "save"]
+    print(
+        f"  training run: killed with SIGKILL after step {steps[-1]['step']} ({len(saves)} saves started)",
+        file=out,
+    )
+
+    resume_proc = _spawn("resume", config, n_resume)
+    resumed = _records(resume_proc, deadline)
+    if resume_proc.returncode != 0:
+        print(f"  resume failed with exit status {resume_proc.returncode}", file=out)
+        return 1
+    restored = next(r for r in resumed if r.get("event") == "restored")
+    after = {r["step"]: r["loss"] for r in resumed if "loss" in r}
+    print(
+        f"  resumed run: restored {restored['path']} (step {restored['step']}) onto {n_resume} devices, "
+        f"mesh {resume['mesh']}, trained steps {min(after)}..{max(after)}",
+        file=out,
+    )
+
+    worst = max(abs(after[s] - reference[s]) / max(abs(reference[s]), 1e-30) for s in after)
+    match = worst <= config["tolerance"] and set(after) == set(
+        range(restored["step"] + 1, config["steps"] + 1)
+    )
+
+    latest = latest_checkpoint(directory)
+    size = CheckpointReader(latest).index.nbytes if latest else 0
+    step_time = (
+        sorted(r["seconds"] for r in steps[1:])[len(steps[1:]) // 2] if len(steps) > 1 else float("nan")
+    )
+    blocking = [s["blocking"] for s in saves]
+    commits = [s["previous_commit"] for s in saves if s["previous_commit"] is not None]
+    kept = [k[: -len(".index")] for k in _storage.Directory(directory).list() if k.endswith(".index")]
+    print("", file=out)
+    print("report", file=out)
+    rows = [
+        ("steps", f"{config['steps']} (crash after {steps[-1]['step']}, resumed from {restored['step']})"),
+        (
+            "checkpoint size",
+            f"{size / 2**20:.2f} MiB in {len(CheckpointReader(latest).index.files) if latest else 0} data files",
+        ),
+        ("training step (median)", f"{step_time * 1e3:.1f} ms"),
+        ("save blocking (mean)", f"{sum(blocking) / max(1, len(blocking)) * 1e3:.1f} ms"),
+        (
+            "background write (mean)",
+            f"{sum(commits) / len(commits) * 1e3:.1f} ms"
+            if commits
+            else "- (no save finished before the crash was seen)",
+        ),
+        ("restore onto new mesh", f"{restored['seconds'] * 1e3:.1f} ms"),
+        ("checkpoints kept", ", ".join(sorted(kept, key=lambda k: int(k.rsplit("-", 1)[1])))),
+        ("latest", os.path.basename(latest) if latest else "-"),
+        (
+            "resumed losses",
+            f"{'MATCH' if match else 'MISMATCH'} the uninterrupted run (max relative difference {worst:.1e})",
+        ),
+        ("wall time", f"{time.perf_counter() - began:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key.ljust(width)}  {value}", file=out)
+    return 0 if match else 1
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], json.loads(sys.argv[2]))

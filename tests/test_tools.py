@@ -1,0 +1,152 @@
+"""CheckpointReader, the shardsave command, and the demo."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import shardsave
+from shardsave._cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path, mesh24):
+    tree = {
+        "params": {
+            "kernel": jax.device_put(
+                jnp.arange(512.0).reshape(32, 16), NamedSharding(mesh24, P("data", "model"))
+            ),
+            "bias": jax.device_put(jnp.ones(16), NamedSharding(mesh24, P())),
+        },
+        "step": 3,
+    }
+    saver = shardsave.Saver(max_to_keep=2, async_save=False)
+    for step in (1, 2, 3):
+        saver.save(tree, str(tmp_path / "model"), global_step=step)
+    return tmp_path, tree
+
+
+def run(*argv):
+    out = io.StringIO()
+    status = main(list(argv), out=out)
+    return status, out.getvalue()
+
+
+def test_reader_lists_and_reads_only_what_is_asked(ckpt_dir, io_stats):
+    directory, _ = ckpt_dir
+    with shardsave.CheckpointReader(str(directory / "model-3")) as reader:
+        info = {v.name: v for v in reader.variables()}
+        assert info["params/kernel"].shape == (32, 16) and info["params/kernel"].nbytes == 512 * 4
+        assert info["params/kernel"].sharding == "P(data, model) on mesh(data=2,model=4)"
+        assert info["step"].sharding == "host" and info["params/bias"].num_shards == 1
+        io_stats.reset()
+        np.testing.assert_array_equal(reader.get("params/kernel"), np.arange(512.0).reshape(32, 16))
+        assert io_stats.bytes_read == 512 * 4  # the whole leaf, nothing else
+        io_stats.reset()
+        # Rows 17..18, columns 4..7: inside one stored shard (rows 16..31, columns 4..7).
+        part = reader.get("params/kernel", (slice(17, 19), slice(4, 8)))
+        np.testing.assert_array_equal(part, np.arange(512.0).reshape(32, 16)[17:19, 4:8])
+        # Verification needs whole checksum chunks; this shard (256 bytes) is one chunk.
+        assert io_stats.bytes_read == 16 * 4 * 4
+        assert reader.get("params/kernel", (5, 3)) == 5 * 16 + 3
+        np.testing.assert_array_equal(reader.get("params/kernel", (slice(0, 32, 8), 0)), [0, 128, 256, 384])
+        assert int(reader.get("step")) == 3
+        with pytest.raises(KeyError, match="closest saved: 'params/bias'"):
+            reader.get("params/bais")
+        with pytest.raises(IndexError):
+            reader.get("params/kernel", (40,))
+
+
+def test_reader_reads_whole_checksum_chunks_not_whole_shards(tmp_path, io_stats):
+    from shardsave._format import CRC_CHUNK_BYTES
+
+    rows, cols = 4 * CRC_CHUNK_BYTES // 4096, 1024  # 16 MiB of float32 in one stored shard
+    value = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
+    path = shardsave.Saver(async_save=False).save({"big": value}, str(tmp_path / "m"))
+    reader = shardsave.CheckpointReader(path)  # reads the index
+    io_stats.reset()
+    got = reader.get("big", (slice(rows // 2, rows // 2 + 3),))
+    np.testing.assert_array_equal(got, value[rows // 2 : rows // 2 + 3])
+    assert io_stats.bytes_read == CRC_CHUNK_BYTES  # one chunk of four
+
+
+def test_ls_shows_committed_uncommitted_and_latest(ckpt_dir):
+    directory, _ = ckpt_dir
+    (directory / "model-4.data-00000-of-00008").write_bytes(b"partial")
+    status, out = run("ls", str(directory))
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].split() == ["CHECKPOINT", "STEP", "SAVED", "SIZE", "FILES", "STATE"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert set(rows) == {"model-2", "model-3", "model-4"}
+    assert "committed (latest)" in rows["model-3"] and "(latest)" not in rows["model-2"]
+    assert "UNCOMMITTED" in rows["model-4"] and "7 B" in rows["model-4"]
+    assert " 8 " in rows["model-3"]  # data files
+
+
+def test_inspect_table_and_json(ckpt_dir):
+    directory, _ = ckpt_dir
+    status, out = run("inspect", str(directory / "model-3"))
+    assert status == 0
+    assert any(line.split()[:2] == ["params/kernel", "float32"] for line in out.splitlines())
+    assert "3 leaves, 2.1 KiB in 8 data files, step 3" in out
+    status, out = run("inspect", "--json", str(directory / "model-3"))
+    doc = json.loads(out)
+    assert doc["global_step"] == 3 and doc["total_bytes"] == 512 * 4 + 16 * 4 + 8
+    assert {leaf["name"]: leaf["shape"] for leaf in doc["leaves"]}["params/kernel"] == [32, 16]
+
+
+def test_verify_finds_a_corrupted_byte(ckpt_dir):
+    directory, _ = ckpt_dir
+    status, out = run("verify", str(directory / "model-3"))
+    assert status == 0 and out.startswith("OK")
+    victim = directory / "model-3.data-00005-of-00008"
+    data = bytearray(victim.read_bytes())
+    data[3] ^= 0x10
+    victim.write_bytes(bytes(data))
+    status, out = run("verify", str(directory / "model-3"))
+    assert status == 1
+    bad = [line for line in out.splitlines() if line.startswith("BAD")]
+    assert len(bad) == 1 and "model-3.data-00005-of-00008" in bad[0] and "crc32c mismatch" in bad[0]
+
+
+def test_bad_input_exits_non_zero_and_modifies_nothing(ckpt_dir, capsys):
+    directory, _ = ckpt_dir
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    assert run("inspect", str(directory / "model-9"))[0] == 2
+    assert "no committed checkpoint" in capsys.readouterr().err
+    assert run("ls", str(directory / "nope"))[0] == 2
+    assert run("ls", str(REPO / "configs"))[0] == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert run("frobnicate")[0] == 2
+    assert "invalid choice" in capsys.readouterr().err
+    (directory / "model-3.index").write_bytes(b"{broken")
+    assert run("inspect", str(directory / "model-3"))[0] == 1
+    err = capsys.readouterr().err
+    assert err.startswith("shardsave: error:") and "not valid JSON" in err and "Traceback" not in err
+    before["model-3.index"] = b"{broken"
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def test_demo_crashes_resumes_on_another_mesh_and_matches(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the demo reads configs/demo.yaml
+    status, out = run(
+        "demo", "--steps", "24", "--save-every", "5", "--crash-at", "16", "--directory", str(tmp_path / "c")
+    )
+    assert status == 0, out
+    assert "killed with SIGKILL after step 16" in out
+    assert "onto 4 devices, mesh [2, 2]" in out
+    assert "MATCH the uninterrupted run" in out
+    kept = next(line for line in out.splitlines() if "checkpoints kept" in line)
+    assert "model-5" not in kept.split() and os.path.exists(tmp_path / "c" / "checkpoint")
