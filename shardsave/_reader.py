@@ -53,7 +53,8 @@ def _index_box(index: Any, shape: tuple[int, ...]) -> tuple[Box, tuple[Any, ...]
     if len(index) > len(shape):
         raise IndexError(f"too many indices ({len(index)}) for an array of shape {shape}")
     index = index + (slice(None),) * (len(shape) - len(index))
-    box, local = [], []
+    box: list[tuple[int, int]] = []
+    local: list[Any] = []
     for i, dim in zip(index, shape):
         if isinstance(i, (int, np.integer)):
             k = int(i) + dim if i < 0 else int(i)
