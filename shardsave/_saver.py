@@ -24,7 +24,7 @@ from ._commit import BackgroundCommits
 from ._format import DataFile, Index, LeafEntry, StoredShard
 from ._plan import SavePlan, plan_save
 from ._restore import LeafRequest, open_checkpoint, restore_leaves
-from ._stage import stage
+from ._stage import StagingBuffer, stage
 from ._state import (
     Retention,
     delete_checkpoint,
@@ -173,6 +173,8 @@ class Saver:
         self._created = clock()
         self._commits = BackgroundCommits()
         self._plans: dict[Any, SavePlan] = {}
+        # Host buffers of the last plan saved, refilled by the next save of that plan.
+        self._staging: tuple[SavePlan | None, dict[int, StagingBuffer]] = (None, {})
         self._retention: dict[str, Retention] = {}
         self._last_directory: str | None = None
         self._last_save: SaveInfo | None = None
@@ -247,7 +249,9 @@ class Saver:
 
         specs = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
         plan = self._plan(specs)
-        staged = stage(plan, leaves, jax.process_index())
+        if self._staging[0] is not plan:
+            self._staging = (plan, {})
+        staged = stage(plan, leaves, jax.process_index(), self._staging[1])
         structure = _tree.encode_structure(tree)
         timestamp = self._clock()
         info = SaveInfo(prefix, sum(len(b) for b in staged.values()), time.perf_counter() - began)
@@ -273,8 +277,9 @@ class Saver:
         self._commits.wait()
 
     def close(self) -> None:
-        """Finishes the pending save and stops the background worker."""
+        """Finishes the pending save, stops the background worker, frees host buffers."""
         self._commits.close()
+        self._staging = (None, {})
 
     def __enter__(self) -> Saver:
         return self

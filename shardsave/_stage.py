@@ -1,20 +1,37 @@
 """The blocking half of a save: copy the shards this process writes off the devices.
 
-Each data file becomes one bytes object, built by a single join over views of the
-shards: on CPU the views alias the device buffers, so the join is the only copy;
-on accelerators, every transfer is started (copy_to_host_async) before the first
-one is waited on, so they overlap. Once stage() returns, the caller may delete,
-donate or overwrite its arrays.
+Each data file is staged in one host buffer, filled by one copy per shard. The
+buffers are kept and refilled by the next save of the same plan, because a fresh
+large allocation first touches every page, which costs more than the copy itself
+(measured on the benchmark VM: 0.39 s per GiB with 4 KiB pages). New buffers ask
+the kernel for transparent huge pages, which cut that cost about eight-fold.
+
+The buffers are `bytes` objects because tensorstore's KvStore.write accepts only
+bytes; they are filled in place, through a writable view, before anything else
+sees them, and refilled only after the write that read them has completed (a
+save waits for the previous one).
+
+On accelerators, every device-to-host transfer is started (copy_to_host_async)
+before the first one is waited on, so they overlap. Once stage() returns, the
+caller may delete, donate or overwrite its arrays.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import mmap
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import numpy as np
 
 from ._plan import SavePlan
+
+_MADV_HUGEPAGE = 14
+_HUGEPAGE_MIN_BYTES = 4 << 20
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
 def as_bytes_view(array: np.ndarray) -> np.ndarray:
@@ -30,8 +47,36 @@ def host_array(leaf: Any, dtype: np.dtype) -> np.ndarray:
     return array
 
 
-def stage(plan: SavePlan, leaves: list[Any], process_index: int) -> dict[int, bytes]:
-    """The bytes of every data file this process writes, keyed by file number."""
+@dataclass
+class StagingBuffer:
+    """A bytes object and a writable uint8 view of its contents."""
+
+    data: bytes
+    view: np.ndarray
+
+
+def allocate(nbytes: int) -> StagingBuffer:
+    """A new zeroed bytes object of nbytes (pages untouched) and a writable view of it."""
+    if nbytes == 0:  # b"" is a shared singleton: never write through a view of it
+        return StagingBuffer(b"", np.empty(0, np.uint8))
+    data = bytes(nbytes)  # a new object every call; calloc maps zero pages on first touch
+    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+    if nbytes >= _HUGEPAGE_MIN_BYTES and hasattr(_libc, "madvise"):
+        start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+        length = (address + nbytes - start) // mmap.PAGESIZE * mmap.PAGESIZE
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_HUGEPAGE)  # a hint only
+    view = np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(address))
+    return StagingBuffer(data, view)
+
+
+def stage(
+    plan: SavePlan, leaves: list[Any], process_index: int, buffers: dict[int, StagingBuffer]
+) -> dict[int, bytes]:
+    """Copies every shard this process writes into its file's buffer.
+
+    buffers: reused when they fit the plan, (re)allocated in place otherwise.
+    Returns the bytes of each local data file, keyed by file number.
+    """
     local = {k: f for k, f in enumerate(plan.files) if f.process_index == process_index}
     device_data: dict[int, dict[int, jax.Array]] = {}
     for f in local.values():
@@ -40,30 +85,29 @@ def stage(plan: SavePlan, leaves: list[Any], process_index: int) -> dict[int, by
             if isinstance(leaf, jax.Array) and shard.leaf not in device_data:
                 device_data[shard.leaf] = {s.device.id: s.data for s in leaf.addressable_shards}
 
-    pending = [
-        data
-        for per_device in device_data.values()
-        for data in per_device.values()
-        if next(iter(data.devices())).platform != "cpu"
-    ]
-    for data in pending:
-        data.copy_to_host_async()
+    for per_device in device_data.values():
+        for data in per_device.values():
+            if next(iter(data.devices())).platform != "cpu":
+                data.copy_to_host_async()
 
-    staged: dict[int, bytes] = {}
+    for k in list(buffers):
+        if k not in local or buffers[k].view.size != local[k].nbytes:
+            del buffers[k]
     for k, f in local.items():
-        parts: list[Any] = []  # uint8 views; bytes.join copies each once
+        if k not in buffers:
+            buffers[k] = allocate(f.nbytes)
+        view = buffers[k].view
         for shard in f.shards:
-            spec = plan.leaves[shard.leaf]
-            leaf = leaves[shard.leaf]
             if shard.nbytes == 0:
                 continue
+            leaf = leaves[shard.leaf]
             if isinstance(leaf, jax.Array):
                 assert shard.writer is not None
                 array = np.asarray(device_data[shard.leaf][shard.writer.id])
             else:
-                array = host_array(leaf, spec.dtype)
+                array = host_array(leaf, plan.leaves[shard.leaf].dtype)
                 if array.ndim:
-                    array = np.ascontiguousarray(array[tuple(slice(a, b) for a, b in shard.box)])
-            parts.append(as_bytes_view(array))
-        staged[k] = b"".join(parts)
-    return staged
+                    array = array[tuple(slice(a, b) for a, b in shard.box)]
+            target = view[shard.offset : shard.offset + shard.nbytes].view(array.dtype).reshape(array.shape)
+            np.copyto(target, array)
+    return {k: buffers[k].data for k in local}

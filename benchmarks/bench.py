@@ -1,0 +1,479 @@
+"""shardsave against Orbax and the raw I/O limits, side by side in one process.
+
+    python benchmarks/bench.py                      # configs/bench.yaml, profile "default"
+    python benchmarks/bench.py --profile full       # every size and leaf count
+    python benchmarks/bench.py --profile tiny       # seconds; what the tests run
+
+Every case builds one pytree (mixed shardings on a 2x4 mesh of 8 simulated CPU
+devices, or of the real devices when there are 8 of them) and runs every tool on
+it, interleaved within each repetition so machine noise hits all of them alike.
+Each figure is the median of `reps` repetitions after `warmup` ones, with min and
+max. Memory is transient host memory: peak RSS during the operation minus RSS
+right after it (results still alive), sampled every millisecond.
+
+Tools and what they measure:
+  d2h            the bare device-to-host copy of the unique shards into preallocated
+                 buffers: the floor for a save's blocking time
+  raw            Python writes of exactly the bytes shardsave stores (the unique
+                 shards, after the bare copy) from preallocated buffers, fsync'd on
+                 disk; raw restore: read those bytes into fresh buffers and place
+                 every target shard on its device (jax.make_array_from_callback)
+  orbax          orbax-checkpoint with its defaults (zstd), StandardCheckpointer
+  orbax-nocomp   PyTreeCheckpointHandler(use_compression=False), async
+  shardsave      Saver(async_save=False); restore, resharded restore, and
+                 restore_sequentially with a 64 MiB cap
+  shardsave-async  Saver(async_save=True): blocking time and time to commit
+
+Outputs: a table on the terminal, OUT/bench.json, OUT/bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if "jax" not in sys.modules:
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import psutil
+import yaml
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import shardsave
+from shardsave import _plan, _tree
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+SPECS = [P("data", "model"), P("model"), P(None, "model"), P(), P("data")]
+
+
+# ---------------------------------------------------------------- measurement
+
+
+class Sampler:
+    """Peak RSS of this process while an operation runs."""
+
+    def __init__(self) -> None:
+        self.proc = psutil.Process()
+
+    def run(self, fn: Callable[[], Any]) -> tuple[float, int, Any]:
+        peak = [self.proc.memory_info().rss]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], self.proc.memory_info().rss)
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+        began = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - began
+        stop.set()
+        thread.join()
+        after = self.proc.memory_info().rss
+        return seconds, max(0, peak[0] - after), result
+
+
+def build_tree(total_bytes: int, leaves: int, mesh: Mesh) -> dict[str, jax.Array]:
+    per_leaf = total_bytes // leaves
+    cols = 256 if per_leaf >= 256 * 4 * 8 else 8
+    rows = max(8, per_leaf // 4 // cols // 8 * 8)
+    tree = {}
+    for i in range(leaves):
+        value = jnp.full((rows, cols), float(i), jnp.float32) + jnp.arange(cols, dtype=jnp.float32)
+        tree[f"layer{i:05d}"] = jax.device_put(value, NamedSharding(mesh, SPECS[i % len(SPECS)]))
+    jax.block_until_ready(tree)
+    return tree
+
+
+def abstract(tree: dict[str, jax.Array], mesh: Mesh | None) -> dict[str, jax.ShapeDtypeStruct]:
+    def target(x: jax.Array, i: int) -> jax.ShapeDtypeStruct:
+        sharding = x.sharding if mesh is None else NamedSharding(mesh, SPECS[i % len(SPECS)])
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return {k: target(v, i) for i, (k, v) in enumerate(tree.items())}
+
+
+# ---------------------------------------------------------------- raw limits
+
+
+class Raw:
+    """The practical limits: bare copies and plain Python file I/O of the same bytes."""
+
+    def __init__(self, tree: dict[str, jax.Array], durable: bool):
+        specs = [
+            _tree.LeafSpec(k, tuple(v.shape), np.dtype(v.dtype), "jax", v.sharding) for k, v in tree.items()
+        ]
+        self.plan = _plan.plan_save(specs, True, jax.devices())
+        self.leaves = list(tree.values())
+        self.names = list(tree)
+        self.durable = durable
+        self.buffers = [np.empty(f.nbytes, np.uint8) for f in self.plan.files]
+        for b in self.buffers:
+            b.fill(0)  # touch every page once, outside any timing
+
+    def d2h(self) -> None:
+        shards = {
+            i: {s.device.id: s.data for s in leaf.addressable_shards} for i, leaf in enumerate(self.leaves)
+        }
+        for f, buf in zip(self.plan.files, self.buffers):
+            for s in f.shards:
+                array = np.asarray(shards[s.leaf][s.writer.id])
+                np.copyto(buf[s.offset : s.offset + s.nbytes].view(array.dtype).reshape(array.shape), array)
+
+    def write(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for k, buf in enumerate(self.buffers):
+            with open(directory / f"raw.data-{k:05d}", "wb") as f:
+                f.write(memoryview(buf))
+                if self.durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+        if self.durable:
+            fd = os.open(directory, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+    def restore(self, directory: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+        stored: dict[int, list[tuple[_plan.Box, np.ndarray]]] = {}
+        for k, f in enumerate(self.plan.files):
+            with open(directory / f"raw.data-{k:05d}", "rb", buffering=0) as fh:
+                for s in f.shards:
+                    buf = np.empty(s.nbytes, np.uint8)
+                    fh.seek(s.offset)
+                    fh.readinto(memoryview(buf))
+                    stored.setdefault(s.leaf, []).append((s.box, buf))
+        out = {}
+        for i, name in enumerate(self.names):
+            t = target[name]
+            boxes = {box: buf.view(t.dtype).reshape(_plan.box_shape(box)) for box, buf in stored[i]}
+            whole: list[np.ndarray] = []
+
+            def piece(index: tuple[slice, ...], boxes=boxes, whole=whole, t=t) -> np.ndarray:
+                box = tuple(sl.indices(d)[:2] for sl, d in zip(index, t.shape))
+                if box in boxes:
+                    return boxes[box]
+                if not whole:  # another layout: assemble the leaf once, then slice
+                    array = np.empty(t.shape, t.dtype)
+                    for b, data in boxes.items():
+                        array[tuple(slice(a, z) for a, z in b)] = data
+                    whole.append(array)
+                return whole[0][index]
+
+            out[name] = jax.make_array_from_callback(t.shape, t.sharding, piece)
+        return jax.block_until_ready(out)
+
+
+# ---------------------------------------------------------------- the tools
+
+
+def orbax_tools() -> dict[str, Any]:
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError:
+        print("orbax-checkpoint is not installed (pip install -e '.[bench]'): skipping it", file=sys.stderr)
+        return {}
+    return {
+        "orbax": lambda: ocp.StandardCheckpointer(),
+        "orbax-nocomp": lambda: ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler(use_compression=False)),
+        "_ocp": ocp,
+    }
+
+
+def run_case(
+    case: dict[str, Any], config: dict[str, Any], root: Path, sampler: Sampler
+) -> list[dict[str, Any]]:
+    devices = np.array(jax.devices()[:8])
+    mesh = Mesh(devices.reshape(2, 4), ("data", "model"))
+    other = Mesh(devices.reshape(4, 2), ("data", "model"))
+    tree = build_tree(case["bytes"], case["leaves"], mesh)
+    same, resharded = abstract(tree, None), abstract(tree, other)
+    durable = case["storage"] == "disk"
+    base = root / f"{case['storage']}-{case['bytes'] // MIB}MiB-{case['leaves']}"
+    shutil.rmtree(base, ignore_errors=True)
+    raw = Raw(tree, durable)
+    saver = shardsave.Saver(async_save=False, max_to_keep=1)
+    async_saver = shardsave.Saver(async_save=True, max_to_keep=1)
+    orbax = orbax_tools() if config.get("orbax", True) else {}
+    ocp = orbax.pop("_ocp", None)
+    checkpointers = {name: make() for name, make in orbax.items()}
+    records: list[dict[str, Any]] = []
+    reps = config["warmup"] + config["reps"]
+
+    def record(tool: str, op: str, rep: int, seconds: float, transient: int) -> None:
+        if rep >= config["warmup"]:
+            records.append({**case, "tool": tool, "op": op, "seconds": seconds, "transient_bytes": transient})
+
+    for rep in range(reps):
+        step = rep
+        # Save side, interleaved tool by tool.
+        record("d2h", "save_blocking", rep, *sampler.run(raw.d2h)[:2])
+        raw.d2h()
+        record("raw", "save", rep, *sampler.run(lambda: raw.write(base / "raw"))[:2])
+
+        ss_path = str(base / "shardsave" / "model")
+        t, m, path = sampler.run(lambda: saver.save(tree, ss_path, global_step=step))
+        record("shardsave", "save", rep, t, m)
+
+        as_path = str(base / "shardsave-async" / "model")
+        t_block, m_block, _ = sampler.run(lambda: async_saver.save(tree, as_path, global_step=step))
+        t_rest, m_rest, _ = sampler.run(async_saver.wait_until_finished)
+        record("shardsave-async", "save_blocking", rep, t_block, m_block)
+        record("shardsave-async", "save", rep, t_block + t_rest, max(m_block, m_rest))
+
+        for name, ckptr in checkpointers.items():
+            target_dir = base / name / f"{step}"
+            shutil.rmtree(target_dir.parent, ignore_errors=True)
+            if name == "orbax":
+                t_block, m_block, _ = sampler.run(lambda c=ckptr, d=target_dir: c.save(d, tree))
+            else:
+                t_block, m_block, _ = sampler.run(
+                    lambda c=ckptr, d=target_dir: c.save(d, args=ocp.args.PyTreeSave(tree))
+                )
+            t_rest, m_rest, _ = sampler.run(ckptr.wait_until_finished)
+            record(name, "save_blocking", rep, t_block, m_block)
+            record(name, "save", rep, t_block + t_rest, max(m_block, m_rest))
+
+        # Restore side.
+        for label, target in (("restore", same), ("restore_resharded", resharded)):
+            t, m, out = sampler.run(lambda target=target: raw.restore(base / "raw", target))
+            del out
+            record("raw", label, rep, t, m)
+            t, m, out = sampler.run(lambda target=target: jax.block_until_ready(saver.restore(path, target)))
+            del out
+            record("shardsave", label, rep, t, m)
+            for name, ckptr in checkpointers.items():
+                target_dir = base / name / f"{step}"
+                if name == "orbax":
+                    fn = lambda c=ckptr, d=target_dir, tg=target: jax.block_until_ready(c.restore(d, tg))  # noqa: E731
+                else:
+                    fn = lambda c=ckptr, d=target_dir, tg=target: jax.block_until_ready(  # noqa: E731
+                        c.restore(
+                            d,
+                            args=ocp.args.PyTreeRestore(
+                                item=tg, restore_args=ocp.checkpoint_utils.construct_restore_args(tg)
+                            ),
+                        )
+                    )
+                t, m, out = sampler.run(fn)
+                del out
+                record(name, label, rep, t, m)
+        cap = config["sequential_cap_mib"] * MIB
+        t, m, out = sampler.run(
+            lambda: jax.block_until_ready(
+                saver.restore(path, resharded, restore_sequentially=True, max_host_bytes=cap)
+            )
+        )
+        del out
+        record("shardsave", "restore_sequential", rep, t, m)
+        gc.collect()
+
+    for ckptr in checkpointers.values():
+        ckptr.close()
+    saver.close()
+    async_saver.close()
+    del tree
+    shutil.rmtree(base, ignore_errors=True)
+    return records
+
+
+def first_save(case: dict[str, Any], root: Path) -> dict[str, float]:
+    """The first save of a fresh process against its later ones (blocking time)."""
+    import subprocess
+
+    code = f"""
+import os, sys, time, json
+sys.path.insert(0, {str(REPO / "benchmarks")!r})
+import bench, jax, numpy as np, shardsave
+from jax.sharding import Mesh
+mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+tree = bench.build_tree({case["bytes"]}, {case["leaves"]}, mesh)
+saver = shardsave.Saver(max_to_keep=1)
+times = []
+for step in range(4):
+    began = time.perf_counter()
+    saver.save(tree, {str(root / "first" / "model")!r}, global_step=step)
+    times.append(time.perf_counter() - began)
+    saver.wait_until_finished()
+print(json.dumps(times))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    times = json.loads(out.stdout.strip().splitlines()[-1])
+    shutil.rmtree(root / "first", ignore_errors=True)
+    return {"first": times[0], "later": statistics.median(times[1:])}
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["storage"], r["bytes"], r["leaves"], r["op"], r["tool"]), []).append(r)
+    rows = []
+    for (storage, nbytes, leaves, op, tool), rs in groups.items():
+        secs = [r["seconds"] for r in rs]
+        mems = [r["transient_bytes"] for r in rs]
+        rows.append(
+            {
+                "storage": storage,
+                "bytes": nbytes,
+                "leaves": leaves,
+                "op": op,
+                "tool": tool,
+                "median_s": statistics.median(secs),
+                "min_s": min(secs),
+                "max_s": max(secs),
+                "median_transient_bytes": statistics.median(mems),
+                "max_transient_bytes": max(mems),
+                "n": len(rs),
+            }
+        )
+    return rows
+
+
+def ratios(rows: list[dict[str, Any]]) -> None:
+    """Adds each row's time relative to the limit and to the tools it competes with."""
+    index = {(r["storage"], r["bytes"], r["leaves"], r["op"], r["tool"]): r for r in rows}
+    for r in rows:
+        key = (r["storage"], r["bytes"], r["leaves"], r["op"])
+        limit = index.get((*key, "d2h" if r["op"] == "save_blocking" else "raw"))
+        if r["op"] == "restore_sequential":
+            limit = index.get((r["storage"], r["bytes"], r["leaves"], "restore_resharded", "raw"))
+        r["x_limit"] = r["median_s"] / limit["median_s"] if limit else None
+        for other in ("orbax", "orbax-nocomp"):
+            o = index.get((*key, other))
+            r[f"x_{other}"] = r["median_s"] / o["median_s"] if o else None
+        r["transient_x_bytes"] = r["median_transient_bytes"] / r["bytes"]
+
+
+def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> list[str]:
+    lines = [
+        f"{'storage':7} {'size':>8} {'leaves':>6} {'op':18} {'tool':15} {'median s':>9} {'[min-max]':>17} "
+        f"{'x limit':>8} {'x orbax':>8} {'x nocomp':>8} {'transient':>10}"
+    ]
+    order = {"d2h": 0, "raw": 1, "shardsave": 2, "shardsave-async": 3, "orbax": 4, "orbax-nocomp": 5}
+    ops = {"save_blocking": 0, "save": 1, "restore": 2, "restore_resharded": 3, "restore_sequential": 4}
+    for r in sorted(
+        rows, key=lambda r: (r["storage"], r["bytes"], r["leaves"], ops[r["op"]], order[r["tool"]])
+    ):
+
+        def fmt(x: float | None) -> str:
+            return "-" if x is None else f"{x:.2f}"
+
+        spread = f"[{r['min_s']:.3f}-{r['max_s']:.3f}]"
+        lines.append(
+            f"{r['storage']:7} {r['bytes'] // MIB:>5}MiB {r['leaves']:>6} {r['op']:18} {r['tool']:15} "
+            f"{r['median_s']:>9.3f} {spread:>17} {fmt(r['x_limit']):>8} "
+            f"{fmt(r['x_orbax']):>8} {fmt(r['x_orbax-nocomp']):>8} {r['median_transient_bytes'] / MIB:>7.0f}MiB"
+        )
+    for line in lines:
+        print(line, file=out)
+    return lines
+
+
+def chart(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = sorted({(r["storage"], r["bytes"], r["leaves"]) for r in rows})
+    ops = ["save_blocking", "save", "restore", "restore_resharded"]
+    tools = ["d2h", "raw", "shardsave", "shardsave-async", "orbax", "orbax-nocomp"]
+    fig, axes = plt.subplots(len(cases), 2, figsize=(14, 3.2 * len(cases)), squeeze=False)
+    index = {(r["storage"], r["bytes"], r["leaves"], r["op"], r["tool"]): r for r in rows}
+    for row, case in enumerate(cases):
+        for col, (metric, label) in enumerate(
+            (("median_s", "seconds"), ("median_transient_bytes", "transient MiB"))
+        ):
+            ax = axes[row][col]
+            width = 0.13
+            for t, tool in enumerate(tools):
+                values = []
+                for op in ops:
+                    r = index.get((*case, op, tool))
+                    v = r[metric] if r else 0.0
+                    values.append(v / MIB if metric != "median_s" else v)
+                ax.bar([i + t * width for i in range(len(ops))], values, width, label=tool)
+            ax.set_xticks([i + 2.5 * width for i in range(len(ops))], ops)
+            ax.set_ylabel(label)
+            ax.set_title(f"{case[0]}, {case[1] // MIB} MiB, {case[2]} leaves")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=str(REPO / "configs" / "bench.yaml"))
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--out", default=None, help="output folder (default: the config's)")
+    args = parser.parse_args(argv)
+    settings = yaml.safe_load(Path(args.config).read_text())
+    config = {**settings["common"], **settings["profiles"][args.profile]}
+    out = Path(args.out or config["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    roots = {"shm": Path(config["shm_dir"]), "disk": Path(config["disk_dir"])}
+    sampler = Sampler()
+    records: list[dict[str, Any]] = []
+    cases = [
+        {"storage": storage, "bytes": size * MIB, "leaves": leaves}
+        for storage in config["storage"]
+        for size, leaves in config["cases"]
+    ]
+    for i, case in enumerate(cases, 1):
+        print(
+            f"[{i}/{len(cases)}] {case['storage']} {case['bytes'] // MIB} MiB, {case['leaves']} leaves",
+            file=sys.stderr,
+        )
+        records += run_case(case, config, roots[case["storage"]], sampler)
+    rows = summarize(records)
+    ratios(rows)
+    first = first_save(cases[0], roots[cases[0]["storage"]]) if config.get("first_save", True) else None
+    lines = print_table(rows)
+    if first:
+        print(
+            f"first save of a process (blocking): {first['first']:.3f} s, later saves: {first['later']:.3f} s "
+            f"({first['first'] / first['later']:.1f}x), {cases[0]['bytes'] // MIB} MiB, {cases[0]['leaves']} leaves"
+        )
+    machine = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "devices": f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
+        "jax": jax.__version__,
+        "profile": args.profile,
+    }
+    (out / "bench.json").write_text(
+        json.dumps({"machine": machine, "rows": rows, "first_save": first, "records": records}, indent=1)
+    )
+    (out / "table.txt").write_text("\n".join(lines) + "\n")
+    chart(rows, out / "bench.png")
+    print(f"wrote {out / 'bench.json'}, {out / 'table.txt'}, {out / 'bench.png'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The benchmark suite runs end to end at a tiny size (timings are never asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_python
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_runs_and_writes_its_outputs(tmp_path):
+    code = f"""
+sys.path.insert(0, {str(REPO / "benchmarks")!r})
+import bench
+sys.exit(bench.main(["--profile", "tiny", "--out", {str(tmp_path)!r}]))
+"""
+    run_python(code, timeout=600)
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    tools = {(r["tool"], r["op"]) for r in doc["rows"]}
+    assert {("d2h", "save_blocking"), ("raw", "save"), ("raw", "restore"), ("shardsave", "save")} <= tools
+    assert {("shardsave-async", "save_blocking"), ("shardsave", "restore_resharded")} <= tools
+    assert {("shardsave", "restore_sequential"), ("orbax", "save"), ("orbax-nocomp", "restore")} <= tools
+    assert all(r["median_s"] > 0 and r["n"] == 1 for r in doc["rows"])
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert "shardsave" in (tmp_path / "table.txt").read_text()
