@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import platform
 import shutil
@@ -41,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,10 @@ def orbax_tools() -> dict[str, Any]:
     }
 
 
+def _ready(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return jax.block_until_ready(fn(*args, **kwargs))
+
+
 def run_case(
     case: dict[str, Any], config: dict[str, Any], root: Path, sampler: Sampler
 ) -> list[dict[str, Any]]:
@@ -230,11 +234,11 @@ def run_case(
         record("raw", "save", rep, *sampler.run(lambda: raw.write(base / "raw"))[:2])
 
         ss_path = str(base / "shardsave" / "model")
-        t, m, path = sampler.run(lambda: saver.save(tree, ss_path, global_step=step))
+        t, m, path = sampler.run(partial(saver.save, tree, ss_path, global_step=step))
         record("shardsave", "save", rep, t, m)
 
         as_path = str(base / "shardsave-async" / "model")
-        t_block, m_block, _ = sampler.run(lambda: async_saver.save(tree, as_path, global_step=step))
+        t_block, m_block, _ = sampler.run(partial(async_saver.save, tree, as_path, global_step=step))
         t_rest, m_rest, _ = sampler.run(async_saver.wait_until_finished)
         record("shardsave-async", "save_blocking", rep, t_block, m_block)
         record("shardsave-async", "save", rep, t_block + t_rest, max(m_block, m_rest))
@@ -243,10 +247,10 @@ def run_case(
             target_dir = base / name / f"{step}"
             shutil.rmtree(target_dir.parent, ignore_errors=True)
             if name == "orbax":
-                t_block, m_block, _ = sampler.run(lambda c=ckptr, d=target_dir: c.save(d, tree))
+                t_block, m_block, _ = sampler.run(partial(ckptr.save, target_dir, tree))
             else:
                 t_block, m_block, _ = sampler.run(
-                    lambda c=ckptr, d=target_dir: c.save(d, args=ocp.args.PyTreeSave(tree))
+                    partial(ckptr.save, target_dir, args=ocp.args.PyTreeSave(tree))
                 )
             t_rest, m_rest, _ = sampler.run(ckptr.wait_until_finished)
             record(name, "save_blocking", rep, t_block, m_block)
@@ -257,30 +261,23 @@ def run_case(
             t, m, out = sampler.run(lambda target=target: raw.restore(base / "raw", target))
             del out
             record("raw", label, rep, t, m)
-            t, m, out = sampler.run(lambda target=target: jax.block_until_ready(saver.restore(path, target)))
+            t, m, out = sampler.run(partial(_ready, saver.restore, path, target))
             del out
             record("shardsave", label, rep, t, m)
             for name, ckptr in checkpointers.items():
                 target_dir = base / name / f"{step}"
                 if name == "orbax":
-                    fn = lambda c=ckptr, d=target_dir, tg=target: jax.block_until_ready(c.restore(d, tg))  # noqa: E731
+                    fn = partial(_ready, ckptr.restore, target_dir, target)
                 else:
-                    fn = lambda c=ckptr, d=target_dir, tg=target: jax.block_until_ready(  # noqa: E731
-                        c.restore(
-                            d,
-                            args=ocp.args.PyTreeRestore(
-                                item=tg, restore_args=ocp.checkpoint_utils.construct_restore_args(tg)
-                            ),
-                        )
-                    )
+                    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+                    args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+                    fn = partial(_ready, ckptr.restore, target_dir, args=args)
                 t, m, out = sampler.run(fn)
                 del out
                 record(name, label, rep, t, m)
         cap = config["sequential_cap_mib"] * MIB
         t, m, out = sampler.run(
-            lambda: jax.block_until_ready(
-                saver.restore(path, resharded, restore_sequentially=True, max_host_bytes=cap)
-            )
+            partial(_ready, saver.restore, path, resharded, restore_sequentially=True, max_host_bytes=cap)
         )
         del out
         record("shardsave", "restore_sequential", rep, t, m)
@@ -290,7 +287,6 @@ def run_case(
         ckptr.close()
     saver.close()
     async_saver.close()
-    del tree
     shutil.rmtree(base, ignore_errors=True)
     return records
 

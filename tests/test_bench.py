@@ -12,6 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_benchmark_runs_and_writes_its_outputs(tmp_path):
     code = f"""
+import sys
 sys.path.insert(0, {str(REPO / "benchmarks")!r})
 import bench
 sys.exit(bench.main(["--profile", "tiny", "--out", {str(tmp_path)!r}]))
