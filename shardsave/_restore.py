@@ -32,7 +32,7 @@ from ._plan import Box, Read, box_shape, full_box, plan_reads, unique_target_box
 from ._storage import Directory, join, open_prefix
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
-DEFAULT_INFLIGHT_BYTES = 1 << 30
+DEFAULT_INFLIGHT_BYTES = 1 << 30  # the most host bytes a default restore holds at once
 MIN_SEQUENTIAL_BYTES = 32 << 20
 
 
@@ -95,7 +95,12 @@ def _span(read: Read, chunk: int) -> tuple[int, int]:
 
 
 class _Fetcher:
-    """Issues reads and verifies what comes back against the index."""
+    """Issues reads and verifies what comes back against the index.
+
+    Reads of a batch are coalesced: spans of the same file that touch or overlap
+    are fetched with one tensorstore read (a restore onto the saved layout reads
+    each data file with one request), and each read is a view into its span.
+    """
 
     def __init__(self, directory: Directory, base: str, index: Index, names: dict[int, str]):
         self.directory = directory
@@ -105,41 +110,73 @@ class _Fetcher:
         n = len(index.files)
         self.keys = [_format.data_key(base, k, n) for k in range(n)]
 
-    def issue(self, read: Read) -> Any:
+    def _absolute_span(self, read: Read) -> tuple[int, int]:
         a, b = _span(read, self.chunk)
-        return self.directory.read(self.keys[read.shard.file], read.shard.offset + a, read.shard.offset + b)
+        return read.shard.offset + a, read.shard.offset + b
 
-    def verified(self, read: Read, future: Any, dtype: np.dtype) -> np.ndarray:
+    def issue(self, reads: list[Read]) -> dict[int, _Span]:
+        """Starts the reads; returns, for each read's id, the span that holds it."""
+        by_file: dict[int, list[tuple[int, int, Read]]] = {}
+        for read in reads:
+            by_file.setdefault(read.shard.file, []).append((*self._absolute_span(read), read))
+        handles: dict[int, _Span] = {}
+        for file, spans in by_file.items():
+            spans.sort(key=lambda s: s[0])
+            group: list[Read] = []
+            start = end = -1
+            for a, b, read in spans:
+                if group and a > end:
+                    span = _Span(self.directory.read(self.keys[file], start, end), start, end)
+                    handles.update((id(r), span) for r in group)
+                    group = []
+                if not group:
+                    start, end = a, b
+                group.append(read)
+                end = max(end, b)
+            span = _Span(self.directory.read(self.keys[file], start, end), start, end)
+            handles.update((id(r), span) for r in group)
+        return handles
+
+    def verified(self, read: Read, span: _Span, dtype: np.dtype) -> np.ndarray:
         """The rows of the read, as an array of the stored dtype (read-only view)."""
         shard = read.shard
-        key = self.keys[shard.file]
-        where = f"{join(self.directory.path, key)} (leaf {self.names[id(shard)]!r})"
-        a, b = _span(read, self.chunk)
-        try:
-            result = future.result()
-        except Exception as e:  # tensorstore reports a short file as an out-of-range read
-            raise CorruptCheckpointError(
-                f"{where}: cannot read bytes {shard.offset + a}..{shard.offset + b}: {e}"
-            ) from e
-        if result.state != "value":
-            raise CorruptCheckpointError(f"{where}: the data file is missing")
-        data = np.frombuffer(result.value, dtype=np.uint8)
+        where = f"{join(self.directory.path, self.keys[shard.file])} (leaf {self.names[id(shard)]!r})"
+        a, b = self._absolute_span(read)
+        data = span.bytes(where)[a - span.start : b - span.start]
         if data.size != b - a:
             raise CorruptCheckpointError(
-                f"{where}: expected {b - a} bytes at offset {shard.offset + a}, found {data.size} "
-                "(the file is truncated)"
+                f"{where}: expected {b - a} bytes at offset {a}, found {data.size} (the file is truncated)"
             )
-        for j in range(a // self.chunk, -(-b // self.chunk)):
-            lo = j * self.chunk - a
+        rel_a = a - shard.offset
+        for j in range(rel_a // self.chunk, -(-(b - shard.offset) // self.chunk)):
+            lo = j * self.chunk - rel_a
             piece = data[lo : min(lo + self.chunk, data.size)]
             if google_crc32c.value(piece) != shard.crc32c[j]:
                 raise CorruptCheckpointError(
-                    f"{where}: crc32c mismatch in bytes {shard.offset + a + lo}..{shard.offset + a + lo + piece.size}"
-                    " (the data is corrupt)"
+                    f"{where}: crc32c mismatch in bytes {a + lo}..{a + lo + piece.size} (the data is corrupt)"
                 )
         rel0 = read.row_start * read.row_bytes
-        rows = data[rel0 - a : rel0 - a + read.nbytes]
+        rows = data[rel0 - rel_a : rel0 - rel_a + read.nbytes]
         return rows.view(dtype.newbyteorder("<")).reshape(read.rows_shape)
+
+
+class _Span:
+    """One ranged read of a data file, resolved once into a uint8 array."""
+
+    def __init__(self, future: Any, start: int, end: int):
+        self.future, self.start, self.end = future, start, end
+        self._data: np.ndarray | None = None
+
+    def bytes(self, where: str) -> np.ndarray:
+        if self._data is None:
+            try:
+                result = self.future.result()
+            except Exception as e:  # tensorstore reports a short file as an out-of-range read
+                raise CorruptCheckpointError(f"{where}: cannot read bytes {self.start}..{self.end}: {e}") from e
+            if result.state != "value":
+                raise CorruptCheckpointError(f"{where}: the data file is missing")
+            self._data = np.frombuffer(result.value, dtype=np.uint8)
+        return self._data
 
 
 @partial(jax.jit, donate_argnums=0)
@@ -162,7 +199,11 @@ def restore_leaves(
         budget = max(budget or 0, MIN_SEQUENTIAL_BYTES)
         max_read = max(1, budget // 4)
     else:
-        budget = budget or DEFAULT_INFLIGHT_BYTES
+        # A batch's host buffers live until jax has copied them to the devices, while
+        # the next batch is already being read: two batches overlap. A quarter of the
+        # bytes being restored per batch keeps transient memory near half of them.
+        restored = sum(math.prod(r.shape) * r.dtype.itemsize for r in requests)
+        budget = budget or min(DEFAULT_INFLIGHT_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
         max_read = None
     names = {id(s): req.entry.name for req in requests for s in req.entry.shards}
     fetcher = _Fetcher(directory, base, index, names)
@@ -223,14 +264,14 @@ def _batches(
         yield batch
 
 
-def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, futures: dict[int, Any]) -> np.ndarray:
+def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int, _Span]) -> np.ndarray:
     dtype = req.entry.dtype
     if len(unit.reads) == 1 and unit.reads[0].fills_target:
         read = unit.reads[0]
-        return fetcher.verified(read, futures[id(read)], dtype)
+        return fetcher.verified(read, spans[id(read)], dtype)
     out = np.empty(box_shape(unit.box), dtype=dtype)
     for read in unit.reads:
-        out[read.dst] = fetcher.verified(read, futures[id(read)], dtype)[read.src]
+        out[read.dst] = fetcher.verified(read, spans[id(read)], dtype)[read.src]
     return out
 
 
@@ -241,13 +282,13 @@ def _run_batch(
     host_results: dict[int, np.ndarray],
     device_results: dict[int, dict[jax.Device, jax.Array]],
 ) -> None:
-    futures = {id(r): fetcher.issue(r) for unit in batch for r in unit.reads}
+    spans = fetcher.issue([r for unit in batch for r in unit.reads])
     arrays: list[np.ndarray] = []
     devices: list[jax.Device] = []
     owners: list[int] = []
     for unit in batch:
         req = requests[unit.request]
-        array = _assemble(unit, req, fetcher, futures)
+        array = _assemble(unit, req, fetcher, spans)
         if req.shape != req.entry.shape and req.box is None:
             array = array.reshape(req.shape)
         if req.dtype != req.entry.dtype:
@@ -275,7 +316,7 @@ def _stream_unit(
     ((targets, _),) = unit.placements
     buffers = {d: jnp.zeros(box_shape(unit.box), req.dtype, device=d) for d in targets}
     for read in unit.reads:
-        rows = fetcher.verified(read, fetcher.issue(read), req.entry.dtype)[read.src]
+        rows = fetcher.verified(read, fetcher.issue([read])[id(read)], req.entry.dtype)[read.src]
         block = np.ascontiguousarray(rows, dtype=req.dtype)
         starts = tuple(np.int32(s.start or 0) for s in read.dst)
         for d in targets:
