@@ -32,6 +32,9 @@ from ._plan import Box, Read, box_shape, full_box, plan_reads, unique_target_box
 from ._storage import Directory, join, open_prefix
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
+# One ranged read covers at most this many bytes: small enough that the allocator
+# reuses the memory of earlier reads instead of mapping (and faulting in) new pages.
+MAX_SPAN_BYTES = 16 << 20
 DEFAULT_INFLIGHT_BYTES = 1 << 30  # the most host bytes a default restore holds at once
 MIN_SEQUENTIAL_BYTES = 32 << 20
 
@@ -125,7 +128,7 @@ class _Fetcher:
             group: list[Read] = []
             start = end = -1
             for a, b, read in spans:
-                if group and a > end:
+                if group and (a > end or max(end, b) - start > MAX_SPAN_BYTES):
                     span = _Span(self.directory.read(self.keys[file], start, end), start, end)
                     handles.update((id(r), span) for r in group)
                     group = []
@@ -172,7 +175,9 @@ class _Span:
             try:
                 result = self.future.result()
             except Exception as e:  # tensorstore reports a short file as an out-of-range read
-                raise CorruptCheckpointError(f"{where}: cannot read bytes {self.start}..{self.end}: {e}") from e
+                raise CorruptCheckpointError(
+                    f"{where}: cannot read bytes {self.start}..{self.end}: {e}"
+                ) from e
             if result.state != "value":
                 raise CorruptCheckpointError(f"{where}: the data file is missing")
             self._data = np.frombuffer(result.value, dtype=np.uint8)
@@ -264,12 +269,31 @@ def _batches(
         yield batch
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """np.empty, 64-byte aligned: jax places such a buffer on a CPU device without copying it."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _on_cpu(req: LeafRequest) -> bool:
+    return req.sharding is not None and next(iter(req.sharding.device_set)).platform == "cpu"
+
+
 def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int, _Span]) -> np.ndarray:
     dtype = req.entry.dtype
     if len(unit.reads) == 1 and unit.reads[0].fills_target:
         read = unit.reads[0]
-        return fetcher.verified(read, spans[id(read)], dtype)
-    out = np.empty(box_shape(unit.box), dtype=dtype)
+        rows = fetcher.verified(read, spans[id(read)], dtype)
+        if not _on_cpu(req):
+            return rows  # the host-to-device copy is the only one needed
+        # On CPU, one copy into an aligned buffer that becomes the device buffer is
+        # cheaper than letting jax copy into freshly allocated device memory.
+        out = aligned_empty(rows.shape, dtype)
+        np.copyto(out, rows)
+        return out
+    out = aligned_empty(box_shape(unit.box), dtype)
     for read in unit.reads:
         out[read.dst] = fetcher.verified(read, spans[id(read)], dtype)[read.src]
     return out
