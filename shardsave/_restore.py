@@ -278,7 +278,8 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 def _on_cpu(req: LeafRequest) -> bool:
-    return req.sharding is not None and next(iter(req.sharding.device_set)).platform == "cpu"
+    devices: Any = req.sharding.device_set if req.sharding is not None else ()
+    return any(d.platform == "cpu" for d in devices)
 
 
 def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int, _Span]) -> np.ndarray:
