@@ -27,16 +27,16 @@ from ._restore import LeafRequest, open_checkpoint, restore_leaves
 from ._stage import StagingBuffer, stage
 from ._state import (
     Retention,
-    delete_checkpoint,
     read_state,
     remove_uncommitted,
+    unrecorded_commits,
     write_state,
 )
 from ._storage import Directory, join, open_prefix, split_prefix
 from .errors import (
     CheckpointExistsError,
+    SaveFailedError,
     ShardingMismatchError,
-    ShardsaveError,
     StructureMismatchError,
 )
 
@@ -238,6 +238,7 @@ class Saver:
         else:
             step = None
         directory, base = open_prefix(prefix)
+        stem = split_prefix(os.fspath(save_path))[1]
         index_key = _format.index_key(base)
         if directory.exists(index_key):
             if not overwrite:
@@ -259,13 +260,16 @@ class Saver:
 
         def commit() -> None:
             started = time.perf_counter()
-            self._commit(directory, base, plan, staged, structure, step, timestamp)
+            self._commit(directory, base, stem, plan, staged, structure, step, timestamp)
             self._last_save = replace(info, commit_seconds=time.perf_counter() - started)
 
         if self.async_save:
             self._commits.submit(commit, prefix)
         else:
-            commit()
+            try:
+                commit()
+            except Exception as e:
+                raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         return prefix
 
     def wait_until_finished(self) -> None:
@@ -300,6 +304,7 @@ class Saver:
         self,
         directory: Directory,
         base: str,
+        stem: str,
         plan: SavePlan,
         staged: dict[int, bytes],
         structure: Any,
@@ -321,7 +326,7 @@ class Saver:
                 with contextlib.suppress(Exception):  # the original error matters more
                     future.result()
             raise
-        self._after_commit(directory, base, timestamp)
+        self._after_commit(directory, base, stem, timestamp)
 
     @staticmethod
     def _index(
@@ -352,48 +357,46 @@ class Saver:
         files = tuple(DataFile(f.nbytes, f.device_id, f.process_index) for f in plan.files)
         return Index(step, timestamp, chunk, files, structure, leaves)
 
-    def _after_commit(self, directory: Directory, base: str, timestamp: float) -> None:
-        retention = self._retention_for(directory)
+    def _after_commit(self, directory: Directory, base: str, stem: str, timestamp: float) -> None:
+        retention = self._retention_for(directory, stem)
         doomed = retention.add(base, timestamp)
-        state = retention.state()
+        # Uncommit the doomed checkpoints (their index goes first), then stop naming
+        # them, then remove every data file left without an index. A kill anywhere in
+        # between leaves either a named-but-uncommitted checkpoint, which readers skip,
+        # or index-less data, which the next commit removes: never an unnamed commit.
+        for future in [directory.delete(_format.index_key(old)) for old in doomed]:
+            future.result()
+        absolute = None
         if not self.save_relative_paths:
-            state = type(state)(
-                model_checkpoint_path=join(
-                    os.path.abspath(directory.path) if directory.is_local else directory.path,
-                    state.model_checkpoint_path,
-                ),
-                all_model_checkpoint_paths=tuple(
-                    join(os.path.abspath(directory.path) if directory.is_local else directory.path, p)
-                    for p in state.all_model_checkpoint_paths
-                ),
-                all_model_checkpoint_timestamps=state.all_model_checkpoint_timestamps,
-                last_preserved_timestamp=state.last_preserved_timestamp,
-            )
-        # The state file stops naming a checkpoint before its files go.
-        write_state(directory, state)
-        keys = directory.list()
-        for old in doomed:
-            delete_checkpoint(directory, old, keys)
-        remove_uncommitted(directory, keep=set())
+            absolute = os.path.abspath(directory.path) if directory.is_local else directory.path
+        write_state(directory, retention.state(absolute))
+        remove_uncommitted(directory, stem)
         self._last_directory = directory.path
 
-    def _retention_for(self, directory: Directory) -> Retention:
+    def _retention_for(self, directory: Directory, stem: str) -> Retention:
         retention = self._retention.get(directory.path)
         if retention is not None:
             return retention
         interval = self.keep_checkpoint_every_n_hours * 3600
         state = read_state(directory)
         if state is None:
+            # Commits of this save path whose process died before the first state file.
             retention = Retention(
-                self.max_to_keep, self.keep_checkpoint_every_n_hours, self._created + interval
+                self.max_to_keep,
+                self.keep_checkpoint_every_n_hours,
+                self._created + interval,
+                unrecorded_commits(directory, [], stem),
             )
         else:
             # A new Saver over an existing directory continues its retention.
+            # Only plain names inside this directory: a hostile state file must not steer
+            # deletion elsewhere ("../x", "", ".." never match a key listed here anyway).
             kept = [
-                (split_prefix(p)[1], t)
+                (base, t)
                 for p, t in zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)
+                if (base := split_prefix(p)[1]) not in ("", ".", "..") and "\0" not in base
             ]
-            kept += _unrecorded_commits(directory, kept)
+            kept += unrecorded_commits(directory, kept, stem)
             retention = Retention(
                 self.max_to_keep,
                 self.keep_checkpoint_every_n_hours,
@@ -451,34 +454,6 @@ class Saver:
             requests, finish = _requests_for_target(index, target, reshape, cast, save_path)
         values = restore_leaves(directory, base, index, requests, budget=budget, sequential=sequential)
         return finish(values)
-
-
-def _unrecorded_commits(directory: Directory, kept: list[tuple[str, float]]) -> list[tuple[str, float]]:
-    """Checkpoints committed after the state file was last written.
-
-    A process killed between writing a checkpoint's index and updating the state
-    file leaves a committed checkpoint the state file does not name. Adopting it
-    (only when newer than every recorded one, so checkpoints preserved by
-    keep_checkpoint_every_n_hours are never touched) lets retention delete it in
-    due course instead of leaking it.
-    """
-    newest = max((t for _, t in kept), default=float("-inf"))
-    recorded = {b for b, _ in kept}
-    found = []
-    for key in directory.list():
-        if not key.endswith(_format.INDEX_SUFFIX):
-            continue
-        base = key[: -len(_format.INDEX_SUFFIX)]
-        if base in recorded:
-            continue
-        raw = directory.read_all(key)
-        try:
-            created = _format.decode_index(raw or b"", key).created
-        except ShardsaveError:
-            continue  # not ours to judge, and never ours to delete
-        if created > newest:
-            found.append((base, created))
-    return sorted(found, key=lambda bt: bt[1])
 
 
 def _devices_by_id() -> dict[int, jax.Device]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from . import _format
 from ._storage import Directory, join, split_prefix
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, ShardsaveError
 
 STATE_FILENAME = "checkpoint"
 
@@ -114,8 +115,41 @@ def is_committed(prefix: str) -> bool:
     return bool(base) and Directory(directory).exists(_format.index_key(base))
 
 
+def unrecorded_commits(
+    directory: Directory, kept: list[tuple[str, float]], stem: str | None = None
+) -> list[tuple[str, float]]:
+    """Checkpoints committed after the state file was last written, oldest first.
+
+    A process killed between writing a checkpoint's index and updating the state
+    file (or writing the first one) leaves a committed checkpoint that the state
+    file does not name. Only those newer than every recorded one count, so a
+    checkpoint that keep_checkpoint_every_n_hours preserved (and the state file
+    dropped) never does; with stem, only checkpoints named stem or stem-STEP.
+    """
+    newest = max((t for _, t in kept), default=float("-inf"))
+    recorded = {b for b, _ in kept}
+    named = re.compile(rf"{re.escape(stem)}(-\d+)?") if stem is not None else None
+    found = []
+    for key in directory.list():
+        if not key.endswith(_format.INDEX_SUFFIX) or key[: -len(_format.INDEX_SUFFIX)] in recorded:
+            continue
+        if named is not None and not named.fullmatch(key[: -len(_format.INDEX_SUFFIX)]):
+            continue
+        try:
+            created = _format.decode_index(directory.read_all(key) or b"", key).created
+        except ShardsaveError:
+            continue  # not ours to judge, and never ours to delete
+        if created > newest:
+            found.append((key[: -len(_format.INDEX_SUFFIX)], created))
+    return sorted(found, key=lambda bt: bt[1])
+
+
 def latest_checkpoint(checkpoint_dir: str) -> str | None:
     """The prefix of the newest committed checkpoint the state file names.
+
+    A checkpoint committed after the state file's last update (its saving process
+    died in between) is newer than anything the state file names, and is returned
+    instead, so a restarted job neither loses it nor collides with its name.
 
     Args:
       checkpoint_dir: the directory holding the checkpoints (a path or URL).
@@ -131,6 +165,14 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
     state = get_checkpoint_state(checkpoint_dir)
     if state is None:
         return None
+    directory = Directory(os.fspath(checkpoint_dir))
+    kept = [
+        (split_prefix(p)[1], t)
+        for p, t in zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)
+    ]
+    missed = unrecorded_commits(directory, kept)
+    if missed:
+        return join(directory.path, missed[-1][0])
     # Newest first; the index is the commit marker, so never name a prefix without it.
     candidates = [state.model_checkpoint_path, *reversed(state.all_model_checkpoint_paths)]
     for path in candidates:
@@ -168,37 +210,35 @@ class Retention:
             doomed.append(base_out)
         return doomed
 
-    def state(self) -> CheckpointState:
-        newest = self.kept[-1][0] if self.kept else ""
+    def state(self, absolute_directory: str | None = None) -> CheckpointState:
+        """The state file's contents; paths relative unless absolute_directory is given."""
+
+        def path(base: str) -> str:
+            return base if absolute_directory is None else join(absolute_directory, base)
+
+        newest = path(self.kept[-1][0]) if self.kept else ""
         return CheckpointState(
             model_checkpoint_path=newest,
-            all_model_checkpoint_paths=tuple(b for b, _ in self.kept),
+            all_model_checkpoint_paths=tuple(path(b) for b, _ in self.kept),
             all_model_checkpoint_timestamps=tuple(t for _, t in self.kept),
             last_preserved_timestamp=self.next_preserve_time - self.keep_every_n_hours * 3600,
         )
 
 
-def delete_checkpoint(directory: Directory, base: str, keys: list[str] | None = None) -> None:
-    """Deletes a checkpoint: its index first (it is then uncommitted), then its data."""
-    keys = directory.list() if keys is None else keys
-    directory.delete(_format.index_key(base)).result()
-    doomed = [k for k in keys if (p := _format.parse_data_key(k)) is not None and p[0] == base]
-    for future in [directory.delete(k) for k in doomed]:
-        future.result()
+def remove_uncommitted(directory: Directory, stem: str) -> list[str]:
+    """Deletes the data files of checkpoints named stem[-STEP] that have no index.
 
-
-def remove_uncommitted(directory: Directory, keep: set[str]) -> list[str]:
-    """Deletes data files whose checkpoint has no index (leftovers of failed saves).
-
-    keep: base names that must not be touched (a save in progress).
+    They are leftovers of saves that failed or were killed, and of deletions cut
+    short. Other names are left alone: another Saver may be writing them now.
     """
     keys = directory.list()
     present = set(keys)
+    named = re.compile(rf"{re.escape(stem)}(-\d+)?")
     doomed = [
         k
         for k in keys
         if (p := _format.parse_data_key(k)) is not None
-        and p[0] not in keep
+        and named.fullmatch(p[0])
         and _format.index_key(p[0]) not in present
     ]
     for future in [directory.delete(k) for k in doomed]:

@@ -135,8 +135,9 @@ def test_sync_failure_leaves_state_and_old_checkpoints(tmp_path, monkeypatch):
     state_before = (tmp_path / "checkpoint").read_bytes()
     gate = _GatedWrites(monkeypatch, fail=OSError(28, "No space left on device"))
     gate.release.set()
-    with pytest.raises(OSError):
+    with pytest.raises(SaveFailedError, match="m-2") as info:
         saver.save({"a": np.ones(3)}, str(tmp_path / "m"), global_step=2)
+    assert isinstance(info.value.__cause__, OSError)
     assert (tmp_path / "checkpoint").read_bytes() == state_before
     assert os.path.exists(tmp_path / "m-1.index") and shardsave.latest_checkpoint(str(tmp_path)) == good
 

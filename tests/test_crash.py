@@ -1,0 +1,255 @@
+"""Faults done for real: SIGKILL at every phase of an async save, a full disk, hostile names.
+
+The SIGKILL loop runs 20 kills by default; SHARDSAVE_KILLS=500 runs more (the extra
+ones at random moments), e.g.:  SHARDSAVE_KILLS=500 pytest tests/test_crash.py -k sigkill
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shardsave
+from shardsave import _format, _storage
+from shardsave.errors import SaveFailedError
+
+CHILD = r"""
+import os, sys, time
+import jax, jax.numpy as jnp, numpy as np, shardsave
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import shardsave._saver as saver_module
+from shardsave import _storage
+
+directory, pause_at = sys.argv[1], sys.argv[2]
+counts = {}
+
+def mark(phase):
+    counts[phase] = counts.get(phase, 0) + 1
+    print(f"phase {phase} {counts[phase]}", flush=True)
+    if pause_at == f"{phase}:{counts[phase]}":
+        print("paused", flush=True)
+        time.sleep(120)
+
+write, delete, stage = _storage.Directory.write, _storage.Directory.delete, saver_module.stage
+def marked_write(self, key, data):
+    mark("index" if key.endswith(".index") else "state" if key == "checkpoint" else "data")
+    return write(self, key, data)
+def marked_delete(self, key):
+    mark("delete")
+    return delete(self, key)
+def marked_stage(*args):
+    mark("stage")
+    return stage(*args)
+_storage.Directory.write, _storage.Directory.delete = marked_write, marked_delete
+saver_module.stage = marked_stage
+
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+latest = shardsave.latest_checkpoint(directory)
+step = int(latest.rsplit("-", 1)[1]) + 1 if latest else 1
+saver = shardsave.Saver(max_to_keep=3)
+print("ready", flush=True)
+while True:
+    tree = {
+        "sharded": jax.device_put(jnp.full((256, 1024), step, jnp.float32), NamedSharding(mesh, P("data", "model"))),
+        "replicated": jax.device_put(jnp.full((128, 256), step, jnp.int32), NamedSharding(mesh, P())),
+        "host": np.full(1000, step, np.int64),
+        "step": step,
+    }
+    saver.save(tree, f"{directory}/model", global_step=step)
+    step += 1
+"""
+
+PHASES = ["stage", "data", "index", "state", "delete"]
+
+
+def _committed(directory: Path) -> dict[str, int]:
+    return {p.name[: -len(".index")]: int(p.name[:-6].rsplit("-", 1)[1]) for p in directory.glob("*.index")}
+
+
+def _check_latest_restores(directory: Path) -> int | None:
+    state = shardsave.get_checkpoint_state(str(directory))  # parses, or raises
+    latest = shardsave.latest_checkpoint(str(directory))
+    if latest is None:
+        assert state is None or not _committed(directory)
+        return None
+    step = int(latest.rsplit("-", 1)[1])
+    restored = shardsave.Saver().restore(latest)
+    assert restored["step"] == step
+    assert np.all(np.asarray(restored["sharded"]) == step)
+    assert np.all(np.asarray(restored["replicated"]) == step)
+    assert np.all(restored["host"] == step)
+    return step
+
+
+def _kill_once(directory: Path, pause_at: str, delay: float | None) -> list[str]:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(directory), pause_at], stdout=subprocess.PIPE, text=True, env=env
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.strip()) for line in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                assert proc.poll() is None, f"the saving child died by itself: {seen[-5:]}"
+                continue
+            seen.append(line)
+            if delay is not None and line == "ready":
+                time.sleep(delay)
+                break
+            if line == "paused":
+                break
+        else:
+            raise AssertionError(f"the child never reached {pause_at or 'ready'}: {seen[-5:]}")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    return seen
+
+
+def test_sigkill_at_every_phase_of_async_saves(tmp_path):
+    kills = int(os.environ.get("SHARDSAVE_KILLS", "20"))
+    rng = random.Random(1234)
+    # Half the kills pause the child inside a chosen phase (each phase at least twice),
+    # the rest land at random moments.
+    plan = [(f"{phase}:{n}", None) for n in (1, 3) for phase in PHASES]
+    plan += [("", rng.uniform(0.0, 0.6)) for _ in range(kills - len(plan))]
+    rng.shuffle(plan)
+    directory = tmp_path / "ckpt"
+    phases_hit = set()
+    committed_before = _committed(directory)
+    for pause_at, delay in plan:
+        seen = _kill_once(directory, pause_at, delay)
+        last_phase = next((line.split()[1] for line in reversed(seen) if line.startswith("phase")), "start")
+        phases_hit.add(last_phase)
+        _check_latest_restores(directory)
+        committed_now = _committed(directory)
+        # A committed checkpoint disappears only through retention: three newer ones exist.
+        for gone, step in committed_before.items():
+            if gone not in committed_now:
+                assert sum(s > step for s in committed_now.values()) >= 3, (gone, committed_now)
+        committed_before = committed_now
+    assert set(PHASES) <= phases_hit
+
+    # A new Saver continues here; its first commit cleans up what the kills left.
+    latest_step = _check_latest_restores(directory) or 0
+    saver = shardsave.Saver(max_to_keep=3, async_save=False)
+    tree = shardsave.Saver().restore(shardsave.latest_checkpoint(str(directory)))
+    tree["step"] = latest_step + 1
+    saver.save(tree, str(directory / "model"), global_step=latest_step + 1)
+    leftovers = [
+        p.name
+        for p in directory.iterdir()
+        if (parsed := _format.parse_data_key(p.name)) and not (directory / f"{parsed[0]}.index").exists()
+    ]
+    assert leftovers == []
+    assert len(_committed(directory)) == 3
+    for name in _committed(directory):
+        assert shardsave.Saver().restore(str(directory / name))["step"] == int(name.rsplit("-", 1)[1])
+
+
+def _full_disk_checks(
+    directory: Path, saver: shardsave.Saver, big: dict, small: dict, async_save: bool
+) -> None:
+    good = saver.save(small, str(directory / "m"), global_step=1)
+    saver.wait_until_finished()
+    state_before = (directory / "checkpoint").read_bytes()
+    files_before = sorted(p.name for p in directory.iterdir())
+    if async_save:
+        saver.save(big, str(directory / "m"), global_step=2)
+        with pytest.raises(SaveFailedError, match="m-2") as info:
+            saver.wait_until_finished()
+    else:
+        with pytest.raises(SaveFailedError, match="m-2") as info:
+            saver.save(big, str(directory / "m"), global_step=2)
+    assert (
+        "No space left" in str(info.value) or "ENOSPC" in str(info.value) or info.value.__cause__ is not None
+    )
+    assert (directory / "checkpoint").read_bytes() == state_before
+    assert sorted(p.name for p in directory.iterdir() if not p.name.endswith(".__lock")) == files_before
+    assert shardsave.latest_checkpoint(str(directory)) == good
+    np.testing.assert_array_equal(saver.restore(good)["w"], small["w"])
+
+
+def _can_mount() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and sys.platform.startswith("linux")
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_on_a_small_tmpfs(tmp_path, async_save):
+    if not _can_mount():
+        pytest.skip("mounting a tmpfs needs root; test_full_disk_injected covers the same checks")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(
+            f"mount refused here ({result.stderr.decode().strip()}); test_full_disk_injected covers it"
+        )
+    try:
+        saver = shardsave.Saver(max_to_keep=1, async_save=async_save)
+        big = {"w": np.ones((1024, 1024), np.float32)}  # 4 MiB: cannot fit
+        small = {"w": np.arange(1000, dtype=np.float32)}
+        _full_disk_checks(mount, saver, big, small, async_save)
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_full_disk_injected(tmp_path, monkeypatch, async_save):
+    """The storage layer fails writes with ENOSPC once 64 KiB have been written."""
+    budget = [64 << 10]
+    original = _storage.Directory.write
+
+    def write(directory, key, data):
+        budget[0] -= len(data)
+        if budget[0] < 0:
+            raise OSError(28, "No space left on device", key)
+        return original(directory, key, data)
+
+    monkeypatch.setattr(_storage.Directory, "write", write)
+    saver = shardsave.Saver(max_to_keep=1, async_save=async_save)
+    _full_disk_checks(
+        tmp_path, saver, {"w": np.ones(1 << 16, np.float32)}, {"w": np.arange(10.0)}, async_save
+    )
+
+
+def test_hostile_state_file_cannot_steer_deletion(tmp_path):
+    victim = tmp_path / "victim.index"
+    victim.write_text("keep me")
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (directory / "checkpoint").write_text(
+        json.dumps(
+            {
+                "model_checkpoint_path": "../victim",
+                "all_model_checkpoint_paths": ["../victim", str(tmp_path / "victim"), "..", "a\u0000b"],
+                "all_model_checkpoint_timestamps": [1.0, 2.0, 3.0, 4.0],
+                "last_preserved_timestamp": time.time(),
+            }
+        )
+    )
+    saver = shardsave.Saver(max_to_keep=1, async_save=False)
+    for step in range(3):
+        saver.save({"a": np.ones(2)}, str(directory / "m"), global_step=step)
+    assert victim.read_text() == "keep me"
+    assert sorted(p.name for p in directory.iterdir()) == sorted(
+        ["checkpoint", "m-2.index", *(f"m-2.data-{k:05d}-of-00001" for k in range(1))]
+    )
