@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py                      # configs/bench.yaml, profile "default"
     python benchmarks/bench.py --profile full       # every size and leaf count
+    python benchmarks/bench.py --profile quick      # two tmpfs cases, a few minutes
     python benchmarks/bench.py --profile tiny       # seconds; what the tests run
 
 Every case builds one pytree (mixed shardings on a 2x4 mesh of 8 simulated CPU
@@ -438,8 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict[str, Any]] = []
     cases = [
         {"storage": storage, "bytes": size * MIB, "leaves": leaves}
-        for storage in config["storage"]
-        for size, leaves in config["cases"]
+        for storage, size, leaves in config["cases"]
     ]
     for i, case in enumerate(cases, 1):
         print(
