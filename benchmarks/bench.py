@@ -93,6 +93,16 @@ class Sampler:
         return seconds, max(0, peak[0] - after), result
 
 
+def meshes() -> tuple[Mesh, Mesh]:
+    """The saving mesh and the resharding target: 2x4 and 4x2 on 8 devices (1xN and Nx1 on fewer)."""
+    devices = jax.devices()
+    if len(devices) >= 8:
+        grid = np.array(devices[:8])
+        return Mesh(grid.reshape(2, 4), ("data", "model")), Mesh(grid.reshape(4, 2), ("data", "model"))
+    grid = np.array(devices)
+    return Mesh(grid.reshape(1, -1), ("data", "model")), Mesh(grid.reshape(-1, 1), ("data", "model"))
+
+
 def build_tree(total_bytes: int, leaves: int, mesh: Mesh) -> dict[str, jax.Array]:
     per_leaf = total_bytes // leaves
     cols = 256 if per_leaf >= 256 * 4 * 8 else 8
@@ -208,9 +218,7 @@ def _ready(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 def run_case(
     case: dict[str, Any], config: dict[str, Any], root: Path, sampler: Sampler
 ) -> list[dict[str, Any]]:
-    devices = np.array(jax.devices()[:8])
-    mesh = Mesh(devices.reshape(2, 4), ("data", "model"))
-    other = Mesh(devices.reshape(4, 2), ("data", "model"))
+    mesh, other = meshes()
     tree = build_tree(case["bytes"], case["leaves"], mesh)
     same, resharded = abstract(tree, None), abstract(tree, other)
     durable = case["storage"] == "disk"
@@ -302,8 +310,7 @@ def first_save(case: dict[str, Any], root: Path) -> dict[str, float]:
 import os, sys, time, json
 sys.path.insert(0, {str(REPO / "benchmarks")!r})
 import bench, jax, numpy as np, shardsave
-from jax.sharding import Mesh
-mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+mesh, _ = bench.meshes()
 tree = bench.build_tree({case["bytes"]}, {case["leaves"]}, mesh)
 saver = shardsave.Saver(max_to_keep=1)
 times = []
@@ -364,7 +371,8 @@ def ratios(rows: list[dict[str, Any]]) -> None:
         r["transient_x_bytes"] = r["median_transient_bytes"] / r["bytes"]
 
 
-def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> list[str]:
+def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
+    """The table's lines, also printed to out when given."""
     lines = [
         f"{'storage':7} {'size':>8} {'leaves':>6} {'op':18} {'tool':15} {'median s':>9} {'[min-max]':>17} "
         f"{'x limit':>8} {'x orbax':>8} {'x nocomp':>8} {'transient':>10}"
@@ -384,8 +392,9 @@ def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> list[str]:
             f"{r['median_s']:>9.3f} {spread:>17} {fmt(r['x_limit']):>8} "
             f"{fmt(r['x_orbax']):>8} {fmt(r['x_orbax-nocomp']):>8} {r['median_transient_bytes'] / MIB:>7.0f}MiB"
         )
-    for line in lines:
-        print(line, file=out)
+    if out is not None:
+        for line in lines:
+            print(line, file=out)
     return lines
 
 
@@ -441,21 +450,6 @@ def main(argv: list[str] | None = None) -> int:
         {"storage": storage, "bytes": size * MIB, "leaves": leaves}
         for storage, size, leaves in config["cases"]
     ]
-    for i, case in enumerate(cases, 1):
-        print(
-            f"[{i}/{len(cases)}] {case['storage']} {case['bytes'] // MIB} MiB, {case['leaves']} leaves",
-            file=sys.stderr,
-        )
-        records += run_case(case, config, roots[case["storage"]], sampler)
-    rows = summarize(records)
-    ratios(rows)
-    first = first_save(cases[0], roots[cases[0]["storage"]]) if config.get("first_save", True) else None
-    lines = print_table(rows)
-    if first:
-        print(
-            f"first save of a process (blocking): {first['first']:.3f} s, later saves: {first['later']:.3f} s "
-            f"({first['first'] / first['later']:.1f}x), {cases[0]['bytes'] // MIB} MiB, {cases[0]['leaves']} leaves"
-        )
     machine = {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
@@ -464,10 +458,31 @@ def main(argv: list[str] | None = None) -> int:
         "jax": jax.__version__,
         "profile": args.profile,
     }
-    (out / "bench.json").write_text(
-        json.dumps({"machine": machine, "rows": rows, "first_save": first, "records": records}, indent=1)
-    )
-    (out / "table.txt").write_text("\n".join(lines) + "\n")
+    first = None
+    for i, case in enumerate(cases, 1):
+        print(
+            f"[{i}/{len(cases)}] {case['storage']} {case['bytes'] // MIB} MiB, {case['leaves']} leaves",
+            file=sys.stderr,
+        )
+        records += run_case(case, config, roots[case["storage"]], sampler)
+        if i == 1 and config.get("first_save", True):
+            first = first_save(case, roots[case["storage"]])
+        # Written after every case, so a run cut short still leaves its results.
+        rows = summarize(records)
+        ratios(rows)
+        lines = print_table(rows, out=sys.stdout if i == len(cases) else None)
+        (out / "bench.json").write_text(
+            json.dumps({"machine": machine, "rows": rows, "first_save": first, "records": records}, indent=1)
+        )
+        (out / "table.txt").write_text("\n".join(lines) + "\n")
+    if first:
+        line = (
+            f"first save of a process (blocking): {first['first']:.3f} s, later saves: {first['later']:.3f} s "
+            f"({first['first'] / first['later']:.1f}x), {cases[0]['bytes'] // MIB} MiB, {cases[0]['leaves']} leaves"
+        )
+        print(line)
+        with open(out / "table.txt", "a") as f:
+            f.write(line + "\n")
     chart(rows, out / "bench.png")
     print(f"wrote {out / 'bench.json'}, {out / 'table.txt'}, {out / 'bench.png'}", file=sys.stderr)
     return 0

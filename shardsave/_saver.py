@@ -21,6 +21,7 @@ import numpy as np
 
 from . import _format, _tree
 from ._commit import BackgroundCommits
+from ._distributed import Coordinator, decode_reports, encode_report
 from ._format import DataFile, Index, LeafEntry, StoredShard
 from ._plan import SavePlan, plan_save
 from ._restore import LeafRequest, open_checkpoint, restore_leaves
@@ -41,6 +42,23 @@ from .errors import (
 )
 
 _PLAN_CACHE_SIZE = 8
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class _PendingSave:
+    """Everything the background half of one save needs."""
+
+    directory: Directory
+    base: str  # the checkpoint's name in its directory ("model-1000")
+    stem: str  # the save path's name ("model"): retention manages stem-STEP
+    prefix: str
+    plan: SavePlan
+    staged: dict[int, bytes]
+    structure: Any
+    step: int | None
+    timestamp: float
+    key: str | None  # the coordination key when several processes save together
 
 
 @dataclass(frozen=True)
@@ -124,6 +142,8 @@ class Saver:
         max_host_bytes.
       max_host_bytes: the host-memory budget of a restore (with
         restore_sequentially, at least 32 MiB); None uses 1 GiB of reads in flight.
+      timeout_s: with several processes (jax.distributed), how long a save waits for
+        the others before raising CoordinationTimeoutError.
       clock: the time source for timestamps and keep_checkpoint_every_n_hours.
 
     Example:
@@ -149,6 +169,7 @@ class Saver:
         reshape: bool = False,
         restore_sequentially: bool = False,
         max_host_bytes: int | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         clock: Callable[[], float] = time.time,
     ):
         if max_to_keep is not None and max_to_keep < 0:
@@ -172,6 +193,7 @@ class Saver:
         self._clock = clock
         self._created = clock()
         self._commits = BackgroundCommits()
+        self._coordinator = Coordinator(timeout_s)
         self._plans: dict[Any, SavePlan] = {}
         # Host buffers of the last plan saved, refilled by the next save of that plan.
         self._staging: tuple[SavePlan | None, dict[int, StagingBuffer]] = (None, {})
@@ -238,7 +260,11 @@ class Saver:
         else:
             step = None
         directory, base = open_prefix(prefix)
-        stem = split_prefix(os.fspath(save_path))[1]
+        key = self._coordinator.next_key() if self._coordinator.active else None
+        if key is not None and not self.sharded:
+            raise ValueError(
+                "sharded=False writes one file from one process; use sharded=True across processes"
+            )
         index_key = _format.index_key(base)
         if directory.exists(index_key):
             if not overwrite:
@@ -246,21 +272,34 @@ class Saver:
                     f"a committed checkpoint exists at {prefix!r}; pass overwrite=True to replace it"
                 )
             # Uncommit first: a crash while rewriting must not leave an index over mixed data.
-            directory.delete(index_key).result()
+            if self._coordinator.process_index == 0:
+                directory.delete(index_key).result()
+            if key is not None:
+                self._coordinator.barrier(f"{key}/uncommitted", f"overwriting {prefix}")
 
         specs = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
         plan = self._plan(specs)
         if self._staging[0] is not plan:
             self._staging = (plan, {})
         staged = stage(plan, leaves, jax.process_index(), self._staging[1])
-        structure = _tree.encode_structure(tree)
-        timestamp = self._clock()
+        pending = _PendingSave(
+            directory=directory,
+            base=base,
+            stem=split_prefix(os.fspath(save_path))[1],
+            prefix=prefix,
+            plan=plan,
+            staged=staged,
+            structure=_tree.encode_structure(tree),
+            step=step,
+            timestamp=self._clock(),
+            key=key,
+        )
         info = SaveInfo(prefix, sum(len(b) for b in staged.values()), time.perf_counter() - began)
         self._last_save = info
 
         def commit() -> None:
             started = time.perf_counter()
-            self._commit(directory, base, stem, plan, staged, structure, step, timestamp)
+            self._commit(pending)
             self._last_save = replace(info, commit_seconds=time.perf_counter() - started)
 
         if self.async_save:
@@ -300,42 +339,56 @@ class Saver:
             plan = self._plans[key] = plan_save(specs, self.sharded, jax.devices())
         return plan
 
-    def _commit(
-        self,
-        directory: Directory,
-        base: str,
-        stem: str,
-        plan: SavePlan,
-        staged: dict[int, bytes],
-        structure: Any,
-        step: int | None,
-        timestamp: float,
-    ) -> None:
-        n = len(plan.files)
+    def _commit(self, save: _PendingSave) -> None:
+        """Writes this process's data files, then commits (alone, or with the others)."""
+        directory, plan = save.directory, save.plan
         chunk = _format.CRC_CHUNK_BYTES
-        keys = {k: _format.data_key(base, k, n) for k in staged}
+        keys = {k: _format.data_key(save.base, k, len(plan.files)) for k in save.staged}
+        coordinator = self._coordinator
+        what = f"saving {save.prefix}"
         try:
-            writes = [directory.write(keys[k], data) for k, data in staged.items()]
-            crcs = {k: _checksums(data, plan.files[k], chunk) for k, data in staged.items()}
+            writes = [directory.write(keys[k], data) for k, data in save.staged.items()]
+            crcs = {k: _checksums(data, plan.files[k], chunk) for k, data in save.staged.items()}
             for w in writes:
                 w.result()
-            index = self._index(plan, crcs, structure, step, timestamp, chunk)
-            directory.write(_format.index_key(base), _format.encode_index(index)).result()
-        except BaseException:
+            if save.key is None:
+                index = self._index(plan, crcs, save, chunk)
+                directory.write(_format.index_key(save.base), _format.encode_index(index)).result()
+            else:
+                coordinator.publish(f"{save.key}/files/{coordinator.process_index}", encode_report(crcs))
+        except BaseException as e:
+            if save.key is not None:  # let process 0 fail fast instead of timing out
+                with contextlib.suppress(Exception):
+                    coordinator.publish(
+                        f"{save.key}/files/{coordinator.process_index}", encode_report(None, repr(e))
+                    )
             for future in [directory.delete(key) for key in keys.values()]:
                 with contextlib.suppress(Exception):  # the original error matters more
                     future.result()
             raise
-        self._after_commit(directory, base, stem, timestamp)
+        if save.key is None:
+            self._after_commit(save)
+        elif coordinator.process_index == 0:
+            try:
+                all_crcs = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
+                index = self._index(plan, all_crcs, save, chunk)
+                directory.write(_format.index_key(save.base), _format.encode_index(index)).result()
+                self._after_commit(save)
+            except BaseException as e:
+                with contextlib.suppress(Exception):
+                    coordinator.publish(f"{save.key}/done", f"{type(e).__name__}: {e}")
+                raise
+            coordinator.publish(f"{save.key}/done", "ok")
+        else:
+            outcome = coordinator.wait_for(f"{save.key}/done", what)
+            if outcome != "ok":
+                raise SaveFailedError(f"{what}: process 0 reported {outcome}")
+            self._retention_for(directory, save.stem).add(save.base, save.timestamp)
+            self._last_directory = directory.path
 
     @staticmethod
     def _index(
-        plan: SavePlan,
-        crcs: dict[int, list[tuple[int, ...]]],
-        structure: Any,
-        step: int | None,
-        timestamp: float,
-        chunk: int,
+        plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
     ) -> Index:
         shards: list[list[StoredShard]] = [[] for _ in plan.leaves]
         for k, f in enumerate(plan.files):
@@ -355,11 +408,12 @@ class Saver:
             for spec, s in zip(plan.leaves, shards)
         )
         files = tuple(DataFile(f.nbytes, f.device_id, f.process_index) for f in plan.files)
-        return Index(step, timestamp, chunk, files, structure, leaves)
+        return Index(save.step, save.timestamp, chunk, files, save.structure, leaves)
 
-    def _after_commit(self, directory: Directory, base: str, stem: str, timestamp: float) -> None:
-        retention = self._retention_for(directory, stem)
-        doomed = retention.add(base, timestamp)
+    def _after_commit(self, save: _PendingSave) -> None:
+        directory = save.directory
+        retention = self._retention_for(directory, save.stem)
+        doomed = retention.add(save.base, save.timestamp)
         # Uncommit the doomed checkpoints (their index goes first), then stop naming
         # them, then remove every data file left without an index. A kill anywhere in
         # between leaves either a named-but-uncommitted checkpoint, which readers skip,
@@ -370,7 +424,7 @@ class Saver:
         if not self.save_relative_paths:
             absolute = os.path.abspath(directory.path) if directory.is_local else directory.path
         write_state(directory, retention.state(absolute))
-        remove_uncommitted(directory, stem)
+        remove_uncommitted(directory, save.stem)
         self._last_directory = directory.path
 
     def _retention_for(self, directory: Directory, stem: str) -> Retention:

@@ -1,0 +1,244 @@
+"""Several processes on jax.distributed (loopback, CPU devices, gloo collectives)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from conftest import run_python
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import shardsave
+
+DISTRIBUTED = """
+import os
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(
+    coordinator_address="127.0.0.1:{port}", num_processes={n}, process_id=int(os.environ["PID"]),
+    heartbeat_timeout_seconds=60, shutdown_timeout_seconds=10,
+)
+"""
+
+COMMON = """
+import json, os, sys, time
+import numpy as np
+import jax
+import shardsave
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+pid = jax.process_index()
+DIR = {directory!r}
+
+def global_array(value, sharding):
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+def check(array, value):
+    for shard in array.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
+
+VALUES = {{
+    "w": np.arange(32 * 16, dtype=np.float32).reshape(32, 16),
+    "r": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8),
+    "h": np.arange(5, dtype=np.int64),
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def program(body: str, directory: Path, n: int | None = None) -> str:
+    """The code of one process: jax.distributed over n processes (or none), helpers, body."""
+    init = DISTRIBUTED.format(port=_free_port(), n=n) if n else ""
+    return init + COMMON.format(directory=str(directory)) + textwrap.dedent(body)
+
+
+def run_processes(n: int, devices: int, body: str, directory: Path, timeout: float = 180) -> list[dict]:
+    """Starts n processes of `devices` CPU devices each; returns each one's exit and output."""
+    code = program(body, directory, n)
+    procs = []
+    for pid in range(n):
+        env = {
+            **os.environ,
+            "PID": str(pid),
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+        )
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+            results.append({"code": proc.returncode, "out": out, "err": err})
+    finally:
+        for proc in procs:  # every process ends with the test, whatever happened
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+def _ok(results: list[dict]) -> list[str]:
+    for r in results:
+        assert r["code"] == 0, f"a process failed ({r['code']}):\n{r['out']}\n{r['err'][-3000:]}"
+    return [r["out"] for r in results]
+
+
+SAVE_AND_RESTORE = """
+mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+tree = {
+    "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
+    "r": global_array(VALUES["r"], NamedSharding(mesh, P())),
+    "h": VALUES["h"],
+}
+saver = shardsave.Saver(max_to_keep=2, timeout_s=60)
+for step in (1, 2, 3):
+    path = saver.save(tree, DIR + "/model", global_step=step)   # asynchronous on every process
+saver.wait_until_finished()
+restored = saver.restore(path, tree)
+check(restored["w"], VALUES["w"]); check(restored["r"], VALUES["r"])
+assert (restored["h"] == VALUES["h"]).all()
+print(json.dumps({"pid": pid, "last": saver.last_checkpoints, "latest": shardsave.latest_checkpoint(DIR)}))
+os._exit(0)
+"""
+
+
+def test_two_processes_save_async_and_restore(tmp_path):
+    outs = _ok(run_processes(2, 4, SAVE_AND_RESTORE, tmp_path))
+    reports = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    assert all(r["latest"] == str(tmp_path / "model-3") for r in reports)
+    assert sorted(p.name for p in tmp_path.glob("*.index")) == ["model-2.index", "model-3.index"]
+    index = json.loads((tmp_path / "model-3.index").read_text())
+    # Each process wrote only its own devices' files; replicated data is stored once.
+    by_process: dict[int, list[int]] = {}
+    for f in index["files"]:
+        by_process.setdefault(f["process_index"], []).append(f["nbytes"])
+    assert sorted(by_process) == [0, 1]
+    stored = sum(sum(v) for v in by_process.values())
+    assert stored == VALUES_BYTES
+    assert abs(sum(by_process[0]) - sum(by_process[1])) <= 8 * 8 * 4 + 5 * 8  # balanced by bytes
+    # And the checkpoint restores in this single process (8 devices) onto another mesh.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    target = {
+        "w": jax.ShapeDtypeStruct((32, 16), np.float32, sharding=NamedSharding(mesh, P("b", "a"))),
+        "r": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(mesh, P("a"))),
+        "h": np.zeros(5, np.int64),
+    }
+    restored = shardsave.Saver().restore(str(tmp_path / "model-3"), target)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(32 * 16, dtype=np.float32).reshape(32, 16))
+
+
+VALUES_BYTES = 32 * 16 * 4 + 8 * 8 * 4 + 5 * 8
+
+SAVE_ONLY = """
+mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+tree = {
+    "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
+    "r": global_array(VALUES["r"], NamedSharding(mesh, P())),
+    "h": VALUES["h"],
+}
+shardsave.Saver(async_save=False, timeout_s=60).save(tree, DIR + "/model", global_step=7)
+print("saved")
+os._exit(0)
+"""
+
+RESTORE_ONLY = """
+n = len(jax.devices())
+mesh = Mesh(np.array(jax.devices()).reshape(n), ("x",))
+target = {
+    "w": jax.ShapeDtypeStruct((32, 16), np.float32, sharding=NamedSharding(mesh, P("x"))),
+    "r": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(mesh, P(None, "x"))),
+    "h": np.zeros(5, np.int64),
+}
+restored = shardsave.Saver().restore(DIR + "/model-7", target)
+check(restored["w"], VALUES["w"]); check(restored["r"], VALUES["r"])
+assert (restored["h"] == VALUES["h"]).all()
+print("restored", n)
+os._exit(0)
+"""
+
+
+def test_four_processes_restore_onto_two_and_onto_one(tmp_path):
+    _ok(run_processes(4, 2, SAVE_ONLY, tmp_path))
+    index = json.loads((tmp_path / "model-7.index").read_text())
+    assert sorted({f["process_index"] for f in index["files"]}) == [0, 1, 2, 3]
+    outs = _ok(run_processes(2, 2, RESTORE_ONLY, tmp_path))
+    assert all("restored 4" in o for o in outs)
+    assert "restored 1" in run_python(program(RESTORE_ONLY, tmp_path), devices=1)
+
+
+def test_one_process_checkpoint_restores_on_two(tmp_path):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    w = np.arange(32 * 16, dtype=np.float32).reshape(32, 16)
+    tree = {
+        "w": jax.device_put(w, NamedSharding(mesh, P("data", "model"))),
+        "r": jax.device_put(np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8), NamedSharding(mesh, P())),
+        "h": np.arange(5, dtype=np.int64),
+    }
+    shardsave.Saver(async_save=False).save(tree, str(tmp_path / "model"), global_step=7)
+    outs = _ok(run_processes(2, 4, RESTORE_ONLY, tmp_path))
+    assert all("restored 8" in o for o in outs)
+
+
+KILLED = """
+from shardsave import _storage
+from shardsave.errors import SaveFailedError, CoordinationTimeoutError
+import signal
+mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+tree = {
+    "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
+    "r": global_array(VALUES["r"], NamedSharding(mesh, P())),
+    "h": VALUES["h"],
+}
+saver = shardsave.Saver(max_to_keep=1, timeout_s=8)
+saver.save(tree, DIR + "/model", global_step=1)
+saver.wait_until_finished()
+if pid == 1:
+    write = _storage.Directory.write
+    def die(self, key, data):
+        os.kill(os.getpid(), signal.SIGKILL)   # dies in the middle of writing step 2
+    _storage.Directory.write = die
+began = time.monotonic()
+saver.save(tree, DIR + "/model", global_step=2)
+try:
+    saver.wait_until_finished()
+    print(json.dumps({"raised": None}))
+except SaveFailedError as e:
+    print(json.dumps({"raised": type(e.__cause__).__name__, "message": str(e), "after": time.monotonic() - began}))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_a_killed_process_makes_the_survivor_raise_in_time(tmp_path):
+    results = run_processes(2, 4, KILLED, tmp_path, timeout=120)
+    assert results[1]["code"] == -9  # killed itself mid-save
+    assert results[0]["code"] == 0, results[0]["err"][-3000:]
+    report = json.loads(results[0]["out"].strip().splitlines()[-1])
+    assert report["raised"] == "CoordinationTimeoutError"
+    assert "model-2" in report["message"] and "[1]" in report["message"]
+    assert report["after"] < 8 + 10
+    # Step 2 never committed; step 1 is intact and restores.
+    assert not (tmp_path / "model-2.index").exists()
+    assert shardsave.latest_checkpoint(str(tmp_path)) == str(tmp_path / "model-1")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+    target = {"w": jax.ShapeDtypeStruct((32, 16), np.float32, sharding=NamedSharding(mesh, P("x")))}
+    restored = shardsave.Saver().restore(str(tmp_path / "model-1"), target)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(32 * 16, dtype=np.float32).reshape(32, 16))
