@@ -19,11 +19,14 @@ Tools and what they measure:
                  shards, after the bare copy) from preallocated buffers, fsync'd on
                  disk; raw restore: read those bytes into fresh buffers and place
                  every target shard on its device (jax.make_array_from_callback)
+  raw-ts         the raw restore, but reading each file with one tensorstore
+                 KvStore.read: what tensorstore's Python binding costs by itself
   orbax          orbax-checkpoint with its defaults (zstd), StandardCheckpointer
   orbax-nocomp   PyTreeCheckpointHandler(use_compression=False), async
   shardsave      Saver(async_save=False); restore, resharded restore, and
                  restore_sequentially with a 64 MiB cap
   shardsave-async  Saver(async_save=True): blocking time and time to commit
+  shardsave-device Saver(snapshot_on_device=True), on accelerators only
 
 Outputs: a table on the terminal, OUT/bench.json, OUT/bench.png.
 """
@@ -165,9 +168,25 @@ class Raw:
             os.fsync(fd)
             os.close(fd)
 
-    def restore(self, directory: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    def restore(
+        self, directory: Path, target: dict[str, jax.ShapeDtypeStruct], via_tensorstore: bool = False
+    ) -> dict[str, jax.Array]:
+        """Reads the stored bytes into fresh buffers and places every target shard.
+
+        via_tensorstore: read each file with one tensorstore KvStore.read instead of
+        Python's readinto, to show what tensorstore's Python binding costs by itself.
+        """
         stored: dict[int, list[tuple[_plan.Box, np.ndarray]]] = {}
-        for k, f in enumerate(self.plan.files):
+        if via_tensorstore:
+            import tensorstore as ts
+
+            kv = ts.KvStore.open({"driver": "file", "path": str(directory) + "/"}).result()
+            futures = [kv.read(f"raw.data-{k:05d}") for k in range(len(self.plan.files))]
+            for f, future in zip(self.plan.files, futures):
+                data = np.frombuffer(future.result().value, np.uint8)
+                for s in f.shards:
+                    stored.setdefault(s.leaf, []).append((s.box, data[s.offset : s.offset + s.nbytes]))
+        for k, f in enumerate(self.plan.files if not via_tensorstore else []):
             with open(directory / f"raw.data-{k:05d}", "rb", buffering=0) as fh:
                 for s in f.shards:
                     buf = np.empty(s.nbytes, np.uint8)
@@ -227,6 +246,9 @@ def run_case(
     raw = Raw(tree, durable)
     saver = shardsave.Saver(async_save=False, max_to_keep=1)
     async_saver = shardsave.Saver(async_save=True, max_to_keep=1)
+    async_savers = {"shardsave-async": async_saver}
+    if jax.devices()[0].platform != "cpu":  # on-device snapshots only matter on accelerators
+        async_savers["shardsave-device"] = shardsave.Saver(max_to_keep=1, snapshot_on_device=True)
     orbax = orbax_tools() if config.get("orbax", True) else {}
     ocp = orbax.pop("_ocp", None)
     checkpointers = {name: make() for name, make in orbax.items()}
@@ -247,12 +269,16 @@ def run_case(
         ss_path = str(base / "shardsave" / "model")
         t, m, path = sampler.run(partial(saver.save, tree, ss_path, global_step=step))
         record("shardsave", "save", rep, t, m)
+        info = saver.last_save  # the stage breakdown of that save
+        record("shardsave", "save_stage", rep, info.blocking_seconds, 0)
+        record("shardsave", "save_commit", rep, info.commit_seconds or float("nan"), 0)
 
-        as_path = str(base / "shardsave-async" / "model")
-        t_block, m_block, _ = sampler.run(partial(async_saver.save, tree, as_path, global_step=step))
-        t_rest, m_rest, _ = sampler.run(async_saver.wait_until_finished)
-        record("shardsave-async", "save_blocking", rep, t_block, m_block)
-        record("shardsave-async", "save", rep, t_block + t_rest, max(m_block, m_rest))
+        for name, a_saver in async_savers.items():
+            as_path = str(base / name / "model")
+            t_block, m_block, _ = sampler.run(partial(a_saver.save, tree, as_path, global_step=step))
+            t_rest, m_rest, _ = sampler.run(a_saver.wait_until_finished)
+            record(name, "save_blocking", rep, t_block, m_block)
+            record(name, "save", rep, t_block + t_rest, max(m_block, m_rest))
 
         for name, ckptr in checkpointers.items():
             target_dir = base / name / f"{step}"
@@ -269,9 +295,12 @@ def run_case(
 
         # Restore side.
         for label, target in (("restore", same), ("restore_resharded", resharded)):
-            t, m, out = sampler.run(lambda target=target: raw.restore(base / "raw", target))
+            t, m, out = sampler.run(partial(raw.restore, base / "raw", target))
             del out
             record("raw", label, rep, t, m)
+            t, m, out = sampler.run(partial(raw.restore, base / "raw", target, via_tensorstore=True))
+            del out
+            record("raw-ts", label, rep, t, m)
             t, m, out = sampler.run(partial(_ready, saver.restore, path, target))
             del out
             record("shardsave", label, rep, t, m)
@@ -297,7 +326,8 @@ def run_case(
     for ckptr in checkpointers.values():
         ckptr.close()
     saver.close()
-    async_saver.close()
+    for a_saver in async_savers.values():
+        a_saver.close()
     shutil.rmtree(base, ignore_errors=True)
     return records
 
@@ -361,7 +391,11 @@ def ratios(rows: list[dict[str, Any]]) -> None:
     index = {(r["storage"], r["bytes"], r["leaves"], r["op"], r["tool"]): r for r in rows}
     for r in rows:
         key = (r["storage"], r["bytes"], r["leaves"], r["op"])
-        limit = index.get((*key, "d2h" if r["op"] == "save_blocking" else "raw"))
+        limit = index.get((*key, "d2h" if r["op"] in ("save_blocking", "save_stage") else "raw"))
+        if r["op"] == "save_stage":
+            limit = index.get((r["storage"], r["bytes"], r["leaves"], "save_blocking", "d2h"))
+        if r["op"] == "save_commit":
+            limit = index.get((r["storage"], r["bytes"], r["leaves"], "save", "raw"))
         if r["op"] == "restore_sequential":
             limit = index.get((r["storage"], r["bytes"], r["leaves"], "restore_resharded", "raw"))
         r["x_limit"] = r["median_s"] / limit["median_s"] if limit else None
@@ -377,8 +411,25 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         f"{'storage':7} {'size':>8} {'leaves':>6} {'op':18} {'tool':15} {'median s':>9} {'[min-max]':>17} "
         f"{'x limit':>8} {'x orbax':>8} {'x nocomp':>8} {'transient':>10}"
     ]
-    order = {"d2h": 0, "raw": 1, "shardsave": 2, "shardsave-async": 3, "orbax": 4, "orbax-nocomp": 5}
-    ops = {"save_blocking": 0, "save": 1, "restore": 2, "restore_resharded": 3, "restore_sequential": 4}
+    order = {
+        "raw-ts": 1.5,
+        "d2h": 0,
+        "raw": 1,
+        "shardsave": 2,
+        "shardsave-async": 3,
+        "shardsave-device": 4,
+        "orbax": 5,
+        "orbax-nocomp": 6,
+    }
+    ops = {
+        "save_blocking": 0,
+        "save": 1,
+        "save_stage": 2,
+        "save_commit": 3,
+        "restore": 4,
+        "restore_resharded": 5,
+        "restore_sequential": 6,
+    }
     for r in sorted(
         rows, key=lambda r: (r["storage"], r["bytes"], r["leaves"], ops[r["op"]], order[r["tool"]])
     ):
@@ -406,7 +457,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
 
     cases = sorted({(r["storage"], r["bytes"], r["leaves"]) for r in rows})
     ops = ["save_blocking", "save", "restore", "restore_resharded"]
-    tools = ["d2h", "raw", "shardsave", "shardsave-async", "orbax", "orbax-nocomp"]
+    tools = ["d2h", "raw", "shardsave", "shardsave-async", "shardsave-device", "orbax", "orbax-nocomp"]
     fig, axes = plt.subplots(len(cases), 2, figsize=(14, 3.2 * len(cases)), squeeze=False)
     index = {(r["storage"], r["bytes"], r["leaves"], r["op"], r["tool"]): r for r in rows}
     for row, case in enumerate(cases):
@@ -443,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     config = {**settings["common"], **settings["profiles"][args.profile]}
     out = Path(args.out or config["out"])
     out.mkdir(parents=True, exist_ok=True)
-    roots = {"shm": Path(config["shm_dir"]), "disk": Path(config["disk_dir"])}
+    roots = {"shm": Path(config["shm_dir"]).resolve(), "disk": Path(config["disk_dir"]).resolve()}
     sampler = Sampler()
     records: list[dict[str, Any]] = []
     cases = [

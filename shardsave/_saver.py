@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import google_crc32c
@@ -25,7 +26,7 @@ from ._distributed import Coordinator, decode_reports, encode_report
 from ._format import DataFile, Index, LeafEntry, StoredShard
 from ._plan import SavePlan, plan_save
 from ._restore import LeafRequest, open_checkpoint, restore_leaves
-from ._stage import StagingBuffer, stage
+from ._stage import StagingBuffer, snapshot_on_device, stage
 from ._state import (
     Retention,
     read_state,
@@ -54,7 +55,7 @@ class _PendingSave:
     stem: str  # the save path's name ("model"): retention manages stem-STEP
     prefix: str
     plan: SavePlan
-    staged: dict[int, bytes]
+    staged: dict[int, bytes] | Callable[[], dict[int, bytes]]  # or how to stage it (on-device snapshot)
     structure: Any
     step: int | None
     timestamp: float
@@ -144,6 +145,10 @@ class Saver:
         restore_sequentially, at least 32 MiB); None uses 1 GiB of reads in flight.
       timeout_s: with several processes (jax.distributed), how long a save waits for
         the others before raising CoordinationTimeoutError.
+      snapshot_on_device: with async_save on accelerators, save() blocks only for a
+        copy of the shards made on their own devices (which needs that much free
+        device memory until the save commits); the device-to-host transfer then
+        runs in the background. On CPU devices it changes nothing but the timing.
       clock: the time source for timestamps and keep_checkpoint_every_n_hours.
 
     Example:
@@ -170,6 +175,7 @@ class Saver:
         restore_sequentially: bool = False,
         max_host_bytes: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        snapshot_on_device: bool = False,
         clock: Callable[[], float] = time.time,
     ):
         if max_to_keep is not None and max_to_keep < 0:
@@ -190,6 +196,7 @@ class Saver:
         self.reshape = reshape
         self.restore_sequentially = restore_sequentially
         self.max_host_bytes = max_host_bytes
+        self.snapshot_on_device = snapshot_on_device
         self._clock = clock
         self._created = clock()
         self._commits = BackgroundCommits()
@@ -281,7 +288,15 @@ class Saver:
         plan = self._plan(specs)
         if self._staging[0] is not plan:
             self._staging = (plan, {})
-        staged = stage(plan, leaves, jax.process_index(), self._staging[1])
+        buffers, pid = self._staging[1], jax.process_index()
+        staged: dict[int, bytes] | Callable[[], dict[int, bytes]]
+        if self.snapshot_on_device and self.async_save:
+            # Block only for on-device copies; the transfer to the host runs in the background.
+            copies, host_leaves = snapshot_on_device(plan, leaves, pid)
+            staged = partial(stage, plan, host_leaves, pid, buffers, copies)
+        else:
+            staged = stage(plan, leaves, pid, buffers)
+        nbytes = sum(f.nbytes for f in plan.files if f.process_index == pid)
         pending = _PendingSave(
             directory=directory,
             base=base,
@@ -294,7 +309,7 @@ class Saver:
             timestamp=self._clock(),
             key=key,
         )
-        info = SaveInfo(prefix, sum(len(b) for b in staged.values()), time.perf_counter() - began)
+        info = SaveInfo(prefix, nbytes, time.perf_counter() - began)
         self._last_save = info
 
         def commit() -> None:
@@ -343,12 +358,14 @@ class Saver:
         """Writes this process's data files, then commits (alone, or with the others)."""
         directory, plan = save.directory, save.plan
         chunk = _format.CRC_CHUNK_BYTES
-        keys = {k: _format.data_key(save.base, k, len(plan.files)) for k in save.staged}
         coordinator = self._coordinator
         what = f"saving {save.prefix}"
+        keys: dict[int, str] = {}
         try:
-            writes = [directory.write(keys[k], data) for k, data in save.staged.items()]
-            crcs = {k: _checksums(data, plan.files[k], chunk) for k, data in save.staged.items()}
+            staged = save.staged() if callable(save.staged) else save.staged
+            keys = {k: _format.data_key(save.base, k, len(plan.files)) for k in staged}
+            writes = [directory.write(keys[k], data) for k, data in staged.items()]
+            crcs = {k: _checksums(data, plan.files[k], chunk) for k, data in staged.items()}
             for w in writes:
                 w.result()
             if save.key is None:

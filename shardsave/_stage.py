@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._plan import SavePlan
@@ -69,21 +70,63 @@ def allocate(nbytes: int) -> StagingBuffer:
     return StagingBuffer(data, view)
 
 
+DeviceShards = dict[int, dict[int, jax.Array]]  # leaf -> device id -> that device's shard
+
+
+def _local_files(plan: SavePlan, process_index: int) -> dict[int, Any]:
+    return {k: f for k, f in enumerate(plan.files) if f.process_index == process_index}
+
+
+def device_shards(plan: SavePlan, leaves: list[Any], process_index: int) -> DeviceShards:
+    """The single-device arrays of the shards this process writes."""
+    out: DeviceShards = {}
+    for f in _local_files(plan, process_index).values():
+        for shard in f.shards:
+            leaf = leaves[shard.leaf]
+            if isinstance(leaf, jax.Array) and shard.leaf not in out:
+                out[shard.leaf] = {s.device.id: s.data for s in leaf.addressable_shards}
+    return out
+
+
+def snapshot_on_device(
+    plan: SavePlan, leaves: list[Any], process_index: int
+) -> tuple[DeviceShards, list[Any]]:
+    """Copies of the shards to write, made on their own devices, and copies of host leaves.
+
+    On an accelerator an on-device copy runs at device-memory bandwidth, far faster
+    than the transfer to the host, which stage() can then do in the background.
+    """
+    shards = device_shards(plan, leaves, process_index)
+    writers = {
+        (s.leaf, s.writer.id)
+        for f in _local_files(plan, process_index).values()
+        for s in f.shards
+        if s.writer
+    }
+    copies = {
+        leaf: {d: jnp.copy(data) for d, data in per_device.items() if (leaf, d) in writers}
+        for leaf, per_device in shards.items()
+    }
+    host = [leaf if isinstance(leaf, jax.Array) else np.array(leaf, copy=True) for leaf in leaves]
+    return copies, host
+
+
 def stage(
-    plan: SavePlan, leaves: list[Any], process_index: int, buffers: dict[int, StagingBuffer]
+    plan: SavePlan,
+    leaves: list[Any],
+    process_index: int,
+    buffers: dict[int, StagingBuffer],
+    device_data: DeviceShards | None = None,
 ) -> dict[int, bytes]:
     """Copies every shard this process writes into its file's buffer.
 
     buffers: reused when they fit the plan, (re)allocated in place otherwise.
+    device_data: the shards to read (snapshot_on_device's copies); by default the leaves'.
     Returns the bytes of each local data file, keyed by file number.
     """
-    local = {k: f for k, f in enumerate(plan.files) if f.process_index == process_index}
-    device_data: dict[int, dict[int, jax.Array]] = {}
-    for f in local.values():
-        for shard in f.shards:
-            leaf = leaves[shard.leaf]
-            if isinstance(leaf, jax.Array) and shard.leaf not in device_data:
-                device_data[shard.leaf] = {s.device.id: s.data for s in leaf.addressable_shards}
+    local = _local_files(plan, process_index)
+    if device_data is None:
+        device_data = device_shards(plan, leaves, process_index)
 
     for per_device in device_data.values():
         for data in per_device.values():
@@ -101,7 +144,7 @@ def stage(
             if shard.nbytes == 0:
                 continue
             leaf = leaves[shard.leaf]
-            if isinstance(leaf, jax.Array):
+            if shard.leaf in device_data:
                 assert shard.writer is not None
                 array = np.asarray(device_data[shard.leaf][shard.writer.id])
             else:

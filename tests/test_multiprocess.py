@@ -78,7 +78,11 @@ def run_processes(n: int, devices: int, body: str, directory: Path, timeout: flo
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+                [sys.executable, "-c", code],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
             )
         )
     deadline = time.monotonic() + timeout
@@ -142,7 +146,9 @@ def test_two_processes_save_async_and_restore(tmp_path):
         "h": np.zeros(5, np.int64),
     }
     restored = shardsave.Saver().restore(str(tmp_path / "model-3"), target)
-    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(32 * 16, dtype=np.float32).reshape(32, 16))
+    np.testing.assert_array_equal(
+        np.asarray(restored["w"]), np.arange(32 * 16, dtype=np.float32).reshape(32, 16)
+    )
 
 
 VALUES_BYTES = 32 * 16 * 4 + 8 * 8 * 4 + 5 * 8
@@ -241,4 +247,6 @@ def test_a_killed_process_makes_the_survivor_raise_in_time(tmp_path):
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
     target = {"w": jax.ShapeDtypeStruct((32, 16), np.float32, sharding=NamedSharding(mesh, P("x")))}
     restored = shardsave.Saver().restore(str(tmp_path / "model-1"), target)
-    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(32 * 16, dtype=np.float32).reshape(32, 16))
+    np.testing.assert_array_equal(
+        np.asarray(restored["w"]), np.arange(32 * 16, dtype=np.float32).reshape(32, 16)
+    )

@@ -84,19 +84,24 @@ class _GatedWrites:
         monkeypatch.setattr(_storage.Directory, "write", write)
 
 
-def test_async_save_returns_before_the_writes_and_copies_the_arrays(tmp_path, monkeypatch, mesh24):
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-snapshot", "device-snapshot"])
+def test_async_save_returns_before_the_writes_and_copies_the_arrays(tmp_path, monkeypatch, mesh24, on_device):
     gate = _GatedWrites(monkeypatch)
     x = jax.device_put(jnp.arange(16.0).reshape(8, 2), NamedSharding(mesh24, P("data")))
-    saver = shardsave.Saver()
-    path = saver.save({"x": x}, str(tmp_path / "m"), global_step=1)
+    host = np.arange(4)
+    saver = shardsave.Saver(snapshot_on_device=on_device)
+    path = saver.save({"x": x, "host": host}, str(tmp_path / "m"), global_step=1)
     assert gate.started.wait(30)
     assert not (tmp_path / "m-1.index").exists()
     assert shardsave.latest_checkpoint(str(tmp_path)) is None
     x.delete()  # the caller may drop its arrays as soon as save() returns
+    host[:] = -1  # ... and change its numpy arrays
     gate.release.set()
     saver.wait_until_finished()
     assert shardsave.latest_checkpoint(str(tmp_path)) == path
-    np.testing.assert_array_equal(np.asarray(saver.restore(path)["x"]), np.arange(16.0).reshape(8, 2))
+    restored = saver.restore(path)
+    np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(16.0).reshape(8, 2))
+    np.testing.assert_array_equal(restored["host"], np.arange(4))
 
 
 def test_background_error_surfaces_from_the_next_call(tmp_path, monkeypatch):
