@@ -26,6 +26,10 @@ from ._tree import LeafSpec
 
 Box = tuple[tuple[int, int], ...]  # per dimension [start, stop)
 
+# Each shard starts at a multiple of this in its data file, so a reader that reads it
+# into an aligned buffer can hand it to a CPU device without copying it again.
+SHARD_ALIGNMENT = 64
+
 
 def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
     out = []
@@ -122,8 +126,9 @@ def plan_save(leaves: list[LeafSpec], sharded: bool, all_devices: list[jax.Devic
                 process_index=device.process_index if sharded and device is not None else 0,
             )
         f = files[key]
-        f.shards.append(PlannedShard(shard.leaf, shard.box, shard.nbytes, shard.writer, f.nbytes))
-        f.nbytes += shard.nbytes
+        offset = -(-f.nbytes // SHARD_ALIGNMENT) * SHARD_ALIGNMENT if shard.nbytes else f.nbytes
+        f.shards.append(PlannedShard(shard.leaf, shard.box, shard.nbytes, shard.writer, offset))
+        f.nbytes = offset + shard.nbytes
     ordered = [files[k] for k in sorted(files, key=lambda k: -1 if k is None else k)]
     return SavePlan(tuple(leaves), tuple(ordered))
 

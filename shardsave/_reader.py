@@ -161,16 +161,15 @@ class CheckpointReader:
                 for lo in range(0, shard.nbytes, step):
                     hi = min(lo + step, shard.nbytes)
                     try:
-                        got = self._directory.read(
+                        data = self._directory.read_range(
                             keys[shard.file], shard.offset + lo, shard.offset + hi
                         ).result()
+                    except FileNotFoundError:
+                        problems.append(f"{where}: the data file is missing")
+                        break
                     except Exception as e:
                         problems.append(f"{where}: unreadable: {str(e).splitlines()[0]}")
                         break
-                    if got.state != "value":
-                        problems.append(f"{where}: the data file is missing")
-                        break
-                    data = np.frombuffer(got.value, np.uint8)
                     if data.size != hi - lo:
                         problems.append(f"{where}: truncated ({data.size} of {hi - lo} bytes)")
                         break

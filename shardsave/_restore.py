@@ -29,7 +29,7 @@ import numpy as np
 from . import _format
 from ._format import Index, LeafEntry
 from ._plan import Box, Read, box_shape, full_box, plan_reads, unique_target_boxes
-from ._storage import Directory, join, open_prefix
+from ._storage import Directory, aligned_empty, join, open_prefix
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 # One ranged read covers at most this many bytes: small enough that the allocator
@@ -117,6 +117,9 @@ class _Fetcher:
         a, b = _span(read, self.chunk)
         return read.shard.offset + a, read.shard.offset + b
 
+    def _read(self, file: int, start: int, end: int) -> _Span:
+        return _Span(self.directory.read_range(self.keys[file], start, end), start, end)
+
     def issue(self, reads: list[Read]) -> dict[int, _Span]:
         """Starts the reads; returns, for each read's id, the span that holds it."""
         by_file: dict[int, list[tuple[int, int, Read]]] = {}
@@ -129,14 +132,14 @@ class _Fetcher:
             start = end = -1
             for a, b, read in spans:
                 if group and (a > end or max(end, b) - start > MAX_SPAN_BYTES):
-                    span = _Span(self.directory.read(self.keys[file], start, end), start, end)
+                    span = self._read(file, start, end)
                     handles.update((id(r), span) for r in group)
                     group = []
                 if not group:
                     start, end = a, b
                 group.append(read)
                 end = max(end, b)
-            span = _Span(self.directory.read(self.keys[file], start, end), start, end)
+            span = self._read(file, start, end)
             handles.update((id(r), span) for r in group)
         return handles
 
@@ -173,14 +176,13 @@ class _Span:
     def bytes(self, where: str) -> np.ndarray:
         if self._data is None:
             try:
-                result = self.future.result()
+                self._data = self.future.result()
+            except FileNotFoundError as e:
+                raise CorruptCheckpointError(f"{where}: the data file is missing") from e
             except Exception as e:  # tensorstore reports a short file as an out-of-range read
                 raise CorruptCheckpointError(
                     f"{where}: cannot read bytes {self.start}..{self.end}: {e}"
                 ) from e
-            if result.state != "value":
-                raise CorruptCheckpointError(f"{where}: the data file is missing")
-            self._data = np.frombuffer(result.value, dtype=np.uint8)
         return self._data
 
 
@@ -269,12 +271,8 @@ def _batches(
         yield batch
 
 
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """np.empty, 64-byte aligned: jax places such a buffer on a CPU device without copying it."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + 64, np.uint8)
-    start = -raw.ctypes.data % 64
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
+def _aligned_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    return aligned_empty(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
 
 
 def _on_cpu(req: LeafRequest) -> bool:
@@ -287,14 +285,17 @@ def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int,
     if len(unit.reads) == 1 and unit.reads[0].fills_target:
         read = unit.reads[0]
         rows = fetcher.verified(read, spans[id(read)], dtype)
-        if not _on_cpu(req):
-            return rows  # the host-to-device copy is the only one needed
-        # On CPU, one copy into an aligned buffer that becomes the device buffer is
+        if not _on_cpu(req) or rows.ctypes.data % 64 == 0:
+            # An accelerator copies it to the device anyway; a CPU device adopts an
+            # aligned buffer as it is (local reads land aligned: shards start at
+            # multiples of 64 bytes in their files).
+            return rows
+        # Otherwise one copy into an aligned buffer that becomes the device buffer is
         # cheaper than letting jax copy into freshly allocated device memory.
-        out = aligned_empty(rows.shape, dtype)
+        out = _aligned_array(rows.shape, dtype)
         np.copyto(out, rows)
         return out
-    out = aligned_empty(box_shape(unit.box), dtype)
+    out = _aligned_array(box_shape(unit.box), dtype)
     for read in unit.reads:
         out[read.dst] = fetcher.verified(read, spans[id(read)], dtype)[read.src]
     return out

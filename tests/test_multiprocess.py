@@ -131,13 +131,14 @@ def test_two_processes_save_async_and_restore(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.index")) == ["model-2.index", "model-3.index"]
     index = json.loads((tmp_path / "model-3.index").read_text())
     # Each process wrote only its own devices' files; replicated data is stored once.
-    by_process: dict[int, list[int]] = {}
-    for f in index["files"]:
-        by_process.setdefault(f["process_index"], []).append(f["nbytes"])
+    by_process: dict[int, int] = {}
+    for leaf in index["leaves"]:
+        for file, _, nbytes, *_ in leaf["shards"]:
+            pid = index["files"][file]["process_index"]
+            by_process[pid] = by_process.get(pid, 0) + nbytes
     assert sorted(by_process) == [0, 1]
-    stored = sum(sum(v) for v in by_process.values())
-    assert stored == VALUES_BYTES
-    assert abs(sum(by_process[0]) - sum(by_process[1])) <= 8 * 8 * 4 + 5 * 8  # balanced by bytes
+    assert sum(by_process.values()) == VALUES_BYTES
+    assert abs(by_process[0] - by_process[1]) <= 8 * 8 * 4 + 5 * 8  # balanced by bytes
     # And the checkpoint restores in this single process (8 devices) onto another mesh.
     mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
     target = {
