@@ -93,6 +93,11 @@ class Sampler:
         stop.set()
         thread.join()
         after = self.proc.memory_info().rss
+        if os.environ.get("BENCH_DEBUG"):
+            print(
+                f"  {getattr(fn, 'func', fn)!r:.60} peak {peak[0] >> 20} MiB after {after >> 20} MiB",
+                file=sys.stderr,
+            )
         return seconds, max(0, peak[0] - after), result
 
 
@@ -298,9 +303,10 @@ def run_case(
             t, m, out = sampler.run(partial(raw.restore, base / "raw", target))
             del out
             record("raw", label, rep, t, m)
-            t, m, out = sampler.run(partial(raw.restore, base / "raw", target, via_tensorstore=True))
-            del out
-            record("raw-ts", label, rep, t, m)
+            if case["bytes"] <= config["raw_ts_max_mib"] * MIB:  # it holds two copies at once
+                t, m, out = sampler.run(partial(raw.restore, base / "raw", target, via_tensorstore=True))
+                del out
+                record("raw-ts", label, rep, t, m)
             t, m, out = sampler.run(partial(_ready, saver.restore, path, target))
             del out
             record("shardsave", label, rep, t, m)
