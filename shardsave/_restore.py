@@ -4,9 +4,10 @@ A restore is a list of units: one per unique target box of a leaf (a box several
 devices need is read once and placed on each), or the whole leaf for host
 targets and reshapes. Units are executed in batches whose host bytes (reads plus
 assembly buffers) stay within the budget: every read of a batch is issued at
-once to tensorstore, then the batch is verified (crc32c), assembled and placed
-on its devices with one jax.device_put call, and its host buffers are dropped
-before the next batch starts.
+once (coalesced into contiguous spans of each file), then the batch is verified
+(crc32c), assembled and placed on its devices with one jax.device_put call, and
+its host buffers are dropped before the next batch starts. On CPU devices a read
+that is exactly a target shard becomes that device buffer without a copy.
 
 A unit too large for the budget on its own (restore_sequentially with a small
 max_host_bytes) is streamed: its target buffer is allocated on the device and
@@ -32,8 +33,8 @@ from ._plan import Box, Read, box_shape, full_box, plan_reads, unique_target_box
 from ._storage import Directory, aligned_empty, join, open_prefix
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
-# One ranged read covers at most this many bytes: small enough that the allocator
-# reuses the memory of earlier reads instead of mapping (and faulting in) new pages.
+# One ranged read covers at most this many bytes, so the reads of one large file
+# run in parallel and each can be released on its own.
 MAX_SPAN_BYTES = 16 << 20
 DEFAULT_INFLIGHT_BYTES = 1 << 30  # the most host bytes a default restore holds at once
 MIN_SEQUENTIAL_BYTES = 32 << 20
@@ -71,7 +72,7 @@ def _target_index(box: Box) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in box)
 
 
-def _plan_units(requests: list[LeafRequest], chunk: int, max_read_bytes: int | None) -> list[_Unit]:
+def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None) -> list[_Unit]:
     units = []
     for i, req in enumerate(requests):
         entry, itemsize = req.entry, req.entry.dtype.itemsize
@@ -214,7 +215,7 @@ def restore_leaves(
         max_read = None
     names = {id(s): req.entry.name for req in requests for s in req.entry.shards}
     fetcher = _Fetcher(directory, base, index, names)
-    units = _plan_units(requests, index.crc_chunk_bytes, max_read)
+    units = _plan_units(requests, max_read)
 
     host_results: dict[int, np.ndarray] = {}
     device_results: dict[int, dict[jax.Device, jax.Array]] = {i: {} for i in range(len(requests))}

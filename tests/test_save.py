@@ -171,3 +171,24 @@ def test_leftovers_of_an_uncommitted_save_are_cleaned_after_the_next_commit(tmp_
     saver.save({"a": np.ones(3)}, str(tmp_path / "m"), global_step=2)
     assert not (tmp_path / "m-1.data-00000-of-00002").exists()
     assert (tmp_path / "m-2.index").exists()
+
+
+def test_a_pending_async_save_is_finished_at_interpreter_exit(tmp_path):
+    from conftest import run_python
+
+    run_python(
+        f"""
+import numpy as np, shardsave
+from shardsave import _storage
+write = _storage.Directory.write
+def slow_write(self, key, data):
+    import time
+    time.sleep(0.5)  # the interpreter is already exiting when the commit happens
+    return write(self, key, data)
+_storage.Directory.write = slow_write
+shardsave.Saver().save({{"a": np.arange(1000)}}, {str(tmp_path / "m")!r}, global_step=1)
+print("returned")
+"""
+    )
+    assert shardsave.latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-1")
+    np.testing.assert_array_equal(shardsave.Saver().restore(str(tmp_path / "m-1"))["a"], np.arange(1000))
