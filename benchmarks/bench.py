@@ -249,11 +249,13 @@ def run_case(
     base = root / f"{case['storage']}-{case['bytes'] // MIB}MiB-{case['leaves']}"
     shutil.rmtree(base, ignore_errors=True)
     raw = Raw(tree, durable)
-    saver = shardsave.Saver(async_save=False, max_to_keep=1)
-    async_saver = shardsave.Saver(async_save=True, max_to_keep=1)
+    # Every tool saves each repetition into a fresh directory and the previous one is
+    # removed outside the timings, as for Orbax: no tool pays for deleting old data.
+    saver = shardsave.Saver(async_save=False, max_to_keep=None)
+    async_saver = shardsave.Saver(async_save=True, max_to_keep=None)
     async_savers = {"shardsave-async": async_saver}
     if jax.devices()[0].platform != "cpu":  # on-device snapshots only matter on accelerators
-        async_savers["shardsave-device"] = shardsave.Saver(max_to_keep=1, snapshot_on_device=True)
+        async_savers["shardsave-device"] = shardsave.Saver(max_to_keep=None, snapshot_on_device=True)
     orbax = orbax_tools() if config.get("orbax", True) else {}
     ocp = orbax.pop("_ocp", None)
     checkpointers = {name: make() for name, make in orbax.items()}
@@ -269,7 +271,9 @@ def run_case(
         # Save side, interleaved tool by tool.
         record("d2h", "save_blocking", rep, *sampler.run(raw.d2h)[:2])
         raw.d2h()
-        record("raw", "save", rep, *sampler.run(lambda: raw.write(base / "raw"))[:2])
+        for name in ("raw", "shardsave", *async_savers):
+            shutil.rmtree(base / name, ignore_errors=True)
+        record("raw", "save", rep, *sampler.run(partial(raw.write, base / "raw"))[:2])
 
         ss_path = str(base / "shardsave" / "model")
         t, m, path = sampler.run(partial(saver.save, tree, ss_path, global_step=step))

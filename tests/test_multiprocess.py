@@ -50,6 +50,14 @@ VALUES = {{
     "r": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8),
     "h": np.arange(5, dtype=np.int64),
 }}
+
+def make_tree():
+    mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+    return {{
+        "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
+        "r": global_array(VALUES["r"], NamedSharding(mesh, P())),
+        "h": VALUES["h"],
+    }}
 """
 
 
@@ -106,12 +114,7 @@ def _ok(results: list[dict]) -> list[str]:
 
 
 SAVE_AND_RESTORE = """
-mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
-tree = {
-    "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
-    "r": global_array(VALUES["r"], NamedSharding(mesh, P())),
-    "h": VALUES["h"],
-}
+tree = make_tree()
 saver = shardsave.Saver(max_to_keep=2, timeout_s=60)
 for step in (1, 2, 3):
     path = saver.save(tree, DIR + "/model", global_step=step)   # asynchronous on every process
@@ -155,12 +158,7 @@ def test_two_processes_save_async_and_restore(tmp_path):
 VALUES_BYTES = 32 * 16 * 4 + 8 * 8 * 4 + 5 * 8
 
 SAVE_ONLY = """
-mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
-tree = {
-    "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
-    "r": global_array(VALUES["r"], NamedSharding(mesh, P())),
-    "h": VALUES["h"],
-}
+tree = make_tree()
 shardsave.Saver(async_save=False, timeout_s=60).save(tree, DIR + "/model", global_step=7)
 print("saved")
 os._exit(0)
@@ -208,12 +206,7 @@ KILLED = """
 from shardsave import _storage
 from shardsave.errors import SaveFailedError, CoordinationTimeoutError
 import signal
-mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
-tree = {
-    "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
-    "r": global_array(VALUES["r"], NamedSharding(mesh, P())),
-    "h": VALUES["h"],
-}
+tree = make_tree()
 saver = shardsave.Saver(max_to_keep=1, timeout_s=8)
 saver.save(tree, DIR + "/model", global_step=1)
 saver.wait_until_finished()
