@@ -202,6 +202,7 @@ class Saver:
         self._commits = BackgroundCommits()
         self._coordinator = Coordinator(timeout_s)
         self._plans: dict[Any, SavePlan] = {}
+        self._structures: dict[Any, Any] = {}
         # Host buffers of the last plan saved, refilled by the next save of that plan.
         self._staging: tuple[SavePlan | None, dict[int, StagingBuffer]] = (None, {})
         self._retention: dict[str, Retention] = {}
@@ -255,7 +256,7 @@ class Saver:
         """
         self._commits.wait()
         began = time.perf_counter()
-        names, leaves, _ = _tree.flatten(tree)
+        names, leaves, treedef = _tree.flatten(tree)
         if not leaves:
             if self.allow_empty:
                 return None
@@ -266,6 +267,8 @@ class Saver:
             prefix = f"{prefix}-{step:08d}" if self.pad_step_number else f"{prefix}-{step}"
         else:
             step = None
+        # Validate every leaf before anything on disk changes.
+        specs = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
         directory, base = open_prefix(prefix)
         key = self._coordinator.next_key() if self._coordinator.active else None
         if key is not None and not self.sharded:
@@ -284,7 +287,6 @@ class Saver:
             if key is not None:
                 self._coordinator.barrier(f"{key}/uncommitted", f"overwriting {prefix}")
 
-        specs = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
         plan = self._plan(specs)
         if self._staging[0] is not plan:
             self._staging = (plan, {})
@@ -304,7 +306,7 @@ class Saver:
             prefix=prefix,
             plan=plan,
             staged=staged,
-            structure=_tree.encode_structure(tree),
+            structure=self._structure(tree, treedef),
             step=step,
             timestamp=self._clock(),
             key=key,
@@ -344,6 +346,16 @@ class Saver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _structure(self, tree: Any, treedef: Any) -> Any:
+        # The structure depends on the treedef alone; walking a tree of thousands of
+        # leaves every save would sit on the blocking path.
+        structure = self._structures.get(treedef)
+        if structure is None:
+            if len(self._structures) >= _PLAN_CACHE_SIZE:
+                self._structures.pop(next(iter(self._structures)))
+            structure = self._structures[treedef] = _tree.encode_structure(tree)
+        return structure
 
     def _plan(self, specs: list[_tree.LeafSpec]) -> SavePlan:
         key = (self.sharded, tuple((s.name, s.shape, s.dtype, s.kind, s.sharding) for s in specs))

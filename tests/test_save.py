@@ -192,3 +192,11 @@ print("returned")
     )
     assert shardsave.latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-1")
     np.testing.assert_array_equal(shardsave.Saver().restore(str(tmp_path / "m-1"))["a"], np.arange(1000))
+
+
+def test_a_bad_leaf_with_overwrite_leaves_the_old_checkpoint_committed(tmp_path):
+    saver = shardsave.Saver(async_save=False)
+    path = saver.save({"a": np.ones(3)}, str(tmp_path / "m"), global_step=1)
+    with pytest.raises(TypeError, match="leaf 'b'"):
+        saver.save({"a": np.ones(3), "b": object()}, str(tmp_path / "m"), global_step=1, overwrite=True)
+    np.testing.assert_array_equal(saver.restore(path)["a"], np.ones(3))
