@@ -15,6 +15,7 @@ ranges to respect a memory cap.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +32,7 @@ Box = tuple[tuple[int, int], ...]  # per dimension [start, stop)
 SHARD_ALIGNMENT = 64
 
 
-def _box(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
+def index_box(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
     out = []
     for sl, dim in zip(index, shape):
         start, stop, _ = sl.indices(dim)
@@ -48,7 +49,7 @@ def full_box(shape: tuple[int, ...]) -> Box:
 
 
 def device_boxes(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> dict[jax.Device, Box]:
-    return {d: _box(idx, shape) for d, idx in sharding.devices_indices_map(shape).items()}
+    return {d: index_box(idx, shape) for d, idx in sharding.devices_indices_map(shape).items()}
 
 
 # ---------------------------------------------------------------- save
@@ -187,6 +188,10 @@ def plan_reads(
         return []
     if not target:  # 0-d: one element, one shard
         return [Read(shards[0], 0, 1, itemsize, (), ())]
+    start, stop = tuple(a for a, _ in target), tuple(b for _, b in target)
+    exact = [s for s in shards if s.start == start and s.stop == stop]
+    if exact:  # the common case, a target laid out as saved: no overlap arithmetic
+        shards = (exact[0],)
     reads = []
     for shard in shards:
         lo = [max(a, s) for (a, _), s in zip(target, shard.start)]
@@ -214,13 +219,17 @@ def plan_reads(
     return reads
 
 
+@functools.lru_cache(maxsize=4096)
 def unique_target_boxes(
     sharding: jax.sharding.Sharding, shape: tuple[int, ...]
-) -> dict[Box, list[jax.Device]]:
-    """Each box the process's devices need, with the devices that need it."""
+) -> tuple[tuple[Box, tuple[jax.Device, ...]], ...]:
+    """Each box the process's devices need, with the devices that need it.
+
+    Cached: the layers of a model share a handful of (sharding, shape) pairs.
+    """
     out: dict[Box, list[jax.Device]] = {}
     for device, idx in sharding.addressable_devices_indices_map(shape).items():
         if idx is None:
             continue
-        out.setdefault(_box(idx, shape), []).append(device)
-    return out
+        out.setdefault(index_box(idx, shape), []).append(device)
+    return tuple((box, tuple(devices)) for box, devices in out.items())

@@ -17,6 +17,7 @@ filled in place, row range by row range, so host memory never holds it whole.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,7 +30,7 @@ import numpy as np
 
 from . import _format
 from ._format import Index, LeafEntry
-from ._plan import Box, Read, box_shape, full_box, plan_reads, unique_target_boxes
+from ._plan import Box, Read, box_shape, full_box, index_box, plan_reads, unique_target_boxes
 from ._storage import Directory, aligned_empty, join, open_prefix
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
@@ -56,8 +57,8 @@ class _Unit:
     request: int
     box: Box  # in the stored array's coordinates
     reads: list[Read]
-    # (devices, index into the unit's array once reshaped to the target) per placement
-    placements: list[tuple[list[jax.Device], tuple[slice, ...] | None]] = field(default_factory=list)
+    # (devices, target box within the unit's array once reshaped; None: all of it)
+    placements: list[tuple[tuple[jax.Device, ...], Box | None]] = field(default_factory=list)
 
     def assembly_bytes(self, itemsize: int) -> int:
         if len(self.reads) == 1 and self.reads[0].fills_target:
@@ -72,6 +73,48 @@ def _target_index(box: Box) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in box)
 
 
+class _Results:
+    """What the batches produce, and the leaves still waiting for more of them."""
+
+    def __init__(self, units: list[_Unit]):
+        self.remaining = Counter(u.request for u in units)
+        self.done: dict[int, Any] = {}  # request -> numpy array or jax.Array
+        self.partial: dict[int, dict[jax.Device, jax.Array]] = {}  # leaves split over batches
+
+    def place(
+        self,
+        request: int,
+        req: LeafRequest,
+        pieces: dict[Box, np.ndarray],
+        holders: dict[Box, tuple[jax.Device, ...]],
+    ) -> None:
+        """Puts a batch's boxes of one leaf on their devices."""
+        assert req.sharding is not None
+        if self.remaining[request] == 0 and request not in self.partial:
+            # The whole leaf is here: one call places every shard (and on CPU adopts
+            # aligned host buffers as device buffers, without a copy).
+            def box_of(index: Any) -> np.ndarray:
+                return pieces[index_box(index, req.shape)]
+
+            self.done[request] = jax.make_array_from_callback(req.shape, req.sharding, box_of)
+            return
+        arrays, devices = [], []
+        for box, piece in pieces.items():
+            for device in holders[box]:
+                arrays.append(piece)
+                devices.append(device)
+        self.partial.setdefault(request, {}).update(zip(devices, jax.device_put(arrays, devices)))
+
+    def finish(self, requests: list[LeafRequest]) -> list[Any]:
+        for i, per_device in self.partial.items():
+            req = requests[i]
+            assert req.sharding is not None
+            self.done[i] = jax.make_array_from_single_device_arrays(
+                req.shape, req.sharding, list(per_device.values())
+            )
+        return [self.done[i] for i in range(len(requests))]
+
+
 def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None) -> list[_Unit]:
     units = []
     for i, req in enumerate(requests):
@@ -81,11 +124,10 @@ def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None) -> list
             box = req.box or full_box(entry.shape)
             unit = _Unit(i, box, plan_reads(entry.shards, box, itemsize, max_read_bytes))
             if req.sharding is not None:
-                for tbox, devices in unique_target_boxes(req.sharding, req.shape).items():
-                    unit.placements.append((devices, _target_index(tbox)))
+                unit.placements.extend((d, tbox) for tbox, d in unique_target_boxes(req.sharding, req.shape))
             units.append(unit)
             continue
-        for tbox, devices in unique_target_boxes(req.sharding, req.shape).items():
+        for tbox, devices in unique_target_boxes(req.sharding, req.shape):
             reads = plan_reads(entry.shards, tbox, itemsize, max_read_bytes)
             units.append(_Unit(i, tbox, reads, [(devices, None)]))
     return units
@@ -217,27 +259,15 @@ def restore_leaves(
     fetcher = _Fetcher(directory, base, index, names)
     units = _plan_units(requests, max_read)
 
-    host_results: dict[int, np.ndarray] = {}
-    device_results: dict[int, dict[jax.Device, jax.Array]] = {i: {} for i in range(len(requests))}
-
+    results = _Results(units)
     for batch in _batches(units, requests, budget, sequential):
         if len(batch) == 1 and _streamed(batch[0], requests, budget, sequential):
-            _stream_unit(batch[0], requests[batch[0].request], fetcher, device_results)
+            _stream_unit(batch[0], requests[batch[0].request], fetcher, results)
         else:
-            _run_batch(batch, requests, fetcher, host_results, device_results)
+            _run_batch(batch, requests, fetcher, results)
         if progress is not None:
             progress(sum(u.read_bytes() for u in batch))
-
-    out: list[Any] = []
-    for i, req in enumerate(requests):
-        if req.sharding is None:
-            out.append(host_results[i])
-        else:
-            arrays = device_results[i]
-            out.append(
-                jax.make_array_from_single_device_arrays(req.shape, req.sharding, list(arrays.values()))
-            )
-    return out
+    return results.finish(requests)
 
 
 def _streamed(unit: _Unit, requests: list[LeafRequest], budget: int, sequential: bool) -> bool:
@@ -302,17 +332,10 @@ def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int,
     return out
 
 
-def _run_batch(
-    batch: list[_Unit],
-    requests: list[LeafRequest],
-    fetcher: _Fetcher,
-    host_results: dict[int, np.ndarray],
-    device_results: dict[int, dict[jax.Device, jax.Array]],
-) -> None:
+def _run_batch(batch: list[_Unit], requests: list[LeafRequest], fetcher: _Fetcher, results: _Results) -> None:
     spans = fetcher.issue([r for unit in batch for r in unit.reads])
-    arrays: list[np.ndarray] = []
-    devices: list[jax.Device] = []
-    owners: list[int] = []
+    pieces: dict[int, dict[Box, np.ndarray]] = {}
+    holders: dict[int, dict[Box, tuple[jax.Device, ...]]] = {}
     for unit in batch:
         req = requests[unit.request]
         array = _assemble(unit, req, fetcher, spans)
@@ -320,26 +343,19 @@ def _run_batch(
             array = array.reshape(req.shape)
         if req.dtype != req.entry.dtype:
             array = array.astype(req.dtype)
+        results.remaining[unit.request] -= 1
         if req.sharding is None:
-            host_results[unit.request] = array if array.flags.writeable else array.copy()
+            results.done[unit.request] = array if array.flags.writeable else array.copy()
             continue
-        for targets, index in unit.placements:
-            piece = array if index is None else array[index]
-            for device in targets:
-                arrays.append(piece)
-                devices.append(device)
-                owners.append(unit.request)
-    if arrays:
-        for owner, device, placed in zip(owners, devices, jax.device_put(arrays, devices)):
-            device_results[owner][device] = placed
+        for devices, tbox in unit.placements:
+            box = unit.box if tbox is None else tbox
+            pieces.setdefault(unit.request, {})[box] = array if tbox is None else array[_target_index(tbox)]
+            holders.setdefault(unit.request, {})[box] = devices
+    for request, by_box in pieces.items():
+        results.place(request, requests[request], by_box, holders[request])
 
 
-def _stream_unit(
-    unit: _Unit,
-    req: LeafRequest,
-    fetcher: _Fetcher,
-    device_results: dict[int, dict[jax.Device, jax.Array]],
-) -> None:
+def _stream_unit(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, results: _Results) -> None:
     ((targets, _),) = unit.placements
     buffers = {d: jnp.zeros(box_shape(unit.box), req.dtype, device=d) for d in targets}
     for read in unit.reads:
@@ -349,7 +365,8 @@ def _stream_unit(
         for d in targets:
             buffers[d] = _write_block(buffers[d], jax.device_put(block, d), starts)
         del rows, block
-    device_results[unit.request].update(buffers)
+    results.remaining[unit.request] -= 1
+    results.partial.setdefault(unit.request, {}).update(buffers)
 
 
 def open_checkpoint(path: str) -> tuple[Directory, str, Index]:
