@@ -9,6 +9,7 @@ come from a fixed list, and file names are derived from the prefix, never read.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -110,7 +111,7 @@ class StoredShard:
     stop: tuple[int, ...]
     crc32c: tuple[int, ...]  # one per CRC chunk, in order
 
-    @property
+    @functools.cached_property
     def shape(self) -> tuple[int, ...]:
         return tuple(b - a for a, b in zip(self.start, self.stop))
 
@@ -251,6 +252,17 @@ def _int(value: Any, what: str, lo: int = 0, hi: int = MAX_BYTES) -> int:
     return value
 
 
+def _ints(value: Any, what: str, lo: int, hi: int) -> tuple[int, ...]:
+    """A list of integers in [lo, hi], checked in bulk (indexes hold many of them)."""
+    if (
+        not isinstance(value, list)
+        or not all(type(x) is int for x in value)
+        or (value and (min(value) < lo or max(value) > hi))
+    ):
+        raise ValueError(f"{what} must be a list of integers in [{lo}, {hi}], found {value!r:.60}")
+    return tuple(value)
+
+
 def _list(value: Any, what: str) -> list[Any]:
     if not isinstance(value, list):
         raise ValueError(f"{what} must be a list, found {type(value).__name__}")
@@ -362,8 +374,8 @@ def _decode_leaf(leaf: dict[str, Any], name: str, files: list[DataFile], chunk: 
         file = _int(s[0], f"{what} file", 0, len(files) - 1)
         offset = _int(s[1], f"{what} offset")
         nbytes = _int(s[2], f"{what} nbytes")
-        start = tuple(_int(x, f"{what} start", 0, 1 << 50) for x in _list(s[3], f"{what} start"))
-        stop = tuple(_int(x, f"{what} stop", 0, 1 << 50) for x in _list(s[4], f"{what} stop"))
+        start = _ints(s[3], f"{what} start", 0, 1 << 50)
+        stop = _ints(s[4], f"{what} stop", 0, 1 << 50)
         if len(start) != len(shape) or len(stop) != len(shape):
             raise ValueError(f"{what}: box has {len(start)}/{len(stop)} dims, array has {len(shape)}")
         if not all(0 <= a <= b <= d for a, b, d in zip(start, stop, shape)):
@@ -373,10 +385,9 @@ def _decode_leaf(leaf: dict[str, Any], name: str, files: list[DataFile], chunk: 
             raise ValueError(f"{what}: nbytes {nbytes} != {volume} elements of {dtype_str}")
         if offset + nbytes > files[file].nbytes:
             raise ValueError(f"{what}: bytes {offset}..{offset + nbytes} lie past the end of file {file}")
-        crcs = _list(s[5], f"{what} crc32c")
-        if len(crcs) != crc_chunks(nbytes, chunk):
-            raise ValueError(f"{what}: {len(crcs)} checksums for {crc_chunks(nbytes, chunk)} chunks")
-        crc = tuple(_int(c, f"{what} crc32c", 0, 0xFFFFFFFF) for c in crcs)
+        crc = _ints(s[5], f"{what} crc32c", 0, 0xFFFFFFFF)
+        if len(crc) != crc_chunks(nbytes, chunk):
+            raise ValueError(f"{what}: {len(crc)} checksums for {crc_chunks(nbytes, chunk)} chunks")
         covered += volume
         shards.append(StoredShard(file, offset, nbytes, start, stop, crc))
     if covered != size:

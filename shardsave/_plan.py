@@ -174,6 +174,18 @@ class Read:
         return all(s == slice(None) for s in (*self.src, *self.dst))
 
 
+def exact_reads(shard: StoredShard, itemsize: int, max_read_bytes: int | None = None) -> list[Read]:
+    """The reads of a target box that is exactly one stored shard (a target laid out as saved)."""
+    shape = shard.shape
+    if not shape:
+        return [Read(shard, 0, 1, itemsize, (), ())]
+    row_bytes = math.prod(shape[1:]) * itemsize
+    if max_read_bytes is not None and row_bytes and shape[0] * row_bytes > max_read_bytes:
+        return plan_reads((shard,), tuple(zip(shard.start, shard.stop)), itemsize, max_read_bytes)
+    full = (slice(None),) * len(shape)
+    return [Read(shard, 0, shape[0], row_bytes, full, full)]
+
+
 def plan_reads(
     shards: tuple[StoredShard, ...], target: Box, itemsize: int, max_read_bytes: int | None = None
 ) -> list[Read]:
@@ -188,10 +200,6 @@ def plan_reads(
         return []
     if not target:  # 0-d: one element, one shard
         return [Read(shards[0], 0, 1, itemsize, (), ())]
-    start, stop = tuple(a for a, _ in target), tuple(b for _, b in target)
-    exact = [s for s in shards if s.start == start and s.stop == stop]
-    if exact:  # the common case, a target laid out as saved: no overlap arithmetic
-        shards = (exact[0],)
     reads = []
     for shard in shards:
         lo = [max(a, s) for (a, _), s in zip(target, shard.start)]

@@ -30,7 +30,16 @@ import numpy as np
 
 from . import _format
 from ._format import Index, LeafEntry
-from ._plan import Box, Read, box_shape, full_box, index_box, plan_reads, unique_target_boxes
+from ._plan import (
+    Box,
+    Read,
+    box_shape,
+    exact_reads,
+    full_box,
+    index_box,
+    plan_reads,
+    unique_target_boxes,
+)
 from ._storage import Directory, aligned_empty, join, open_prefix
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
@@ -127,8 +136,14 @@ def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None) -> list
                 unit.placements.extend((d, tbox) for tbox, d in unique_target_boxes(req.sharding, req.shape))
             units.append(unit)
             continue
+        # A target laid out as saved (the common case) finds its stored box at once.
+        stored = {(s.start, s.stop): s for s in entry.shards}
         for tbox, devices in unique_target_boxes(req.sharding, req.shape):
-            reads = plan_reads(entry.shards, tbox, itemsize, max_read_bytes)
+            same = stored.get((tuple(a for a, _ in tbox), tuple(b for _, b in tbox)))
+            if same is not None and same.nbytes:
+                reads = exact_reads(same, itemsize, max_read_bytes)
+            else:
+                reads = plan_reads(entry.shards, tbox, itemsize, max_read_bytes)
             units.append(_Unit(i, tbox, reads, [(devices, None)]))
     return units
 
