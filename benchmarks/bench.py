@@ -367,6 +367,58 @@ print(json.dumps(times))
     return {"first": times[0], "later": statistics.median(times[1:])}
 
 
+def index_speed(leaves: int, reps: int) -> dict[str, float]:
+    """Encode and decode the index of a checkpoint of `leaves` leaves (mixed shardings)."""
+    from shardsave import _format
+
+    mesh, _ = meshes()
+    specs = [
+        _tree.LeafSpec(
+            f"layer{i:05d}/w",
+            (64, 64),
+            np.dtype(np.float32),
+            "jax",
+            NamedSharding(mesh, SPECS[i % len(SPECS)]),
+        )
+        for i in range(leaves)
+    ]
+    plan = _plan.plan_save(specs, True, jax.devices())
+    shards: list[list[_format.StoredShard]] = [[] for _ in specs]
+    for k, f in enumerate(plan.files):
+        for sh in f.shards:
+            start, stop = tuple(a for a, _ in sh.box), tuple(b for _, b in sh.box)
+            shards[sh.leaf].append(_format.StoredShard(k, sh.offset, sh.nbytes, start, stop, (12345,)))
+    entries = tuple(
+        _format.LeafEntry(
+            spec.name, spec.dtype, spec.shape, spec.kind, _format.encode_sharding(spec.sharding), tuple(s)
+        )
+        for spec, s in zip(specs, shards)
+    )
+    files = tuple(_format.DataFile(f.nbytes, f.device_id, f.process_index) for f in plan.files)
+    index = _format.Index(
+        1,
+        time.time(),
+        _format.CRC_CHUNK_BYTES,
+        files,
+        {"dict": [[e.name, i] for i, e in enumerate(entries)]},
+        entries,
+    )
+    write, read = [], []
+    for _ in range(reps):
+        began = time.perf_counter()
+        raw = _format.encode_index(index)
+        write.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        _format.decode_index(raw, "bench")
+        read.append(time.perf_counter() - began)
+    return {
+        "leaves": leaves,
+        "bytes": len(raw),
+        "write_s": statistics.median(write),
+        "read_s": statistics.median(read),
+    }
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -544,6 +596,17 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
         with open(out / "table.txt", "a") as f:
             f.write(line + "\n")
+    speed = index_speed(config.get("index_leaves", 10000), config["reps"])
+    line = (
+        f"index of {speed['leaves']} leaves ({speed['bytes'] / MIB:.1f} MiB of JSON): "
+        f"written in {speed['write_s']:.3f} s, read and validated in {speed['read_s']:.3f} s"
+    )
+    print(line)
+    with open(out / "table.txt", "a") as f:
+        f.write(line + "\n")
+    doc = json.loads((out / "bench.json").read_text())
+    doc["index"] = speed
+    (out / "bench.json").write_text(json.dumps(doc, indent=1))
     chart(rows, out / "bench.png")
     print(f"wrote {out / 'bench.json'}, {out / 'table.txt'}, {out / 'bench.png'}", file=sys.stderr)
     return 0

@@ -221,10 +221,8 @@ def encode_index(index: Index) -> bytes:
                 "shape": list(leaf.shape),
                 "kind": leaf.kind,
                 "sharding": leaf.sharding,
-                "shards": [
-                    [s.file, s.offset, s.nbytes, list(s.start), list(s.stop), list(s.crc32c)]
-                    for s in leaf.shards
-                ],
+                # json writes tuples as arrays: no per-shard list copies
+                "shards": [(s.file, s.offset, s.nbytes, s.start, s.stop, s.crc32c) for s in leaf.shards],
             }
         )
     doc = {
