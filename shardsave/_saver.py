@@ -1,7 +1,9 @@
 """Saver: the one place that knows the order of a save and of a restore.
 
-Save:    tree -> leaf specs -> plan (cached) -> stage (blocking) -> [background:
-         checksums -> data writes -> index (commit) -> state file -> retention].
+Save:    tree -> leaf specs -> plan (cached) -> stage (blocking; or an on-device
+         snapshot, staged later) -> [background: checksums -> data writes ->
+         (several processes: report, process 0 gathers) -> index (commit) ->
+         state file -> retention].
 Restore: index -> match target leaves -> plan reads -> read, verify, place.
 """
 

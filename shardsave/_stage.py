@@ -35,11 +35,6 @@ _HUGEPAGE_MIN_BYTES = 4 << 20
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 
 
-def as_bytes_view(array: np.ndarray) -> np.ndarray:
-    """A flat uint8 view of a C-contiguous little-endian array (no copy)."""
-    return array.reshape(-1).view(np.uint8)
-
-
 def host_array(leaf: Any, dtype: np.dtype) -> np.ndarray:
     """A host leaf (numpy array or scalar) as a C-contiguous little-endian array."""
     array = np.ascontiguousarray(np.asarray(leaf, dtype=dtype))
