@@ -250,14 +250,18 @@ def _int(value: Any, what: str, lo: int = 0, hi: int = MAX_BYTES) -> int:
     return value
 
 
-def _ints(value: Any, what: str, lo: int, hi: int) -> tuple[int, ...]:
-    """A list of integers in [lo, hi], checked in bulk (indexes hold many of them)."""
+def _in(value: Any, lo: int, hi: int) -> bool:
+    return type(value) is int and lo <= value <= hi
+
+
+def _ints(value: Any, lo: int, hi: int) -> tuple[int, ...] | None:
+    """A list of integers in [lo, hi] as a tuple, or None; checked in bulk."""
     if (
-        not isinstance(value, list)
+        type(value) is not list
         or not all(type(x) is int for x in value)
         or (value and (min(value) < lo or max(value) > hi))
     ):
-        raise ValueError(f"{what} must be a list of integers in [{lo}, {hi}], found {value!r:.60}")
+        return None
     return tuple(value)
 
 
@@ -365,27 +369,39 @@ def _decode_leaf(leaf: dict[str, Any], name: str, files: list[DataFile], chunk: 
         raise ValueError(f"leaf {name!r}: too many shards ({len(raw_shards)})")
     shards = []
     covered = 0
+    last_file = len(files) - 1
     for j, s in enumerate(raw_shards):
-        what = f"leaf {name!r} shard {j}"
-        if not isinstance(s, list) or len(s) != 6:
-            raise ValueError(f"{what} must be [file, offset, nbytes, start, stop, crc32c]")
-        file = _int(s[0], f"{what} file", 0, len(files) - 1)
-        offset = _int(s[1], f"{what} offset")
-        nbytes = _int(s[2], f"{what} nbytes")
-        start = _ints(s[3], f"{what} start", 0, 1 << 50)
-        stop = _ints(s[4], f"{what} stop", 0, 1 << 50)
+        # Messages are built only on failure: an index holds tens of thousands of shards.
+        if type(s) is not list or len(s) != 6:
+            raise ValueError(f"leaf {name!r} shard {j} must be [file, offset, nbytes, start, stop, crc32c]")
+        file, offset, nbytes = s[0], s[1], s[2]
+        if not (_in(file, 0, last_file) and _in(offset, 0, MAX_BYTES) and _in(nbytes, 0, MAX_BYTES)):
+            raise ValueError(
+                f"leaf {name!r} shard {j}: file, offset and nbytes must be integers in range "
+                f"(files 0..{last_file}, sizes up to {MAX_BYTES}), found {s[:3]!r:.80}"
+            )
+        start, stop, crc = _ints(s[3], 0, 1 << 50), _ints(s[4], 0, 1 << 50), _ints(s[5], 0, 0xFFFFFFFF)
+        if start is None or stop is None or crc is None:
+            raise ValueError(
+                f"leaf {name!r} shard {j}: start, stop and crc32c must be lists of integers in range"
+            )
         if len(start) != len(shape) or len(stop) != len(shape):
-            raise ValueError(f"{what}: box has {len(start)}/{len(stop)} dims, array has {len(shape)}")
+            raise ValueError(
+                f"leaf {name!r} shard {j}: box has {len(start)}/{len(stop)} dims, array has {len(shape)}"
+            )
         if not all(0 <= a <= b <= d for a, b, d in zip(start, stop, shape)):
-            raise ValueError(f"{what}: box {start}..{stop} lies outside shape {shape}")
+            raise ValueError(f"leaf {name!r} shard {j}: box {start}..{stop} lies outside shape {shape}")
         volume = math.prod(b - a for a, b in zip(start, stop))
         if nbytes != volume * dtype.itemsize:
-            raise ValueError(f"{what}: nbytes {nbytes} != {volume} elements of {dtype_str}")
+            raise ValueError(f"leaf {name!r} shard {j}: nbytes {nbytes} != {volume} elements of {dtype_str}")
         if offset + nbytes > files[file].nbytes:
-            raise ValueError(f"{what}: bytes {offset}..{offset + nbytes} lie past the end of file {file}")
-        crc = _ints(s[5], f"{what} crc32c", 0, 0xFFFFFFFF)
+            raise ValueError(
+                f"leaf {name!r} shard {j}: bytes {offset}..{offset + nbytes} lie past the end of file {file}"
+            )
         if len(crc) != crc_chunks(nbytes, chunk):
-            raise ValueError(f"{what}: {len(crc)} checksums for {crc_chunks(nbytes, chunk)} chunks")
+            raise ValueError(
+                f"leaf {name!r} shard {j}: {len(crc)} checksums for {crc_chunks(nbytes, chunk)} chunks"
+            )
         covered += volume
         shards.append(StoredShard(file, offset, nbytes, start, stop, crc))
     if covered != size:
