@@ -474,9 +474,9 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         f"{'x limit':>8} {'x orbax':>8} {'x nocomp':>8} {'transient':>10}"
     ]
     order = {
-        "raw-ts": 1.5,
         "d2h": 0,
         "raw": 1,
+        "raw-ts": 1.5,
         "shardsave": 2,
         "shardsave-async": 3,
         "shardsave-device": 4,
@@ -588,22 +588,22 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"machine": machine, "rows": rows, "first_save": first, "records": records}, indent=1)
         )
         (out / "table.txt").write_text("\n".join(lines) + "\n")
-    if first:
-        line = (
-            f"first save of a process (blocking): {first['first']:.3f} s, later saves: {first['later']:.3f} s "
-            f"({first['first'] / first['later']:.1f}x), {cases[0]['bytes'] // MIB} MiB, {cases[0]['leaves']} leaves"
-        )
+
+    def note(line: str) -> None:
         print(line)
         with open(out / "table.txt", "a") as f:
             f.write(line + "\n")
-    speed = index_speed(config.get("index_leaves", 10000), config["reps"])
-    line = (
+
+    if first:
+        note(
+            f"first save of a process (blocking): {first['first']:.3f} s, later saves: {first['later']:.3f} s "
+            f"({first['first'] / first['later']:.1f}x), {cases[0]['bytes'] // MIB} MiB, {cases[0]['leaves']} leaves"
+        )
+    speed = index_speed(config["index_leaves"], config["reps"])
+    note(
         f"index of {speed['leaves']} leaves ({speed['bytes'] / MIB:.1f} MiB of JSON): "
         f"written in {speed['write_s']:.3f} s, read and validated in {speed['read_s']:.3f} s"
     )
-    print(line)
-    with open(out / "table.txt", "a") as f:
-        f.write(line + "\n")
     doc = json.loads((out / "bench.json").read_text())
     doc["index"] = speed
     (out / "bench.json").write_text(json.dumps(doc, indent=1))

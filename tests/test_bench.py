@@ -25,4 +25,6 @@ sys.exit(bench.main(["--profile", "tiny", "--out", {str(tmp_path)!r}]))
     assert {("shardsave", "restore_sequential"), ("orbax", "save"), ("orbax-nocomp", "restore")} <= tools
     assert all(r["median_s"] > 0 and r["n"] == 1 for r in doc["rows"])
     assert (tmp_path / "bench.png").stat().st_size > 1000
-    assert "shardsave" in (tmp_path / "table.txt").read_text()
+    table = (tmp_path / "table.txt").read_text()
+    assert "shardsave" in table and "index of 100 leaves" in table
+    assert doc["index"]["leaves"] == 100 and doc["index"]["read_s"] > 0
