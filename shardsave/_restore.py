@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -115,12 +115,13 @@ class _Results:
         self.partial.setdefault(request, {}).update(zip(devices, jax.device_put(arrays, devices)))
 
     def finish(self, requests: list[LeafRequest]) -> list[Any]:
-        for i, per_device in self.partial.items():
-            req = requests[i]
-            assert req.sharding is not None
-            self.done[i] = jax.make_array_from_single_device_arrays(
-                req.shape, req.sharding, list(per_device.values())
-            )
+        for i, req in enumerate(requests):
+            if i not in self.done:
+                # Leaves split over batches; and leaves none of whose devices are this
+                # process's (several processes), which get no local shards at all.
+                assert req.sharding is not None
+                arrays = list(self.partial.get(i, {}).values())
+                self.done[i] = jax.make_array_from_single_device_arrays(req.shape, req.sharding, arrays)
         return [self.done[i] for i in range(len(requests))]
 
 
@@ -257,7 +258,6 @@ def restore_leaves(
     *,
     budget: int | None,
     sequential: bool,
-    progress: Callable[[int], None] | None = None,
 ) -> list[Any]:
     """Restores each request; returns a jax.Array or numpy array per request."""
     if sequential:
@@ -280,8 +280,6 @@ def restore_leaves(
             _stream_unit(batch[0], requests[batch[0].request], fetcher, results)
         else:
             _run_batch(batch, requests, fetcher, results)
-        if progress is not None:
-            progress(sum(u.read_bytes() for u in batch))
     return results.finish(requests)
 
 
