@@ -1,10 +1,11 @@
-"""All I/O goes through a tensorstore key-value store rooted at a directory.
+"""The storage layer: a tensorstore key-value store rooted at a directory.
 
 A local path, a file:// URL and memory:// (and any other kvstore URL tensorstore
 understands, such as gs:// or s3:// where it is built with them) behave the same.
 Writes are whole values: tensorstore's file driver writes a temporary file and
 renames it, so a value is either absent or complete, and it syncs the data before
 the rename (the `file_io_sync` context default), so a written value is durable.
+Ranged reads of local data files are the one exception (see read_range).
 """
 
 from __future__ import annotations
