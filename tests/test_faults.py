@@ -177,3 +177,25 @@ def test_fuzzed_index_decodes_or_raises_a_shardsave_error(ckpt, data):
         assert sum(s.nbytes for s in leaf.shards) == leaf.nbytes
         for s in leaf.shards:
             assert s.offset + s.nbytes <= index.files[s.file].nbytes
+
+
+def test_atheris_fuzzes_the_index_decoder(tmp_path):
+    """A short coverage-guided run seeded with the golden index (see tests/fuzz_index.py)."""
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("atheris", reason="atheris is in the test extra; it has no wheel for every platform")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    golden = Path(__file__).parent / "golden" / "model-7.index"
+    shutil.copy(golden, corpus / "golden.index")
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "fuzz_index.py"), "-runs=5000", "-seed=1", str(corpus)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Done 5000 runs" in result.stderr

@@ -1,0 +1,33 @@
+"""Coverage-guided fuzzing of the index decoder with atheris.
+
+Every input must decode to a consistent index or raise a ShardsaveError; any other
+exception is a crash. Run longer by hand, e.g.:
+
+    python tests/fuzz_index.py -max_total_time=600 tests/golden
+"""
+
+from __future__ import annotations
+
+import sys
+
+import atheris
+
+with atheris.instrument_imports():
+    from shardsave import _format
+    from shardsave.errors import ShardsaveError
+
+
+def test_one_input(data: bytes) -> None:
+    try:
+        index = _format.decode_index(data, "fuzz")
+    except ShardsaveError:
+        return
+    for leaf in index.leaves:
+        assert sum(s.nbytes for s in leaf.shards) == leaf.nbytes
+        for s in leaf.shards:
+            assert s.offset + s.nbytes <= index.files[s.file].nbytes
+
+
+if __name__ == "__main__":
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
