@@ -11,8 +11,12 @@ from __future__ import annotations
 import sys
 
 import atheris
+import jax  # noqa: F401  (imported first, so only shardsave's own code is instrumented)
+import ml_dtypes  # noqa: F401
+import numpy  # noqa: F401
+import tensorstore  # noqa: F401
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["shardsave"]):
     from shardsave import _format
     from shardsave.errors import ShardsaveError
 
