@@ -321,11 +321,13 @@ class Saver:
             self._commit(pending)
             self._last_save = replace(info, commit_seconds=time.perf_counter() - started)
 
-        # Synchronous saves take the same path and wait for it: one code path, and the
-        # commit never runs on the caller's thread.
-        self._commits.submit(commit, prefix)
-        if not self.async_save:
-            self._commits.wait()
+        if self.async_save:
+            self._commits.submit(commit, prefix)
+        else:
+            try:
+                commit()
+            except Exception as e:
+                raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         return prefix
 
     def wait_until_finished(self) -> None:
