@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # On a machine with an accelerator and no network: correctness first, then the benchmark.
 # Needs jax with its accelerator plugin, tensorstore, orbax-checkpoint, psutil, pyyaml and
-# matplotlib installed there; google-crc32c may come as a wheel in .gpu/ (carried along).
+# matplotlib installed there; google-crc32c may come as a wheel in .gpu/ (carried along),
+# fetched here beforehand with:
+#   pip download google-crc32c --python-version 3.12 --only-binary=:all: \
+#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out/gpu}
