@@ -77,10 +77,6 @@ class SavePlan:
     leaves: tuple[LeafSpec, ...]
     files: tuple[PlannedFile, ...]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.files)
-
 
 def _by_id(devices: Any) -> list[jax.Device]:
     return sorted(devices, key=lambda d: d.id)

@@ -154,10 +154,10 @@ class CheckpointReader:
         n = len(self.index.files)
         keys = [_format.data_key(self._base, k, n) for k in range(n)]
         chunk = self.index.crc_chunk_bytes
+        step = max(chunk, _VERIFY_READ_BYTES // chunk * chunk)  # whole chunks per read
         for leaf in self.index.leaves:
             for shard in leaf.shards:
                 where = f"{join(self._directory.path, keys[shard.file])} (leaf {leaf.name!r}, shard {shard.start}..{shard.stop})"
-                step = max(chunk, _VERIFY_READ_BYTES // chunk * chunk)
                 for lo in range(0, shard.nbytes, step):
                     hi = min(lo + step, shard.nbytes)
                     try:
