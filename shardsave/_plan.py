@@ -31,6 +31,8 @@ Box = tuple[tuple[int, int], ...]  # per dimension [start, stop)
 # into an aligned buffer can hand it to a CPU device without copying it again.
 SHARD_ALIGNMENT = 64
 
+_ALL = slice(None)
+
 
 def index_box(index: tuple[slice, ...], shape: tuple[int, ...]) -> Box:
     out = []
@@ -133,12 +135,13 @@ def plan_save(leaves: list[LeafSpec], sharded: bool, all_devices: list[jax.Devic
 # ---------------------------------------------------------------- restore
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a restore of thousands of leaves builds one per shard
 class Read:
     """Rows [row_start, row_stop) of one stored shard, copied into a target box.
 
     src indexes the rows read (shape (rows, *stored.shape[1:])) to select the
     overlap; dst indexes the target box's array where the overlap goes.
+    fills_target: the rows read are exactly the target box, in its memory order.
     """
 
     shard: StoredShard
@@ -147,14 +150,7 @@ class Read:
     row_bytes: int
     src: tuple[slice, ...]
     dst: tuple[slice, ...]
-
-    @property
-    def byte_start(self) -> int:
-        return self.shard.offset + self.row_start * self.row_bytes
-
-    @property
-    def byte_stop(self) -> int:
-        return self.shard.offset + self.row_stop * self.row_bytes
+    fills_target: bool
 
     @property
     def nbytes(self) -> int:
@@ -164,22 +160,17 @@ class Read:
     def rows_shape(self) -> tuple[int, ...]:
         return (self.row_stop - self.row_start, *self.shard.shape[1:]) if self.shard.shape else ()
 
-    @property
-    def fills_target(self) -> bool:
-        """The rows read are exactly the target box, in its memory order."""
-        return all(s == slice(None) for s in (*self.src, *self.dst))
-
 
 def exact_reads(shard: StoredShard, itemsize: int, max_read_bytes: int | None = None) -> list[Read]:
     """The reads of a target box that is exactly one stored shard (a target laid out as saved)."""
     shape = shard.shape
     if not shape:
-        return [Read(shard, 0, 1, itemsize, (), ())]
+        return [Read(shard, 0, 1, itemsize, (), (), True)]
     row_bytes = math.prod(shape[1:]) * itemsize
     if max_read_bytes is not None and row_bytes and shape[0] * row_bytes > max_read_bytes:
         return plan_reads((shard,), tuple(zip(shard.start, shard.stop)), itemsize, max_read_bytes)
     full = (slice(None),) * len(shape)
-    return [Read(shard, 0, shape[0], row_bytes, full, full)]
+    return [Read(shard, 0, shape[0], row_bytes, full, full, True)]
 
 
 def plan_reads(
@@ -195,7 +186,7 @@ def plan_reads(
     if math.prod(target_shape) == 0:
         return []
     if not target:  # 0-d: one element, one shard
-        return [Read(shards[0], 0, 1, itemsize, (), ())]
+        return [Read(shards[0], 0, 1, itemsize, (), (), True)]
     reads = []
     for shard in shards:
         lo = [max(a, s) for (a, _), s in zip(target, shard.start)]
@@ -219,7 +210,9 @@ def plan_reads(
             r_end = min(row1, r + step)
             t0, t1 = r + shard.start[0] - target[0][0], r_end + shard.start[0] - target[0][0]
             dst0 = slice(None) if (t0, t1) == (0, target_shape[0]) else slice(t0, t1)
-            reads.append(Read(shard, r, r_end, row_bytes, (slice(None), *src_rest), (dst0, *dst_rest)))
+            src, dst = (slice(None), *src_rest), (dst0, *dst_rest)
+            fills = all(s == _ALL for s in (*src, *dst))
+            reads.append(Read(shard, r, r_end, row_bytes, src, dst, fills))
     return reads
 
 

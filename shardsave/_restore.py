@@ -16,11 +16,11 @@ filled in place, row range by row range, so host memory never holds it whole.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import google_crc32c
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _format
-from ._format import Index, LeafEntry
+from . import _format, _gc
+from ._format import Index, LeafEntry, StoredShard
 from ._plan import (
     Box,
     Read,
@@ -202,15 +202,18 @@ class _Fetcher:
             handles.update((id(r), span) for r in group)
         return handles
 
+    def _where(self, shard: StoredShard) -> str:
+        return f"{join(self.directory.path, self.keys[shard.file])} (leaf {self.names[id(shard)]!r})"
+
     def verified(self, read: Read, span: _Span, dtype: np.dtype) -> np.ndarray:
         """The rows of the read, as an array of the stored dtype (read-only view)."""
         shard = read.shard
-        where = f"{join(self.directory.path, self.keys[shard.file])} (leaf {self.names[id(shard)]!r})"
         a, b = self._absolute_span(read)
-        data = span.bytes(where)[a - span.start : b - span.start]
+        data = span.bytes(functools.partial(self._where, shard))[a - span.start : b - span.start]
         if data.size != b - a:
             raise CorruptCheckpointError(
-                f"{where}: expected {b - a} bytes at offset {a}, found {data.size} (the file is truncated)"
+                f"{self._where(shard)}: expected {b - a} bytes at offset {a}, found {data.size} "
+                "(the file is truncated)"
             )
         rel_a = a - shard.offset
         for j in range(rel_a // self.chunk, -(-(b - shard.offset) // self.chunk)):
@@ -218,7 +221,8 @@ class _Fetcher:
             piece = data[lo : min(lo + self.chunk, data.size)]
             if google_crc32c.value(piece) != shard.crc32c[j]:
                 raise CorruptCheckpointError(
-                    f"{where}: crc32c mismatch in bytes {a + lo}..{a + lo + piece.size} (the data is corrupt)"
+                    f"{self._where(shard)}: crc32c mismatch in bytes {a + lo}..{a + lo + piece.size} "
+                    "(the data is corrupt)"
                 )
         rel0 = read.row_start * read.row_bytes
         rows = data[rel0 - rel_a : rel0 - rel_a + read.nbytes]
@@ -232,24 +236,26 @@ class _Span:
         self.future, self.start, self.end = future, start, end
         self._data: np.ndarray | None = None
 
-    def bytes(self, where: str) -> np.ndarray:
+    def bytes(self, where: Callable[[], str]) -> np.ndarray:
+        """The bytes; where() names the file and leaf in an error."""
         if self._data is None:
             try:
                 self._data = self.future.result()
             except FileNotFoundError as e:
-                raise CorruptCheckpointError(f"{where}: the data file is missing") from e
+                raise CorruptCheckpointError(f"{where()}: the data file is missing") from e
             except Exception as e:  # tensorstore reports a short file as an out-of-range read
                 raise CorruptCheckpointError(
-                    f"{where}: cannot read bytes {self.start}..{self.end}: {e}"
+                    f"{where()}: cannot read bytes {self.start}..{self.end}: {e}"
                 ) from e
         return self._data
 
 
-@partial(jax.jit, donate_argnums=0)
+@functools.partial(jax.jit, donate_argnums=0)
 def _write_block(buffer: jax.Array, block: jax.Array, starts: tuple[jax.Array, ...]) -> jax.Array:
     return jax.lax.dynamic_update_slice(buffer, block, starts)
 
 
+@_gc.pausing
 def restore_leaves(
     directory: Directory,
     base: str,
@@ -319,8 +325,9 @@ def _aligned_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return aligned_empty(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
 
 
-def _on_cpu(req: LeafRequest) -> bool:
-    devices: Any = req.sharding.device_set if req.sharding is not None else ()
+@functools.lru_cache(maxsize=256)
+def _on_cpu(sharding: jax.sharding.Sharding | None) -> bool:
+    devices: Any = sharding.device_set if sharding is not None else ()
     return any(d.platform == "cpu" for d in devices)
 
 
@@ -329,7 +336,7 @@ def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int,
     if len(unit.reads) == 1 and unit.reads[0].fills_target:
         read = unit.reads[0]
         rows = fetcher.verified(read, spans[id(read)], dtype)
-        if not _on_cpu(req) or rows.ctypes.data % 64 == 0:
+        if not _on_cpu(req.sharding) or rows.ctypes.data % 64 == 0:
             # An accelerator copies it to the device anyway; a CPU device adopts an
             # aligned buffer as it is (local reads land aligned: shards start at
             # multiples of 64 bytes in their files).

@@ -22,7 +22,7 @@ import google_crc32c
 import jax
 import numpy as np
 
-from . import _format, _tree
+from . import _format, _gc, _tree
 from ._commit import BackgroundCommits
 from ._distributed import Coordinator, decode_reports, encode_report
 from ._format import DataFile, Index, LeafEntry, StoredShard
@@ -226,6 +226,7 @@ class Saver:
         retention = self._retention.get(self._last_directory)
         return [] if retention is None else [join(self._last_directory, b) for b, _ in retention.kept]
 
+    @_gc.pausing
     def save(
         self,
         tree: Any,
@@ -418,6 +419,7 @@ class Saver:
             self._last_directory = directory.path
 
     @staticmethod
+    @_gc.pausing
     def _index(
         plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
     ) -> Index:
@@ -493,6 +495,7 @@ class Saver:
 
     # ------------------------------------------------------------ restore
 
+    @_gc.pausing
     def restore(
         self,
         save_path: str,

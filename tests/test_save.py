@@ -200,3 +200,34 @@ def test_a_bad_leaf_with_overwrite_leaves_the_old_checkpoint_committed(tmp_path)
     with pytest.raises(TypeError, match="leaf 'b'"):
         saver.save({"a": np.ones(3), "b": object()}, str(tmp_path / "m"), global_step=1, overwrite=True)
     np.testing.assert_array_equal(saver.restore(path)["a"], np.ones(3))
+
+
+def test_the_garbage_collector_is_paused_only_inside_shardsave(tmp_path):
+    import gc
+
+    from shardsave import _gc
+
+    saver = shardsave.Saver(async_save=True)
+    path = saver.save({"a": np.ones(4)}, str(tmp_path / "m"))
+    saver.wait_until_finished()
+    assert gc.isenabled()
+    assert shardsave.Saver().restore(path)["a"].sum() == 4
+    assert gc.isenabled()
+    # Nested and concurrent users (the caller and the commit thread): enabled again
+    # only when the last one leaves, and never if the user had it disabled.
+    with _gc.paused():
+        with _gc.paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        saver.save({"a": np.ones(4)}, str(tmp_path / "m"), global_step=2)
+        saver.wait_until_finished()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(SaveFailedError):
+        saver.save({"a": np.ones(4)}, "/proc/no-such-dir/m")
+        saver.wait_until_finished()
+    assert gc.isenabled()
