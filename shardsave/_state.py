@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import _format
-from ._storage import Directory, join, split_prefix
+from ._storage import Directory, join, split_prefix, temp_target
 from .errors import CorruptCheckpointError, ShardsaveError
 
 STATE_FILENAME = "checkpoint"
@@ -229,18 +229,23 @@ def remove_uncommitted(directory: Directory, stem: str) -> list[str]:
     """Deletes the data files of checkpoints named stem[-STEP] that have no index.
 
     They are leftovers of saves that failed or were killed, and of deletions cut
-    short. Other names are left alone: another Saver may be writing them now.
+    short; so are the temporary files of writes a kill interrupted. Other names
+    are left alone: another Saver may be writing them now.
     """
     keys = directory.list()
     present = set(keys)
     named = re.compile(rf"{re.escape(stem)}(-\d+)?")
-    doomed = [
-        k
-        for k in keys
-        if (p := _format.parse_data_key(k)) is not None
-        and named.fullmatch(p[0])
-        and _format.index_key(p[0]) not in present
-    ]
+
+    def leftover(key: str) -> bool:
+        written = temp_target(key)
+        if written is not None:  # an interrupted write of a data file or an index of this save path
+            p = _format.parse_data_key(written)
+            base = p[0] if p else written.removesuffix(_format.INDEX_SUFFIX)
+            return base != written and named.fullmatch(base) is not None
+        p = _format.parse_data_key(key)
+        return p is not None and named.fullmatch(p[0]) is not None and _format.index_key(p[0]) not in present
+
+    doomed = [k for k in keys if leftover(k)]
     for future in [directory.delete(k) for k in doomed]:
         future.result()
     return doomed

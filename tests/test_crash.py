@@ -25,7 +25,7 @@ from shardsave import _format, _storage
 from shardsave.errors import SaveFailedError
 
 CHILD = r"""
-import os, sys, time
+import os, sys, threading, time
 import jax, jax.numpy as jnp, numpy as np, shardsave
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import shardsave._saver as saver_module
@@ -34,10 +34,13 @@ from shardsave import _storage
 directory, pause_at = sys.argv[1], sys.argv[2]
 counts = {}
 
-def mark(phase):
-    counts[phase] = counts.get(phase, 0) + 1
-    print(f"phase {phase} {counts[phase]}", flush=True)
-    if pause_at == f"{phase}:{counts[phase]}":
+lock = threading.Lock()
+
+def mark(phase):  # called from the I/O threads too
+    with lock:
+        n = counts[phase] = counts.get(phase, 0) + 1
+    print(f"phase {phase} {n}", flush=True)
+    if pause_at == f"{phase}:{n}":
         print("paused", flush=True)
         time.sleep(120)
 
@@ -53,6 +56,11 @@ def marked_stage(*args):
     return stage(*args)
 _storage.Directory.write, _storage.Directory.delete = marked_write, marked_delete
 saver_module.stage = marked_stage
+fsync = os.fsync
+def marked_fsync(fd):  # a local write's temporary file is complete, not yet renamed
+    mark("fsync")
+    return fsync(fd)
+os.fsync = marked_fsync
 
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 latest = shardsave.latest_checkpoint(directory)
@@ -70,7 +78,7 @@ while True:
     step += 1
 """
 
-PHASES = ["stage", "data", "index", "state", "delete"]
+PHASES = ["stage", "data", "fsync", "index", "state", "delete"]
 
 
 def _committed(directory: Path) -> dict[str, int]:
@@ -126,7 +134,7 @@ def test_sigkill_at_every_phase_of_async_saves(tmp_path):
     kills = int(os.environ.get("SHARDSAVE_KILLS", "20"))
     rng = random.Random(1234)
     # Half the kills pause the child inside a chosen phase (each phase at least twice),
-    # the rest land at random moments.
+    # the rest land at random moments. With the default 20, 8 are random.
     plan = [(f"{phase}:{n}", None) for n in (1, 3) for phase in PHASES]
     plan += [("", rng.uniform(0.0, 0.6)) for _ in range(kills - len(plan))]
     rng.shuffle(plan)
@@ -137,6 +145,8 @@ def test_sigkill_at_every_phase_of_async_saves(tmp_path):
         seen = _kill_once(directory, pause_at, delay)
         last_phase = next((line.split()[1] for line in reversed(seen) if line.startswith("phase")), "start")
         phases_hit.add(last_phase)
+        if pause_at.startswith("fsync"):  # killed before the rename: the value is not visible
+            assert any(_storage.temp_target(p.name) for p in directory.iterdir())
         _check_latest_restores(directory)
         committed_now = _committed(directory)
         # A committed checkpoint disappears only through retention: three newer ones exist.
@@ -158,6 +168,12 @@ def test_sigkill_at_every_phase_of_async_saves(tmp_path):
         if (parsed := _format.parse_data_key(p.name)) and not (directory / f"{parsed[0]}.index").exists()
     ]
     assert leftovers == []
+    # Interrupted writes leave temporary files; those of checkpoints are removed too (a
+    # state file's may stay: another Saver of the directory could be writing it now).
+    temporary = [
+        p.name for p in directory.iterdir() if _storage.temp_target(p.name) not in (None, "checkpoint")
+    ]
+    assert temporary == []
     assert len(_committed(directory)) == 3
     for name in _committed(directory):
         assert shardsave.Saver().restore(str(directory / name))["step"] == int(name.rsplit("-", 1)[1])
