@@ -10,7 +10,9 @@ devices, or of the real devices when there are 8 of them) and runs every tool on
 it, interleaved within each repetition so machine noise hits all of them alike.
 Each figure is the median of `reps` repetitions after `warmup` ones, with min and
 max. Memory is transient host memory: peak RSS during the operation minus RSS
-right after it (results still alive), sampled every millisecond.
+right after it (results still alive), sampled every millisecond. save_stall is
+the longest time the sampling thread, a stand-in for the training loop, could not
+run while an asynchronous save committed in the background.
 
 Tools and what they measure:
   d2h            the bare device-to-host copy of the unique shards into preallocated
@@ -71,19 +73,30 @@ SPECS = [P("data", "model"), P("model"), P(None, "model"), P(), P("data")]
 
 
 class Sampler:
-    """Peak RSS of this process while an operation runs."""
+    """Peak RSS of this process while an operation runs, and the longest stall of a thread.
+
+    The sampling thread is a stand-in for a training loop: the longest gap between
+    two of its samples (`stall`, seconds) is the longest time another Python thread
+    could not run, because the operation held the GIL (or the CPU) that long.
+    """
 
     def __init__(self) -> None:
         self.proc = psutil.Process()
+        self.stall = 0.0
 
     def run(self, fn: Callable[[], Any]) -> tuple[float, int, Any]:
         peak = [self.proc.memory_info().rss]
         stop = threading.Event()
+        gaps = [0.0]
 
         def sample() -> None:
+            last = time.perf_counter()
             while not stop.is_set():
                 peak[0] = max(peak[0], self.proc.memory_info().rss)
                 time.sleep(0.001)
+                now = time.perf_counter()
+                gaps[0] = max(gaps[0], now - last)
+                last = now
 
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
@@ -92,6 +105,7 @@ class Sampler:
         seconds = time.perf_counter() - began
         stop.set()
         thread.join()
+        self.stall = gaps[0]
         after = self.proc.memory_info().rss
         if os.environ.get("BENCH_DEBUG"):
             print(
@@ -286,6 +300,7 @@ def run_case(
             as_path = str(base / name / "model")
             t_block, m_block, _ = sampler.run(partial(a_saver.save, tree, as_path, global_step=step))
             t_rest, m_rest, _ = sampler.run(a_saver.wait_until_finished)
+            record(name, "save_stall", rep, sampler.stall, 0)
             record(name, "save_blocking", rep, t_block, m_block)
             record(name, "save", rep, t_block + t_rest, max(m_block, m_rest))
 
@@ -299,6 +314,7 @@ def run_case(
                     partial(ckptr.save, target_dir, args=ocp.args.PyTreeSave(tree))
                 )
             t_rest, m_rest, _ = sampler.run(ckptr.wait_until_finished)
+            record(name, "save_stall", rep, sampler.stall, 0)
             record(name, "save_blocking", rep, t_block, m_block)
             record(name, "save", rep, t_block + t_rest, max(m_block, m_rest))
 
@@ -488,6 +504,7 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "save": 1,
         "save_stage": 2,
         "save_commit": 3,
+        "save_stall": 3.5,
         "restore": 4,
         "restore_resharded": 5,
         "restore_sequential": 6,
