@@ -21,14 +21,13 @@ import os
 import posixpath
 import secrets
 import threading
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import numpy as np
 import tensorstore as ts
 
+from ._threads import Pool
 from .errors import CheckpointNotFoundError
 
 # One context for the process: memory:// stores live in it, so a store opened twice
@@ -51,34 +50,11 @@ class IOStats:
 STATS = IOStats()
 _stats_lock = threading.Lock()
 
-_IO_THREADS = 8
-_io_pool: ThreadPoolExecutor | None = None
+_IO = Pool("shardsave-io", 8)
 
 # Marks the temporary file of a local write in progress: "<key>.tmp-<random>".
 TEMP_MARK = ".tmp-"
 _WRITE_BYTES = 64 << 20  # one write() call at most: Linux caps a call near 2 GiB
-
-
-def _submit(fn: Callable[..., Any], *args: Any) -> Future[Any]:
-    """Runs fn(*args) on the I/O threads; inline once the interpreter is exiting.
-
-    A save still pending at exit is finished by an atexit hook, which runs after
-    concurrent.futures has stopped accepting work.
-    """
-    global _io_pool
-    with _stats_lock:
-        if _io_pool is None:
-            _io_pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="shardsave-io")
-        pool = _io_pool
-    try:
-        return pool.submit(fn, *args)
-    except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
-        future: Future[Any] = Future()
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:
-            future.set_exception(e)
-        return future
 
 
 def aligned_empty(nbytes: int) -> np.ndarray:
@@ -169,7 +145,7 @@ class Directory:
             STATS.bytes_read += stop - start
         if not self.is_local:
             return _ReadResult(self._kv.read(key, byte_range=slice(start, stop)), key)
-        return _submit(_pread, self.local_path(key), start, stop)
+        return _IO.submit(_pread, self.local_path(key), start, stop)
 
     def write(self, key: str, data: bytes) -> Any:
         """Writes the whole value of key; returns a future (its result() raises on failure)."""
@@ -177,7 +153,7 @@ class Directory:
             STATS.bytes_written += len(data)
         if not self.is_local:
             return self._kv.write(key, data)
-        return _submit(_write_file, self.local_path(key), data)
+        return _IO.submit(_write_file, self.local_path(key), data)
 
     def read_all(self, key: str) -> bytes | None:
         """The whole value of key, or None if it does not exist."""

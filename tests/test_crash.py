@@ -36,12 +36,13 @@ counts = {}
 
 lock = threading.Lock()
 
-def mark(phase):  # called from the I/O threads too
+def mark(phase):  # called from the I/O threads too: whole lines, under the lock
     with lock:
         n = counts[phase] = counts.get(phase, 0) + 1
-    print(f"phase {phase} {n}", flush=True)
-    if pause_at == f"{phase}:{n}":
-        print("paused", flush=True)
+        paused = pause_at == f"{phase}:{n}"
+        sys.stdout.write(f"phase {phase} {n}\n" + ("paused\n" if paused else ""))
+        sys.stdout.flush()
+    if paused:
         time.sleep(120)
 
 write, delete, stage = _storage.Directory.write, _storage.Directory.delete, saver_module.stage
