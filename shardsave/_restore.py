@@ -5,9 +5,12 @@ devices need is read once and placed on each), or the whole leaf for host
 targets and reshapes. Units are executed in batches whose host bytes (reads plus
 assembly buffers) stay within the budget: every read of a batch is issued at
 once (coalesced into contiguous spans of each file), then the batch is verified
-(crc32c), assembled and placed on its devices with one jax.device_put call, and
-its host buffers are dropped before the next batch starts. On CPU devices a read
-that is exactly a target shard becomes that device buffer without a copy.
+(crc32c), assembled and placed on its devices (one make_array_from_callback per
+leaf), and its host buffers are dropped. A default restore issues the next
+batch's reads before placing the current one, so the disk and Python work at
+the same time; restore_sequentially does not, so only one batch is ever held.
+On CPU devices a read that is exactly a target shard becomes that device buffer
+without a copy.
 
 A unit too large for the budget on its own (restore_sequentially with a small
 max_host_bytes) is streamed: its target buffer is allocated on the device and
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -270,9 +273,10 @@ def restore_leaves(
         budget = max(budget or 0, MIN_SEQUENTIAL_BYTES)
         max_read = max(1, budget // 4)
     else:
-        # A batch's host buffers live until jax has copied them to the devices, while
-        # the next batch is already being read: two batches overlap. A quarter of the
-        # bytes being restored per batch keeps transient memory near half of them.
+        # The next batch is read while this one is verified and placed, and a batch's
+        # host buffers live until jax has copied them to the devices: two batches
+        # overlap. A quarter of the bytes being restored per batch keeps transient
+        # memory near half of them.
         restored = sum(math.prod(r.shape) * r.dtype.itemsize for r in requests)
         budget = budget or min(DEFAULT_INFLIGHT_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
         max_read = None
@@ -281,11 +285,17 @@ def restore_leaves(
     units = _plan_units(requests, max_read)
 
     results = _Results(units)
+    ahead = 0 if sequential else 1  # batches whose reads are issued before the current one is placed
+    issued: deque[tuple[list[_Unit], dict[int, _Span]]] = deque()
     for batch in _batches(units, requests, budget, sequential):
         if len(batch) == 1 and _streamed(batch[0], requests, budget, sequential):
             _stream_unit(batch[0], requests[batch[0].request], fetcher, results)
-        else:
-            _run_batch(batch, requests, fetcher, results)
+            continue
+        issued.append((batch, fetcher.issue([r for unit in batch for r in unit.reads])))
+        if len(issued) > ahead:
+            _run_batch(*issued.popleft(), requests, fetcher, results)
+    while issued:
+        _run_batch(*issued.popleft(), requests, fetcher, results)
     return results.finish(requests)
 
 
@@ -352,8 +362,13 @@ def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int,
     return out
 
 
-def _run_batch(batch: list[_Unit], requests: list[LeafRequest], fetcher: _Fetcher, results: _Results) -> None:
-    spans = fetcher.issue([r for unit in batch for r in unit.reads])
+def _run_batch(
+    batch: list[_Unit],
+    spans: dict[int, _Span],
+    requests: list[LeafRequest],
+    fetcher: _Fetcher,
+    results: _Results,
+) -> None:
     pieces: dict[int, dict[Box, np.ndarray]] = {}
     holders: dict[int, dict[Box, tuple[jax.Device, ...]]] = {}
     for unit in batch:
