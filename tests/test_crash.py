@@ -25,7 +25,7 @@ from shardsave import _format, _storage
 from shardsave.errors import SaveFailedError
 
 CHILD = r"""
-import os, sys, threading, time
+import os, stat, sys, threading, time
 import jax, jax.numpy as jnp, numpy as np, shardsave
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import shardsave._saver as saver_module
@@ -59,7 +59,8 @@ _storage.Directory.write, _storage.Directory.delete = marked_write, marked_delet
 saver_module.stage = marked_stage
 fsync = os.fsync
 def marked_fsync(fd):  # a local write's temporary file is complete, not yet renamed
-    mark("fsync")
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):  # not the directory's fsync after the rename
+        mark("fsync")
     return fsync(fd)
 os.fsync = marked_fsync
 
