@@ -9,8 +9,9 @@ Every case builds one pytree (mixed shardings on a 2x4 mesh of 8 simulated CPU
 devices, or of the real devices when there are 8 of them) and runs every tool on
 it, interleaved within each repetition so machine noise hits all of them alike.
 Each figure is the median of `reps` repetitions after `warmup` ones, with min and
-max. Memory is transient host memory: peak RSS during the operation minus RSS
-right after it (results still alive), sampled every millisecond. save_stall is
+max. Memory is transient host memory: peak RSS during the operation minus the
+larger of the RSS before it and right after it (results still alive), sampled
+every millisecond. save_stall is
 the longest time the sampling thread, a stand-in for the training loop, could not
 run while an asynchronous save committed in the background.
 
@@ -85,7 +86,8 @@ class Sampler:
         self.stall = 0.0
 
     def run(self, fn: Callable[[], Any]) -> tuple[float, int, Any]:
-        peak = [self.proc.memory_info().rss]
+        before = self.proc.memory_info().rss
+        peak = [before]
         stop = threading.Event()
         gaps = [0.0]
 
@@ -112,7 +114,9 @@ class Sampler:
                 f"  {getattr(fn, 'func', fn)!r:.60} peak {peak[0] >> 20} MiB after {after >> 20} MiB",
                 file=sys.stderr,
             )
-        return seconds, max(0, peak[0] - after), result
+        # Memory in use before the operation (including buffers of earlier results that
+        # are freed during it) and memory its results keep are not transient.
+        return seconds, max(0, peak[0] - max(before, after)), result
 
 
 def meshes() -> tuple[Mesh, Mesh]:
