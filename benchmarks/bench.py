@@ -11,9 +11,15 @@ it, interleaved within each repetition so machine noise hits all of them alike.
 Each figure is the median of `reps` repetitions after `warmup` ones, with min and
 max. Memory is transient host memory: peak RSS during the operation minus the
 larger of the RSS before it and right after it (results still alive), sampled
-every millisecond. save_stall is
-the longest time the sampling thread, a stand-in for the training loop, could not
-run while an asynchronous save committed in the background.
+every millisecond. save_stall is the longest time the sampling thread, a
+stand-in for the training loop, could not run while an asynchronous save
+committed in the background.
+
+Breakdowns (not operations of their own): save_stage and save_commit split a
+synchronous shardsave save; restore_index, restore_plan and restore_place split
+its same-layout restore (reading and validating the index, planning, and jax's
+array creation), and raw's restore_place is the time the raw restore spends in
+jax.make_array_from_callback: jax's own cost per leaf, which no checkpointer avoids.
 
 Tools and what they measure:
   d2h            the bare device-to-host copy of the unique shards into preallocated
@@ -165,6 +171,7 @@ class Raw:
         self.leaves = list(tree.values())
         self.names = list(tree)
         self.durable = durable
+        self.place_seconds = 0.0
         self.buffers = [np.empty(f.nbytes, np.uint8) for f in self.plan.files]
         for b in self.buffers:
             b.fill(0)  # touch every page once, outside any timing
@@ -217,6 +224,7 @@ class Raw:
                     fh.readinto(memoryview(buf))
                     stored.setdefault(s.leaf, []).append((s.box, buf))
         out = {}
+        self.place_seconds = 0.0  # in make_array_from_callback: jax's own cost per leaf
         for i, name in enumerate(self.names):
             t = target[name]
             boxes = {box: buf.view(t.dtype).reshape(_plan.box_shape(box)) for box, buf in stored[i]}
@@ -233,7 +241,9 @@ class Raw:
                     whole.append(array)
                 return whole[0][index]
 
+            began = time.perf_counter()
             out[name] = jax.make_array_from_callback(t.shape, t.sharding, piece)
+            self.place_seconds += time.perf_counter() - began
         return jax.block_until_ready(out)
 
 
@@ -327,6 +337,8 @@ def run_case(
             t, m, out = sampler.run(partial(raw.restore, base / "raw", target))
             del out
             record("raw", label, rep, t, m)
+            if label == "restore":
+                record("raw", "restore_place", rep, raw.place_seconds, 0)
             if case["bytes"] <= config["raw_ts_max_mib"] * MIB:  # it holds two copies at once
                 t, m, out = sampler.run(partial(raw.restore, base / "raw", target, via_tensorstore=True))
                 del out
@@ -334,6 +346,11 @@ def run_case(
             t, m, out = sampler.run(partial(_ready, saver.restore, path, target))
             del out
             record("shardsave", label, rep, t, m)
+            if label == "restore":  # where the time went
+                info = saver.last_restore
+                record("shardsave", "restore_index", rep, info.index_seconds, 0)
+                record("shardsave", "restore_plan", rep, info.plan_seconds, 0)
+                record("shardsave", "restore_place", rep, info.place_seconds, 0)
             for name, ckptr in checkpointers.items():
                 target_dir = base / name / f"{step}"
                 if name == "orbax":
@@ -510,6 +527,9 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "save_commit": 3,
         "save_stall": 3.5,
         "restore": 4,
+        "restore_index": 4.1,
+        "restore_plan": 4.2,
+        "restore_place": 4.3,
         "restore_resharded": 5,
         "restore_sequential": 6,
     }

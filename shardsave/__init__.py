@@ -11,6 +11,7 @@ from . import errors as errors
 from ._format import FORMAT_VERSION as FORMAT_VERSION
 from ._reader import CheckpointReader as CheckpointReader
 from ._reader import VariableInfo as VariableInfo
+from ._saver import RestoreInfo as RestoreInfo
 from ._saver import SaveInfo as SaveInfo
 from ._saver import Saver as Saver
 from ._saver import load_structure as load_structure
@@ -24,6 +25,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointReader",
     "CheckpointState",
+    "RestoreInfo",
     "SaveInfo",
     "Saver",
     "VariableInfo",

@@ -136,7 +136,7 @@ class CheckpointReader:
             box, local = _index_box(index, entry.shape)
         shape = tuple(b - a for a, b in box)
         request = LeafRequest(entry, shape, entry.dtype, None, box)
-        (array,) = restore_leaves(
+        (array,), _ = restore_leaves(
             self._directory, self._base, self.index, [request], budget=None, sequential=False
         )
         return array[local] if local else array

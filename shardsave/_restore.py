@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -85,6 +86,14 @@ def _target_index(box: Box) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in box)
 
 
+@dataclass
+class RestoreTimes:
+    """Where a restore_leaves call spent its time; the rest is reading and verifying."""
+
+    plan_seconds: float = 0.0  # planning units, reads and batches
+    place_seconds: float = 0.0  # creating the arrays on their devices (jax)
+
+
 class _Results:
     """What the batches produce, and the leaves still waiting for more of them."""
 
@@ -92,6 +101,7 @@ class _Results:
         self.remaining = Counter(u.request for u in units)
         self.done: dict[int, Any] = {}  # request -> numpy array or jax.Array
         self.partial: dict[int, dict[jax.Device, jax.Array]] = {}  # leaves split over batches
+        self.place_seconds = 0.0
 
     def place(
         self,
@@ -102,6 +112,7 @@ class _Results:
     ) -> None:
         """Puts a batch's boxes of one leaf on their devices."""
         assert req.sharding is not None
+        began = time.perf_counter()
         if self.remaining[request] == 0 and request not in self.partial:
             # The whole leaf is here: one call places every shard (and on CPU adopts
             # aligned host buffers as device buffers, without a copy).
@@ -109,15 +120,17 @@ class _Results:
                 return pieces[index_box(index, req.shape)]
 
             self.done[request] = jax.make_array_from_callback(req.shape, req.sharding, box_of)
-            return
-        arrays, devices = [], []
-        for box, piece in pieces.items():
-            for device in holders[box]:
-                arrays.append(piece)
-                devices.append(device)
-        self.partial.setdefault(request, {}).update(zip(devices, jax.device_put(arrays, devices)))
+        else:
+            arrays, devices = [], []
+            for box, piece in pieces.items():
+                for device in holders[box]:
+                    arrays.append(piece)
+                    devices.append(device)
+            self.partial.setdefault(request, {}).update(zip(devices, jax.device_put(arrays, devices)))
+        self.place_seconds += time.perf_counter() - began
 
     def finish(self, requests: list[LeafRequest]) -> list[Any]:
+        began = time.perf_counter()
         for i, req in enumerate(requests):
             if i not in self.done:
                 # Leaves split over batches; and leaves none of whose devices are this
@@ -125,6 +138,7 @@ class _Results:
                 assert req.sharding is not None
                 arrays = list(self.partial.get(i, {}).values())
                 self.done[i] = jax.make_array_from_single_device_arrays(req.shape, req.sharding, arrays)
+        self.place_seconds += time.perf_counter() - began
         return [self.done[i] for i in range(len(requests))]
 
 
@@ -267,8 +281,9 @@ def restore_leaves(
     *,
     budget: int | None,
     sequential: bool,
-) -> list[Any]:
-    """Restores each request; returns a jax.Array or numpy array per request."""
+) -> tuple[list[Any], RestoreTimes]:
+    """Restores each request: a jax.Array or numpy array per request, and the timings."""
+    began = time.perf_counter()
     if sequential:
         budget = max(budget or 0, MIN_SEQUENTIAL_BYTES)
         max_read = max(1, budget // 4)
@@ -283,11 +298,13 @@ def restore_leaves(
     names = {id(s): req.entry.name for req in requests for s in req.entry.shards}
     fetcher = _Fetcher(directory, base, index, names)
     units = _plan_units(requests, max_read)
+    batches = list(_batches(units, requests, budget, sequential))
+    times = RestoreTimes(plan_seconds=time.perf_counter() - began)
 
     results = _Results(units)
     ahead = 0 if sequential else 1  # batches whose reads are issued before the current one is placed
     issued: deque[tuple[list[_Unit], dict[int, _Span]]] = deque()
-    for batch in _batches(units, requests, budget, sequential):
+    for batch in batches:
         if len(batch) == 1 and _streamed(batch[0], requests, budget, sequential):
             _stream_unit(batch[0], requests[batch[0].request], fetcher, results)
             continue
@@ -296,7 +313,9 @@ def restore_leaves(
             _run_batch(*issued.popleft(), requests, fetcher, results)
     while issued:
         _run_batch(*issued.popleft(), requests, fetcher, results)
-    return results.finish(requests)
+    values = results.finish(requests)
+    times.place_seconds = results.place_seconds
+    return values, times
 
 
 def _streamed(unit: _Unit, requests: list[LeafRequest], budget: int, sequential: bool) -> bool:

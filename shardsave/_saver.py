@@ -82,6 +82,28 @@ class SaveInfo:
     commit_seconds: float | None = None
 
 
+@dataclass(frozen=True)
+class RestoreInfo:
+    """Timings of a restore, for logs and reports.
+
+    Attributes:
+      path: the checkpoint prefix.
+      nbytes: bytes of the leaves restored (in their target dtype).
+      seconds: the whole restore() call.
+      index_seconds: reading and validating the index.
+      plan_seconds: matching the target's leaves and planning the reads.
+      place_seconds: creating the arrays on their devices (jax's own calls).
+      The rest (seconds minus the three) is reading, verifying and assembling.
+    """
+
+    path: str
+    nbytes: int
+    seconds: float
+    index_seconds: float
+    plan_seconds: float
+    place_seconds: float
+
+
 def _leaf_spec(name: str, leaf: Any) -> _tree.LeafSpec:
     try:
         kind = _tree.leaf_kind(leaf)
@@ -210,6 +232,7 @@ class Saver:
         self._retention: dict[str, Retention] = {}
         self._last_directory: str | None = None
         self._last_save: SaveInfo | None = None
+        self._last_restore: RestoreInfo | None = None
 
     # ------------------------------------------------------------ save
 
@@ -217,6 +240,11 @@ class Saver:
     def last_save(self) -> SaveInfo | None:
         """Timings of the most recent save() call."""
         return self._last_save
+
+    @property
+    def last_restore(self) -> RestoreInfo | None:
+        """Timings of the most recent successful restore() call."""
+        return self._last_restore
 
     @property
     def last_checkpoints(self) -> list[str]:
@@ -532,7 +560,9 @@ class Saver:
           CorruptCheckpointError: stored bytes disagree with the index.
         """
         self._commits.wait()
+        began = time.perf_counter()
         directory, base, index = open_checkpoint(os.fspath(save_path))
+        indexed = time.perf_counter()
         reshape = self.reshape if reshape is None else reshape
         sequential = self.restore_sequentially if restore_sequentially is None else restore_sequentially
         budget = self.max_host_bytes if max_host_bytes is None else max_host_bytes
@@ -540,8 +570,18 @@ class Saver:
             requests, finish = _requests_for_saved(index, save_path)
         else:
             requests, finish = _requests_for_target(index, target, reshape, cast, save_path)
-        values = restore_leaves(directory, base, index, requests, budget=budget, sequential=sequential)
-        return finish(values)
+        matched = time.perf_counter()
+        values, times = restore_leaves(directory, base, index, requests, budget=budget, sequential=sequential)
+        restored = finish(values)
+        self._last_restore = RestoreInfo(
+            path=os.fspath(save_path),
+            nbytes=sum(math.prod(r.shape) * r.dtype.itemsize for r in requests),
+            seconds=time.perf_counter() - began,
+            index_seconds=indexed - began,
+            plan_seconds=matched - indexed + times.plan_seconds,
+            place_seconds=times.place_seconds,
+        )
+        return restored
 
 
 def _devices_by_id() -> dict[int, jax.Device]:

@@ -130,6 +130,20 @@ def test_same_layout_reads_each_byte_once(saved, io_stats, mesh24):
     assert io_stats.bytes_read - _index_bytes(path) == stored
 
 
+def test_last_restore_reports_where_the_time_went(saved):
+    path, values = saved
+    saver = shardsave.Saver()
+    assert saver.last_restore is None
+    saver.restore(path, {"v": np.zeros(16, np.float32), "w": np.zeros((8, 16), np.float32)})
+    info = saver.last_restore
+    assert info.path == path and info.nbytes == values["v"].nbytes + values["w"].nbytes
+    parts = (info.index_seconds, info.plan_seconds, info.place_seconds)
+    assert all(p >= 0 for p in parts) and sum(parts) <= info.seconds
+    saver.restore(path)
+    assert saver.last_restore.nbytes == sum(v.nbytes for v in values.values())
+    assert saver.last_restore.place_seconds > 0
+
+
 def test_missing_leaves_are_listed_with_close_names(saved):
     path, _ = saved
     with pytest.raises(StructureMismatchError) as info:
