@@ -21,6 +21,7 @@ import os
 import posixpath
 import secrets
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -50,11 +51,13 @@ class IOStats:
 STATS = IOStats()
 _stats_lock = threading.Lock()
 
-# Local reads and writes of page-cached files are memory copies: more threads than
-# cores only steal CPU from the training loop (on 2 cores, 8 threads doubled the
-# longest stall of another Python thread during an async commit, 14 -> 31 ms, and
-# saved no time).
+# Reads and write() calls of local files are memory copies into or out of the page
+# cache: more threads than cores only steal CPU from the training loop (on 2 cores,
+# 8 threads doubled the longest stall of another Python thread during an async
+# commit, 14 -> 31 ms, and saved no time). fsync and rename wait on the device, and
+# a disk is fastest with several in flight, so they have threads of their own.
 _IO = Pool("shardsave-io", min(8, max(2, os.cpu_count() or 2)))
+_SYNC = Pool("shardsave-sync", 8)
 
 # Marks the temporary file of a local write in progress: "<key>.tmp-<random>".
 TEMP_MARK = ".tmp-"
@@ -157,7 +160,22 @@ class Directory:
             STATS.bytes_written += len(data)
         if not self.is_local:
             return self._kv.write(key, data)
-        return _IO.submit(_write_file, self.local_path(key), data)
+        path = self.local_path(key)
+        done: Future[None] = Future()
+
+        def then_sync(written: Future[tuple[int, str]]) -> None:
+            if (error := written.exception()) is not None:
+                done.set_exception(error)
+                return
+            synced = _SYNC.submit(_sync_and_rename, *written.result(), path)
+            synced.add_done_callback(
+                lambda f: (
+                    done.set_result(None) if f.exception() is None else done.set_exception(f.exception())
+                )
+            )
+
+        _IO.submit(_write_temp, path, data).add_done_callback(then_sync)
+        return done
 
     def read_all(self, key: str) -> bytes | None:
         """The whole value of key, or None if it does not exist."""
@@ -192,17 +210,28 @@ def temp_target(key: str) -> str | None:
     return written if mark and len(tag) == 8 and all(c in "0123456789abcdef" for c in tag) else None
 
 
-def _write_file(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
+def _write_temp(path: str, data: bytes) -> tuple[int, str]:
+    """Writes data to a new temporary file next to path; returns its open fd and name."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     temp = f"{path}{TEMP_MARK}{secrets.token_hex(4)}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done : done + _WRITE_BYTES])
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    return fd, temp
+
+
+def _sync_and_rename(fd: int, temp: str, path: str) -> None:
+    """Makes the temporary file durable, renames it to path, and makes the rename durable."""
+    try:
         try:
-            view = memoryview(data)
-            done = 0
-            while done < len(view):
-                done += os.write(fd, view[done : done + _WRITE_BYTES])
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -211,7 +240,7 @@ def _write_file(path: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temp)
         raise
-    fd = os.open(directory, os.O_RDONLY)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
