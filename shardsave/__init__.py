@@ -3,8 +3,8 @@
 tf.train.Saver's contract (global_step naming, the `checkpoint` state file,
 latest_checkpoint, max_to_keep, keep_checkpoint_every_n_hours, sharded=True,
 restore_sequentially, reshape), made JAX-native: one data file per device,
-asynchronous tensorstore I/O, an index written last as the commit marker, and
-restores onto any mesh or device count.
+written off the training thread (tensorstore for object stores), an index
+written last as the commit marker, and restores onto any mesh or device count.
 """
 
 from . import errors as errors

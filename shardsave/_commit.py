@@ -1,7 +1,7 @@
 """The background half of a save: one save at a time, errors handed back.
 
 A save's commit (data writes, index, state file, retention) runs on one worker
-thread while tensorstore does the I/O on its own threads. Its outcome is kept
+thread while the storage layer's I/O threads write the files. Its outcome is kept
 until the caller's next save() or wait_until_finished(), which re-raise a
 failure as SaveFailedError with the original error chained. At interpreter exit
 every pending save is finished.
