@@ -166,13 +166,14 @@ class Directory:
         def then_sync(written: Future[tuple[int, str]]) -> None:
             if (error := written.exception()) is not None:
                 done.set_exception(error)
-                return
-            synced = _SYNC.submit(_sync_and_rename, *written.result(), path)
-            synced.add_done_callback(
-                lambda f: (
-                    done.set_result(None) if f.exception() is None else done.set_exception(f.exception())
-                )
-            )
+            else:
+                _SYNC.submit(_sync_and_rename, *written.result(), path).add_done_callback(settle)
+
+        def settle(synced: Future[None]) -> None:
+            if (error := synced.exception()) is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(None)
 
         _IO.submit(_write_temp, path, data).add_done_callback(then_sync)
         return done
