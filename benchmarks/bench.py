@@ -9,7 +9,9 @@ Every case builds one pytree (mixed shardings on a 2x4 mesh of 8 simulated CPU
 devices, or of the real devices when there are 8 of them) and runs every tool on
 it, interleaved within each repetition so machine noise hits all of them alike.
 Each figure is the median of `reps` repetitions after `warmup` ones, with min and
-max. Memory is transient host memory: peak RSS during the operation minus the
+max. Before every timed operation the benchmark touches and frees twice the
+case's bytes (`warm_memory`), so no tool pays at random for memory the VM has
+handed back to its host. Memory is transient host memory: peak RSS during the operation minus the
 larger of the RSS before it and right after it (results still alive), sampled
 every millisecond. save_stall is the longest time the sampling thread, a
 stand-in for the training loop, could not run while an asynchronous save
@@ -45,6 +47,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -90,8 +93,12 @@ class Sampler:
     def __init__(self) -> None:
         self.proc = psutil.Process()
         self.stall = 0.0
+        self.warm_bytes = 0  # touched and freed before each operation (warm_memory)
 
-    def run(self, fn: Callable[[], Any]) -> tuple[float, int, Any]:
+    def run(self, fn: Callable[[], Any], warm: bool = True) -> tuple[float, int, Any]:
+        """Times fn; warm=False for the second half of an operation (waiting on an async save)."""
+        if warm:
+            warm_memory(self.warm_bytes)
         before = self.proc.memory_info().rss
         peak = [before]
         stop = threading.Event()
@@ -123,6 +130,29 @@ class Sampler:
         # Memory in use before the operation (including buffers of earlier results that
         # are freed during it) and memory its results keep are not transient.
         return seconds, max(0, peak[0] - max(before, after)), result
+
+
+def warm_memory(nbytes: int) -> None:
+    """Touches nbytes of fresh anonymous memory (huge pages where the kernel has them), then frees it.
+
+    Run right before every timed operation, for every tool alike. On a VM with
+    free page reporting (this benchmark's Firecracker VM reports free 8 MiB
+    blocks back to its host about 2 s after they are freed) the first touch of
+    reported memory faults into the host: 0.5-2 s per GiB with huge pages,
+    against 0.05 s for memory freed moments before. Without this step,
+    whichever tool allocated after an idle moment paid that, at random (a 1 GiB
+    restore took 0.18 s or 0.92 s, for every tool). Memory freed just before an
+    operation is handed out again first, so the operation finds host-backed
+    pages, as it would on a machine without page reporting.
+    """
+    if nbytes <= 0:
+        return
+    block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block.madvise(mmap.MADV_HUGEPAGE)
+    pages = np.frombuffer(block, np.uint8)
+    pages[::4096] = 1
+    del pages  # the mapping closes only once no view of it is left
+    block.close()
 
 
 def meshes() -> tuple[Mesh, Mesh]:
@@ -289,6 +319,7 @@ def run_case(
     checkpointers = {name: make() for name, make in orbax.items()}
     records: list[dict[str, Any]] = []
     reps = config["warmup"] + config["reps"]
+    sampler.warm_bytes = int(config["warm_memory"] * case["bytes"])
 
     def record(tool: str, op: str, rep: int, seconds: float, transient: int) -> None:
         if rep >= config["warmup"]:
@@ -313,7 +344,7 @@ def run_case(
         for name, a_saver in async_savers.items():
             as_path = str(base / name / "model")
             t_block, m_block, _ = sampler.run(partial(a_saver.save, tree, as_path, global_step=step))
-            t_rest, m_rest, _ = sampler.run(a_saver.wait_until_finished)
+            t_rest, m_rest, _ = sampler.run(a_saver.wait_until_finished, warm=False)
             record(name, "save_stall", rep, sampler.stall, 0)
             record(name, "save_blocking", rep, t_block, m_block)
             record(name, "save", rep, t_block + t_rest, max(m_block, m_rest))
@@ -327,7 +358,7 @@ def run_case(
                 t_block, m_block, _ = sampler.run(
                     partial(ckptr.save, target_dir, args=ocp.args.PyTreeSave(tree))
                 )
-            t_rest, m_rest, _ = sampler.run(ckptr.wait_until_finished)
+            t_rest, m_rest, _ = sampler.run(ckptr.wait_until_finished, warm=False)
             record(name, "save_stall", rep, sampler.stall, 0)
             record(name, "save_blocking", rep, t_block, m_block)
             record(name, "save", rep, t_block + t_rest, max(m_block, m_rest))
@@ -395,9 +426,10 @@ import bench, jax, numpy as np, shardsave
 mesh, _ = bench.meshes()
 tree = bench.build_tree({case["bytes"]}, {case["leaves"]}, mesh)
 saver = shardsave.Saver(max_to_keep=1)
-# Fresh anonymous memory in 4 KiB pages, as the staging buffers get (numpy's own
-# allocations ask for huge pages, which fault in faster but can stall on compaction).
-buf = np.frombuffer(mmap.mmap(-1, {case["bytes"]}), np.uint8)
+# Fresh private anonymous memory in 4 KiB pages, as the staging buffers get (numpy's
+# own large allocations ask for huge pages).
+flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+buf = np.frombuffer(mmap.mmap(-1, {case["bytes"]}, flags=flags), np.uint8)
 began = time.perf_counter(); buf.fill(1); fresh = time.perf_counter() - began
 began = time.perf_counter(); buf.fill(2); again = time.perf_counter() - began
 del buf

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c
 import jax
 import ml_dtypes
 import numpy as np
@@ -27,6 +28,16 @@ FORMAT_VERSION = 1
 # Stored shards carry one crc32c per chunk of this many bytes, so a reader that
 # needs only part of a shard can verify what it reads without reading it all.
 CRC_CHUNK_BYTES = 4 << 20
+
+
+def checksum(data: Any) -> int:
+    """The CRC-32C (Castagnoli) of a buffer (bytes, memoryview, contiguous numpy array).
+
+    The crc32c package releases the GIL while it computes (google-crc32c holds it:
+    the checksums of an async commit kept a training thread of the benchmark from
+    running for 15-29 ms at a time on 2 cores, against 5-7 ms with this package).
+    """
+    return int(crc32c.crc32c(data))
 
 INDEX_SUFFIX = ".index"
 _DATA_RE = re.compile(r"^(?P<base>.+)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$")

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import google_crc32c
 import numpy as np
 
 from . import _format, _tree
@@ -176,7 +175,7 @@ class CheckpointReader:
                     bad = [
                         j
                         for j in range(lo // chunk, math.ceil(hi / chunk))
-                        if google_crc32c.value(data[j * chunk - lo : min((j + 1) * chunk, hi) - lo])
+                        if _format.checksum(data[j * chunk - lo : min((j + 1) * chunk, hi) - lo])
                         != shard.crc32c[j]
                     ]
                     if bad:

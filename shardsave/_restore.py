@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import google_crc32c
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,7 +235,7 @@ class _Fetcher:
         for j in range(rel_a // self.chunk, -(-(b - shard.offset) // self.chunk)):
             lo = j * self.chunk - rel_a
             piece = data[lo : min(lo + self.chunk, data.size)]
-            if google_crc32c.value(piece) != shard.crc32c[j]:
+            if _format.checksum(piece) != shard.crc32c[j]:
                 raise CorruptCheckpointError(
                     f"{self._where(shard)}: crc32c mismatch in bytes {a + lo}..{a + lo + piece.size} "
                     "(the data is corrupt)"

@@ -18,7 +18,6 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-import google_crc32c
 import jax
 import numpy as np
 
@@ -135,7 +134,7 @@ def _checksums(data: bytes, plan_file: Any, chunk: int) -> list[tuple[int, ...]]
     for shard in plan_file.shards:
         out.append(
             tuple(
-                google_crc32c.value(view[o : min(o + chunk, shard.offset + shard.nbytes)])
+                _format.checksum(view[o : min(o + chunk, shard.offset + shard.nbytes)])
                 for o in range(shard.offset, shard.offset + shard.nbytes, chunk)
             )
         )
