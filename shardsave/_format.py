@@ -9,6 +9,7 @@ come from a fixed list, and file names are derived from the prefix, never read.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -85,6 +86,7 @@ DTYPES: dict[str, np.dtype] = {n: np.dtype(n) for n in _DTYPE_NAMES}
 DTYPES.update({n: np.dtype(getattr(ml_dtypes, n)) for n in _ML_DTYPE_NAMES if hasattr(ml_dtypes, n)})
 
 
+@functools.lru_cache(maxsize=None)  # every leaf of every save asks; trees have few dtypes
 def dtype_name(dtype: np.dtype) -> str:
     name = np.dtype(dtype).name
     if name not in DTYPES:

@@ -121,8 +121,9 @@ def stage(
         device_data = device_shards(plan, leaves, process_index)
 
     for per_device in device_data.values():
-        for data in per_device.values():
-            if next(iter(data.devices())).platform != "cpu":
+        shards = list(per_device.values())  # one leaf's: its devices share a platform
+        if shards and next(iter(shards[0].devices())).platform != "cpu":
+            for data in shards:
                 data.copy_to_host_async()
 
     for k in list(buffers):
