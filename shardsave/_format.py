@@ -40,6 +40,7 @@ def checksum(data: Any) -> int:
     """
     return int(crc32c.crc32c(data))
 
+
 INDEX_SUFFIX = ".index"
 _DATA_RE = re.compile(r"^(?P<base>.+)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$")
 
@@ -86,7 +87,7 @@ DTYPES: dict[str, np.dtype] = {n: np.dtype(n) for n in _DTYPE_NAMES}
 DTYPES.update({n: np.dtype(getattr(ml_dtypes, n)) for n in _ML_DTYPE_NAMES if hasattr(ml_dtypes, n)})
 
 
-@functools.lru_cache(maxsize=None)  # every leaf of every save asks; trees have few dtypes
+@functools.cache  # every leaf of every save asks; trees have few dtypes
 def dtype_name(dtype: np.dtype) -> str:
     name = np.dtype(dtype).name
     if name not in DTYPES:

@@ -51,6 +51,9 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError
 MAX_SPAN_BYTES = 16 << 20
 DEFAULT_INFLIGHT_BYTES = 1 << 30  # the most host bytes a default restore holds at once
 MIN_SEQUENTIAL_BYTES = 32 << 20
+# A span whose checksum chunks average at least this many bytes is verified by the
+# I/O thread that read it; smaller chunks are verified by the caller on first use.
+MIN_THREAD_CHECK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -176,8 +179,11 @@ class _Fetcher:
     """Issues reads and verifies what comes back against the index.
 
     Reads of a batch are coalesced: spans of the same file that touch or overlap
-    are fetched with one tensorstore read (a restore onto the saved layout reads
-    each data file with one request), and each read is a view into its span.
+    are fetched with one ranged read (a restore onto the saved layout reads each
+    data file in spans of MAX_SPAN_BYTES), and each read is a view into its span.
+    Every checksum chunk a span holds is verified once, by the I/O thread that
+    read it (for local files; other stores verify when the span is first used),
+    so checksums run on all the I/O threads while the caller places arrays.
     """
 
     def __init__(self, directory: Directory, base: str, index: Index, names: dict[int, str]):
@@ -192,8 +198,34 @@ class _Fetcher:
         a, b = _span(read, self.chunk)
         return read.shard.offset + a, read.shard.offset + b
 
-    def _read(self, file: int, start: int, end: int) -> _Span:
-        return _Span(self.directory.read_range(self.keys[file], start, end), start, end)
+    def _read(self, file: int, start: int, end: int, reads: list[Read]) -> _Span:
+        chunks = {}  # (shard, chunk number) of every chunk the reads touch, once each
+        for read in reads:
+            a, b = _span(read, self.chunk)
+            for j in range(a // self.chunk, -(-b // self.chunk)):
+                chunks[id(read.shard), j] = read.shard
+        check = functools.partial(self._check, start, [(shard, j) for (_, j), shard in chunks.items()])
+        if end - start < len(chunks) * MIN_THREAD_CHECK_BYTES:
+            # Many small chunks: the checking loop is Python that would hold the GIL on
+            # the I/O thread while the caller waits for it; check on first use instead.
+            return _Span(self.directory.read_range(self.keys[file], start, end), start, end, check)
+        return _Span(self.directory.read_range(self.keys[file], start, end, check), start, end)
+
+    def _check(self, start: int, chunks: list[tuple[StoredShard, int]], data: np.ndarray) -> np.ndarray:
+        """Verifies the length and crc32c of each chunk in a span's data (read from `start`)."""
+        for shard, j in chunks:
+            lo = shard.offset + j * self.chunk
+            hi = min(lo + self.chunk, shard.offset + shard.nbytes)
+            if hi - start > data.size:
+                raise CorruptCheckpointError(
+                    f"{self._where(shard)}: expected {hi - lo} bytes at offset {lo}, found "
+                    f"{max(0, data.size - (lo - start))} (the file is truncated)"
+                )
+            if _format.checksum(data[lo - start : hi - start]) != shard.crc32c[j]:
+                raise CorruptCheckpointError(
+                    f"{self._where(shard)}: crc32c mismatch in bytes {lo}..{hi} (the data is corrupt)"
+                )
+        return data
 
     def issue(self, reads: list[Read]) -> dict[int, _Span]:
         """Starts the reads; returns, for each read's id, the span that holds it."""
@@ -207,14 +239,14 @@ class _Fetcher:
             start = end = -1
             for a, b, read in spans:
                 if group and (a > end or max(end, b) - start > MAX_SPAN_BYTES):
-                    span = self._read(file, start, end)
+                    span = self._read(file, start, end, group)
                     handles.update((id(r), span) for r in group)
                     group = []
                 if not group:
                     start, end = a, b
                 group.append(read)
                 end = max(end, b)
-            span = self._read(file, start, end)
+            span = self._read(file, start, end, group)
             handles.update((id(r), span) for r in group)
         return handles
 
@@ -223,46 +255,38 @@ class _Fetcher:
 
     def verified(self, read: Read, span: _Span, dtype: np.dtype) -> np.ndarray:
         """The rows of the read, as an array of the stored dtype (read-only view)."""
-        shard = read.shard
-        a, b = self._absolute_span(read)
-        data = span.bytes(functools.partial(self._where, shard))[a - span.start : b - span.start]
-        if data.size != b - a:
-            raise CorruptCheckpointError(
-                f"{self._where(shard)}: expected {b - a} bytes at offset {a}, found {data.size} "
-                "(the file is truncated)"
-            )
-        rel_a = a - shard.offset
-        for j in range(rel_a // self.chunk, -(-(b - shard.offset) // self.chunk)):
-            lo = j * self.chunk - rel_a
-            piece = data[lo : min(lo + self.chunk, data.size)]
-            if _format.checksum(piece) != shard.crc32c[j]:
-                raise CorruptCheckpointError(
-                    f"{self._where(shard)}: crc32c mismatch in bytes {a + lo}..{a + lo + piece.size} "
-                    "(the data is corrupt)"
-                )
-        rel0 = read.row_start * read.row_bytes
-        rows = data[rel0 - rel_a : rel0 - rel_a + read.nbytes]
+        data = span.bytes(functools.partial(self._where, read.shard))  # verified by _check
+        first = read.shard.offset + read.row_start * read.row_bytes - span.start
+        rows = data[first : first + read.nbytes]
         return rows.view(dtype.newbyteorder("<")).reshape(read.rows_shape)
 
 
 class _Span:
-    """One ranged read of a data file, resolved once into a uint8 array."""
+    """One ranged read of a data file, resolved once into a uint8 array.
 
-    def __init__(self, future: Any, start: int, end: int):
-        self.future, self.start, self.end = future, start, end
+    check: verifies the bytes on first use, when the read did not verify them.
+    """
+
+    def __init__(
+        self, future: Any, start: int, end: int, check: Callable[[np.ndarray], np.ndarray] | None = None
+    ):
+        self.future, self.start, self.end, self.check = future, start, end, check
         self._data: np.ndarray | None = None
 
     def bytes(self, where: Callable[[], str]) -> np.ndarray:
         """The bytes; where() names the file and leaf in an error."""
         if self._data is None:
             try:
-                self._data = self.future.result()
+                data = self.future.result()
+            except CorruptCheckpointError:
+                raise
             except FileNotFoundError as e:
                 raise CorruptCheckpointError(f"{where()}: the data file is missing") from e
             except Exception as e:  # tensorstore reports a short file as an out-of-range read
                 raise CorruptCheckpointError(
                     f"{where()}: cannot read bytes {self.start}..{self.end}: {e}"
                 ) from e
+            self._data = data if self.check is None else self.check(data)
         return self._data
 
 

@@ -71,6 +71,29 @@ def test_truncated_and_missing_data_files(ckpt):
         shardsave.Saver().restore(path, tree)
 
 
+def test_damage_in_large_chunks_is_detected(tmp_path, mesh24):
+    # Shards of whole 4 MiB checksum chunks are verified by the I/O threads that read
+    # them (small ones by the caller, as above): the errors must be the same.
+    w = np.arange(3 << 20, dtype=np.float32).reshape(1536, 2048)  # 12 MiB, 6 MiB per shard
+    tree = {"w": jax.device_put(w, NamedSharding(mesh24, P("data")))}
+    path = shardsave.Saver(async_save=False).save(tree, str(tmp_path / "m"))
+    file = _data_files(path)[0]
+    original = Path(file).read_bytes()
+    damaged = bytearray(original)
+    damaged[5 << 20] ^= 0x10  # in the shard's second chunk
+    Path(file).write_bytes(bytes(damaged))
+    with pytest.raises(CorruptCheckpointError, match=r"crc32c mismatch in bytes 4194304\.\.6291456") as info:
+        shardsave.Saver().restore(path, tree)
+    assert os.path.basename(file) in str(info.value) and "leaf 'w'" in str(info.value)
+    Path(file).write_bytes(original[: 5 << 20])
+    with pytest.raises(CorruptCheckpointError, match=r"truncated") as info:
+        shardsave.Saver().restore(path, tree)
+    assert os.path.basename(file) in str(info.value) and "leaf 'w'" in str(info.value)
+    Path(file).write_bytes(original)
+    restored = shardsave.Saver().restore(path, tree)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), w)
+
+
 def _rewrite_index(path, change):
     doc = json.loads(Path(path + ".index").read_bytes())
     change(doc)
