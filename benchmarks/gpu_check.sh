@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # On a machine with an accelerator and no network: correctness first, then the benchmark.
 # Needs jax with its accelerator plugin, tensorstore, orbax-checkpoint, psutil, pyyaml and
-# matplotlib installed there; google-crc32c may come as a wheel in .gpu/ (carried along),
+# matplotlib installed there; crc32c may come as a wheel in .gpu/ (carried along),
 # fetched here beforehand with:
-#   pip download google-crc32c --python-version 3.12 --only-binary=:all: \
-#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .gpu
+#   pip download crc32c --python-version 3.12 --only-binary=:all: --no-deps \
+#       --platform manylinux_2_28_x86_64 -d .gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out/gpu}
 mkdir -p "$OUT" /tmp/shardsave-pylib
-if ! python3 -c "import google_crc32c" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/shardsave-pylib .gpu/google_crc32c-*.whl
+if ! python3 -c "import crc32c" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/shardsave-pylib .gpu/crc32c-*.whl
 fi
 export PYTHONPATH="$PWD:/tmp/shardsave-pylib:${PYTHONPATH:-}"
 nvidia-smi -L || true
