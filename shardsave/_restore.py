@@ -43,7 +43,7 @@ from ._plan import (
     plan_reads,
     unique_target_boxes,
 )
-from ._storage import Directory, aligned_empty, join, open_prefix
+from ._storage import Directory, aligned_empty, join, mapped_empty, open_prefix
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 # One ranged read covers at most this many bytes, so the reads of one large file
@@ -186,8 +186,16 @@ class _Fetcher:
     so checksums run on all the I/O threads while the caller places arrays.
     """
 
-    def __init__(self, directory: Directory, base: str, index: Index, names: dict[int, str]):
+    def __init__(
+        self,
+        directory: Directory,
+        base: str,
+        index: Index,
+        names: dict[int, str],
+        allocate: Callable[[int], np.ndarray],
+    ):
         self.directory = directory
+        self.allocate = allocate  # host buffers of reads and assembled arrays
         self.index = index
         self.chunk = index.crc_chunk_bytes
         self.names = names  # id(StoredShard) -> leaf name, for error messages
@@ -208,8 +216,10 @@ class _Fetcher:
         if end - start < len(chunks) * MIN_THREAD_CHECK_BYTES:
             # Many small chunks: the checking loop is Python that would hold the GIL on
             # the I/O thread while the caller waits for it; check on first use instead.
-            return _Span(self.directory.read_range(self.keys[file], start, end), start, end, check)
-        return _Span(self.directory.read_range(self.keys[file], start, end, check), start, end)
+            future = self.directory.read_range(self.keys[file], start, end, allocate=self.allocate)
+            return _Span(future, start, end, check)
+        future = self.directory.read_range(self.keys[file], start, end, check, self.allocate)
+        return _Span(future, start, end)
 
     def _check(self, start: int, chunks: list[tuple[StoredShard, int]], data: np.ndarray) -> np.ndarray:
         """Verifies the length and crc32c of each chunk in a span's data (read from `start`)."""
@@ -319,7 +329,8 @@ def restore_leaves(
         budget = budget or min(DEFAULT_INFLIGHT_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
         max_read = None
     names = {id(s): req.entry.name for req in requests for s in req.entry.shards}
-    fetcher = _Fetcher(directory, base, index, names)
+    # A capped restore needs its buffers' memory back the moment they are dropped.
+    fetcher = _Fetcher(directory, base, index, names, mapped_empty if sequential else aligned_empty)
     units = _plan_units(requests, max_read)
     batches = list(_batches(units, requests, budget, sequential))
     times = RestoreTimes(plan_seconds=time.perf_counter() - began)
@@ -373,8 +384,10 @@ def _batches(
         yield batch
 
 
-def _aligned_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    return aligned_empty(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+def _aligned_array(
+    shape: tuple[int, ...], dtype: np.dtype, allocate: Callable[[int], np.ndarray]
+) -> np.ndarray:
+    return allocate(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
 
 
 @functools.lru_cache(maxsize=256)
@@ -395,10 +408,10 @@ def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int,
             return rows
         # Otherwise one copy into an aligned buffer that becomes the device buffer is
         # cheaper than letting jax copy into freshly allocated device memory.
-        out = _aligned_array(rows.shape, dtype)
+        out = _aligned_array(rows.shape, dtype, fetcher.allocate)
         np.copyto(out, rows)
         return out
-    out = _aligned_array(box_shape(unit.box), dtype)
+    out = _aligned_array(box_shape(unit.box), dtype, fetcher.allocate)
     for read in unit.reads:
         out[read.dst] = fetcher.verified(read, spans[id(read)], dtype)[read.src]
     return out
@@ -440,7 +453,9 @@ def _stream_unit(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, results: _Res
         block = np.ascontiguousarray(rows, dtype=req.dtype)
         starts = tuple(np.int32(s.start or 0) for s in read.dst)
         for d in targets:
-            buffers[d] = _write_block(buffers[d], jax.device_put(block, d), starts)
+            # One device's copy of the block at a time (on CPU devices it is host
+            # memory): dispatching them all at once held one copy per device.
+            buffers[d] = _write_block(buffers[d], jax.device_put(block, d), starts).block_until_ready()
         del rows, block
     results.remaining[unit.request] -= 1
     results.partial.setdefault(unit.request, {}).update(buffers)
