@@ -4,13 +4,14 @@ A restore is a list of units: one per unique target box of a leaf (a box several
 devices need is read once and placed on each), or the whole leaf for host
 targets and reshapes. Units are executed in batches whose host bytes (reads plus
 assembly buffers) stay within the budget: every read of a batch is issued at
-once (coalesced into contiguous spans of each file), then the batch is verified
-(crc32c), assembled and placed on its devices (one make_array_from_callback per
+once (coalesced into contiguous spans of each file) and verified (crc32c) as it
+lands, then the batch is assembled and placed on its devices (one make_array_from_callback per
 leaf), and its host buffers are dropped. A default restore issues the next
 batch's reads before placing the current one, so the disk and Python work at
-the same time; restore_sequentially does not, so only one batch is ever held.
-On CPU devices a read that is exactly a target shard becomes that device buffer
-without a copy.
+the same time; restore_sequentially does not, so only one batch is ever held, and
+its buffers are mappings of their own, whose memory returns to the system as
+soon as they are dropped. On CPU devices a read that is exactly a target shard
+becomes that device buffer without a copy.
 
 A unit too large for the budget on its own (restore_sequentially with a small
 max_host_bytes) is streamed: its target buffer is allocated on the device and
@@ -181,9 +182,10 @@ class _Fetcher:
     Reads of a batch are coalesced: spans of the same file that touch or overlap
     are fetched with one ranged read (a restore onto the saved layout reads each
     data file in spans of MAX_SPAN_BYTES), and each read is a view into its span.
-    Every checksum chunk a span holds is verified once, by the I/O thread that
-    read it (for local files; other stores verify when the span is first used),
-    so checksums run on all the I/O threads while the caller places arrays.
+    Every checksum chunk a span holds is verified once: by the I/O thread that
+    read it when the chunks are large (local files), so checksums run on all the
+    I/O threads while the caller places arrays; otherwise when the span is first
+    used.
     """
 
     def __init__(
