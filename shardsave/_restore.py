@@ -5,13 +5,13 @@ devices need is read once and placed on each), or the whole leaf for host
 targets and reshapes. Units are executed in batches whose host bytes (reads plus
 assembly buffers) stay within the budget: every read of a batch is issued at
 once (coalesced into contiguous spans of each file) and verified (crc32c) as it
-lands, then the batch is assembled and placed on its devices (one make_array_from_callback per
-leaf), and its host buffers are dropped. A default restore issues the next
-batch's reads before placing the current one, so the disk and Python work at
-the same time; restore_sequentially does not, so only one batch is ever held, and
-its buffers are mappings of their own, whose memory returns to the system as
-soon as they are dropped. On CPU devices a read that is exactly a target shard
-becomes that device buffer without a copy.
+lands, then the batch is assembled and placed on its devices (one
+make_array_from_callback per leaf), and its host buffers are dropped. A default
+restore issues the next batch's reads before placing the current one, so the
+disk and Python work at the same time; restore_sequentially does not, so only
+one batch is ever held, and its buffers are mappings of their own, whose memory
+returns to the system as soon as they are dropped. On CPU devices a read that is
+exactly a target shard becomes that device buffer without a copy.
 
 A unit too large for the budget on its own (restore_sequentially with a small
 max_host_bytes) is streamed: its target buffer is allocated on the device and
