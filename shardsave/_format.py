@@ -34,9 +34,10 @@ CRC_CHUNK_BYTES = 4 << 20
 def checksum(data: Any) -> int:
     """The CRC-32C (Castagnoli) of a buffer (bytes, memoryview, contiguous numpy array).
 
-    The crc32c package releases the GIL while it computes (google-crc32c holds it:
-    the checksums of an async commit kept a training thread of the benchmark from
-    running for 15-29 ms at a time on 2 cores, against 5-7 ms with this package).
+    The crc32c package releases the GIL while it computes. google-crc32c 1.9 holds
+    it (googleapis/google-cloud-python#16923): the checksums of an async commit
+    kept another thread of the benchmark from running for 15-29 ms at a time on
+    2 cores, against 5-9 ms with this package.
     """
     return int(crc32c.crc32c(data))
 
