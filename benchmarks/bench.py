@@ -633,6 +633,15 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -658,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "devices": f"{len(jax.devices())} x {jax.devices()[0].device_kind}",
         "jax": jax.__version__,
+        "versions": {name: _version(name) for name in ("orbax-checkpoint", "tensorstore", "crc32c")},
         "profile": args.profile,
     }
     first = None
