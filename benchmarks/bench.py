@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import mmap
 import os
 import platform
 import shutil
@@ -72,7 +71,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
-from shardsave import _plan, _tree
+from shardsave import _plan, _storage, _tree
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -145,14 +144,8 @@ def warm_memory(nbytes: int) -> None:
     operation is handed out again first, so the operation finds host-backed
     pages, as it would on a machine without page reporting.
     """
-    if nbytes <= 0:
-        return
-    block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    block.madvise(mmap.MADV_HUGEPAGE)
-    pages = np.frombuffer(block, np.uint8)
-    pages[::4096] = 1
-    del pages  # the mapping closes only once no view of it is left
-    block.close()
+    if nbytes > 0:
+        _storage.mapped_empty(nbytes)[::4096] = 1  # its own mapping, unmapped when dropped
 
 
 def meshes() -> tuple[Mesh, Mesh]:
