@@ -53,6 +53,8 @@ class BackgroundCommits:
         if pending is None:
             return
         error = pending.exception()
+        if isinstance(error, SaveFailedError):
+            raise error  # it already says what happened, and whether anything committed
         if error is not None:
             raise SaveFailedError(f"saving {self._describe} failed: {error}") from error
 

@@ -25,7 +25,14 @@ from . import _gc, _tree
 from .errors import CorruptCheckpointError, UnsupportedFormatError
 
 FORMAT_NAME = "shardsave"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 2 wraps the index in an envelope that carries the CRC-32C of its body.
+# The envelope's bytes before the body are fixed, so a reader finds the body by
+# position and checks its checksum without re-encoding anything:
+#   {"format":"shardsave","format_version":2,"crc32c":"XXXXXXXX","index":BODY}
+_ENVELOPE_HEAD = b'{"format":"shardsave","format_version":2,"crc32c":"'
+_ENVELOPE_MID = b'","index":'
+_ENVELOPE_BODY_AT = len(_ENVELOPE_HEAD) + 8 + len(_ENVELOPE_MID)
 # Stored shards carry one crc32c per chunk of this many bytes, so a reader that
 # needs only part of a shard can verify what it reads without reading it all.
 CRC_CHUNK_BYTES = 4 << 20
@@ -140,6 +147,7 @@ class LeafEntry:
     kind: str
     sharding: dict[str, Any] | None  # JSON form; see encode_sharding
     shards: tuple[StoredShard, ...]
+    key_impl: str | None = None  # kind "key": the PRNG implementation of the stored key data
 
     @property
     def nbytes(self) -> int:
@@ -229,22 +237,22 @@ def decode_sharding(
 
 @_gc.pausing
 def encode_index(index: Index) -> bytes:
+    """The index file's bytes (the current format version: the checksummed envelope)."""
     leaves = []
     for leaf in index.leaves:
-        leaves.append(
-            {
-                "name": leaf.name,
-                "dtype": dtype_name(leaf.dtype),
-                "shape": list(leaf.shape),
-                "kind": leaf.kind,
-                "sharding": leaf.sharding,
-                # json writes tuples as arrays: no per-shard list copies
-                "shards": [(s.file, s.offset, s.nbytes, s.start, s.stop, s.crc32c) for s in leaf.shards],
-            }
-        )
+        entry = {
+            "name": leaf.name,
+            "dtype": dtype_name(leaf.dtype),
+            "shape": list(leaf.shape),
+            "kind": leaf.kind,
+            "sharding": leaf.sharding,
+            # json writes tuples as arrays: no per-shard list copies
+            "shards": [(s.file, s.offset, s.nbytes, s.start, s.stop, s.crc32c) for s in leaf.shards],
+        }
+        if leaf.key_impl is not None:
+            entry["key_impl"] = leaf.key_impl
+        leaves.append(entry)
     doc = {
-        "format": FORMAT_NAME,
-        "format_version": index.format_version,
         "global_step": index.global_step,
         "created": index.created,
         "crc_chunk_bytes": index.crc_chunk_bytes,
@@ -255,7 +263,8 @@ def encode_index(index: Index) -> bytes:
         "structure": index.structure,
         "leaves": leaves,
     }
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    return b"".join((_ENVELOPE_HEAD, b"%08x" % checksum(body), _ENVELOPE_MID, body, b"}"))
 
 
 # ---------------------------------------------------------------- decode
@@ -304,14 +313,36 @@ def decode_index(raw: bytes, where: str) -> Index:
             f"up to {FORMAT_VERSION}; upgrade shardsave to read it"
         )
     try:
-        return _decode(doc)
+        if (
+            type(version) is int and version == 1
+        ):  # no envelope, no checksum of its own: the fields are at the top
+            return _decode(doc, 1)
+        version = _int(version, "format_version", 2, FORMAT_VERSION)
+        body = raw[_ENVELOPE_BODY_AT:-1]
+        stored = raw[len(_ENVELOPE_HEAD) : len(_ENVELOPE_HEAD) + 8]
+        if (
+            not raw.startswith(_ENVELOPE_HEAD)
+            or raw[len(_ENVELOPE_HEAD) + 8 : _ENVELOPE_BODY_AT] != _ENVELOPE_MID
+            or not raw.endswith(b"}")
+            or set(doc) != {"format", "format_version", "crc32c", "index"}
+        ):
+            raise ValueError("the envelope is not laid out as FORMAT.md requires")
+        if stored != b"%08x" % checksum(body):
+            raise CorruptCheckpointError(
+                f"{where}: the index's crc32c does not match its contents (the index is corrupt; "
+                "restore an earlier checkpoint)"
+            )
+        if not isinstance(doc["index"], dict):
+            raise ValueError("index must be an object")
+        return _decode(doc["index"], version)
+    except CorruptCheckpointError:
+        raise
     except (ValueError, TypeError, KeyError, RecursionError) as e:
         detail = f"missing field {e}" if isinstance(e, KeyError) else str(e)
         raise CorruptCheckpointError(f"{where}: invalid index: {detail}") from e
 
 
-def _decode(doc: dict[str, Any]) -> Index:
-    _int(doc["format_version"], "format_version", 1, FORMAT_VERSION)
+def _decode(doc: dict[str, Any], version: int) -> Index:
     step = doc["global_step"]
     if step is not None:
         _int(step, "global_step", -(1 << 62), 1 << 62)
@@ -341,8 +372,9 @@ def _decode(doc: dict[str, Any]) -> Index:
         if not isinstance(leaf, dict):
             raise ValueError(f"leaves[{i}] must be an object")
         name = leaf["name"]
-        if not isinstance(name, str) or not name or "\0" in name:
-            raise ValueError(f"leaves[{i}].name must be a non-empty string without NUL")
+        # "" is the name of a bare array saved as the whole tree (format version 2).
+        if not isinstance(name, str) or (not name and version < 2) or "\0" in name:
+            raise ValueError(f"leaves[{i}].name must be a string without NUL")
         if name in names:
             raise ValueError(f"leaf name {name!r} appears twice")
         names.add(name)
@@ -359,7 +391,7 @@ def _decode(doc: dict[str, Any]) -> Index:
         files=tuple(files),
         structure=structure,
         leaves=tuple(leaves),
-        format_version=doc["format_version"],
+        format_version=version,
     )
 
 
@@ -381,6 +413,15 @@ def _decode_leaf(leaf: dict[str, Any], name: str, files: list[DataFile], chunk: 
     sharding = leaf["sharding"]
     if sharding is not None and not isinstance(sharding, dict):
         raise ValueError(f"leaf {name!r}: sharding must be an object or null")
+    key_impl = leaf.get("key_impl")
+    if (kind == _tree.KIND_KEY) != (key_impl is not None):
+        raise ValueError(f"leaf {name!r}: key_impl is required for kind 'key' and only for it")
+    if key_impl is not None and not (
+        isinstance(key_impl, str) and key_impl and len(key_impl) <= 64 and key_impl.isprintable()
+    ):
+        raise ValueError(f"leaf {name!r}: key_impl must be a short printable string")
+    if kind == _tree.KIND_KEY and (dtype_str != "uint32" or not shape):
+        raise ValueError(f"leaf {name!r}: key data must be uint32 with at least one dimension")
 
     raw_shards = _list(leaf["shards"], f"leaf {name!r} shards")
     if len(raw_shards) > MAX_SHARDS_PER_LEAF:
@@ -428,7 +469,7 @@ def _decode_leaf(leaf: dict[str, Any], name: str, files: list[DataFile], chunk: 
         raise ValueError(f"leaf {name!r}: an empty array is stored as exactly one empty shard")
     if size:
         _check_grid(name, shape, shards)
-    return LeafEntry(name, dtype, shape, kind, sharding, tuple(shards))
+    return LeafEntry(name, dtype, shape, kind, sharding, tuple(shards), key_impl)
 
 
 def _check_grid(name: str, shape: tuple[int, ...], shards: list[StoredShard]) -> None:

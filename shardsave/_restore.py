@@ -320,7 +320,17 @@ def restore_leaves(
     """Restores each request: a jax.Array or numpy array per request, and the timings."""
     began = time.perf_counter()
     if sequential:
-        budget = max(budget or 0, MIN_SEQUENTIAL_BYTES)
+        # A read covers whole checksum chunks, and a batch holds reads of up to a quarter
+        # of the budget: below two chunks per quarter a budget cannot be kept.
+        least = max(MIN_SEQUENTIAL_BYTES, 8 * index.crc_chunk_bytes)
+        if budget is not None and budget < least:
+            raise ValueError(
+                f"max_host_bytes={budget} is below the {least >> 20} MiB that restore_sequentially needs "
+                f"for this checkpoint: every read is verified in whole {index.crc_chunk_bytes >> 20} MiB "
+                "checksum chunks, and a batch holds a quarter of the budget in reads; pass at least "
+                f"max_host_bytes={least}"
+            )
+        budget = budget or least
         max_read = max(1, budget // 4)
     else:
         # The next batch is read while this one is verified and placed, and a batch's
@@ -340,15 +350,26 @@ def restore_leaves(
     results = _Results(units)
     ahead = 0 if sequential else 1  # batches whose reads are issued before the current one is placed
     issued: deque[tuple[list[_Unit], dict[int, _Span]]] = deque()
-    for batch in batches:
-        if len(batch) == 1 and _streamed(batch[0], requests, budget, sequential):
-            _stream_unit(batch[0], requests[batch[0].request], fetcher, results)
-            continue
-        issued.append((batch, fetcher.issue([r for unit in batch for r in unit.reads])))
-        if len(issued) > ahead:
+    try:
+        for batch in batches:
+            if len(batch) == 1 and _streamed(batch[0], requests, budget, sequential):
+                _stream_unit(batch[0], requests[batch[0].request], fetcher, results)
+                continue
+            issued.append((batch, fetcher.issue([r for unit in batch for r in unit.reads])))
+            if len(issued) > ahead:
+                _run_batch(*issued.popleft(), requests, fetcher, results)
+        while issued:
             _run_batch(*issued.popleft(), requests, fetcher, results)
-    while issued:
-        _run_batch(*issued.popleft(), requests, fetcher, results)
+    except CorruptCheckpointError as e:
+        if isinstance(e.__cause__, FileNotFoundError) and not directory.exists(_format.index_key(base)):
+            # The index was there when the restore began: a Saver's retention deleted
+            # this checkpoint while it was being read (an evaluator trailing a trainer).
+            raise CheckpointNotFoundError(
+                f"{join(directory.path, base)} was deleted while it was being read (the retention of "
+                "the Saver writing this directory removed it); restore a newer checkpoint "
+                "(latest_checkpoint), or keep more with a larger max_to_keep"
+            ) from e
+        raise
     values = results.finish(requests)
     times.place_seconds = results.place_seconds
     return values, times

@@ -10,7 +10,9 @@ Restore: index -> match target leaves -> plan reads -> read, verify, place.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import operator
 import os
 import time
 from collections.abc import Callable
@@ -30,14 +32,17 @@ from ._restore import LeafRequest, open_checkpoint, restore_leaves
 from ._stage import StagingBuffer, snapshot_on_device, stage
 from ._state import (
     Retention,
+    delete_checkpoint,
     read_state,
     remove_uncommitted,
+    save_path_pattern,
     unrecorded_commits,
     write_state,
 )
-from ._storage import Directory, join, open_prefix, split_prefix
+from ._storage import Directory, PendingFile, WriterLock, join, open_prefix, split_prefix, sync_directory
 from .errors import (
     CheckpointExistsError,
+    CorruptCheckpointError,
     SaveFailedError,
     ShardingMismatchError,
     StructureMismatchError,
@@ -61,6 +66,9 @@ class _PendingSave:
     step: int | None
     timestamp: float
     key: str | None  # the coordination key when several processes save together
+    # Replacing a committed checkpoint in a local directory, alone: the new files are
+    # made durable under temporary names before the old index goes.
+    replace_local: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,7 +111,8 @@ class RestoreInfo:
     place_seconds: float
 
 
-def _leaf_spec(name: str, leaf: Any) -> _tree.LeafSpec:
+def _leaf_spec(name: str, leaf: Any) -> tuple[_tree.LeafSpec, Any]:
+    """What the planner needs of a leaf, and the leaf as it is stored."""
     try:
         kind = _tree.leaf_kind(leaf)
     except TypeError:
@@ -111,9 +120,15 @@ def _leaf_spec(name: str, leaf: Any) -> _tree.LeafSpec:
             f"leaf {name!r} is a {type(leaf).__name__}, which shardsave cannot store; "
             "leaves must be jax.Array, numpy arrays or numbers"
         ) from None
-    if kind == _tree.KIND_ARRAY:
-        if leaf.is_deleted():
-            raise ValueError(f"leaf {name!r} is a deleted jax.Array (was it donated?)")
+    key_impl = None
+    if kind in (_tree.KIND_ARRAY, _tree.KIND_KEY) and leaf.is_deleted():
+        raise ValueError(f"leaf {name!r} is a deleted jax.Array (was it donated?)")
+    if kind == _tree.KIND_KEY:
+        # A typed PRNG key array is stored as its key data (uint32, the key shape
+        # appended) with the implementation's name, and rebuilt from them.
+        key_impl = str(jax.random.key_impl(leaf))
+        leaf = jax.random.key_data(leaf)
+    if kind in (_tree.KIND_ARRAY, _tree.KIND_KEY):
         shape, dtype, sharding = tuple(leaf.shape), np.dtype(leaf.dtype), leaf.sharding
     else:
         try:
@@ -125,7 +140,31 @@ def _leaf_spec(name: str, leaf: Any) -> _tree.LeafSpec:
         _format.dtype_name(dtype)
     except TypeError as e:
         raise TypeError(f"leaf {name!r}: {e}") from None
-    return _tree.LeafSpec(name, shape, dtype, kind, sharding)
+    return _tree.LeafSpec(name, shape, dtype, kind, sharding, key_impl), leaf
+
+
+# The index holds steps in this range (FORMAT.md): a larger one is refused before
+# anything is written, never committed into an index that its reader refuses.
+MAX_STEP = 1 << 62
+
+
+def _step_number(global_step: Any) -> int:
+    """global_step as an int: a Python int or a numpy/jax integer scalar, nothing else."""
+    dtype = getattr(global_step, "dtype", None)
+    if isinstance(global_step, bool) or (dtype is not None and not np.issubdtype(dtype, np.integer)):
+        raise TypeError(
+            f"global_step must be an integer, found {global_step!r} ({type(global_step).__name__})"
+        )
+    try:
+        step = operator.index(global_step)
+    except TypeError:
+        raise TypeError(
+            f"global_step must be an integer (a Python int or a numpy/jax integer scalar), found "
+            f"{global_step!r} ({type(global_step).__name__}); a float step would be truncated"
+        ) from None
+    if not -MAX_STEP <= step <= MAX_STEP:
+        raise ValueError(f"global_step {step} is outside what the index holds (-2**62 .. 2**62)")
+    return step
 
 
 def _checksums(data: bytes, plan_file: Any, chunk: int) -> list[tuple[int, ...]]:
@@ -229,6 +268,7 @@ class Saver:
         # Host buffers of the last plan saved, refilled by the next save of that plan.
         self._staging: tuple[SavePlan | None, dict[int, StagingBuffer]] = (None, {})
         self._retention: dict[str, Retention] = {}
+        self._locks: dict[tuple[str, str], WriterLock] = {}
         self._last_directory: str | None = None
         self._last_save: SaveInfo | None = None
         self._last_restore: RestoreInfo | None = None
@@ -292,30 +332,47 @@ class Saver:
                 return None
             raise ValueError("the tree to save has no leaves; pass allow_empty=True to Saver to allow it")
         prefix = os.fspath(save_path)
-        if global_step is not None:
-            step = int(global_step)
+        step = None if global_step is None else _step_number(global_step)
+        if step is not None:
             prefix = f"{prefix}-{step:08d}" if self.pad_step_number else f"{prefix}-{step}"
-        else:
-            step = None
         # Validate every leaf before anything on disk changes.
-        specs = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
+        stored = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
+        specs, leaves = [spec for spec, _ in stored], [leaf for _, leaf in stored]
         directory, base = open_prefix(prefix)
+        stem = split_prefix(os.fspath(save_path))[1]
         key = self._coordinator.next_key() if self._coordinator.active else None
         if key is not None and not self.sharded:
             raise ValueError(
                 "sharded=False writes one file from one process; use sharded=True across processes"
             )
+        directory.check_parent(prefix)
+        if self._coordinator.process_index == 0:
+            try:
+                self._lock(directory, stem)
+            except OSError as e:
+                raise SaveFailedError(f"saving {prefix} failed: cannot write in {directory.path!r}: {e}") from e
         index_key = _format.index_key(base)
+        replace_local = False
         if directory.exists(index_key):
             if not overwrite:
                 raise CheckpointExistsError(
                     f"a committed checkpoint exists at {prefix!r}; pass overwrite=True to replace it"
                 )
-            # Uncommit first: a crash while rewriting must not leave an index over mixed data.
-            if self._coordinator.process_index == 0:
-                directory.delete(index_key).result()
-            if key is not None:
-                self._coordinator.barrier(f"{key}/uncommitted", f"overwriting {prefix}")
+            if directory.is_local and key is None:
+                replace_local = True  # the old index goes only once the new files are durable
+            else:
+                # Object stores have no rename, and several processes would need another
+                # round of agreement: uncommit first, so that a crash while rewriting never
+                # leaves an index over mixed data (FORMAT.md).
+                if self._coordinator.process_index == 0:
+                    try:
+                        directory.delete(index_key).result()
+                    except Exception as e:
+                        raise SaveFailedError(
+                            f"overwriting {prefix} failed: cannot delete its index: {e}"
+                        ) from e
+                if key is not None:
+                    self._coordinator.barrier(f"{key}/uncommitted", f"overwriting {prefix}")
 
         plan = self._plan(specs)
         if self._staging[0] is not plan:
@@ -332,7 +389,7 @@ class Saver:
         pending = _PendingSave(
             directory=directory,
             base=base,
-            stem=split_prefix(os.fspath(save_path))[1],
+            stem=stem,
             prefix=prefix,
             plan=plan,
             staged=staged,
@@ -340,6 +397,7 @@ class Saver:
             step=step,
             timestamp=self._clock(),
             key=key,
+            replace_local=replace_local,
         )
         info = SaveInfo(prefix, nbytes, time.perf_counter() - began)
         self._last_save = info
@@ -354,9 +412,18 @@ class Saver:
         else:
             try:
                 commit()
+            except SaveFailedError:
+                raise
             except Exception as e:
                 raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         return prefix
+
+    def _lock(self, directory: Directory, stem: str) -> None:
+        """Holds the save path for this Saver's life (see Directory.lock)."""
+        if (directory.path, stem) not in self._locks:
+            lock = directory.lock(stem)
+            if lock is not None:
+                self._locks[directory.path, stem] = lock
 
     def wait_until_finished(self) -> None:
         """Blocks until the pending asynchronous save has committed.
@@ -367,9 +434,17 @@ class Saver:
         self._commits.wait()
 
     def close(self) -> None:
-        """Finishes the pending save, stops the background worker, frees host buffers."""
-        self._commits.close()
-        self._staging = (None, {})
+        """Finishes the pending save, stops the background worker, frees host buffers.
+
+        Also lets go of the save paths this Saver wrote, so another Saver may write them.
+        """
+        try:
+            self._commits.close()
+        finally:
+            self._staging = (None, {})
+            for lock in self._locks.values():
+                lock.release()
+            self._locks.clear()
 
     def __enter__(self) -> Saver:
         return self
@@ -388,7 +463,7 @@ class Saver:
         return structure
 
     def _plan(self, specs: list[_tree.LeafSpec]) -> SavePlan:
-        key = (self.sharded, tuple((s.name, s.shape, s.dtype, s.kind, s.sharding) for s in specs))
+        key = (self.sharded, tuple((s.name, s.shape, s.dtype, s.kind, s.sharding, s.key_impl) for s in specs))
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE_SIZE:
@@ -403,16 +478,21 @@ class Saver:
         coordinator = self._coordinator
         what = f"saving {save.prefix}"
         keys: dict[int, str] = {}
+        pending: list[PendingFile] = []
         try:
             staged = save.staged() if callable(save.staged) else save.staged
             keys = {k: _format.data_key(save.base, k, len(plan.files)) for k in staged}
-            writes = [directory.write(keys[k], data) for k, data in staged.items()]
+            publish = not save.replace_local
+            writes = [directory.write(keys[k], data, publish=publish) for k, data in staged.items()]
             crcs = {k: _checksums(data, plan.files[k], chunk) for k, data in staged.items()}
-            for w in writes:
-                w.result()
+            results = [w.result() for w in writes]
+            pending = [r for r in results if isinstance(r, PendingFile)]
             if save.key is None:
-                index = self._index(plan, crcs, save, chunk)
-                directory.write(_format.index_key(save.base), _format.encode_index(index)).result()
+                raw = self._encoded_index(plan, crcs, save, chunk)
+                if save.replace_local:
+                    self._replace(save, pending, raw)
+                else:
+                    directory.write(_format.index_key(save.base), raw).result()
             else:
                 coordinator.publish(f"{save.key}/files/{coordinator.process_index}", encode_report(crcs))
         except BaseException as e:
@@ -421,17 +501,20 @@ class Saver:
                     coordinator.publish(
                         f"{save.key}/files/{coordinator.process_index}", encode_report(None, repr(e))
                     )
-            for future in [directory.delete(key) for key in keys.values()]:
-                with contextlib.suppress(Exception):  # the original error matters more
-                    future.result()
+            for file in pending:
+                file.discard()
+            if not save.replace_local:  # the names are this save's alone (the Saver holds the lock)
+                for future in [directory.delete(key) for key in keys.values()]:
+                    with contextlib.suppress(Exception):  # the original error matters more
+                        future.result()
             raise
         if save.key is None:
             self._after_commit(save)
         elif coordinator.process_index == 0:
             try:
                 all_crcs = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
-                index = self._index(plan, all_crcs, save, chunk)
-                directory.write(_format.index_key(save.base), _format.encode_index(index)).result()
+                raw = self._encoded_index(plan, all_crcs, save, chunk)
+                directory.write(_format.index_key(save.base), raw).result()
                 self._after_commit(save)
             except BaseException as e:
                 with contextlib.suppress(Exception):
@@ -444,6 +527,47 @@ class Saver:
                 raise SaveFailedError(f"{what}: process 0 reported {outcome}")
             self._retention_for(directory, save.stem).add(save.base, save.timestamp)
             self._last_directory = directory.path
+
+    def _encoded_index(
+        self, plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
+    ) -> bytes:
+        """The index's bytes, checked by the reader's own validation before anything commits."""
+        raw = _format.encode_index(self._index(plan, crcs, save, chunk))
+        where = f"{save.prefix}{_format.INDEX_SUFFIX}"
+        try:
+            _format.decode_index(raw, where)
+        except CorruptCheckpointError as e:
+            raise SaveFailedError(
+                f"{where}: shardsave built an index that its own reader refuses, so nothing was "
+                f"committed (please report this as a bug, with the tree's structure): {e}"
+            ) from e
+        return raw
+
+    @staticmethod
+    def _replace(save: _PendingSave, pending: list[PendingFile], raw: bytes) -> None:
+        """Replaces a committed local checkpoint once every new file is durable.
+
+        The new index is made durable under a temporary name too; then the old index
+        goes (the old checkpoint is uncommitted), the new data files take their names,
+        and the new index takes its name (the commit). A failure before that keeps the
+        old checkpoint whole; a crash inside that window of renames leaves no
+        checkpoint at this prefix, but never a mix of old and new.
+        """
+        directory = save.directory
+        index = directory.write(_format.index_key(save.base), raw, publish=False).result()
+        pending.append(index)
+        os.unlink(directory.local_path(_format.index_key(save.base)))
+        for file in pending[:-1]:
+            file.publish()
+        sync_directory(directory)
+        index.publish()
+        sync_directory(directory)
+        # The old checkpoint may have had more data files than the new one.
+        ours = {os.path.basename(file.path) for file in pending}
+        for key in directory.list():
+            parsed = _format.parse_data_key(key)
+            if parsed is not None and parsed[0] == save.base and key not in ours:
+                directory.delete(key).result()
 
     @staticmethod
     @_gc.pausing
@@ -464,6 +588,7 @@ class Saver:
                 kind=spec.kind,
                 sharding=None if spec.sharding is None else _format.encode_sharding(spec.sharding),
                 shards=tuple(s),
+                key_impl=spec.key_impl,
             )
             for spec, s in zip(plan.leaves, shards)
         )
@@ -472,27 +597,45 @@ class Saver:
 
     def _after_commit(self, save: _PendingSave) -> None:
         directory = save.directory
-        retention = self._retention_for(directory, save.stem)
-        doomed = retention.add(save.base, save.timestamp)
-        # Uncommit the doomed checkpoints (their index goes first), then stop naming
-        # them, then remove every data file left without an index. A kill anywhere in
-        # between leaves either a named-but-uncommitted checkpoint, which readers skip,
-        # or index-less data, which the next commit removes: never an unnamed commit.
-        for future in [directory.delete(_format.index_key(old)) for old in doomed]:
-            future.result()
-        absolute = None
-        if not self.save_relative_paths:
-            absolute = os.path.abspath(directory.path) if directory.is_local else directory.path
-        write_state(directory, retention.state(absolute))
-        remove_uncommitted(directory, save.stem)
+        try:
+            retention = self._retention_for(directory, save.stem)
+            doomed = retention.add(save.base, save.timestamp)
+            # Uncommit the doomed checkpoints (their index goes first), then stop naming
+            # them, then remove their files and any data left without an index. A kill
+            # anywhere in between leaves either a named-but-uncommitted checkpoint, which
+            # readers skip, or index-less data, which the next commit removes: never an
+            # unnamed commit.
+            for future in [directory.delete(_format.index_key(old)) for old in doomed]:
+                future.result()
+            absolute = None
+            if not self.save_relative_paths:
+                absolute = os.path.abspath(directory.path) if directory.is_local else directory.path
+            write_state(directory, retention.state(absolute))
+            keys = directory.list()
+            for old in doomed:
+                delete_checkpoint(directory, old, keys)
+            remove_uncommitted(directory, save.stem, keys)
+        except Exception as e:
+            raise SaveFailedError(
+                f"{save.prefix} is committed and restorable, but what follows a commit (the state "
+                f"file, deleting old checkpoints) failed: {e}"
+            ) from e
         self._last_directory = directory.path
 
     def _retention_for(self, directory: Directory, stem: str) -> Retention:
+        """This Saver's retention in a directory: the checkpoints it saved, or adopted.
+
+        Like tf.train.Saver, a Saver deletes only checkpoints it knows: those it saved,
+        and, when it starts over a directory that has a state file, those of its own
+        save path (stem or stem-STEP) that the file names or that were committed after
+        it was written. Checkpoints of other save paths are never touched.
+        """
         retention = self._retention.get(directory.path)
         if retention is not None:
             return retention
         interval = self.keep_checkpoint_every_n_hours * 3600
         state = read_state(directory)
+        own = save_path_pattern(stem)
         if state is None:
             # Commits of this save path whose process died before the first state file.
             retention = Retention(
@@ -502,13 +645,12 @@ class Saver:
                 unrecorded_commits(directory, [], stem),
             )
         else:
-            # A new Saver over an existing directory continues its retention.
-            # Only plain names inside this directory: a hostile state file must not steer
-            # deletion elsewhere ("../x", "", ".." never match a key listed here anyway).
+            # Only names of this save path inside this directory: a hostile state file
+            # must not steer deletion elsewhere ("../x", "", ".." never match).
             kept = [
                 (base, t)
                 for p, t in zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)
-                if (base := split_prefix(p)[1]) not in ("", ".", "..") and "\0" not in base
+                if own.fullmatch(base := split_prefix(p)[1])
             ]
             kept += unrecorded_commits(directory, kept, stem)
             retention = Retention(
@@ -606,7 +748,7 @@ def _requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Cal
     requests = []
     for entry in index.leaves:
         sharding = None
-        if entry.kind == _tree.KIND_ARRAY:
+        if entry.kind in (_tree.KIND_ARRAY, _tree.KIND_KEY):
             sharding = _format.decode_sharding(entry.sharding, devices)
             if sharding is None:
                 raise ShardingMismatchError(
@@ -617,10 +759,86 @@ def _requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Cal
         requests.append(LeafRequest(entry, entry.shape, entry.dtype, sharding))
 
     def finish(values: list[Any]) -> Any:
-        leaves = [_as_kind(v, e.kind) for v, e in zip(values, index.leaves)]
+        leaves = [
+            jax.random.wrap_key_data(v, impl=e.key_impl) if e.key_impl else _as_kind(v, e.kind)
+            for v, e in zip(values, index.leaves)
+        ]
         return _tree.decode_structure(index.structure, leaves)
 
     return requests, finish
+
+
+def _concrete(sharding: jax.sharding.Sharding, name: str) -> jax.sharding.Sharding:
+    """A target's sharding on real devices.
+
+    Shardings made under jax.set_mesh by jax.eval_shape or nnx.eval_shape name an
+    AbstractMesh (axis names and sizes, no devices). The mesh set now, if its axes
+    agree, or else one laid over this process's devices in order, stands in for it.
+    """
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not isinstance(
+        sharding.mesh, jax.sharding.AbstractMesh
+    ):
+        return sharding
+    abstract = sharding.mesh
+    current = jax.sharding.get_mesh()
+    if isinstance(current, jax.sharding.Mesh) and not current.empty and current.abstract_mesh == abstract:
+        mesh = current
+    else:
+        devices = jax.devices()
+        if math.prod(abstract.axis_sizes) != len(devices):
+            raise ShardingMismatchError(
+                f"target leaf {name!r} has a sharding over an abstract mesh "
+                f"{dict(zip(abstract.axis_names, abstract.axis_sizes))} ({math.prod(abstract.axis_sizes)} "
+                f"devices), but {len(devices)} devices exist here; restore inside `with "
+                "jax.set_mesh(mesh)` or give the target concrete shardings"
+            )
+        mesh = jax.sharding.Mesh(
+            np.array(devices, dtype=object).reshape(abstract.axis_sizes),
+            abstract.axis_names,
+            axis_types=abstract.axis_types,
+        )
+    return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+
+
+@functools.cache
+def _key_layout(impl: str) -> tuple[Any, tuple[int, ...]]:
+    """The key dtype of a PRNG implementation, and the shape of one key's data."""
+    key = jax.eval_shape(lambda: jax.random.key(0, impl=impl))
+    return key.dtype, tuple(jax.eval_shape(jax.random.key_data, key).shape)
+
+
+def _int_into(
+    name: str, dtype: np.dtype, sharding: jax.sharding.Sharding | None, kind: str
+) -> Callable[[Any], Any]:
+    """Converts a stored Python int into an integer target, refusing a value that does not fit."""
+
+    def convert(value: Any) -> Any:
+        number = int(np.asarray(value)[()])
+        info = np.iinfo(dtype)
+        if not info.min <= number <= info.max:
+            raise StructureMismatchError(
+                f"leaf {name!r}: the checkpoint holds {number}, which does not fit the target's {dtype} "
+                f"({info.min}..{info.max})"
+            )
+        array = np.asarray(number, dtype)
+        if sharding is not None:
+            return jax.device_put(array, sharding)
+        return _as_kind(array, kind)
+
+    return convert
+
+
+def _key_data_sharding(sharding: jax.sharding.Sharding, ndim: int, name: str) -> jax.sharding.Sharding:
+    """The sharding of a key array's key data: the key's trailing dimensions unsharded."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = (*sharding.spec, *[None] * (ndim - len(sharding.spec)))
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    raise ShardingMismatchError(
+        f"target leaf {name!r} is a PRNG key array with a {type(sharding).__name__}; give it a "
+        "NamedSharding or a single device"
+    )
 
 
 def _requests_for_target(
@@ -633,17 +851,41 @@ def _requests_for_target(
         raise _tree.missing_leaves_error(missing, list(by_name), path)
     devices = _devices_by_id()
     requests = []
-    kinds = []
+    finishers: list[Callable[[Any], Any]] = []
     for name, leaf in zip(names, leaves):
         entry = by_name[name]
+        finisher: Callable[[Any], Any] | None = None
         if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
-            shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+            shape, dtype = tuple(leaf.shape), leaf.dtype
             sharding = leaf.sharding
             if sharding is None:  # a ShapeDtypeStruct without one: the saved layout, else device 0
                 sharding = _format.decode_sharding(
                     entry.sharding, devices
                 ) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sharding = _concrete(sharding, name)
             kind = _tree.KIND_ARRAY
+            if _tree.is_key_dtype(dtype):
+                if entry.key_impl is None:
+                    raise StructureMismatchError(
+                        f"leaf {name!r}: the target is a PRNG key array ({dtype}), the checkpoint "
+                        f"holds a {entry.dtype} array"
+                    )
+                stored_dtype, key_shape = _key_layout(entry.key_impl)
+                if dtype != stored_dtype:
+                    raise StructureMismatchError(
+                        f"leaf {name!r}: the checkpoint holds {stored_dtype} keys "
+                        f"({entry.key_impl}), the target has {dtype}"
+                    )
+                shape, dtype = (*shape, *key_shape), entry.dtype
+                sharding = _key_data_sharding(sharding, len(shape), name)
+                finisher = functools.partial(jax.random.wrap_key_data, impl=entry.key_impl)
+            elif entry.kind == _tree.KIND_KEY:
+                raise StructureMismatchError(
+                    f"leaf {name!r}: the checkpoint holds PRNG keys ({entry.key_impl}); give the target "
+                    "a key array (jax.random.key) or use its key data's shape and dtype "
+                    f"{entry.shape} {entry.dtype} as a uint32 array"
+                )
+            dtype = np.dtype(dtype)
         elif isinstance(leaf, np.ndarray):
             shape, dtype, sharding, kind = leaf.shape, leaf.dtype.newbyteorder("="), None, _tree.KIND_NUMPY
         else:
@@ -662,16 +904,29 @@ def _requests_for_target(
             raise StructureMismatchError(
                 f"leaf {name!r}: the checkpoint holds shape {entry.shape}, the target has {shape}{hint}"
             )
-        if dtype != entry.dtype and not cast:
+        if (
+            dtype != entry.dtype
+            and not cast
+            and entry.kind == _tree.KIND_INT
+            and np.issubdtype(dtype, np.integer)
+        ):
+            # A Python int has no width of its own (it was stored as int64): any integer
+            # target that holds its value takes it, as jax.eval_shape of a state with a
+            # Python-int step asks for int32.
+            finisher = _int_into(name, dtype, sharding, kind)
+            request = LeafRequest(entry, shape, entry.dtype, None)
+        elif dtype != entry.dtype and not cast:
             raise StructureMismatchError(
                 f"leaf {name!r}: the checkpoint holds dtype {entry.dtype}, the target has {dtype} "
                 "(pass cast=True to convert)"
             )
-        requests.append(LeafRequest(entry, shape, dtype, sharding))
-        kinds.append(kind)
+        else:
+            request = LeafRequest(entry, shape, dtype, sharding)
+        requests.append(request)
+        finishers.append(finisher or functools.partial(_as_kind, kind=kind))
 
     def finish(values: list[Any]) -> Any:
-        return jax.tree_util.tree_unflatten(treedef, [_as_kind(v, k) for v, k in zip(values, kinds)])
+        return jax.tree_util.tree_unflatten(treedef, [f(v) for f, v in zip(finishers, values)])
 
     return requests, finish
 

@@ -8,15 +8,17 @@ its index is written and leaves it before its files are deleted.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 
 from . import _format
 from ._storage import Directory, join, split_prefix, temp_target
-from .errors import CorruptCheckpointError, ShardsaveError
+from .errors import CorruptCheckpointError, ShardsaveError, StateFileWarning
 
 STATE_FILENAME = "checkpoint"
 
@@ -42,14 +44,42 @@ def _is_absolute(path: str) -> bool:
     return os.path.isabs(path) or "://" in path
 
 
+@functools.cache
+def save_path_pattern(stem: str) -> re.Pattern[str]:
+    """Checkpoint names of one save path: stem itself, or stem-STEP (STEP may be negative)."""
+    return re.compile(rf"{re.escape(stem)}(--?\d+)?")
+
+
 def read_state(directory: Directory) -> CheckpointState | None:
-    """The state file as stored (paths as written), or None if there is none."""
+    """The state file as stored (paths as written), or None if there is none.
+
+    An unreadable state file (empty, torn by a tool that wrote it in place, or
+    not a state file) is treated as absent, with a StateFileWarning: the
+    directory's listing says which checkpoints are committed, and the next save
+    writes the file anew. It must never block a save or a restart.
+    """
+    try:
+        return parse_state(directory)
+    except CorruptCheckpointError as e:
+        warnings.warn(
+            f"{e}; ignoring it: the checkpoints are found from the directory listing, and the "
+            "next save rewrites it",
+            StateFileWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def parse_state(directory: Directory) -> CheckpointState | None:
+    """The state file as stored, None if there is none; CorruptCheckpointError if unreadable."""
     raw = directory.read_all(STATE_FILENAME)
     if raw is None:
         return None
     where = join(directory.path, STATE_FILENAME)
     try:
         doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise TypeError("not an object")
         paths = tuple(doc["all_model_checkpoint_paths"])
         stamps = tuple(float(t) for t in doc["all_model_checkpoint_timestamps"])
         state = CheckpointState(
@@ -128,7 +158,7 @@ def unrecorded_commits(
     """
     newest = max((t for _, t in kept), default=float("-inf"))
     recorded = {b for b, _ in kept}
-    named = re.compile(rf"{re.escape(stem)}(-\d+)?") if stem is not None else None
+    named = save_path_pattern(stem) if stem is not None else None
     found = []
     for key in directory.list():
         if not key.endswith(_format.INDEX_SUFFIX) or key[: -len(_format.INDEX_SUFFIX)] in recorded:
@@ -149,7 +179,9 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
 
     A checkpoint committed after the state file's last update (its saving process
     died in between) is newer than anything the state file names, and is returned
-    instead, so a restarted job neither loses it nor collides with its name.
+    instead, so a restarted job neither loses it nor collides with its name. With
+    no state file at all (a kill before the first was written) or an unreadable
+    one, the newest committed checkpoint in the directory is returned.
 
     Args:
       checkpoint_dir: the directory holding the checkpoints (a path or URL).
@@ -162,10 +194,13 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
       >>> shardsave.latest_checkpoint(tempfile.mkdtemp()) is None
       True
     """
+    directory = Directory(os.fspath(checkpoint_dir))
     state = get_checkpoint_state(checkpoint_dir)
     if state is None:
-        return None
-    directory = Directory(os.fspath(checkpoint_dir))
+        # No state file (a kill before the first one was written) or an unreadable
+        # one: the newest commit in the directory.
+        commits = unrecorded_commits(directory, [])
+        return join(directory.path, commits[-1][0]) if commits else None
     kept = [
         (split_prefix(p)[1], t)
         for p, t in zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)
@@ -225,16 +260,39 @@ class Retention:
         )
 
 
-def remove_uncommitted(directory: Directory, stem: str) -> list[str]:
-    """Deletes the data files of checkpoints named stem[-STEP] that have no index.
+def _temp_of(key: str, base: str) -> bool:
+    """Whether key is the temporary file of a write of base's index or data files."""
+    written = temp_target(key)
+    if written is None:
+        return False
+    parsed = _format.parse_data_key(written)
+    return (parsed[0] if parsed else written.removesuffix(_format.INDEX_SUFFIX)) == base and written != base
+
+
+def delete_checkpoint(directory: Directory, base: str, keys: list[str]) -> None:
+    """Deletes every data and temporary file of checkpoint base (its index is already gone)."""
+    doomed = [
+        k
+        for k in keys
+        if ((p := _format.parse_data_key(k)) is not None and p[0] == base) or _temp_of(k, base)
+    ]
+    for future in [directory.delete(k) for k in doomed]:
+        future.result()
+
+
+def remove_uncommitted(directory: Directory, stem: str, keys: list[str] | None = None) -> list[str]:
+    """Deletes the data files of checkpoints of save path stem that have no index.
 
     They are leftovers of saves that failed or were killed, and of deletions cut
-    short; so are the temporary files of writes a kill interrupted. Other names
-    are left alone: another Saver may be writing them now.
+    short; so are the temporary files of writes a kill interrupted. Only the
+    caller's own save path: the caller holds its writer lock (local directories),
+    so nobody else is writing these names; other names may be another Saver's
+    saves in flight.
     """
-    keys = directory.list()
+    if keys is None:
+        keys = directory.list()
     present = set(keys)
-    named = re.compile(rf"{re.escape(stem)}(-\d+)?")
+    named = save_path_pattern(stem)
 
     def leftover(key: str) -> bool:
         written = temp_target(key)

@@ -17,11 +17,15 @@ non-local URL (memory://, gs://, ...) go through tensorstore.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import mmap
 import os
 import posixpath
 import secrets
+import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ import numpy as np
 import tensorstore as ts
 
 from ._threads import Pool
-from .errors import CheckpointNotFoundError
+from .errors import CheckpointNotFoundError, ConcurrentSaveError
 
 # One context for the process: memory:// stores live in it, so a store opened twice
 # (by a Saver, then by a reader) sees the same values.
@@ -183,29 +187,101 @@ class Directory:
             return _ReadResult(self._kv.read(key, byte_range=slice(start, stop)), key, then)
         return _IO.submit(_pread, self.local_path(key), start, stop, then, allocate)
 
-    def write(self, key: str, data: bytes) -> Any:
-        """Writes the whole value of key; returns a future (its result() raises on failure)."""
+    def write(self, key: str, data: bytes, *, publish: bool = True) -> Any:
+        """Writes the whole value of key; returns a future (its result() raises on failure).
+
+        With publish=False (local directories only) the value is written and made
+        durable under a temporary name, and the future's result is a PendingFile
+        whose publish() renames it to key: an overwrite can then make every new
+        file durable before the first old one is replaced.
+        """
         with _stats_lock:
             STATS.bytes_written += len(data)
         if not self.is_local:
+            if not publish:
+                raise ValueError("publish=False needs a local directory")
             return self._kv.write(key, data)
         path = self.local_path(key)
-        done: Future[None] = Future()
+        done: Future[Any] = Future()
+        finish = _sync_and_rename if publish else _sync_only
 
         def then_sync(written: Future[tuple[int, str]]) -> None:
             if (error := written.exception()) is not None:
                 done.set_exception(error)
             else:
-                _SYNC.submit(_sync_and_rename, *written.result(), path).add_done_callback(settle)
+                _SYNC.submit(finish, *written.result(), path).add_done_callback(settle)
 
-        def settle(synced: Future[None]) -> None:
+        def settle(synced: Future[Any]) -> None:
             if (error := synced.exception()) is not None:
                 done.set_exception(error)
             else:
-                done.set_result(None)
+                done.set_result(synced.result())
 
         _IO.submit(_write_temp, path, data).add_done_callback(then_sync)
         return done
+
+    def check_parent(self, prefix: str) -> None:
+        """ValueError when a local checkpoint cannot be created here: a path component is a file."""
+        if not self.is_local:
+            return
+        path = self.local_path("")
+        while path and not os.path.lexists(path):
+            parent = os.path.dirname(path.rstrip("/"))
+            if parent == path:
+                return
+            path = parent
+        if path and not os.path.isdir(path):
+            raise ValueError(
+                f"cannot save {prefix!r}: {path!r} is not a directory (it is a file); "
+                "choose a save path inside a directory"
+            )
+
+    def lock(self, stem: str) -> WriterLock | None:
+        """Takes this process's exclusive claim on the save path `stem` (local directories).
+
+        Two writers of one save path delete each other's files in flight (each
+        removes the other's uncommitted data as leftovers) and interleave their
+        retention. An flock on `.STEM.lock` excludes a second writer, in this
+        process or another, and the kernel releases it when its holder dies, so a
+        killed job never blocks the next one. Object stores have no such lock
+        (FORMAT.md): returns None there.
+        """
+        if not self.is_local:
+            return None
+        path = self.local_path(f".{stem}{LOCK_SUFFIX}")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        while True:
+            handle = open(path, "a+")  # noqa: SIM115 (held open for the Saver's life)
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise ConcurrentSaveError(
+                    f"another writer holds the save path {join(self.path, stem)!r} ({holder}; lock "
+                    f"file {path}): two writers of one save path would delete each other's files. "
+                    "Stop the other job, close() its Saver, or save under another name"
+                ) from None
+            except BaseException:
+                handle.close()
+                raise
+            # The holder before us may have removed the file between our open and our
+            # lock: then we hold a lock on a name nobody sees, so take the new file.
+            try:
+                same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n"
+        )
+        handle.flush()
+        return WriterLock(handle, path)
 
     def read_all(self, key: str) -> bytes | None:
         """The whole value of key, or None if it does not exist."""
@@ -232,6 +308,55 @@ class Directory:
 
     def delete(self, key: str) -> ts.Future:
         return self._kv.write(key, None)
+
+
+LOCK_SUFFIX = ".lock"
+
+
+class WriterLock:
+    """A held flock; released by release(), or when the object or its process goes.
+
+    release() removes the lock file too (a killed holder leaves it, harmless and
+    reused by the next writer).
+    """
+
+    def __init__(self, handle: Any, path: str):
+        self._handle, self._path = handle, path
+
+    def release(self) -> None:
+        if not self._handle.closed:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path)  # while still held: a waiter re-checks the name
+            self._handle.close()  # closing the descriptor releases the flock
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.release()
+
+
+@dataclass
+class PendingFile:
+    """A durable temporary file waiting to be renamed to its key."""
+
+    temp: str
+    path: str
+
+    def publish(self) -> None:
+        os.replace(self.temp, self.path)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.temp)
+
+
+def sync_directory(directory: Directory) -> None:
+    """Makes renames and deletions in a local directory durable."""
+    if directory.is_local:
+        fd = os.open(directory.local_path(""), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def temp_target(key: str) -> str | None:
@@ -275,6 +400,20 @@ def _sync_and_rename(fd: int, temp: str, path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _sync_only(fd: int, temp: str, path: str) -> PendingFile:
+    """Makes the temporary file durable and leaves it under its temporary name."""
+    try:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    return PendingFile(temp, path)
 
 
 def _pread(

@@ -36,7 +36,10 @@ KIND_INT = "int"
 KIND_FLOAT = "float"
 KIND_BOOL = "bool"
 KIND_COMPLEX = "complex"
-KINDS = frozenset({KIND_ARRAY, KIND_NUMPY, KIND_NUMPY_SCALAR, KIND_INT, KIND_FLOAT, KIND_BOOL, KIND_COMPLEX})
+KIND_KEY = "key"  # a typed PRNG key array (jax.random.key), stored as its key data
+KINDS = frozenset(
+    {KIND_ARRAY, KIND_NUMPY, KIND_NUMPY_SCALAR, KIND_INT, KIND_FLOAT, KIND_BOOL, KIND_COMPLEX, KIND_KEY}
+)
 
 
 def _key_name(key: Any) -> str:
@@ -55,10 +58,15 @@ def path_name(path: tuple[Any, ...]) -> str:
     return "/".join(_key_name(k) for k in path)
 
 
+def is_key_dtype(dtype: Any) -> bool:
+    """Whether dtype is a typed PRNG key dtype (key<fry>, key<rbg>, ...)."""
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
 def leaf_kind(leaf: Any) -> str:
     """The kind of a leaf, or TypeError naming what is not storable."""
     if isinstance(leaf, jax.Array):
-        return KIND_ARRAY
+        return KIND_KEY if is_key_dtype(leaf.dtype) else KIND_ARRAY
     if isinstance(leaf, np.ndarray):
         return KIND_NUMPY
     if isinstance(leaf, np.generic):
@@ -83,6 +91,7 @@ class LeafSpec:
     dtype: np.dtype
     kind: str
     sharding: jax.sharding.Sharding | None  # None for host leaves (numpy, scalars)
+    key_impl: str | None = None  # KIND_KEY leaves: the PRNG implementation ("threefry2x32")
 
 
 def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
@@ -101,9 +110,17 @@ def flatten(tree: Any) -> tuple[list[str], list[Any], Any]:
     return names, [leaf for _, leaf in with_paths], treedef
 
 
-def _children(node: Any) -> list[tuple[Any, Any]]:
-    # Flatten exactly one level: every strict descendant counts as a leaf.
+def _children(node: Any) -> list[tuple[Any, Any]] | None:
+    """The (key, child) pairs of a pytree node, or None when node is a leaf.
+
+    Flattens exactly one level: every strict descendant counts as a leaf. A leaf
+    flattens to itself under the empty path; an empty container ({}, (), [],
+    optax.EmptyState()) to nothing, which makes it a node without children, not
+    a leaf.
+    """
     kids, _ = jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    if len(kids) == 1 and kids[0][0] == () and kids[0][1] is node:
+        return None
     return [(path[0], child) for path, child in kids]
 
 
@@ -120,9 +137,10 @@ def encode_structure(tree: Any) -> Any:
     def enc(node: Any) -> Any:
         if node is None:
             return {"none": None}
-        if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(node)):
+        children = _children(node)
+        if children is None:
             return next(counter)
-        kids = [(k, enc(c)) for k, c in _children(node)]
+        kids = [(k, enc(c)) for k, c in children]
         if type(node) is dict:
             return {"dict": [[_json_key(k), c] for k, c in kids]}
         if type(node) is list:

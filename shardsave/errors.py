@@ -46,5 +46,13 @@ class SaveFailedError(ShardsaveError, RuntimeError):
     """Writing a checkpoint failed; the original error is chained as ``__cause__``."""
 
 
+class ConcurrentSaveError(ShardsaveError, RuntimeError):
+    """Another writer (a Saver in this or another process) holds the save path."""
+
+
+class StateFileWarning(UserWarning):
+    """The `checkpoint` state file was unreadable and was rebuilt from the directory listing."""
+
+
 class CoordinationTimeoutError(ShardsaveError, TimeoutError):
     """Other processes did not reach a collective step of a save or restore in time."""

@@ -3,7 +3,7 @@
 Every input must decode to a consistent index or raise a ShardsaveError; any other
 exception is a crash. Run longer by hand, e.g.:
 
-    python tests/fuzz_index.py -max_total_time=600 tests/golden
+    python tests/fuzz_index.py -max_total_time=600 tests/golden/v2
 """
 
 from __future__ import annotations

@@ -46,9 +46,9 @@ def mark(phase):  # called from the I/O threads too: whole lines, under the lock
         time.sleep(120)
 
 write, delete, stage = _storage.Directory.write, _storage.Directory.delete, saver_module.stage
-def marked_write(self, key, data):
+def marked_write(self, key, data, **options):
     mark("index" if key.endswith(".index") else "state" if key == "checkpoint" else "data")
-    return write(self, key, data)
+    return write(self, key, data, **options)
 def marked_delete(self, key):
     mark("delete")
     return delete(self, key)
@@ -221,12 +221,13 @@ def test_full_disk_on_a_small_tmpfs(tmp_path, async_save):
         pytest.skip(
             f"mount refused here ({result.stderr.decode().strip()}); test_full_disk_injected covers it"
         )
+    saver = shardsave.Saver(max_to_keep=1, async_save=async_save)
     try:
-        saver = shardsave.Saver(max_to_keep=1, async_save=async_save)
         big = {"w": np.ones((1024, 1024), np.float32)}  # 4 MiB: cannot fit
         small = {"w": np.arange(1000, dtype=np.float32)}
         _full_disk_checks(mount, saver, big, small, async_save)
     finally:
+        saver.close()  # it holds the save path's lock file open on the mount
         subprocess.run(["umount", str(mount)], check=True)
 
 
@@ -236,11 +237,11 @@ def test_full_disk_injected(tmp_path, monkeypatch, async_save):
     budget = [64 << 10]
     original = _storage.Directory.write
 
-    def write(directory, key, data):
+    def write(directory, key, data, **options):
         budget[0] -= len(data)
         if budget[0] < 0:
             raise OSError(28, "No space left on device", key)
-        return original(directory, key, data)
+        return original(directory, key, data, **options)
 
     monkeypatch.setattr(_storage.Directory, "write", write)
     saver = shardsave.Saver(max_to_keep=1, async_save=async_save)
@@ -267,6 +268,7 @@ def test_hostile_state_file_cannot_steer_deletion(tmp_path):
     saver = shardsave.Saver(max_to_keep=1, async_save=False)
     for step in range(3):
         saver.save({"a": np.ones(2)}, str(directory / "m"), global_step=step)
+    saver.close()
     assert victim.read_text() == "keep me"
     assert sorted(p.name for p in directory.iterdir()) == sorted(
         ["checkpoint", "m-2.index", *(f"m-2.data-{k:05d}-of-00001" for k in range(1))]

@@ -7,6 +7,7 @@ import os
 import random
 from pathlib import Path
 
+import index_doc
 import jax
 import numpy as np
 import pytest
@@ -95,6 +96,10 @@ def test_damage_in_large_chunks_is_detected(tmp_path, mesh24):
 
 
 def _rewrite_index(path, change):
+    index_doc.rewrite(path, change)
+
+
+def _rewrite_envelope(path, change):
     doc = json.loads(Path(path + ".index").read_bytes())
     change(doc)
     Path(path + ".index").write_text(json.dumps(doc))
@@ -106,7 +111,7 @@ def _rewrite_index(path, change):
         (lambda p: Path(p + ".index").write_bytes(b""), CorruptCheckpointError, "not valid JSON"),
         (lambda p: os.truncate(p + ".index", 100), CorruptCheckpointError, "not valid JSON"),
         (
-            lambda p: _rewrite_index(p, lambda d: d.update(format_version=99)),
+            lambda p: _rewrite_envelope(p, lambda d: d.update(format_version=99)),
             UnsupportedFormatError,
             "version 99",
         ),
@@ -183,7 +188,7 @@ def test_fuzzed_index_decodes_or_raises_a_shardsave_error(ckpt, data):
             mutated[i] = data.draw(st.integers(0, 255))
         mutated = bytes(mutated)
     else:
-        doc = json.loads(raw)
+        doc = index_doc.body(raw)
         leaf = data.draw(st.sampled_from(doc["leaves"]))
         field = data.draw(st.sampled_from(["shape", "dtype", "shards", "name", "kind", "sharding"]))
         leaf[field] = data.draw(
@@ -191,7 +196,7 @@ def test_fuzzed_index_decodes_or_raises_a_shardsave_error(ckpt, data):
                 st.none() | st.integers(-(2**70), 2**70) | st.text(max_size=5), st.lists, max_leaves=8
             )
         )
-        mutated = json.dumps(doc).encode()
+        mutated = index_doc.envelope(doc)
     try:
         index = _format.decode_index(mutated, "fuzz")
     except ShardsaveError:
@@ -211,8 +216,8 @@ def test_atheris_fuzzes_the_index_decoder(tmp_path):
     pytest.importorskip("atheris", reason="atheris is in the test extra; it has no wheel for every platform")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    golden = Path(__file__).parent / "golden" / "model-7.index"
-    shutil.copy(golden, corpus / "golden.index")
+    for version in ("v1", "v2"):
+        shutil.copy(Path(__file__).parent / "golden" / version / "model-7.index", corpus / f"{version}.index")
     result = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "fuzz_index.py"), "-runs=20000", "-seed=1", str(corpus)],
         cwd=tmp_path,

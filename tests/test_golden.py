@@ -1,6 +1,7 @@
 """A golden checkpoint holds the code to FORMAT.md, read by an independent reader.
 
-Regenerate (only when the format version changes): python tests/test_golden.py
+tests/golden/v2 is what this shardsave writes; tests/golden/v1 (format version 1)
+must stay readable. Regenerate v2 (only when the format changes): python tests/test_golden.py
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import pathlib
 
 import numpy as np
 
-GOLDEN = pathlib.Path(__file__).parent / "golden"
+GOLDEN = pathlib.Path(__file__).parent / "golden" / "v2"  # what this shardsave writes
 PREFIX = GOLDEN / "model-7"
+PREFIX_V1 = pathlib.Path(__file__).parent / "golden" / "v1" / "model-7"  # format version 1, still read
+ENVELOPE_HEAD = b'{"format":"shardsave","format_version":2,"crc32c":"'
 
 
 def golden_tree():
@@ -36,13 +39,32 @@ def golden_tree():
     }
 
 
+def golden_tree_v2():
+    """Version 2 adds typed PRNG keys, empty nodes and the index's own checksum."""
+    import jax
+
+    return {**golden_tree(), "rng": jax.random.key(3), "opt": {"empty": {}, "count": ()}}
+
+
 def _independent_read(prefix: pathlib.Path) -> dict[str, np.ndarray]:
     """A reader written from FORMAT.md alone: json, numpy and a crc32c."""
     import google_crc32c
     import ml_dtypes
 
-    index = json.loads(prefix.with_name(prefix.name + ".index").read_bytes())
-    assert index["format"] == "shardsave" and index["format_version"] == 1
+    raw = prefix.with_name(prefix.name + ".index").read_bytes()
+    index = json.loads(raw)
+    assert index["format"] == "shardsave"
+    if index["format_version"] == 2:
+        # The envelope: fixed bytes, 8 hex digits, fixed bytes, the body, "}".
+        assert raw.startswith(ENVELOPE_HEAD) and raw.endswith(b"}")
+        body_at = len(ENVELOPE_HEAD) + 8 + len(b'","index":')
+        assert raw[len(ENVELOPE_HEAD) + 8 : body_at] == b'","index":'
+        assert int(raw[len(ENVELOPE_HEAD) : len(ENVELOPE_HEAD) + 8], 16) == google_crc32c.value(
+            raw[body_at:-1]
+        )
+        index = index["index"]
+    else:
+        assert index["format_version"] == 1
     n = len(index["files"])
     files = [prefix.with_name(f"{prefix.name}.data-{k:05d}-of-{n:05d}").read_bytes() for k in range(n)]
     chunk = index["crc_chunk_bytes"]
@@ -58,12 +80,12 @@ def _independent_read(prefix: pathlib.Path) -> dict[str, np.ndarray]:
             box = tuple(slice(a, b) for a, b in zip(start, stop))
             array[box] = np.frombuffer(raw, dtype).reshape([b - a for a, b in zip(start, stop)])
         out[leaf["name"]] = array
+        if leaf["kind"] == "key":
+            out[leaf["name"] + ":impl"] = leaf["key_impl"]
     return out
 
 
-def test_independent_reader_reads_the_golden_checkpoint():
-    values = _independent_read(PREFIX)
-    assert sorted(values) == ["params/bias", "params/kernel", "scale", "step", "table"]
+def _check_v1_values(values: dict) -> None:
     np.testing.assert_array_equal(values["params/kernel"], np.arange(32, dtype=np.float32).reshape(4, 8))
     np.testing.assert_array_equal(values["params/bias"], np.linspace(-1, 1, 8, dtype=np.float32))
     assert values["scale"].astype(np.float32).tolist() == [1.5, -2.25]
@@ -71,32 +93,48 @@ def test_independent_reader_reads_the_golden_checkpoint():
     np.testing.assert_array_equal(values["table"], np.arange(6, dtype=np.int16).reshape(2, 3))
 
 
-def test_shardsave_reads_the_golden_checkpoint():
+def test_independent_reader_reads_the_golden_checkpoints():
+    v1 = _independent_read(PREFIX_V1)
+    assert sorted(v1) == ["params/bias", "params/kernel", "scale", "step", "table"]
+    _check_v1_values(v1)
+    v2 = _independent_read(PREFIX)
+    assert sorted(v2) == ["params/bias", "params/kernel", "rng", "rng:impl", "scale", "step", "table"]
+    _check_v1_values(v2)
+    assert v2["rng:impl"] == "threefry2x32" and v2["rng"].dtype == np.uint32 and v2["rng"].shape == (2,)
+
+
+def test_shardsave_reads_the_golden_checkpoints():
     import jax
 
     import shardsave
 
-    restored = shardsave.Saver().restore(str(PREFIX))
-    np.testing.assert_array_equal(np.asarray(restored["params"]["kernel"]), np.arange(32).reshape(4, 8))
-    assert restored["step"] == 7 and isinstance(restored["step"], int)
-    assert restored["params"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("data", "model")
+    for prefix in (PREFIX_V1, PREFIX):
+        restored = shardsave.Saver().restore(str(prefix))
+        np.testing.assert_array_equal(np.asarray(restored["params"]["kernel"]), np.arange(32).reshape(4, 8))
+        assert restored["step"] == 7 and isinstance(restored["step"], int)
+        assert restored["params"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("data", "model")
+    assert restored["opt"] == {"empty": {}, "count": ()}
+    np.testing.assert_array_equal(
+        jax.random.key_data(restored["rng"]), jax.random.key_data(jax.random.key(3))
+    )
+    assert restored["rng"].dtype == jax.random.key(3).dtype
 
 
 def test_shardsave_still_writes_the_golden_bytes(tmp_path):
     import shardsave
 
-    path = shardsave.Saver(async_save=False).save(golden_tree(), str(tmp_path / "model"), global_step=7)
+    path = shardsave.Saver(async_save=False).save(golden_tree_v2(), str(tmp_path / "model"), global_step=7)
     golden_files = sorted(p.name for p in GOLDEN.iterdir() if p.name.startswith("model-7."))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("model-7.")) == golden_files
     for name in golden_files:
         new, old = (tmp_path / name).read_bytes(), (GOLDEN / name).read_bytes()
         if name.endswith(".index"):
-            new_doc, old_doc = json.loads(new), json.loads(old)
+            new_doc, old_doc = json.loads(new)["index"], json.loads(old)["index"]
             new_doc.pop("created"), old_doc.pop("created")
             assert new_doc == old_doc
         else:
             assert new == old, name
-    assert math.isfinite(json.loads((tmp_path / "model-7.index").read_bytes())["created"])
+    assert math.isfinite(json.loads((tmp_path / "model-7.index").read_bytes())["index"]["created"])
     assert path == str(tmp_path / "model-7")
 
 
@@ -107,5 +145,5 @@ if __name__ == "__main__":
     import shardsave
 
     shutil.rmtree(GOLDEN, ignore_errors=True)
-    shardsave.Saver(async_save=False).save(golden_tree(), str(GOLDEN / "model"), global_step=7)
+    shardsave.Saver(async_save=False).save(golden_tree_v2(), str(GOLDEN / "model"), global_step=7)
     os.remove(GOLDEN / "checkpoint")

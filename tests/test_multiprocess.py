@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import index_doc
 import jax
 import numpy as np
 from conftest import run_python
@@ -132,7 +133,7 @@ def test_two_processes_save_async_and_restore(tmp_path):
     reports = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     assert all(r["latest"] == str(tmp_path / "model-3") for r in reports)
     assert sorted(p.name for p in tmp_path.glob("*.index")) == ["model-2.index", "model-3.index"]
-    index = json.loads((tmp_path / "model-3.index").read_text())
+    index = index_doc.read(tmp_path / "model-3")
     # Each process wrote only its own devices' files; replicated data is stored once.
     by_process: dict[int, int] = {}
     for leaf in index["leaves"]:
@@ -182,7 +183,7 @@ os._exit(0)
 
 def test_four_processes_restore_onto_two_and_onto_one(tmp_path):
     _ok(run_processes(4, 2, SAVE_ONLY, tmp_path))
-    index = json.loads((tmp_path / "model-7.index").read_text())
+    index = index_doc.read(tmp_path / "model-7")
     assert sorted({f["process_index"] for f in index["files"]}) == [0, 1, 2, 3]
     outs = _ok(run_processes(2, 2, RESTORE_ONLY, tmp_path))
     assert all("restored 4" in o for o in outs)
@@ -212,7 +213,7 @@ saver.save(tree, DIR + "/model", global_step=1)
 saver.wait_until_finished()
 if pid == 1:
     write = _storage.Directory.write
-    def die(self, key, data):
+    def die(self, key, data, **options):
         os.kill(os.getpid(), signal.SIGKILL)   # dies in the middle of writing step 2
     _storage.Directory.write = die
 began = time.monotonic()

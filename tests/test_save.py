@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 
+import index_doc
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,7 +34,7 @@ def test_one_data_file_per_device_and_replicas_written_once(tmp_path, mesh24):
     assert sum(sizes) == 64 * 4 + 8 * 16 * 4
     # Replicas are balanced by bytes: every device writes 8 sharded elements and one replicated array.
     assert sizes == [(8 + 16) * 4] * 8
-    index = json.loads((tmp_path / "m.index").read_bytes())
+    index = index_doc.read(tmp_path / "m")
     assert [f["device_id"] for f in index["files"]] == list(range(8))
     # The replicated arrays' bytes are on disk as saved.
     leaf = next(entry for entry in index["leaves"] if entry["name"] == "replicated/3")
@@ -73,13 +73,13 @@ class _GatedWrites:
         self.started = threading.Event()
         original = _storage.Directory.write
 
-        def write(directory, key, data):
+        def write(directory, key, data, **options):
             if ".data-" in key:
                 self.started.set()
                 assert self.release.wait(30)
                 if fail is not None:
                     raise fail
-            return original(directory, key, data)
+            return original(directory, key, data, **options)
 
         monkeypatch.setattr(_storage.Directory, "write", write)
 
@@ -181,10 +181,10 @@ def test_a_pending_async_save_is_finished_at_interpreter_exit(tmp_path):
 import numpy as np, shardsave
 from shardsave import _storage
 write = _storage.Directory.write
-def slow_write(self, key, data):
+def slow_write(self, key, data, **options):
     import time
     time.sleep(0.5)  # the interpreter is already exiting when the commit happens
-    return write(self, key, data)
+    return write(self, key, data, **options)
 _storage.Directory.write = slow_write
 shardsave.Saver().save({{"a": np.arange(1000)}}, {str(tmp_path / "m")!r}, global_step=1)
 print("returned")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import shardsave
-from shardsave.errors import CorruptCheckpointError
+from shardsave.errors import StateFileWarning
 
 
 class Clock:
@@ -74,6 +74,7 @@ def test_a_new_saver_continues_retention(tmp_path):
         clock.t += 1
         first.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=step)
     assert _committed(tmp_path) == ["m-1", "m-2"]
+    first.close()  # the job ends (a killed one lets go of the save path too)
     second = shardsave.Saver(max_to_keep=2, clock=clock, async_save=False)  # a restarted job
     for step in range(3, 5):
         clock.t += 1
@@ -101,8 +102,8 @@ def test_no_state_file_and_a_corrupt_one(tmp_path):
     assert shardsave.latest_checkpoint(str(tmp_path)) is None
     assert shardsave.get_checkpoint_state(str(tmp_path / "absent")) is None
     (tmp_path / "checkpoint").write_text("{not json")
-    with pytest.raises(CorruptCheckpointError, match="checkpoint"):
-        shardsave.latest_checkpoint(str(tmp_path))
+    with pytest.warns(StateFileWarning, match="checkpoint"):
+        assert shardsave.latest_checkpoint(str(tmp_path)) is None
 
 
 def test_a_commit_the_state_file_missed_is_adopted_by_retention(tmp_path):
@@ -118,6 +119,7 @@ def test_a_commit_the_state_file_missed_is_adopted_by_retention(tmp_path):
     (tmp_path / "checkpoint").write_bytes(state)
     # The commit is newer than anything the state file names: it is the latest.
     assert shardsave.latest_checkpoint(str(tmp_path)).endswith("m-3")
+    saver.close()
     restarted = shardsave.Saver(max_to_keep=2, clock=clock, async_save=False)
     clock.t += 1
     restarted.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=4)
