@@ -350,7 +350,9 @@ class Saver:
             try:
                 self._lock(directory, stem)
             except OSError as e:
-                raise SaveFailedError(f"saving {prefix} failed: cannot write in {directory.path!r}: {e}") from e
+                raise SaveFailedError(
+                    f"saving {prefix} failed: cannot write in {directory.path!r}: {e}"
+                ) from e
         index_key = _format.index_key(base)
         replace_local = False
         if directory.exists(index_key):
