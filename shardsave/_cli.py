@@ -179,12 +179,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.set_defaults(run=cmd_verify)
     p = sub.add_parser("demo", help="train, crash, resume onto another mesh, and report")
-    p.add_argument("--config", default=None, help="settings file (default: configs/demo.yaml)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="settings file (default: the packaged demo.yaml, also configs/demo.yaml)",
+    )
     p.add_argument("--size", type=int, help="scale the model's width by this factor")
     p.add_argument("--steps", type=int)
     p.add_argument("--save-every", type=int)
     p.add_argument("--crash-at", type=int, help="kill the training process after this step")
-    p.add_argument("--directory", help="where checkpoints go (emptied first)")
+    p.add_argument("--directory", help="where the demo creates its run-N folder (default: demo-out)")
     p.set_defaults(run=cmd_demo)
     return parser
 

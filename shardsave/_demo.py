@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,21 +25,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIG_NAME = "configs/demo.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "demo.yaml"  # package data: found in a wheel too
 
 
 def load_config(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Reads the demo's settings; flags override them."""
+    """Reads the demo's settings (default: the packaged demo.yaml); flags override them."""
     import yaml
 
-    candidates = [Path(path)] if path else [Path(CONFIG_NAME), Path(__file__).parent.parent / CONFIG_NAME]
-    for candidate in candidates:
-        if candidate.is_file():
-            config = yaml.safe_load(candidate.read_text())
-            config.update(overrides)
-            config["config_path"] = str(candidate)
-            return config
-    raise FileNotFoundError(f"demo settings not found (looked for {', '.join(map(str, candidates))})")
+    candidate = Path(path) if path else DEFAULT_CONFIG
+    if not candidate.is_file():
+        raise FileNotFoundError(f"demo settings not found: {candidate}")
+    config = yaml.safe_load(candidate.read_text())
+    config.update(overrides)
+    config["config_path"] = str(candidate)
+    return config
+
+
+def make_run_folder(parent: str) -> str:
+    """Creates parent/run-N (the first N free) and returns it.
+
+    The demo writes only inside the folder it creates, so it never deletes or
+    overwrites anything a user keeps in parent.
+    """
+    os.makedirs(parent, exist_ok=True)
+    for n in range(1, 100_000):
+        run = os.path.join(parent, f"run-{n}")
+        try:
+            os.mkdir(run)  # exclusive: a folder that exists, ours or not, is never reused
+        except FileExistsError:
+            continue
+        return run
+    raise FileExistsError(f"no free run-N folder name in {parent}")
 
 
 # ---------------------------------------------------------------- the child processes
@@ -197,8 +212,8 @@ def run_demo(config: dict[str, Any], out: Any) -> int:
     from ._reader import CheckpointReader
     from ._state import latest_checkpoint
 
-    directory = config["directory"]
-    shutil.rmtree(directory, ignore_errors=True)
+    run = make_run_folder(config["directory"])
+    directory = config["directory"] = os.path.join(run, "ckpt")
     first, resume = config["first"], config["resume"]
     n_first, n_resume = first["mesh"][0] * first["mesh"][1], resume["mesh"][0] * resume["mesh"][1]
     deadline = time.monotonic() + config["timeout_s"]
@@ -208,6 +223,7 @@ def run_demo(config: dict[str, Any], out: Any) -> int:
         f"crash after step {config['crash_at']}",
         file=out,
     )
+    print(f"  checkpoints in {directory}", file=out)
 
     began = time.perf_counter()
     reference = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -140,13 +142,74 @@ def test_bad_input_exits_non_zero_and_modifies_nothing(ckpt_dir, capsys):
 
 
 def test_demo_crashes_resumes_on_another_mesh_and_matches(tmp_path, monkeypatch):
-    monkeypatch.chdir(REPO)  # the demo reads configs/demo.yaml
+    monkeypatch.chdir(tmp_path)  # the settings come with the package, not from the working directory
+    (tmp_path / "c" / "runs").mkdir(parents=True)
+    (tmp_path / "c" / "runs" / "notes.txt").write_text("mine")
+    (tmp_path / "c" / "run-1").mkdir()  # a folder of the user's that happens to have the demo's name
     status, out = run(
         "demo", "--steps", "24", "--save-every", "5", "--crash-at", "16", "--directory", str(tmp_path / "c")
     )
     assert status == 0, out
+    # The demo wrote only inside the run folder it created, and deleted nothing.
+    assert (tmp_path / "c" / "runs" / "notes.txt").read_text() == "mine"
+    assert list((tmp_path / "c" / "run-1").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["run-1", "run-2", "runs"]
+    assert f"checkpoints in {tmp_path / 'c' / 'run-2' / 'ckpt'}" in out
     assert "killed with SIGKILL after step 16" in out
     assert "onto 4 devices, mesh [2, 2]" in out
     assert "MATCH the uninterrupted run" in out
     kept = next(line for line in out.splitlines() if "checkpoints kept" in line)
-    assert "model-5" not in kept.split() and os.path.exists(tmp_path / "c" / "checkpoint")
+    assert "model-5" not in kept.split() and os.path.exists(tmp_path / "c" / "run-2" / "ckpt" / "checkpoint")
+
+
+def test_demo_runs_from_an_installed_wheel(tmp_path):
+    """Built as a wheel and run from outside the repository: its settings travel with it."""
+    dist, site = tmp_path / "dist", tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = dist.glob("shardsave-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shardsave",
+            "demo",
+            "--steps",
+            "6",
+            "--save-every",
+            "2",
+            "--crash-at",
+            "5",
+            "--directory",
+            str(tmp_path / "out"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (
+        str(site / "shardsave" / "demo.yaml")
+        in subprocess.run(
+            [sys.executable, "-c", "import shardsave._demo as d; print(d.DEFAULT_CONFIG)"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert "MATCH the uninterrupted run" in proc.stdout
