@@ -255,9 +255,15 @@ class Directory:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "unknown"
+                holder = ""
+                for _ in range(50):  # the holder writes who it is right after it locks
+                    handle.seek(0)
+                    holder = handle.read().strip()
+                    if holder:
+                        break
+                    time.sleep(0.01)
                 handle.close()
+                holder = holder or "a writer that has not said who it is"
                 raise ConcurrentSaveError(
                     f"another writer holds the save path {join(self.path, stem)!r} ({holder}; lock "
                     f"file {path}): two writers of one save path would delete each other's files. "
@@ -330,8 +336,11 @@ class WriterLock:
             self._handle.close()  # closing the descriptor releases the flock
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        # Not contextlib.suppress: at interpreter exit module globals may be gone.
+        try:  # noqa: SIM105
             self.release()
+        except Exception:
+            pass
 
 
 @dataclass

@@ -181,6 +181,17 @@ def test_sigkill_at_every_phase_of_async_saves(tmp_path):
         assert shardsave.Saver().restore(str(directory / name))["step"] == int(name.rsplit("-", 1)[1])
 
 
+def test_sigkill_between_the_first_commit_and_the_first_state_file(tmp_path):
+    directory = tmp_path / "ckpt"
+    seen = _kill_once(directory, "state:1", None)
+    assert "phase index 1" in seen and not (directory / "checkpoint").exists()
+    # No state file at all: the commit is found from the listing and restores.
+    assert _check_latest_restores(directory) == 1
+    # The restarted job resumes after it instead of starting over and colliding with model-1.
+    seen = _kill_once(directory, "state:1", None)
+    assert _check_latest_restores(directory) == 2
+
+
 def _full_disk_checks(
     directory: Path, saver: shardsave.Saver, big: dict, small: dict, async_save: bool
 ) -> None:
