@@ -204,7 +204,9 @@ class Saver:
       restore_sequentially: restore in bounded batches so host memory stays near
         max_host_bytes.
       max_host_bytes: the host-memory budget of a restore (with
-        restore_sequentially, at least 32 MiB); None uses 1 GiB of reads in flight.
+        restore_sequentially, at least 32 MiB: reads are verified in whole 4 MiB checksum
+        chunks, and a smaller cap is refused with that reason); None uses 1 GiB of
+        reads in flight.
       timeout_s: with several processes (jax.distributed), how long a save waits for
         the others before raising CoordinationTimeoutError.
       snapshot_on_device: with async_save on accelerators, save() blocks only for a
