@@ -560,7 +560,8 @@ class Saver:
         directory = save.directory
         index = directory.write(_format.index_key(save.base), raw, publish=False).result()
         pending.append(index)
-        os.unlink(directory.local_path(_format.index_key(save.base)))
+        with contextlib.suppress(FileNotFoundError):  # gone already: nothing to uncommit
+            os.unlink(directory.local_path(_format.index_key(save.base)))
         for file in pending[:-1]:
             file.publish()
         sync_directory(directory)
