@@ -392,25 +392,6 @@ def _write_temp(path: str, data: bytes) -> tuple[int, str]:
     return fd, temp
 
 
-def _sync_and_rename(fd: int, temp: str, path: str) -> None:
-    """Makes the temporary file durable, renames it to path, and makes the rename durable."""
-    try:
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
-    fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sync_only(fd: int, temp: str, path: str) -> PendingFile:
     """Makes the temporary file durable and leaves it under its temporary name."""
     try:
@@ -423,6 +404,21 @@ def _sync_only(fd: int, temp: str, path: str) -> PendingFile:
             os.unlink(temp)
         raise
     return PendingFile(temp, path)
+
+
+def _sync_and_rename(fd: int, temp: str, path: str) -> None:
+    """Makes the temporary file durable, renames it to path, and makes the rename durable."""
+    pending = _sync_only(fd, temp, path)
+    try:
+        pending.publish()
+    except BaseException:
+        pending.discard()
+        raise
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _pread(

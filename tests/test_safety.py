@@ -7,11 +7,13 @@ overwrite that lost both checkpoints, ...).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import index_doc
@@ -225,19 +227,22 @@ def test_5_deleted_checkpoints_leave_no_file_with_or_without_a_step(tmp_path):
 # ---------------------------------------------------------------- 6: a failed overwrite keeps the old one
 
 
-def _can_mount() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0 and sys.platform.startswith("linux")
+@contextlib.contextmanager
+def _small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at path (root only), unmounted afterwards."""
+    if not (hasattr(os, "geteuid") and os.geteuid() == 0 and sys.platform.startswith("linux")):
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode != 0:
+        pytest.skip("mount refused here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
 
 
 def test_6_a_failed_overwrite_on_a_full_disk_leaves_the_old_checkpoint(tmp_path):
-    if not _can_mount():
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("mount refused here")
-    saver = shardsave.Saver(async_save=False)
-    try:
+    with _small_tmpfs(tmp_path / "small", "2m") as mount, shardsave.Saver(async_save=False) as saver:
         old = {"w": np.arange(1000, dtype=np.float32)}
         path = saver.save(old, str(mount / "m"), global_step=1)
         with pytest.raises(SaveFailedError, match="m-1"):
@@ -251,9 +256,6 @@ def test_6_a_failed_overwrite_on_a_full_disk_leaves_the_old_checkpoint(tmp_path)
         new = {"w": np.arange(10, dtype=np.float32)}
         saver.save(new, str(mount / "m"), global_step=1, overwrite=True)
         np.testing.assert_array_equal(saver.restore(path)["w"], new["w"])
-    finally:
-        saver.close()
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_6_an_overwrite_with_fewer_data_files_removes_the_old_ones(tmp_path, mesh24):
@@ -402,13 +404,7 @@ def test_12_saving_under_a_regular_file_says_not_a_directory(tmp_path):
 
 
 def test_12_overwrite_on_a_read_only_file_system_is_a_save_failure(tmp_path):
-    if not _can_mount():
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "ro"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode != 0:
-        pytest.skip("mount refused here")
-    try:
+    with _small_tmpfs(tmp_path / "ro", "1m") as mount:
         saver = shardsave.Saver(async_save=False)
         path = saver.save({"a": np.ones(2)}, str(mount / "m"))
         saver.close()
@@ -416,8 +412,6 @@ def test_12_overwrite_on_a_read_only_file_system_is_a_save_failure(tmp_path):
         with pytest.raises(SaveFailedError, match="Read-only file system"):
             shardsave.Saver(async_save=False).save({"a": np.zeros(2)}, str(mount / "m"), overwrite=True)
         np.testing.assert_array_equal(shardsave.Saver().restore(path)["a"], np.ones(2))
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_12_a_python_int_restores_into_any_integer_target_that_holds_it(tmp_path, mesh24):
