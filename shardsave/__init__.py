@@ -16,8 +16,11 @@ from ._saver import SaveInfo as SaveInfo
 from ._saver import Saver as Saver
 from ._saver import load_structure as load_structure
 from ._state import CheckpointState as CheckpointState
+from ._state import checkpoint_exists as checkpoint_exists
+from ._state import get_checkpoint_mtimes as get_checkpoint_mtimes
 from ._state import get_checkpoint_state as get_checkpoint_state
 from ._state import latest_checkpoint as latest_checkpoint
+from ._state import remove_checkpoint as remove_checkpoint
 
 __version__ = "0.1.0"
 
@@ -29,8 +32,11 @@ __all__ = [
     "SaveInfo",
     "Saver",
     "VariableInfo",
+    "checkpoint_exists",
     "errors",
+    "get_checkpoint_mtimes",
     "get_checkpoint_state",
     "latest_checkpoint",
     "load_structure",
+    "remove_checkpoint",
 ]

@@ -15,6 +15,7 @@ import math
 import operator
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -31,9 +32,12 @@ from ._plan import SavePlan, plan_save
 from ._restore import LeafRequest, open_checkpoint, restore_leaves
 from ._stage import StagingBuffer, snapshot_on_device, stage
 from ._state import (
+    STATE_FILENAME,
     Retention,
     delete_checkpoint,
+    display_path,
     read_state,
+    recovered,
     remove_uncommitted,
     save_path_pattern,
     unrecorded_commits,
@@ -69,6 +73,7 @@ class _PendingSave:
     # Replacing a committed checkpoint in a local directory, alone: the new files are
     # made durable under temporary names before the old index goes.
     replace_local: bool = False
+    state_file: str | None = STATE_FILENAME  # None: write_state=False (not recorded, not retained)
 
 
 @dataclass(frozen=True)
@@ -289,11 +294,62 @@ class Saver:
 
     @property
     def last_checkpoints(self) -> list[str]:
-        """Committed checkpoints that retention keeps, oldest first."""
+        """The checkpoints retention keeps, oldest first, as save() returned them.
+
+        Those of the directory saved to last; empty with max_to_keep None or 0, as
+        in tf.train.Saver.
+        """
         if self._last_directory is None:
             return []
         retention = self._retention.get(self._last_directory)
-        return [] if retention is None else [join(self._last_directory, b) for b, _ in retention.kept]
+        return [] if retention is None else [p for p, _ in retention.kept]
+
+    def set_last_checkpoints_with_time(self, last_checkpoints_with_time: list[tuple[str, float]]) -> None:
+        """Sets the checkpoints retention manages: (prefix, creation time) pairs, oldest first.
+
+        As tf.train.Saver.set_last_checkpoints_with_time: this Saver then deletes
+        them as max_to_keep says, and no others.
+
+        Args:
+          last_checkpoints_with_time: prefixes (in one or several directories) and times.
+        """
+        by_directory: dict[str, list[tuple[str, float]]] = {}
+        for path, t in last_checkpoints_with_time:
+            by_directory.setdefault(split_prefix(os.fspath(path))[0], []).append((os.fspath(path), float(t)))
+        for directory, kept in by_directory.items():
+            retention = self._retention.get(directory)
+            if retention is None:
+                self._retention[directory] = self._new_retention(self._created, kept)
+            else:
+                retention.kept = kept
+            self._last_directory = directory
+
+    def set_last_checkpoints(self, last_checkpoints: list[str]) -> None:
+        """Sets the checkpoints retention manages, with no times (deprecated in TensorFlow too).
+
+        With no time a checkpoint counts as infinitely new: keep_checkpoint_every_n_hours
+        preserves it rather than delete it. Prefer set_last_checkpoints_with_time.
+        """
+        self.set_last_checkpoints_with_time([(p, math.inf) for p in last_checkpoints])
+
+    def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
+        """Takes over the retention of checkpoints that exist, by their index's time.
+
+        tf.train.Saver's restart idiom:
+        `saver.recover_last_checkpoints(get_checkpoint_state(d).all_model_checkpoint_paths)`.
+        Paths whose checkpoint no longer exists (deleted by hand, or by another
+        process meanwhile) are dropped. A shardsave Saver also continues the
+        retention of its own save path without it (see save()).
+
+        Args:
+          checkpoint_paths: checkpoint prefixes, oldest first.
+        """
+        self.set_last_checkpoints_with_time(recovered(checkpoint_paths))
+
+    def _new_retention(self, last_preserved: float, kept: list[tuple[str, float]]) -> Retention:
+        # With max_to_keep None or 0 nothing is recorded (tf.train.Saver's last_checkpoints is []).
+        kept = kept if self.max_to_keep else []
+        return Retention(self.max_to_keep, self.keep_checkpoint_every_n_hours, last_preserved, kept)
 
     @_gc.pausing
     def save(
@@ -303,6 +359,8 @@ class Saver:
         global_step: int | None = None,
         *,
         overwrite: bool = False,
+        latest_filename: str | None = None,
+        write_state: bool = True,
     ) -> str | None:
         """Saves a pytree as the checkpoint save_path[-global_step].
 
@@ -316,6 +374,10 @@ class Saver:
           save_path: the checkpoint prefix, such as "ckpt/model" or "memory://x/m".
           global_step: appended to the prefix as "-STEP" when given.
           overwrite: replace a committed checkpoint at the same prefix.
+          latest_filename: the state file's name in the directory (default "checkpoint").
+          write_state: record the checkpoint in the state file and in retention
+            (max_to_keep); with False it is committed and left alone, as in
+            tf.train.Saver.
 
         Returns:
           The checkpoint's prefix, or None for an empty tree with allow_empty.
@@ -348,6 +410,12 @@ class Saver:
                 "sharded=False writes one file from one process; use sharded=True across processes"
             )
         directory.check_parent(prefix)
+        if latest_filename is not None and (
+            not latest_filename or os.path.basename(latest_filename) != latest_filename
+        ):
+            raise ValueError(
+                f"latest_filename must be a file name without directories, found {latest_filename!r}"
+            )
         if self._coordinator.process_index == 0:
             try:
                 self._lock(directory, stem)
@@ -402,6 +470,7 @@ class Saver:
             timestamp=self._clock(),
             key=key,
             replace_local=replace_local,
+            state_file=(latest_filename or STATE_FILENAME) if write_state else None,
         )
         info = SaveInfo(prefix, nbytes, time.perf_counter() - began)
         self._last_save = info
@@ -529,8 +598,9 @@ class Saver:
             outcome = coordinator.wait_for(f"{save.key}/done", what)
             if outcome != "ok":
                 raise SaveFailedError(f"{what}: process 0 reported {outcome}")
-            self._retention_for(directory, save.stem).add(save.base, save.timestamp)
-            self._last_directory = directory.path
+            if save.state_file is not None:
+                self._retention_for(directory, save.stem, save.state_file).add(save.prefix, save.timestamp)
+                self._last_directory = directory.path
 
     def _encoded_index(
         self, plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
@@ -603,8 +673,10 @@ class Saver:
     def _after_commit(self, save: _PendingSave) -> None:
         directory = save.directory
         try:
-            retention = self._retention_for(directory, save.stem)
-            doomed = retention.add(save.base, save.timestamp)
+            doomed: list[str] = []
+            if save.state_file is not None:
+                retention = self._retention_for(directory, save.stem, save.state_file)
+                doomed = [split_prefix(p)[1] for p in retention.add(save.prefix, save.timestamp)]
             # Uncommit the doomed checkpoints (their index goes first), then stop naming
             # them, then remove their files and any data left without an index. A kill
             # anywhere in between leaves either a named-but-uncommitted checkpoint, which
@@ -612,10 +684,11 @@ class Saver:
             # unnamed commit.
             for future in [directory.delete(_format.index_key(old)) for old in doomed]:
                 future.result()
-            absolute = None
-            if not self.save_relative_paths:
-                absolute = os.path.abspath(directory.path) if directory.is_local else directory.path
-            write_state(directory, retention.state(absolute))
+            if save.state_file is not None:
+                absolute = None
+                if not self.save_relative_paths:
+                    absolute = os.path.abspath(directory.path) if directory.is_local else directory.path
+                write_state(directory, retention.state(save.base, save.timestamp, absolute), save.state_file)
             keys = directory.list()
             for old in doomed:
                 delete_checkpoint(directory, old, keys)
@@ -625,29 +698,28 @@ class Saver:
                 f"{save.prefix} is committed and restorable, but what follows a commit (the state "
                 f"file, deleting old checkpoints) failed: {e}"
             ) from e
-        self._last_directory = directory.path
+        if save.state_file is not None:
+            self._last_directory = directory.path
 
-    def _retention_for(self, directory: Directory, stem: str) -> Retention:
+    def _retention_for(self, directory: Directory, stem: str, state_file: str) -> Retention:
         """This Saver's retention in a directory: the checkpoints it saved, or adopted.
 
-        Like tf.train.Saver, a Saver deletes only checkpoints it knows: those it saved,
-        and, when it starts over a directory that has a state file, those of its own
-        save path (stem or stem-STEP) that the file names or that were committed after
-        it was written. Checkpoints of other save paths are never touched.
+        Like tf.train.Saver, a Saver deletes only checkpoints it knows: those it saved
+        or was given (recover_last_checkpoints), and, when it starts over a directory
+        that has a state file, those of its own save path (stem or stem-STEP) that the
+        file names or that were committed after it was written. Checkpoints of other
+        save paths are never touched.
         """
         retention = self._retention.get(directory.path)
         if retention is not None:
             return retention
-        interval = self.keep_checkpoint_every_n_hours * 3600
-        state = read_state(directory)
+        state = read_state(directory, state_file)
         own = save_path_pattern(stem)
         if state is None:
             # Commits of this save path whose process died before the first state file.
-            retention = Retention(
-                self.max_to_keep,
-                self.keep_checkpoint_every_n_hours,
-                self._created + interval,
-                unrecorded_commits(directory, [], stem),
+            found = unrecorded_commits(directory, [], stem)
+            retention = self._new_retention(
+                self._created, [(display_path(directory, b), t) for b, t in found]
             )
         else:
             # Only names of this save path inside this directory: a hostile state file
@@ -658,11 +730,20 @@ class Saver:
                 if own.fullmatch(base := split_prefix(p)[1])
             ]
             kept += unrecorded_commits(directory, kept, stem)
-            retention = Retention(
-                self.max_to_keep,
-                self.keep_checkpoint_every_n_hours,
-                state.last_preserved_timestamp + interval,
-                kept,
+            last_preserved = state.last_preserved_timestamp
+            now = self._created  # as tf.train.CheckpointManager: the clock when it started
+            if now < last_preserved:
+                # As tf.train.CheckpointManager: unsure what was preserved, keep them all.
+                warnings.warn(
+                    f"the clock ({now}) is behind the last preserved checkpoint timestamp "
+                    f"({last_preserved}) of {join(directory.path, state_file)}; the checkpoints it names "
+                    "are left alone, and retention starts over from now",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+                kept, last_preserved = [], now
+            retention = self._new_retention(
+                last_preserved, [(display_path(directory, b), t) for b, t in kept]
             )
         self._retention[directory.path] = retention
         return retention
@@ -706,6 +787,8 @@ class Saver:
           CorruptCheckpointError: stored bytes disagree with the index.
         """
         self._commits.wait()
+        if target is not None and self.allow_empty and not _tree.flatten(target)[1]:
+            return target  # as tf.train.Saver(allow_empty=True): nothing to restore, nothing read
         began = time.perf_counter()
         directory, base, index = open_checkpoint(os.fspath(save_path))
         indexed = time.perf_counter()

@@ -1,9 +1,23 @@
 """The `checkpoint` state file, latest_checkpoint, and tf.train.Saver's retention.
 
-The state file is JSON, written whole through the storage layer (a temporary
-file renamed into place), so a reader sees the old state or the new one, never
-a torn one. It names only committed checkpoints: a checkpoint enters it after
-its index is written and leaves it before its files are deleted.
+The state file is TensorFlow's CheckpointState (checkpoint_state.proto) in
+protobuf text format, the file TensorFlow's get_checkpoint_state, TensorBoard
+and users' scripts read:
+
+    model_checkpoint_path: "model-3"
+    all_model_checkpoint_paths: "model-2"
+    all_model_checkpoint_paths: "model-3"
+    all_model_checkpoint_timestamps: 1795740342.5
+    all_model_checkpoint_timestamps: 1795740401.25
+    last_preserved_timestamp: 1795736000.0
+
+Four fields do not need a protobuf runtime: a small strict reader and writer
+live here (tests hold them to protobuf's own text_format). State files that
+TensorFlow wrote are read, and so is the JSON of shardsave 0.1. The file is
+written whole through the storage layer (a temporary file renamed into place),
+so a reader sees the old state or the new one, never a torn one. It names only
+committed checkpoints: a checkpoint enters it after its index is written and
+leaves it before its files are deleted.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import _format
@@ -50,7 +65,152 @@ def save_path_pattern(stem: str) -> re.Pattern[str]:
     return re.compile(rf"{re.escape(stem)}(--?\d+)?")
 
 
-def read_state(directory: Directory) -> CheckpointState | None:
+_FIELDS = {
+    "model_checkpoint_path": str,
+    "all_model_checkpoint_paths": str,
+    "all_model_checkpoint_timestamps": float,
+    "last_preserved_timestamp": float,
+}
+_REPEATED = {"all_model_checkpoint_paths", "all_model_checkpoint_timestamps"}
+_TOKEN = re.compile(
+    r"""\s+|\#[^\n]*"""
+    r"""|(?P<number>[-+]?(?:(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?[fF]?|(?:inf(?:inity)?|nan)(?![A-Za-z0-9_])))"""
+    r"""|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<punct>[:\[\],;])"""
+    r"""|(?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')""",
+    re.IGNORECASE,
+)
+_ESCAPES = {"n": b"\n", "r": b"\r", "t": b"\t", '"': b'"', "'": b"'", "\\": b"\\", "a": b"\a",
+            "b": b"\b", "f": b"\f", "v": b"\v", "?": b"?"}  # fmt: skip
+_ESCAPE = re.compile(
+    r"""\\(?:([0-7]{1,3})|x([0-9a-fA-F]{1,2})|u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.))""", re.S
+)
+
+
+def _unquote(literal: str) -> str:
+    """A text-format string literal's value (C escapes; the bytes are UTF-8)."""
+
+    def one(m: re.Match[str]) -> bytes:
+        octal, hexa, u4, u8, char = m.groups()
+        if octal or hexa:
+            return bytes([int(octal, 8) if octal else int(hexa, 16)])
+        if u4 or u8:
+            return chr(int(u4 or u8, 16)).encode()
+        if char not in _ESCAPES:
+            raise ValueError(f"unknown escape \\{char} in {literal}")
+        return _ESCAPES[char]
+
+    inner, out, last = literal[1:-1], [], 0
+    for m in _ESCAPE.finditer(inner):
+        out += [inner[last : m.start()].encode(), one(m)]
+        last = m.end()
+    out.append(inner[last:].encode())
+    return b"".join(out).decode("utf-8")
+
+
+def _quote(value: str) -> str:
+    """A text-format string literal, escaped as protobuf writes it (UTF-8 kept as is)."""
+    out = []
+    for char in value:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char == "\n":
+            out.append("\\n")
+        elif char == "\r":
+            out.append("\\r")
+        elif char == "\t":
+            out.append("\\t")
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\{ord(char):03o}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
+
+
+def parse_state_text(text: str) -> CheckpointState:
+    """Parses a CheckpointState in protobuf text format; ValueError names what is wrong.
+
+    Accepts what protobuf's text_format.Merge accepts for these four fields
+    (comments, any order, `field: [a, b]` lists, adjacent string literals) and
+    refuses unknown fields, as protobuf does.
+    """
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise ValueError(f"unexpected text at offset {pos}: {text[pos : pos + 20]!r}")
+        pos = m.end()
+        if m.lastgroup is not None:
+            tokens.append((m.lastgroup, m.group()))
+    values: dict[str, list[object]] = {name: [] for name in _FIELDS}
+    i = 0
+
+    def value(kind: type) -> object:
+        nonlocal i
+        if i >= len(tokens):
+            raise ValueError("a value is missing at the end")
+        token_kind, token = tokens[i]
+        if kind is str:
+            if token_kind != "string":
+                raise ValueError(f"expected a string, found {token!r}")
+            parts = []
+            while i < len(tokens) and tokens[i][0] == "string":  # "a" "b" is "ab"
+                parts.append(_unquote(tokens[i][1]))
+                i += 1
+            return "".join(parts)
+        if token_kind != "number":
+            raise ValueError(f"expected a number, found {token!r}")
+        i += 1
+        if token[-1] in "fF" and not token.lstrip("+-").lower().startswith("inf"):
+            token = token[:-1]  # "1.5f": a float suffix, which protobuf allows
+        return float(token)
+
+    while i < len(tokens):
+        kind, name = tokens[i]
+        if kind != "name" or name not in _FIELDS:
+            raise ValueError(f"unknown field {name!r} (a CheckpointState has {', '.join(_FIELDS)})")
+        i += 1
+        if i >= len(tokens) or tokens[i][1] != ":":
+            raise ValueError(f"expected ':' after {name}")
+        i += 1
+        if i < len(tokens) and tokens[i][1] == "[" and name in _REPEATED:
+            i += 1
+            while i < len(tokens) and tokens[i][1] != "]":
+                values[name].append(value(_FIELDS[name]))
+                if i < len(tokens) and tokens[i][1] == ",":
+                    i += 1
+            if i >= len(tokens):
+                raise ValueError(f"unclosed list of {name}")
+            i += 1
+        else:
+            values[name].append(value(_FIELDS[name]))
+        if i < len(tokens) and tokens[i][1] in ",;":
+            i += 1
+    model = values["model_checkpoint_path"]
+    preserved = values["last_preserved_timestamp"]
+    return CheckpointState(
+        model_checkpoint_path=str(model[-1]) if model else "",  # Merge: the last one wins
+        all_model_checkpoint_paths=tuple(str(p) for p in values["all_model_checkpoint_paths"]),
+        all_model_checkpoint_timestamps=tuple(
+            float(str(t)) for t in values["all_model_checkpoint_timestamps"]
+        ),
+        last_preserved_timestamp=float(str(preserved[-1])) if preserved else 0.0,
+    )
+
+
+def format_state_text(state: CheckpointState) -> str:
+    """The CheckpointState in protobuf text format, as TensorFlow writes it (defaults omitted)."""
+    lines = []
+    if state.model_checkpoint_path:
+        lines.append(f"model_checkpoint_path: {_quote(state.model_checkpoint_path)}")
+    lines += [f"all_model_checkpoint_paths: {_quote(p)}" for p in state.all_model_checkpoint_paths]
+    lines += [f"all_model_checkpoint_timestamps: {float(t)!r}" for t in state.all_model_checkpoint_timestamps]
+    if state.last_preserved_timestamp:
+        lines.append(f"last_preserved_timestamp: {float(state.last_preserved_timestamp)!r}")
+    return "".join(line + "\n" for line in lines)
+
+
+def read_state(directory: Directory, filename: str = STATE_FILENAME) -> CheckpointState | None:
     """The state file as stored (paths as written), or None if there is none.
 
     An unreadable state file (empty, torn by a tool that wrote it in place, or
@@ -59,7 +219,7 @@ def read_state(directory: Directory) -> CheckpointState | None:
     writes the file anew. It must never block a save or a restart.
     """
     try:
-        return parse_state(directory)
+        return parse_state(directory, filename)
     except CorruptCheckpointError as e:
         warnings.warn(
             f"{e}; ignoring it: the checkpoints are found from the directory listing, and the "
@@ -70,51 +230,55 @@ def read_state(directory: Directory) -> CheckpointState | None:
         return None
 
 
-def parse_state(directory: Directory) -> CheckpointState | None:
+def parse_state(directory: Directory, filename: str = STATE_FILENAME) -> CheckpointState | None:
     """The state file as stored, None if there is none; CorruptCheckpointError if unreadable."""
-    raw = directory.read_all(STATE_FILENAME)
+    raw = directory.read_all(filename)
     if raw is None:
         return None
-    where = join(directory.path, STATE_FILENAME)
+    where = join(directory.path, filename)
     try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict):
-            raise TypeError("not an object")
-        paths = tuple(doc["all_model_checkpoint_paths"])
-        stamps = tuple(float(t) for t in doc["all_model_checkpoint_timestamps"])
-        state = CheckpointState(
-            model_checkpoint_path=doc["model_checkpoint_path"],
-            all_model_checkpoint_paths=paths,
-            all_model_checkpoint_timestamps=stamps,
-            last_preserved_timestamp=float(doc["last_preserved_timestamp"]),
-        )
+        text = raw.decode("utf-8")
+        if text.lstrip().startswith("{"):  # shardsave 0.1 wrote JSON
+            doc = json.loads(text)
+            if not isinstance(doc, dict):
+                raise TypeError("not an object")
+            state = CheckpointState(
+                model_checkpoint_path=doc["model_checkpoint_path"],
+                all_model_checkpoint_paths=tuple(doc["all_model_checkpoint_paths"]),
+                all_model_checkpoint_timestamps=tuple(
+                    float(t) for t in doc["all_model_checkpoint_timestamps"]
+                ),
+                last_preserved_timestamp=float(doc["last_preserved_timestamp"]),
+            )
+            if not all(
+                isinstance(p, str) for p in (state.model_checkpoint_path, *state.all_model_checkpoint_paths)
+            ):
+                raise TypeError("paths must be strings")
+        else:
+            state = parse_state_text(text)
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptCheckpointError(f"{where} is not a valid state file: {e}") from e
-    if not all(isinstance(p, str) for p in (state.model_checkpoint_path, *paths)) or len(paths) != len(
-        stamps
-    ):
-        raise CorruptCheckpointError(f"{where} is not a valid state file: malformed paths")
+    if not state.model_checkpoint_path:
+        raise CorruptCheckpointError(f"{where} is not a valid state file: it names no checkpoint")
+    if "\0" in state.model_checkpoint_path or any("\0" in p for p in state.all_model_checkpoint_paths):
+        raise CorruptCheckpointError(f"{where} is not a valid state file: a path holds NUL")
     return state
 
 
-def write_state(directory: Directory, state: CheckpointState) -> None:
-    doc = {
-        "model_checkpoint_path": state.model_checkpoint_path,
-        "all_model_checkpoint_paths": list(state.all_model_checkpoint_paths),
-        "all_model_checkpoint_timestamps": list(state.all_model_checkpoint_timestamps),
-        "last_preserved_timestamp": state.last_preserved_timestamp,
-    }
-    directory.write(STATE_FILENAME, json.dumps(doc, indent=1).encode()).result()
+def write_state(directory: Directory, state: CheckpointState, filename: str = STATE_FILENAME) -> None:
+    directory.write(filename, format_state_text(state).encode()).result()
 
 
-def get_checkpoint_state(checkpoint_dir: str) -> CheckpointState | None:
+def get_checkpoint_state(checkpoint_dir: str, latest_filename: str | None = None) -> CheckpointState | None:
     """Reads the `checkpoint` state file of a directory.
 
     Relative paths in the file are returned joined to checkpoint_dir, as
-    tf.train.get_checkpoint_state does.
+    tf.train.get_checkpoint_state does. A state file that cannot be read is
+    treated as absent, with a StateFileWarning.
 
     Args:
       checkpoint_dir: the directory holding the checkpoints (a path or URL).
+      latest_filename: the state file's name (default "checkpoint").
 
     Returns:
       The state, or None when the directory has no state file.
@@ -125,7 +289,7 @@ def get_checkpoint_state(checkpoint_dir: str) -> CheckpointState | None:
       True
     """
     directory = Directory(os.fspath(checkpoint_dir))
-    state = read_state(directory)
+    state = read_state(directory, latest_filename or STATE_FILENAME)
     if state is None:
         return None
 
@@ -174,7 +338,7 @@ def unrecorded_commits(
     return sorted(found, key=lambda bt: bt[1])
 
 
-def latest_checkpoint(checkpoint_dir: str) -> str | None:
+def latest_checkpoint(checkpoint_dir: str, latest_filename: str | None = None) -> str | None:
     """The prefix of the newest committed checkpoint the state file names.
 
     A checkpoint committed after the state file's last update (its saving process
@@ -185,6 +349,7 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
 
     Args:
       checkpoint_dir: the directory holding the checkpoints (a path or URL).
+      latest_filename: the state file's name (default "checkpoint").
 
     Returns:
       A prefix such as "ckpt/model-1000", or None if there is none.
@@ -195,7 +360,7 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
       True
     """
     directory = Directory(os.fspath(checkpoint_dir))
-    state = get_checkpoint_state(checkpoint_dir)
+    state = get_checkpoint_state(checkpoint_dir, latest_filename)
     if state is None:
         # No state file (a kill before the first one was written) or an unreadable
         # one: the newest commit in the directory.
@@ -216,47 +381,63 @@ def latest_checkpoint(checkpoint_dir: str) -> str | None:
     return None
 
 
+def display_path(directory: Directory, base: str) -> str:
+    """A checkpoint's prefix as save() returns it: "s1" for a save path with no directory."""
+    return base if directory.path == "." else join(directory.path, base)
+
+
 @dataclass
 class Retention:
     """tf.train.Saver's retention: max_to_keep, plus one kept per N hours.
 
-    A checkpoint that falls off the end of the kept list is deleted, unless it is
-    the first one saved after the preservation interval has elapsed, in which case
-    it is preserved on disk for good (and leaves the list).
+    A checkpoint that falls off the end of the kept list is deleted, unless it
+    was created at least keep_every_n_hours after the last one preserved: then
+    it is preserved on disk for good (and leaves the list), and its creation time
+    becomes last_preserved, as checkpoint_state.proto's last_preserved_timestamp
+    and tf.train.CheckpointManager define it. With max_to_keep None or 0 nothing
+    is recorded and nothing deleted (the state file then names only the newest).
     """
 
     max_to_keep: int | None
     keep_every_n_hours: float
-    next_preserve_time: float
-    kept: list[tuple[str, float]] = field(default_factory=list)  # (base name, time), oldest first
+    last_preserved: float
+    kept: list[tuple[str, float]] = field(default_factory=list)  # (prefix as saved, time), oldest first
 
-    def add(self, base: str, timestamp: float) -> list[str]:
-        """Records a committed checkpoint; returns the base names to delete."""
-        self.kept = [(b, t) for b, t in self.kept if b != base]
-        self.kept.append((base, timestamp))
-        doomed: list[str] = []
+    def add(self, path: str, timestamp: float) -> list[str]:
+        """Records a committed checkpoint; returns the prefixes to delete."""
         if not self.max_to_keep:
-            return doomed
+            return []
+        base = split_prefix(path)[1]
+        self.kept = [(p, t) for p, t in self.kept if split_prefix(p)[1] != base]
+        self.kept.append((path, timestamp))
+        doomed: list[str] = []
         while len(self.kept) > self.max_to_keep:
-            base_out, t = self.kept.pop(0)
-            if math.isfinite(self.keep_every_n_hours) and t > self.next_preserve_time:
-                self.next_preserve_time += self.keep_every_n_hours * 3600
+            old, t = self.kept.pop(0)
+            if math.isinf(t):  # set_last_checkpoints gives no time: never deleted, as in TF
                 continue
-            doomed.append(base_out)
+            if t - self.keep_every_n_hours * 3600 >= self.last_preserved:
+                self.last_preserved = t
+                continue
+            doomed.append(old)
         return doomed
 
-    def state(self, absolute_directory: str | None = None) -> CheckpointState:
-        """The state file's contents; paths relative unless absolute_directory is given."""
+    def state(self, newest: str, created: float, absolute_directory: str | None = None) -> CheckpointState:
+        """The state file's contents after committing base name `newest`.
+
+        Paths are relative to the directory unless absolute_directory is given.
+        """
 
         def path(base: str) -> str:
             return base if absolute_directory is None else join(absolute_directory, base)
 
-        newest = path(self.kept[-1][0]) if self.kept else ""
+        kept = [(split_prefix(p)[1], t) for p, t in self.kept]
+        if not kept or kept[-1][0] != newest:
+            kept.append((newest, created))
         return CheckpointState(
-            model_checkpoint_path=newest,
-            all_model_checkpoint_paths=tuple(path(b) for b, _ in self.kept),
-            all_model_checkpoint_timestamps=tuple(t for _, t in self.kept),
-            last_preserved_timestamp=self.next_preserve_time - self.keep_every_n_hours * 3600,
+            model_checkpoint_path=path(newest),
+            all_model_checkpoint_paths=tuple(path(b) for b, _ in kept),
+            all_model_checkpoint_timestamps=tuple(t for _, t in kept),
+            last_preserved_timestamp=self.last_preserved,
         )
 
 
@@ -307,3 +488,65 @@ def remove_uncommitted(directory: Directory, stem: str, keys: list[str] | None =
     for future in [directory.delete(k) for k in doomed]:
         future.result()
     return doomed
+
+
+def checkpoint_exists(checkpoint_prefix: str) -> bool:
+    """Whether a committed checkpoint (its index) exists at the prefix, as tf.train.checkpoint_exists.
+
+    Example:
+      >>> import shardsave, tempfile
+      >>> shardsave.checkpoint_exists(tempfile.mkdtemp() + "/model-1")
+      False
+    """
+    return is_committed(os.fspath(checkpoint_prefix))
+
+
+def get_checkpoint_mtimes(checkpoint_prefixes: Iterable[str]) -> list[float]:
+    """The modification times of the checkpoints that exist, as tf.train.get_checkpoint_mtimes.
+
+    A checkpoint's time is its index's (the commit). Prefixes without a
+    committed checkpoint are left out, so the list may be shorter.
+
+    Example:
+      >>> import shardsave, tempfile
+      >>> shardsave.get_checkpoint_mtimes([tempfile.mkdtemp() + "/model-1"])
+      []
+    """
+    mtimes = []
+    for prefix in checkpoint_prefixes:
+        directory, base = split_prefix(os.fspath(prefix))
+        if not base:
+            continue
+        mtime = Directory(directory).mtime(_format.index_key(base))
+        if mtime is not None:
+            mtimes.append(mtime)
+    return mtimes
+
+
+def remove_checkpoint(checkpoint_prefix: str) -> None:
+    """Deletes a checkpoint's files, index first, as tf.train.remove_checkpoint.
+
+    It does not touch the state file: a state file naming it treats it as absent.
+
+    Example:
+      >>> import numpy as np, shardsave, tempfile
+      >>> p = shardsave.Saver(async_save=False).save({"a": np.ones(2)}, tempfile.mkdtemp() + "/m")
+      >>> shardsave.remove_checkpoint(p); shardsave.checkpoint_exists(p)
+      False
+    """
+    directory_name, base = split_prefix(os.fspath(checkpoint_prefix))
+    if not base:
+        raise ValueError(f"{checkpoint_prefix!r} names a directory, not a checkpoint prefix")
+    directory = Directory(directory_name)
+    directory.delete(_format.index_key(base)).result()
+    delete_checkpoint(directory, base, directory.list())
+
+
+def recovered(paths: Iterable[str]) -> list[tuple[str, float]]:
+    """(path, mtime) of the paths that are committed checkpoints, for recover_last_checkpoints."""
+    found = []
+    for path in paths:
+        mtimes = get_checkpoint_mtimes([path])
+        if mtimes:  # deleted by hand, or by another process meanwhile: dropped, as TF does
+            found.append((os.fspath(path), mtimes[0]))
+    return found

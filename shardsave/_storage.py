@@ -224,7 +224,7 @@ class Directory:
         """ValueError when a local checkpoint cannot be created here: a path component is a file."""
         if not self.is_local:
             return
-        path = self.local_path("")
+        path = self.local_path("").rstrip("/") or "/"
         while path and not os.path.lexists(path):
             parent = os.path.dirname(path.rstrip("/"))
             if parent == path:
@@ -298,6 +298,16 @@ class Directory:
             STATS.reads += 1
             STATS.bytes_read += len(result.value)
         return result.value
+
+    def mtime(self, key: str) -> float | None:
+        """When key was last written (seconds since the epoch), or None if it does not exist."""
+        if self.is_local:
+            try:
+                return os.stat(self.local_path(key)).st_mtime
+            except FileNotFoundError:
+                return None
+        result = self._kv.read(key, byte_range=slice(0, 0)).result()
+        return result.stamp.time if result.state == "value" else None
 
     def exists(self, key: str) -> bool:
         return self._kv.read(key, byte_range=slice(0, 0)).result().state == "value"

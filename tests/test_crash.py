@@ -6,7 +6,7 @@ ones at random moments), e.g.:  SHARDSAVE_KILLS=500 pytest tests/test_crash.py -
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import queue
 import random
@@ -22,7 +22,7 @@ import pytest
 
 import shardsave
 from shardsave import _format, _storage
-from shardsave.errors import SaveFailedError
+from shardsave.errors import SaveFailedError, StateFileWarning
 
 CHILD = r"""
 import os, stat, sys, threading, time
@@ -261,24 +261,25 @@ def test_full_disk_injected(tmp_path, monkeypatch, async_save):
     )
 
 
-def test_hostile_state_file_cannot_steer_deletion(tmp_path):
+@pytest.mark.parametrize("with_nul", [False, True])
+def test_hostile_state_file_cannot_steer_deletion(tmp_path, with_nul):
     victim = tmp_path / "victim.index"
     victim.write_text("keep me")
     directory = tmp_path / "ckpt"
     directory.mkdir()
+    paths = ["../victim", str(tmp_path / "victim"), ".."] + (["a\\000b"] if with_nul else [])
     (directory / "checkpoint").write_text(
-        json.dumps(
-            {
-                "model_checkpoint_path": "../victim",
-                "all_model_checkpoint_paths": ["../victim", str(tmp_path / "victim"), "..", "a\u0000b"],
-                "all_model_checkpoint_timestamps": [1.0, 2.0, 3.0, 4.0],
-                "last_preserved_timestamp": time.time(),
-            }
-        )
+        'model_checkpoint_path: "../victim"\n'
+        + "".join(f'all_model_checkpoint_paths: "{p}"\n' for p in paths)
+        + "".join(f"all_model_checkpoint_timestamps: {t}.0\n" for t in range(1, len(paths) + 1))
+        + f"last_preserved_timestamp: {time.time()}\n"
     )
     saver = shardsave.Saver(max_to_keep=1, async_save=False)
-    for step in range(3):
-        saver.save({"a": np.ones(2)}, str(directory / "m"), global_step=step)
+    with contextlib.ExitStack() as stack:
+        if with_nul:  # a NUL makes the whole file unreadable: it is ignored, with a warning
+            stack.enter_context(pytest.warns(StateFileWarning, match="NUL"))
+        for step in range(3):
+            saver.save({"a": np.ones(2)}, str(directory / "m"), global_step=step)
     saver.close()
     assert victim.read_text() == "keep me"
     assert sorted(p.name for p in directory.iterdir()) == sorted(

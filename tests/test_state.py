@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 import shardsave
+from shardsave._state import parse_state_text
 from shardsave.errors import StateFileWarning
 
 
@@ -32,10 +32,10 @@ def test_max_to_keep_and_state_file(tmp_path):
     saver.wait_until_finished()
     assert _committed(tmp_path) == ["m-4", "m-5", "m-6"]
     assert saver.last_checkpoints == [str(tmp_path / f"m-{s}") for s in (4, 5, 6)]
-    state = json.loads((tmp_path / "checkpoint").read_text())
-    assert state["model_checkpoint_path"] == "m-6"  # relative by default
-    assert state["all_model_checkpoint_paths"] == ["m-4", "m-5", "m-6"]
-    assert len(state["all_model_checkpoint_timestamps"]) == 3
+    state = parse_state_text((tmp_path / "checkpoint").read_text())
+    assert state.model_checkpoint_path == "m-6"  # relative by default
+    assert state.all_model_checkpoint_paths == ("m-4", "m-5", "m-6")
+    assert len(state.all_model_checkpoint_timestamps) == 3
     ckpt = shardsave.get_checkpoint_state(str(tmp_path))
     assert ckpt.model_checkpoint_path == str(tmp_path / "m-6")
     assert not [
@@ -57,10 +57,11 @@ def test_keep_checkpoint_every_n_hours(tmp_path):
     for step in range(8):
         clock.t += 25 * 60  # a save every 25 minutes
         saver.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=step)
-    # Two newest kept by max_to_keep; of the ones pushed out, one per hour is preserved,
-    # as in tf.train.Saver: marks fall every hour from the Saver's start (60, 120, 180 min),
-    # and the first checkpoint past each mark is kept: step 2 (75 min), step 4 (125 min).
-    assert _committed(tmp_path) == ["m-2", "m-4", "m-6", "m-7"]
+    # Two newest kept by max_to_keep; of the ones pushed out, a checkpoint made at least
+    # an hour after the last one preserved (at first: the Saver's start) is preserved,
+    # as tf.train.CheckpointManager does: step 2 (75 min), then step 5 (150 min, 75
+    # after step 2); step 4 (125 min) is only 50 minutes after step 2.
+    assert _committed(tmp_path) == ["m-2", "m-5", "m-6", "m-7"]
     assert shardsave.get_checkpoint_state(str(tmp_path)).all_model_checkpoint_paths == (
         str(tmp_path / "m-6"),
         str(tmp_path / "m-7"),
@@ -94,8 +95,8 @@ def test_moved_directory_still_restores(tmp_path):
 def test_absolute_paths_when_asked(tmp_path):
     saver = shardsave.Saver(save_relative_paths=False, async_save=False)
     saver.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=1)
-    state = json.loads((tmp_path / "checkpoint").read_text())
-    assert state["model_checkpoint_path"] == str(tmp_path / "m-1")
+    state = parse_state_text((tmp_path / "checkpoint").read_text())
+    assert state.model_checkpoint_path == str(tmp_path / "m-1")
 
 
 def test_no_state_file_and_a_corrupt_one(tmp_path):
