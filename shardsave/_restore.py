@@ -44,8 +44,8 @@ from ._plan import (
     plan_reads,
     unique_target_boxes,
 )
-from ._storage import Directory, aligned_empty, join, mapped_empty, open_prefix
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from ._storage import DEFAULT_TIMEOUT_S, Directory, aligned_empty, join, mapped_empty, open_prefix
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 
 # One ranged read covers at most this many bytes, so the reads of one large file
 # run in parallel and each can be released on its own.
@@ -290,7 +290,7 @@ class _Span:
         if self._data is None:
             try:
                 data = self.future.result()
-            except CorruptCheckpointError:
+            except (CorruptCheckpointError, StorageError):
                 raise
             except FileNotFoundError as e:
                 raise CorruptCheckpointError(f"{where()}: the data file is missing") from e
@@ -484,9 +484,9 @@ def _stream_unit(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, results: _Res
     results.partial.setdefault(unit.request, {}).update(buffers)
 
 
-def open_checkpoint(path: str) -> tuple[Directory, str, Index]:
+def open_checkpoint(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Directory, str, Index]:
     """The directory, base name and validated index of a committed checkpoint."""
-    directory, base = open_prefix(path)
+    directory, base = open_prefix(path, timeout_s)
     raw = directory.read_all(_format.index_key(base))
     if raw is None:
         leftovers = [k for k in directory.list() if (p := _format.parse_data_key(k)) and p[0] == base]

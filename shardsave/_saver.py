@@ -49,6 +49,7 @@ from .errors import (
     CorruptCheckpointError,
     SaveFailedError,
     ShardingMismatchError,
+    StorageError,
     StructureMismatchError,
 )
 
@@ -212,8 +213,10 @@ class Saver:
         restore_sequentially, at least 32 MiB: reads are verified in whole 4 MiB checksum
         chunks, and a smaller cap is refused with that reason); None uses 1 GiB of
         reads in flight.
-      timeout_s: with several processes (jax.distributed), how long a save waits for
-        the others before raising CoordinationTimeoutError.
+      timeout_s: the deadline of each storage operation (an object store that does not
+        answer raises StorageError naming the location), and, with several processes
+        (jax.distributed), how long a save waits for the others before raising
+        CoordinationTimeoutError.
       snapshot_on_device: with async_save on accelerators, save() blocks only for a
         copy of the shards made on their own devices (which needs that much free
         device memory until the save commits); the device-to-host transfer then
@@ -267,6 +270,7 @@ class Saver:
         self.max_host_bytes = max_host_bytes
         self.snapshot_on_device = snapshot_on_device
         self._clock = clock
+        self.timeout_s = timeout_s
         self._created = clock()
         self._commits = BackgroundCommits()
         self._coordinator = Coordinator(timeout_s)
@@ -402,7 +406,10 @@ class Saver:
         # Validate every leaf before anything on disk changes.
         stored = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
         specs, leaves = [spec for spec, _ in stored], [leaf for _, leaf in stored]
-        directory, base = open_prefix(prefix)
+        try:
+            directory, base = open_prefix(prefix, self.timeout_s)
+        except StorageError as e:
+            raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         stem = split_prefix(os.fspath(save_path))[1]
         key = self._coordinator.next_key() if self._coordinator.active else None
         if key is not None and not self.sharded:
@@ -425,7 +432,11 @@ class Saver:
                 ) from e
         index_key = _format.index_key(base)
         replace_local = False
-        if directory.exists(index_key):
+        try:
+            committed = directory.exists(index_key)
+        except StorageError as e:
+            raise SaveFailedError(f"saving {prefix} failed: {e}") from e
+        if committed:
             if not overwrite:
                 raise CheckpointExistsError(
                     f"a committed checkpoint exists at {prefix!r}; pass overwrite=True to replace it"
@@ -790,7 +801,7 @@ class Saver:
         if target is not None and self.allow_empty and not _tree.flatten(target)[1]:
             return target  # as tf.train.Saver(allow_empty=True): nothing to restore, nothing read
         began = time.perf_counter()
-        directory, base, index = open_checkpoint(os.fspath(save_path))
+        directory, base, index = open_checkpoint(os.fspath(save_path), self.timeout_s)
         indexed = time.perf_counter()
         reshape = self.reshape if reshape is None else reshape
         sequential = self.restore_sequentially if restore_sequentially is None else restore_sequentially

