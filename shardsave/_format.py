@@ -50,7 +50,11 @@ def checksum(data: Any) -> int:
 
 
 INDEX_SUFFIX = ".index"
-_DATA_RE = re.compile(r"^(?P<base>.+)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})$")
+_DATA_RE = re.compile(r"^(?P<base>.+)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})(?:\.part-(?P<j>\d{5}))?$")
+# No stored object is larger than this by default: a single PUT to AWS S3 is limited
+# to 5 GiB, so a device's data beyond it is split into numbered parts.
+DEFAULT_PART_BYTES = 4 << 30
+MAX_PARTS = 99_999  # part numbers have five digits
 
 # Limits that keep a hostile index from making a reader allocate or loop without bound.
 MAX_NDIM = 64
@@ -111,10 +115,32 @@ def data_key(base: str, k: int, n: int) -> str:
     return f"{base}.data-{k:05d}-of-{n:05d}"
 
 
+def part_key(base: str, k: int, n: int, j: int) -> str:
+    return f"{data_key(base, k, n)}.part-{j:05d}"
+
+
+def data_keys(base: str, k: int, n: int, parts: tuple[int, ...] | None) -> list[str]:
+    """The names of the objects that hold data file k: itself, or its parts in order."""
+    if parts is None:
+        return [data_key(base, k, n)]
+    return [part_key(base, k, n, j) for j in range(len(parts))]
+
+
 def parse_data_key(key: str) -> tuple[str, int, int] | None:
-    """(base, k, n) of a data file name, or None if the name is not one."""
+    """(base, k, n) of a data file's name (or of one of its parts), or None if the name is not one."""
     m = _DATA_RE.match(key)
     return (m["base"], int(m["k"]), int(m["n"])) if m else None
+
+
+def split_parts(nbytes: int, part_bytes: int) -> tuple[int, ...] | None:
+    """The part sizes of a data file of nbytes, or None when it fits in one object."""
+    if nbytes <= part_bytes:
+        return None
+    full, rest = divmod(nbytes, part_bytes)
+    parts = (part_bytes,) * full + ((rest,) if rest else ())
+    if len(parts) > MAX_PARTS:
+        raise ValueError(f"{nbytes} bytes in parts of {part_bytes} would need more than {MAX_PARTS} parts")
+    return parts
 
 
 def crc_chunks(nbytes: int, chunk: int) -> int:
@@ -159,6 +185,7 @@ class DataFile:
     nbytes: int
     device_id: int | None  # the device whose shards the file holds (sharded=True)
     process_index: int  # the process that wrote it
+    parts: tuple[int, ...] | None = None  # sizes of its numbered parts, when split (version 2)
 
 
 @dataclass(frozen=True)
@@ -258,6 +285,7 @@ def encode_index(index: Index) -> bytes:
         "crc_chunk_bytes": index.crc_chunk_bytes,
         "files": [
             {"nbytes": f.nbytes, "device_id": f.device_id, "process_index": f.process_index}
+            | ({} if f.parts is None else {"parts": list(f.parts)})
             for f in index.files
         ],
         "structure": index.structure,
@@ -358,11 +386,21 @@ def _decode(doc: dict[str, Any], version: int) -> Index:
         device = f["device_id"]
         if device is not None:
             _int(device, f"files[{i}].device_id", 0, 1 << 31)
+        nbytes = _int(f["nbytes"], f"files[{i}].nbytes")
+        parts = f.get("parts")
+        if parts is not None:
+            sizes = _ints(parts, 1, MAX_BYTES)
+            if version < 2 or sizes is None or not 2 <= len(sizes) <= MAX_PARTS or sum(sizes) != nbytes:
+                raise ValueError(
+                    f"files[{i}].parts must be 2..{MAX_PARTS} positive sizes adding up to nbytes {nbytes}"
+                )
+            parts = sizes
         files.append(
             DataFile(
-                nbytes=_int(f["nbytes"], f"files[{i}].nbytes"),
+                nbytes=nbytes,
                 device_id=device,
                 process_index=_int(f["process_index"], f"files[{i}].process_index", 0, 1 << 31),
+                parts=parts,
             )
         )
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import _format, _tree
+from ._checkpoint import DataFiles
 from ._plan import Box
 from ._restore import LeafRequest, open_checkpoint, restore_leaves
 from ._storage import join
@@ -150,8 +151,8 @@ class CheckpointReader:
           One line per bad shard or file (empty when the checkpoint is sound).
         """
         problems = []
-        n = len(self.index.files)
-        keys = [_format.data_key(self._base, k, n) for k in range(n)]
+        files = DataFiles(self._directory, self._base, self.index)
+        keys = files.names
         chunk = self.index.crc_chunk_bytes
         step = max(chunk, _VERIFY_READ_BYTES // chunk * chunk)  # whole chunks per read
         for leaf in self.index.leaves:
@@ -160,9 +161,7 @@ class CheckpointReader:
                 for lo in range(0, shard.nbytes, step):
                     hi = min(lo + step, shard.nbytes)
                     try:
-                        data = self._directory.read_range(
-                            keys[shard.file], shard.offset + lo, shard.offset + hi
-                        ).result()
+                        data = files.read(shard.file, shard.offset + lo, shard.offset + hi).result()
                     except FileNotFoundError:
                         problems.append(f"{where}: the data file is missing")
                         break

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _format, _gc
+from ._checkpoint import DataFiles
 from ._format import Index, LeafEntry, StoredShard
 from ._plan import (
     Box,
@@ -201,8 +202,7 @@ class _Fetcher:
         self.index = index
         self.chunk = index.crc_chunk_bytes
         self.names = names  # id(StoredShard) -> leaf name, for error messages
-        n = len(index.files)
-        self.keys = [_format.data_key(base, k, n) for k in range(n)]
+        self.files = DataFiles(directory, base, index)
 
     def _absolute_span(self, read: Read) -> tuple[int, int]:
         a, b = _span(read, self.chunk)
@@ -218,9 +218,9 @@ class _Fetcher:
         if end - start < len(chunks) * MIN_THREAD_CHECK_BYTES:
             # Many small chunks: the checking loop is Python that would hold the GIL on
             # the I/O thread while the caller waits for it; check on first use instead.
-            future = self.directory.read_range(self.keys[file], start, end, allocate=self.allocate)
+            future = self.files.read(file, start, end, allocate=self.allocate)
             return _Span(future, start, end, check)
-        future = self.directory.read_range(self.keys[file], start, end, check, self.allocate)
+        future = self.files.read(file, start, end, check, self.allocate)
         return _Span(future, start, end)
 
     def _check(self, start: int, chunks: list[tuple[StoredShard, int]], data: np.ndarray) -> np.ndarray:
@@ -263,7 +263,7 @@ class _Fetcher:
         return handles
 
     def _where(self, shard: StoredShard) -> str:
-        return f"{join(self.directory.path, self.keys[shard.file])} (leaf {self.names[id(shard)]!r})"
+        return f"{join(self.directory.path, self.files.names[shard.file])} (leaf {self.names[id(shard)]!r})"
 
     def verified(self, read: Read, span: _Span, dtype: np.dtype) -> np.ndarray:
         """The rows of the read, as an array of the stored dtype (read-only view)."""

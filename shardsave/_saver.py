@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from . import _format, _gc, _tree
+from ._checkpoint import write_data_file
 from ._commit import BackgroundCommits
 from ._distributed import Coordinator, decode_reports, encode_report
 from ._format import DataFile, Index, LeafEntry, StoredShard
@@ -222,6 +223,8 @@ class Saver:
         device memory until the save commits); the device-to-host transfer then
         runs in the background. On CPU devices it changes nothing but the timing.
       clock: the time source for timestamps and keep_checkpoint_every_n_hours.
+      part_bytes: the largest object written; a device's data beyond it is split into
+        numbered parts (the default, 4 GiB, stays below S3's 5 GiB single-PUT limit).
 
     Example:
       >>> import jax.numpy as jnp, shardsave, tempfile
@@ -249,6 +252,7 @@ class Saver:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         snapshot_on_device: bool = False,
         clock: Callable[[], float] = time.time,
+        part_bytes: int = _format.DEFAULT_PART_BYTES,
     ):
         if max_to_keep is not None and max_to_keep < 0:
             raise ValueError(f"max_to_keep must be None or >= 0, found {max_to_keep}")
@@ -258,6 +262,9 @@ class Saver:
             )
         if max_host_bytes is not None and max_host_bytes <= 0:
             raise ValueError(f"max_host_bytes must be positive, found {max_host_bytes}")
+        if part_bytes < 1:
+            raise ValueError(f"part_bytes must be positive, found {part_bytes}")
+        self.part_bytes = part_bytes
         self.max_to_keep = max_to_keep
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self.sharded = sharded
@@ -561,13 +568,19 @@ class Saver:
         chunk = _format.CRC_CHUNK_BYTES
         coordinator = self._coordinator
         what = f"saving {save.prefix}"
-        keys: dict[int, str] = {}
+        keys: dict[str, None] = {}  # the objects this save writes, in order
         pending: list[PendingFile] = []
         try:
             staged = save.staged() if callable(save.staged) else save.staged
-            keys = {k: _format.data_key(save.base, k, len(plan.files)) for k in staged}
+            n = len(plan.files)
+            parts = {k: _format.split_parts(len(data), self.part_bytes) for k, data in staged.items()}
+            keys = {key: None for k in staged for key in _format.data_keys(save.base, k, n, parts[k])}
             publish = not save.replace_local
-            writes = [directory.write(keys[k], data, publish=publish) for k, data in staged.items()]
+            writes = [
+                future
+                for k, data in staged.items()
+                for future in write_data_file(directory, save.base, k, n, data, parts[k], publish)
+            ]
             crcs = {k: _checksums(data, plan.files[k], chunk) for k, data in staged.items()}
             results = [w.result() for w in writes]
             pending = [r for r in results if isinstance(r, PendingFile)]
@@ -588,7 +601,7 @@ class Saver:
             for file in pending:
                 file.discard()
             if not save.replace_local:  # the names are this save's alone (the Saver holds the lock)
-                for future in [directory.delete(key) for key in keys.values()]:
+                for future in [directory.delete(key) for key in keys]:
                     with contextlib.suppress(Exception):  # the original error matters more
                         future.result()
             raise
@@ -655,10 +668,9 @@ class Saver:
             if parsed is not None and parsed[0] == save.base and key not in ours:
                 directory.delete(key).result()
 
-    @staticmethod
     @_gc.pausing
     def _index(
-        plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
+        self, plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
     ) -> Index:
         shards: list[list[StoredShard]] = [[] for _ in plan.leaves]
         for k, f in enumerate(plan.files):
@@ -678,7 +690,10 @@ class Saver:
             )
             for spec, s in zip(plan.leaves, shards)
         )
-        files = tuple(DataFile(f.nbytes, f.device_id, f.process_index) for f in plan.files)
+        files = tuple(
+            DataFile(f.nbytes, f.device_id, f.process_index, _format.split_parts(f.nbytes, self.part_bytes))
+            for f in plan.files
+        )
         return Index(save.step, save.timestamp, chunk, files, save.structure, leaves)
 
     def _after_commit(self, save: _PendingSave) -> None:

@@ -272,7 +272,7 @@ class Directory:
             return _ReadResult(future, key, then, self._where(key), self.timeout_s)
         return _IO.submit(_pread, self.local_path(key), start, stop, then, allocate)
 
-    def write(self, key: str, data: bytes, *, publish: bool = True) -> Any:
+    def write(self, key: str, data: bytes | memoryview, *, publish: bool = True) -> Any:
         """Writes the whole value of key; returns a future (its result() raises on failure).
 
         With publish=False (local directories only) the value is written and made
@@ -285,7 +285,8 @@ class Directory:
         if not self.is_local:
             if not publish:
                 raise ValueError("publish=False needs a local directory")
-            return _StoreFuture(self._kv.write(key, data), f"writing {self._where(key)}", self.timeout_s)
+            value = data if isinstance(data, bytes) else bytes(data)  # tensorstore takes bytes only
+            return _StoreFuture(self._kv.write(key, value), f"writing {self._where(key)}", self.timeout_s)
         path = self.local_path(key)
         done: Future[Any] = Future()
         finish = _sync_and_rename if publish else _sync_only
@@ -475,7 +476,7 @@ def temp_target(key: str) -> str | None:
     return written if mark and len(tag) == 8 and all(c in "0123456789abcdef" for c in tag) else None
 
 
-def _write_temp(path: str, data: bytes) -> tuple[int, str]:
+def _write_temp(path: str, data: bytes | memoryview) -> tuple[int, str]:
     """Writes data to a new temporary file next to path; returns its open fd and name."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temp = f"{path}{TEMP_MARK}{secrets.token_hex(4)}"

@@ -293,3 +293,36 @@ def test_a_stalled_endpoint_raises_within_the_deadline(monkeypatch):
             shardsave._storage.Directory("s3://stalled/ckpt", timeout_s=1).list()
     finally:
         listener.close()
+
+
+def test_data_beyond_the_part_size_is_split_into_parts(location, mesh24):
+    """No stored object is larger than part_bytes; reads that cross parts are joined."""
+    saver = shardsave.Saver(max_to_keep=1, part_bytes=300, timeout_s=60)
+    first = saver.save(_tree(mesh24, 1), f"{location}/model", global_step=1)
+    path = saver.save(_tree(mesh24, 2), f"{location}/model", global_step=2)
+    saver.wait_until_finished()
+    store = shardsave._storage.Directory(location)
+    keys = store.list()
+    parts = [k for k in keys if ".part-" in k]
+    assert parts and all(k.startswith("model-2.") for k in parts)  # retention removed model-1's parts
+    assert not [k for k in keys if k.startswith("model-1.")] and not shardsave.checkpoint_exists(first)
+    assert max(len(store.read_all(k) or b"") for k in keys if ".data-" in k) <= 300
+    tree = _tree(mesh24, 2)
+    np.testing.assert_array_equal(np.asarray(saver.restore(path, tree)["w"]), np.asarray(tree["w"]))
+    other = jax.sharding.Mesh(np.array(jax.devices()[:4]).reshape(4, 1), ("x", "y"))
+    target = {"w": jax.ShapeDtypeStruct((64, 32), np.float32, sharding=NamedSharding(other, P("y", "x")))}
+    for capped in (False, True):
+        restored = saver.restore(path, target, restore_sequentially=capped)
+        np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(tree["w"]))
+    reader = shardsave.CheckpointReader(path)
+    np.testing.assert_array_equal(reader.get("w", (slice(10, 40), 3)), np.asarray(tree["w"])[10:40, 3])
+    assert reader.verify() == []
+    # A damaged part is detected, by restore and by verify.
+    key = parts[len(parts) // 2]
+    raw = bytearray(store.read_all(key) or b"")
+    raw[0] ^= 0x01
+    store.write(key, bytes(raw)).result()
+    with pytest.raises(CorruptCheckpointError, match="crc32c mismatch"):
+        saver.restore(path, tree)
+    assert _cli("verify", path)[0] == 1
+    saver.close()

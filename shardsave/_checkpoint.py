@@ -1,0 +1,105 @@
+"""A checkpoint's data files as logical byte ranges, whatever objects hold them.
+
+A data file is one object, `P.data-KKKKK-of-NNNNN`, or, when it is larger than
+the part size, numbered parts `P.data-KKKKK-of-NNNNN.part-JJJJJ` holding its
+consecutive byte ranges (FORMAT.md). Offsets in the index are offsets in the
+logical file; this module maps them onto the objects, for writing and reading.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from functools import partial
+from itertools import accumulate
+from typing import Any
+
+import numpy as np
+
+from . import _format
+from ._format import Index
+from ._storage import Directory, aligned_empty
+
+
+def write_data_file(
+    directory: Directory, base: str, k: int, n: int, data: bytes, parts: tuple[int, ...] | None, publish: bool
+) -> list[Any]:
+    """Starts writing data file k (its parts, if any); returns one future per object."""
+    if parts is None:
+        return [directory.write(_format.data_key(base, k, n), data, publish=publish)]
+    view = memoryview(data)
+    keys = _format.data_keys(base, k, n, parts)
+    starts = [0, *accumulate(parts)]
+    return [directory.write(key, view[a:b], publish=publish) for key, a, b in zip(keys, starts, starts[1:])]
+
+
+def _into(region: np.ndarray, nbytes: int) -> np.ndarray:
+    return region[:nbytes]
+
+
+class _JoinedRead:
+    """Reads of consecutive parts landing in one buffer, seen as one future."""
+
+    def __init__(
+        self,
+        futures: list[Any],
+        regions: list[np.ndarray],
+        buffer: np.ndarray,
+        then: Callable[[np.ndarray], np.ndarray] | None,
+    ):
+        self._futures, self._regions, self._buffer, self._then = futures, regions, buffer, then
+
+    def result(self) -> np.ndarray:
+        done = 0
+        for future, region in zip(self._futures, self._regions):
+            data = future.result()
+            if data.size and data.ctypes.data != region.ctypes.data:  # stores that return new buffers
+                region[: data.size] = data
+            done += data.size
+            if data.size < region.size:  # a short part: the data stops here, as in a short file
+                break
+        data = self._buffer[:done]
+        return data if self._then is None else self._then(data)
+
+
+class DataFiles:
+    """The data files of one committed checkpoint, read by logical offset."""
+
+    def __init__(self, directory: Directory, base: str, index: Index):
+        self.directory = directory
+        n = len(index.files)
+        self._keys = [_format.data_keys(base, k, n, f.parts) for k, f in enumerate(index.files)]
+        self._starts = [[0, *accumulate(f.parts)] if f.parts else [0] for f in index.files]
+        self.names = [_format.data_key(base, k, n) for k in range(n)]  # for messages
+
+    def read(
+        self,
+        k: int,
+        start: int,
+        stop: int,
+        then: Callable[[np.ndarray], np.ndarray] | None = None,
+        allocate: Callable[[int], np.ndarray] = aligned_empty,
+    ) -> Any:
+        """A future of bytes [start, stop) of data file k (see Directory.read_range)."""
+        keys, starts = self._keys[k], self._starts[k]
+        if len(keys) == 1:
+            return self.directory.read_range(keys[0], start, stop, then, allocate)
+        last_part = len(keys) - 1
+        first = min(bisect.bisect_right(starts, start) - 1, last_part)
+        last = min(max(bisect.bisect_right(starts, stop - 1) - 1, first), last_part)
+        if first == last:
+            offset = starts[first]
+            return self.directory.read_range(keys[first], start - offset, stop - offset, then, allocate)
+        # The range crosses parts: each part's read lands in its place in one buffer.
+        buffer = allocate(stop - start)
+        futures, regions = [], []
+        for j in range(first, last + 1):
+            a, b = max(start, starts[j]), min(stop, starts[j + 1])
+            region = buffer[a - start : b - start]
+            futures.append(
+                self.directory.read_range(
+                    keys[j], a - starts[j], b - starts[j], allocate=partial(_into, region)
+                )
+            )
+            regions.append(region)
+        return _JoinedRead(futures, regions, buffer, then)
