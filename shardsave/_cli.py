@@ -87,7 +87,28 @@ def cmd_ls(args: argparse.Namespace, out: Any) -> int:
     return 0
 
 
+def _checkpoint_path(path: str) -> str:
+    """A checkpoint prefix from what a user types: the prefix, its .index file, or a directory.
+
+    Tab completion gives `model-1000.index`; a directory means its latest checkpoint.
+    """
+    if path.endswith(_format.INDEX_SUFFIX):
+        return path[: -len(_format.INDEX_SUFFIX)]
+    directory = Directory(path)
+    if (directory.is_local and os.path.isdir(path)) or (
+        not directory.is_local and STATE_FILENAME in directory.list()
+    ):
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise _Usage(
+                f"{path} is a directory with no committed checkpoint; `shardsave ls {path}` lists it"
+            )
+        return latest
+    return path
+
+
 def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
+    args.path = _checkpoint_path(args.path)
     reader = CheckpointReader(args.path)
     variables = reader.variables()
     total = sum(v.nbytes for v in variables)
@@ -125,6 +146,7 @@ def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, out: Any) -> int:
+    args.path = _checkpoint_path(args.path)
     reader = CheckpointReader(args.path)
     total = reader.index.nbytes
     bar = None
@@ -165,18 +187,39 @@ def cmd_demo(args: argparse.Namespace, out: Any) -> int:
     return run_demo(load_config(args.config, overrides), out)
 
 
+_LOCATIONS = (
+    "a local path, a file:// or memory:// URL, s3://bucket/path (AWS_ENDPOINT_URL and AWS_REGION "
+    "honoured) or gs://bucket/path"
+)
+_CHECKPOINT = (
+    f"a checkpoint prefix such as ckpt/model-1000 (or its .index file, or a directory for its latest "
+    f"checkpoint); {_LOCATIONS}"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardsave", description="Look inside shardsave checkpoints.")
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="shardsave",
+        description="Look inside shardsave checkpoints. The tools only read.",
+        epilog=f"exit status: 0 sound, {EXIT_BAD} a checkpoint is damaged, {EXIT_USAGE} bad usage or a missing path",
+    )
+    parser.add_argument("--version", action="version", version=f"shardsave {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ls", help="list the checkpoints in a directory, newest first")
-    p.add_argument("dir")
+    p.add_argument("dir", help=f"the checkpoint directory: {_LOCATIONS}")
     p.set_defaults(run=cmd_ls)
     p = sub.add_parser("inspect", help="the leaves of a checkpoint")
-    p.add_argument("path", help="a checkpoint prefix, such as ckpt/model-1000")
+    p.add_argument("path", help=_CHECKPOINT)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=cmd_inspect)
-    p = sub.add_parser("verify", help="read every stored byte and check lengths and crc32c")
-    p.add_argument("path")
+    p = sub.add_parser(
+        "verify",
+        help="read every stored byte and check lengths and crc32c",
+        epilog=f"exit status: 0 sound, {EXIT_BAD} damaged (one BAD line per shard), {EXIT_USAGE} bad usage",
+    )
+    p.add_argument("path", help=_CHECKPOINT)
     p.set_defaults(run=cmd_verify)
     p = sub.add_parser("demo", help="train, crash, resume onto another mesh, and report")
     p.add_argument(
@@ -185,8 +228,8 @@ def _parser() -> argparse.ArgumentParser:
         help="settings file (default: the packaged demo.yaml, also configs/demo.yaml)",
     )
     p.add_argument("--size", type=int, help="scale the model's width by this factor")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--save-every", type=int)
+    p.add_argument("--steps", type=int, help="training steps in all")
+    p.add_argument("--save-every", type=int, help="an asynchronous save every this many steps")
     p.add_argument("--crash-at", type=int, help="kill the training process after this step")
     p.add_argument("--directory", help="where the demo creates its run-N folder (default: demo-out)")
     p.set_defaults(run=cmd_demo)

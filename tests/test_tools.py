@@ -213,3 +213,25 @@ def test_demo_runs_from_an_installed_wheel(tmp_path):
         ).stdout
     )
     assert "MATCH the uninterrupted run" in proc.stdout
+
+
+def test_inspect_takes_the_index_file_or_a_directory(ckpt_dir, capsys, tmp_path_factory):
+    directory, _ = ckpt_dir
+    by_prefix = run("inspect", "--json", str(directory / "model-3"))
+    assert by_prefix[0] == 0
+    assert (
+        run("inspect", "--json", str(directory / "model-3.index")) == by_prefix
+    )  # what tab completion gives
+    assert run("inspect", "--json", str(directory)) == by_prefix  # a directory: its latest checkpoint
+    assert run("verify", str(directory / "model-3.index"))[0] == 0
+    empty = tmp_path_factory.mktemp("empty")
+    assert run("inspect", str(empty))[0] == 2
+    assert "shardsave ls" in capsys.readouterr().err
+
+
+def test_version_and_help_say_what_is_accepted(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"shardsave {shardsave.__version__}"
+    assert main(["inspect", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "s3://bucket/path" in text and ".index" in text
