@@ -21,7 +21,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from . import _gc, _tree
+from . import _gc_pause, _tree
 from .errors import CorruptCheckpointError, UnsupportedFormatError
 
 FORMAT_NAME = "shardsave"
@@ -42,9 +42,8 @@ def checksum(data: Any) -> int:
     """The CRC-32C (Castagnoli) of a buffer (bytes, memoryview, contiguous numpy array).
 
     The crc32c package releases the GIL while it computes. google-crc32c 1.9 holds
-    it (googleapis/google-cloud-python#16923): the checksums of an async commit
-    kept another thread of the benchmark from running for 15-29 ms at a time on
-    2 cores, against 5-9 ms with this package.
+    it (googleapis/google-cloud-python#16923), so an async commit's checksums
+    would stall the training thread; README "Storage" has the measurement.
     """
     return int(crc32c.crc32c(data))
 
@@ -262,7 +261,7 @@ def decode_sharding(
 # ---------------------------------------------------------------- encode
 
 
-@_gc.pausing
+@_gc_pause.pausing
 def encode_index(index: Index) -> bytes:
     """The index file's bytes (the current format version: the checksummed envelope)."""
     leaves = []
@@ -325,7 +324,7 @@ def _list(value: Any, what: str) -> list[Any]:
     return value
 
 
-@_gc.pausing
+@_gc_pause.pausing
 def decode_index(raw: bytes, where: str) -> Index:
     """Parses and validates an index; every defect raises CorruptCheckpointError."""
     try:

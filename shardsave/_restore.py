@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _format, _gc
+from . import _format, _gc_pause
 from ._checkpoint import DataFiles
 from ._format import Index, LeafEntry, StoredShard
 from ._plan import (
@@ -307,7 +307,7 @@ def _write_block(buffer: jax.Array, block: jax.Array, starts: tuple[jax.Array, .
     return jax.lax.dynamic_update_slice(buffer, block, starts)
 
 
-@_gc.pausing
+@_gc_pause.pausing
 def restore_leaves(
     directory: Directory,
     base: str,

@@ -24,9 +24,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _format, _gc, _tree
+from . import _format, _gc_pause, _tree
+from ._background import BackgroundCommits
 from ._checkpoint import write_data_file
-from ._commit import BackgroundCommits
 from ._distributed import Coordinator, decode_reports, encode_report
 from ._format import DataFile, Index, LeafEntry, StoredShard
 from ._plan import SavePlan, plan_save
@@ -362,7 +362,7 @@ class Saver:
         kept = kept if self.max_to_keep else []
         return Retention(self.max_to_keep, self.keep_checkpoint_every_n_hours, last_preserved, kept)
 
-    @_gc.pausing
+    @_gc_pause.pausing
     def save(
         self,
         tree: Any,
@@ -668,7 +668,7 @@ class Saver:
             if parsed is not None and parsed[0] == save.base and key not in ours:
                 directory.delete(key).result()
 
-    @_gc.pausing
+    @_gc_pause.pausing
     def _index(
         self, plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
     ) -> Index:
@@ -776,7 +776,7 @@ class Saver:
 
     # ------------------------------------------------------------ restore
 
-    @_gc.pausing
+    @_gc_pause.pausing
     def restore(
         self,
         save_path: str,

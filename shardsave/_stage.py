@@ -3,14 +3,12 @@
 Each data file is staged in one host buffer, filled by one copy per shard; the
 files are filled in parallel. The buffers are kept and refilled by the next save
 of the same plan, because a fresh allocation first touches every page, which
-costs more than the copy itself: on the benchmark VM (2 cores) 1 GiB staged in
-0.05 s into reused buffers, 0.18-0.26 s into fresh ones (0.34 s filled by one
-thread). Transparent huge pages are not requested. They fault in faster where
-memory is plentiful, but a VM that hands free memory back to its host (free
-page reporting, as on the benchmark's Firecracker VM) hands out huge pages from
-exactly that memory: touching it cost 0.5-2 s per GiB, and the first save took
-0.6-2.3 s with them. 4 KiB pages cost the same there whether or not the
-memory had been handed back (0.34 s per GiB, one thread).
+costs more than the copy itself (README "Performance": the first save).
+Transparent huge pages are not requested. They fault in faster where memory is
+plentiful, but a VM that hands free memory back to its host (free page
+reporting, as on the benchmark's VM) hands out huge pages from exactly that
+memory, and touching them then costs several times more than 4 KiB pages,
+which cost the same whether or not the memory had been handed back.
 
 The buffers are `bytes` objects because tensorstore's KvStore.write (used for
 stores other than local files) accepts only bytes; they are filled in place,

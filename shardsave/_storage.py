@@ -13,8 +13,8 @@ or stalled endpoint raises StorageError naming the location instead of hanging.
 
 Local files are written and read here with plain system calls rather than
 through tensorstore's Python binding, which copies every value while holding
-the GIL (KvStore.write of 512 MiB stalled every other Python thread, a training
-loop included, for 0.44 s) and hands every read back as a new bytes object. A
+the GIL (stalling every other Python thread, a training loop included, for the
+whole copy; README "Storage") and hands every read back as a new bytes object. A
 local write goes to a temporary file (TEMP_MARK in its name), which is fsync'd,
 renamed over the key, and made durable with an fsync of the directory, the
 protocol tensorstore's file driver follows too. Listing, deletion and every
@@ -72,10 +72,10 @@ STATS = IOStats()
 _stats_lock = threading.Lock()
 
 # Reads and write() calls of local files are memory copies into or out of the page
-# cache: more threads than cores only steal CPU from the training loop (on 2 cores,
-# 8 threads doubled the longest stall of another Python thread during an async
-# commit, 14 -> 31 ms, and saved no time). fsync and rename wait on the device, and
-# a disk is fastest with several in flight, so they have threads of their own.
+# cache: more threads than cores only steal CPU from the training loop (they
+# lengthened the longest stall of another Python thread during an async commit
+# and saved no time). fsync and rename wait on the device, and a disk is fastest
+# with several in flight, so they have threads of their own.
 _IO = Pool("shardsave-io", min(8, max(2, os.cpu_count() or 2)))
 _SYNC = Pool("shardsave-sync", 8)
 
@@ -101,7 +101,7 @@ def mapped_empty(nbytes: int) -> np.ndarray:
     Its memory goes back to the system as soon as the last view of it is dropped.
     malloc (behind aligned_empty) keeps freed blocks of up to 32 MiB for reuse,
     which is faster for the next batch but let a restore_sequentially run hold
-    40-110 MiB over its 64 MiB budget; with these buffers it held 26-32 MiB.
+    far more than its budget (tests/test_memory.py holds it to the cap).
     """
     if nbytes == 0:
         return np.empty(0, np.uint8)

@@ -205,7 +205,7 @@ def test_a_bad_leaf_with_overwrite_leaves_the_old_checkpoint_committed(tmp_path)
 def test_the_garbage_collector_is_paused_only_inside_shardsave(tmp_path):
     import gc
 
-    from shardsave import _gc
+    from shardsave import _gc_pause
 
     saver = shardsave.Saver(async_save=True)
     path = saver.save({"a": np.ones(4)}, str(tmp_path / "m"))
@@ -215,8 +215,8 @@ def test_the_garbage_collector_is_paused_only_inside_shardsave(tmp_path):
     assert gc.isenabled()
     # Nested and concurrent users (the caller and the commit thread): enabled again
     # only when the last one leaves, and never if the user had it disabled.
-    with _gc.paused():
-        with _gc.paused():
+    with _gc_pause.paused():
+        with _gc_pause.paused():
             assert not gc.isenabled()
         assert not gc.isenabled()
     assert gc.isenabled()
