@@ -9,10 +9,15 @@ The protocol of one save, keyed by a name every process derives the same way
 
   every process  writes its data files, then publishes  KEY/files/PID  (its
                  checksums, or the error that stopped it);
-  process 0      gathers every PID's report, writes the index (the commit), the
-                 state file and retention, then publishes  KEY/done  ("ok" or the
-                 error);
-  others         wait for KEY/done.
+  process 0      publishes KEY/gathering, collects the reports of all processes
+                 at once against one deadline (so it names exactly those that had
+                 not reported when it passed), writes the index (the commit), the
+                 state file and retention, then publishes  KEY/done: the outcome,
+                 success or the error with the processes it names;
+  others         wait for KEY/gathering (process 0 reached the commit), then for
+                 KEY/done for longer than process 0's deadline, and raise the
+                 error process 0 published, so that every process names the same
+                 processes. Only when process 0 itself goes silent do they name it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import jax
 from .errors import CoordinationTimeoutError, SaveFailedError
 
 _saver_ids = itertools.count()
+_POLL_S = 0.02  # how often process 0 looks for reports while it gathers them
+_MARGIN_S = 10.0  # at least this long past process 0's deadline for its outcome
 
 
 def _client() -> Any:
@@ -69,17 +76,25 @@ class Coordinator:
             ) from e
 
     def gather(self, key: str, what: str) -> dict[int, str]:
-        """Each process's value of KEY/PID, waiting until the deadline for all of them."""
+        """Each process's value of KEY/PID, all awaited together until one deadline.
+
+        The values are polled as a directory, so a process that reports late does
+        not shorten the wait for the others: when the deadline passes, exactly the
+        processes whose report is absent are named.
+        """
         client = _client()
+        count = jax.process_count()
         deadline = time.monotonic() + self.timeout_s
         values: dict[int, str] = {}
-        missing = []
-        for pid in range(jax.process_count()):
-            remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
-            try:
-                values[pid] = client.blocking_key_value_get(f"{key}/{pid}", remaining_ms)
-            except Exception:  # DEADLINE_EXCEEDED: that process never reported
-                missing.append(pid)
+        while True:
+            for name, value in client.key_value_dir_get(f"{key}/"):
+                tail = name.rsplit("/", 1)[-1]
+                if tail.isdigit():
+                    values[int(tail)] = value
+            if len(values) >= count or time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_S)
+        missing = [pid for pid in range(count) if pid not in values]
         if missing:
             raise CoordinationTimeoutError(
                 f"{what}: processes {missing} did not report within {self.timeout_s:g} s "
@@ -87,14 +102,44 @@ class Coordinator:
             )
         return values
 
-    def wait_for(self, key: str, what: str) -> str:
+    def publish_outcome(self, key: str, error: BaseException | None) -> None:
+        """Process 0 tells the others how the save ended (they raise the same error)."""
+        doc = (
+            {"ok": True}
+            if error is None
+            else {"ok": False, "type": type(error).__name__, "message": str(error)}
+        )
+        self.publish(key, json.dumps(doc))
+
+    def wait_for_outcome(self, key: str, what: str) -> None:
+        """Waits for process 0's outcome of a save; raises the error it published.
+
+        Process 0 first announces that it reached the commit (KEY/gathering); after
+        that, its gather may take up to timeout_s and the commit some more, so the
+        wait for the outcome is longer than process 0's own deadline.
+        """
+        client = _client()
         try:
-            return _client().blocking_key_value_get(key, int(self.timeout_s * 1000))
+            client.blocking_key_value_get(f"{key}/gathering", int(self.timeout_s * 1000))
         except Exception as e:
             raise CoordinationTimeoutError(
-                f"{what}: process 0 did not report the commit within {self.timeout_s:g} s "
+                f"{what}: process 0 did not reach the commit within {self.timeout_s:g} s "
                 f"(did it die or stall?) ({str(e).splitlines()[0]})"
             ) from e
+        patience = self.timeout_s + max(_MARGIN_S, self.timeout_s / 2)
+        try:
+            raw = client.blocking_key_value_get(f"{key}/done", int(patience * 1000))
+        except Exception as e:
+            raise CoordinationTimeoutError(
+                f"{what}: process 0 went silent during the commit: no outcome within {patience:g} s "
+                f"(did it die or stall?) ({str(e).splitlines()[0]})"
+            ) from e
+        doc = json.loads(raw)
+        if not doc["ok"]:
+            error_type = {"CoordinationTimeoutError": CoordinationTimeoutError}.get(
+                doc["type"], SaveFailedError
+            )
+            raise error_type(doc["message"])
 
 
 def encode_report(crcs: dict[int, list[tuple[int, ...]]] | None, error: str | None = None) -> str:

@@ -44,6 +44,7 @@ from ._state import (
     unrecorded_commits,
     write_state,
 )
+from ._storage import DEFAULT_TIMEOUT_S as DEFAULT_STORAGE_TIMEOUT_S
 from ._storage import Directory, PendingFile, WriterLock, join, open_prefix, split_prefix, sync_directory
 from .errors import (
     CheckpointExistsError,
@@ -55,7 +56,9 @@ from .errors import (
 )
 
 _PLAN_CACHE_SIZE = 8
-DEFAULT_TIMEOUT_S = 300.0
+# Below jax.distributed's default heartbeat timeout (100 s): when a peer dies, jax
+# aborts the survivors once that passes, so shardsave must have named it by then.
+DEFAULT_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -214,10 +217,13 @@ class Saver:
         restore_sequentially, at least 32 MiB: reads are verified in whole 4 MiB checksum
         chunks, and a smaller cap is refused with that reason); None uses 1 GiB of
         reads in flight.
-      timeout_s: the deadline of each storage operation (an object store that does not
-        answer raises StorageError naming the location), and, with several processes
-        (jax.distributed), how long a save waits for the others before raising
-        CoordinationTimeoutError.
+      timeout_s: with several processes (jax.distributed), how long process 0 waits
+        for the others' reports before raising CoordinationTimeoutError naming the
+        missing ones. Keep it below jax.distributed.initialize's
+        heartbeat_timeout_seconds (100 s by default): past that, jax aborts the
+        survivors of a dead process before shardsave can name it.
+      storage_timeout_s: the deadline of each storage operation (an object store
+        that does not answer raises StorageError naming the location).
       snapshot_on_device: with async_save on accelerators, save() blocks only for a
         copy of the shards made on their own devices (which needs that much free
         device memory until the save commits); the device-to-host transfer then
@@ -250,6 +256,7 @@ class Saver:
         restore_sequentially: bool = False,
         max_host_bytes: int | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        storage_timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S,
         snapshot_on_device: bool = False,
         clock: Callable[[], float] = time.time,
         part_bytes: int = _format.DEFAULT_PART_BYTES,
@@ -278,6 +285,7 @@ class Saver:
         self.snapshot_on_device = snapshot_on_device
         self._clock = clock
         self.timeout_s = timeout_s
+        self.storage_timeout_s = storage_timeout_s
         self._created = clock()
         self._commits = BackgroundCommits()
         self._coordinator = Coordinator(timeout_s)
@@ -414,7 +422,7 @@ class Saver:
         stored = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
         specs, leaves = [spec for spec, _ in stored], [leaf for _, leaf in stored]
         try:
-            directory, base = open_prefix(prefix, self.timeout_s)
+            directory, base = open_prefix(prefix, self.storage_timeout_s)
         except StorageError as e:
             raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         stem = split_prefix(os.fspath(save_path))[1]
@@ -609,19 +617,18 @@ class Saver:
             self._after_commit(save)
         elif coordinator.process_index == 0:
             try:
+                coordinator.publish(f"{save.key}/gathering", "1")
                 all_crcs = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
                 raw = self._encoded_index(plan, all_crcs, save, chunk)
                 directory.write(_format.index_key(save.base), raw).result()
                 self._after_commit(save)
             except BaseException as e:
                 with contextlib.suppress(Exception):
-                    coordinator.publish(f"{save.key}/done", f"{type(e).__name__}: {e}")
+                    coordinator.publish_outcome(f"{save.key}/done", e)
                 raise
-            coordinator.publish(f"{save.key}/done", "ok")
+            coordinator.publish_outcome(f"{save.key}/done", None)
         else:
-            outcome = coordinator.wait_for(f"{save.key}/done", what)
-            if outcome != "ok":
-                raise SaveFailedError(f"{what}: process 0 reported {outcome}")
+            coordinator.wait_for_outcome(save.key, what)
             if save.state_file is not None:
                 self._retention_for(directory, save.stem, save.state_file).add(save.prefix, save.timestamp)
                 self._last_directory = directory.path
@@ -816,7 +823,7 @@ class Saver:
         if target is not None and self.allow_empty and not _tree.flatten(target)[1]:
             return target  # as tf.train.Saver(allow_empty=True): nothing to restore, nothing read
         began = time.perf_counter()
-        directory, base, index = open_checkpoint(os.fspath(save_path), self.timeout_s)
+        directory, base, index = open_checkpoint(os.fspath(save_path), self.storage_timeout_s)
         indexed = time.perf_counter()
         reshape = self.reshape if reshape is None else reshape
         sequential = self.restore_sequentially if restore_sequentially is None else restore_sequentially

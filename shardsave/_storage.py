@@ -119,7 +119,7 @@ def _wait(future: ts.Future, what: str, timeout_s: float) -> Any:
         future.cancel()
         raise StorageError(
             f"{what}: the store did not answer within {timeout_s:g} s (is the endpoint reachable? "
-            "Saver(timeout_s=...) sets the deadline)"
+            "Saver(storage_timeout_s=...) sets the deadline)"
         ) from None
     except ValueError as e:
         if "OUT_OF_RANGE" in str(e):  # a ranged read past the end: the caller reports truncation

@@ -211,7 +211,7 @@ tree = make_tree()
 saver = shardsave.Saver(max_to_keep=1, timeout_s=8)
 saver.save(tree, DIR + "/model", global_step=1)
 saver.wait_until_finished()
-if pid == 1:
+if pid == int(os.environ.get("VICTIM", "1")):
     write = _storage.Directory.write
     def die(self, key, data, **options):
         os.kill(os.getpid(), signal.SIGKILL)   # dies in the middle of writing step 2
@@ -245,3 +245,23 @@ def test_a_killed_process_makes_the_survivor_raise_in_time(tmp_path):
     np.testing.assert_array_equal(
         np.asarray(restored["w"]), np.arange(32 * 16, dtype=np.float32).reshape(32, 16)
     )
+
+
+def test_every_survivor_names_exactly_the_dead_process(tmp_path, monkeypatch):
+    """Process 2 of 4 dies mid-save: process 0 and every other survivor name [2], and only it."""
+    monkeypatch.setenv("VICTIM", "2")
+    results = run_processes(4, 2, KILLED, tmp_path, timeout=150)
+    assert results[2]["code"] == -9
+    reports = {}
+    for pid in (0, 1, 3):
+        assert results[pid]["code"] == 0, results[pid]["err"][-3000:]
+        reports[pid] = json.loads(results[pid]["out"].strip().splitlines()[-1])
+    for pid, report in reports.items():
+        assert report["raised"] == "CoordinationTimeoutError", (pid, report)
+        assert "processes [2] did not report" in report["message"], (pid, report["message"])
+        assert "process 0" not in report["message"]  # nobody blames process 0
+        assert report["after"] < 8 + 10 + 5
+    # Every survivor raised the same message.
+    assert len({r["message"].split(": ", 1)[1] for r in reports.values()}) == 1
+    assert not (tmp_path / "model-2.index").exists()
+    assert shardsave.latest_checkpoint(str(tmp_path)) == str(tmp_path / "model-1")

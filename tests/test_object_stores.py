@@ -150,7 +150,7 @@ def _tree(mesh, step: int) -> dict:
 
 
 def test_the_store_contract(location, mesh24):
-    saver = shardsave.Saver(max_to_keep=2, timeout_s=60)
+    saver = shardsave.Saver(max_to_keep=2, storage_timeout_s=60)
     paths = []
     for step in (1, 2, 3):
         paths.append(saver.save(_tree(mesh24, step), f"{location}/model", global_step=step))
@@ -180,7 +180,7 @@ def test_the_store_contract(location, mesh24):
 
 
 def test_a_damaged_object_is_detected(location, mesh24):
-    path = shardsave.Saver(async_save=False, timeout_s=60).save(_tree(mesh24, 1), f"{location}/model")
+    path = shardsave.Saver(async_save=False, storage_timeout_s=60).save(_tree(mesh24, 1), f"{location}/model")
     directory, base = path.rsplit("/", 1)
     store = shardsave._storage.Directory(directory)
     key = next(k for k in store.list() if k.startswith(base + ".data-"))
@@ -248,7 +248,7 @@ def test_a_server_lost_mid_save_fails_the_save_and_keeps_the_previous_checkpoint
     proxy = _Proxy(int(s3_env.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
     location = f"s3://{bucket}/ckpt"
-    saver = shardsave.Saver(max_to_keep=1, timeout_s=10)
+    saver = shardsave.Saver(max_to_keep=1, storage_timeout_s=10)
     try:
         first = saver.save(_tree(mesh24, 1), f"{location}/model", global_step=1)
         saver.wait_until_finished()
@@ -274,7 +274,7 @@ def test_a_closed_port_fails_fast_naming_the_location(monkeypatch, mesh24):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     began = time.monotonic()
     with pytest.raises(SaveFailedError, match=r"s3://bkt1/ckpt") as info:
-        shardsave.Saver(async_save=False, timeout_s=20).save({"a": np.ones(3)}, "s3://bkt1/ckpt/model")
+        shardsave.Saver(async_save=False, storage_timeout_s=20).save({"a": np.ones(3)}, "s3://bkt1/ckpt/model")
     assert time.monotonic() - began < 20
     assert isinstance(info.value.__cause__, StorageError)
 
@@ -287,7 +287,7 @@ def test_a_stalled_endpoint_raises_within_the_deadline(monkeypatch):
     try:
         began = time.monotonic()
         with pytest.raises(SaveFailedError, match="did not answer within 2 s"):
-            shardsave.Saver(async_save=False, timeout_s=2).save({"a": np.ones(3)}, "s3://stalled/ckpt/model")
+            shardsave.Saver(async_save=False, storage_timeout_s=2).save({"a": np.ones(3)}, "s3://stalled/ckpt/model")
         assert time.monotonic() - began < 10
         with pytest.raises(StorageError, match="did not answer"):
             shardsave._storage.Directory("s3://stalled/ckpt", timeout_s=1).list()
@@ -297,7 +297,7 @@ def test_a_stalled_endpoint_raises_within_the_deadline(monkeypatch):
 
 def test_data_beyond_the_part_size_is_split_into_parts(location, mesh24):
     """No stored object is larger than part_bytes; reads that cross parts are joined."""
-    saver = shardsave.Saver(max_to_keep=1, part_bytes=300, timeout_s=60)
+    saver = shardsave.Saver(max_to_keep=1, part_bytes=300, storage_timeout_s=60)
     first = saver.save(_tree(mesh24, 1), f"{location}/model", global_step=1)
     path = saver.save(_tree(mesh24, 2), f"{location}/model", global_step=2)
     saver.wait_until_finished()
