@@ -274,7 +274,9 @@ def test_a_closed_port_fails_fast_naming_the_location(monkeypatch, mesh24):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     began = time.monotonic()
     with pytest.raises(SaveFailedError, match=r"s3://bkt1/ckpt") as info:
-        shardsave.Saver(async_save=False, storage_timeout_s=20).save({"a": np.ones(3)}, "s3://bkt1/ckpt/model")
+        shardsave.Saver(async_save=False, storage_timeout_s=20).save(
+            {"a": np.ones(3)}, "s3://bkt1/ckpt/model"
+        )
     assert time.monotonic() - began < 20
     assert isinstance(info.value.__cause__, StorageError)
 
@@ -287,7 +289,9 @@ def test_a_stalled_endpoint_raises_within_the_deadline(monkeypatch):
     try:
         began = time.monotonic()
         with pytest.raises(SaveFailedError, match="did not answer within 2 s"):
-            shardsave.Saver(async_save=False, storage_timeout_s=2).save({"a": np.ones(3)}, "s3://stalled/ckpt/model")
+            shardsave.Saver(async_save=False, storage_timeout_s=2).save(
+                {"a": np.ones(3)}, "s3://stalled/ckpt/model"
+            )
         assert time.monotonic() - began < 10
         with pytest.raises(StorageError, match="did not answer"):
             shardsave._storage.Directory("s3://stalled/ckpt", timeout_s=1).list()
