@@ -22,9 +22,11 @@ The protocol of one save, keyed by a name every process derives the same way
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -52,6 +54,7 @@ class Coordinator:
         self.timeout_s = timeout_s
         self.saver_id = next(_saver_ids)
         self._saves = itertools.count()
+        self._checked = False
 
     @property
     def active(self) -> bool:
@@ -60,6 +63,27 @@ class Coordinator:
     @property
     def process_index(self) -> int:
         return jax.process_index()
+
+    def check_timeout(self) -> None:
+        """Warns once when timeout_s is not below jax.distributed's heartbeat timeout.
+
+        jax does not expose the running client's heartbeat timeout, so this compares
+        with the default of jax.distributed.initialize (100 s): past it, jax aborts the
+        survivors of a dead process before shardsave's deadline can name it.
+        """
+        if self._checked:
+            return
+        self._checked = True
+        parameter = inspect.signature(jax.distributed.initialize).parameters.get("heartbeat_timeout_seconds")
+        heartbeat = parameter.default if parameter is not None else None
+        if isinstance(heartbeat, (int, float)) and self.timeout_s >= heartbeat:
+            warnings.warn(
+                f"Saver(timeout_s={self.timeout_s:g}) is not below jax.distributed's default heartbeat "
+                f"timeout ({heartbeat} s): if a process dies, jax aborts the others before shardsave "
+                "names it. Lower timeout_s, or ignore this if you raised heartbeat_timeout_seconds",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def next_key(self) -> str:
         return f"shardsave/{self.saver_id}/{next(self._saves)}"

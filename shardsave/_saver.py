@@ -426,7 +426,10 @@ class Saver:
         except StorageError as e:
             raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         stem = split_prefix(os.fspath(save_path))[1]
-        key = self._coordinator.next_key() if self._coordinator.active else None
+        key = None
+        if self._coordinator.active:
+            self._coordinator.check_timeout()
+            key = self._coordinator.next_key()
         if key is not None and not self.sharded:
             raise ValueError(
                 "sharded=False writes one file from one process; use sharded=True across processes"

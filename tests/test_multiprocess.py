@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import index_doc
 import jax
 import numpy as np
+import pytest
 from conftest import run_python
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -26,13 +29,14 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(
     coordinator_address="127.0.0.1:{port}", num_processes={n}, process_id=int(os.environ["PID"]),
-    heartbeat_timeout_seconds=60, shutdown_timeout_seconds=10,
+    heartbeat_timeout_seconds={heartbeat}, shutdown_timeout_seconds=10,
 )
 """
 
 COMMON = """
 import json, os, sys, time
 import numpy as np
+import pytest
 import jax
 import shardsave
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -68,15 +72,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def program(body: str, directory: Path, n: int | None = None) -> str:
+def program(body: str, directory: Path, n: int | None = None, heartbeat: int = 60) -> str:
     """The code of one process: jax.distributed over n processes (or none), helpers, body."""
-    init = DISTRIBUTED.format(port=_free_port(), n=n) if n else ""
+    init = DISTRIBUTED.format(port=_free_port(), n=n, heartbeat=heartbeat) if n else ""
     return init + COMMON.format(directory=str(directory)) + textwrap.dedent(body)
 
 
-def run_processes(n: int, devices: int, body: str, directory: Path, timeout: float = 180) -> list[dict]:
+def run_processes(
+    n: int, devices: int, body: str, directory: Path, timeout: float = 180, heartbeat: int = 60
+) -> list[dict]:
     """Starts n processes of `devices` CPU devices each; returns each one's exit and output."""
-    code = program(body, directory, n)
+    code = program(body, directory, n, heartbeat)
     procs = []
     for pid in range(n):
         env = {
@@ -208,7 +214,7 @@ from shardsave import _storage
 from shardsave.errors import SaveFailedError, CoordinationTimeoutError
 import signal
 tree = make_tree()
-saver = shardsave.Saver(max_to_keep=1, timeout_s=8)
+saver = shardsave.Saver(max_to_keep=1, timeout_s=float(os.environ.get("TIMEOUT_S", "8")))
 saver.save(tree, DIR + "/model", global_step=1)
 saver.wait_until_finished()
 if pid == int(os.environ.get("VICTIM", "1")):
@@ -248,20 +254,58 @@ def test_a_killed_process_makes_the_survivor_raise_in_time(tmp_path):
 
 
 def test_every_survivor_names_exactly_the_dead_process(tmp_path, monkeypatch):
-    """Process 2 of 4 dies mid-save: process 0 and every other survivor name [2], and only it."""
-    monkeypatch.setenv("VICTIM", "2")
-    results = run_processes(4, 2, KILLED, tmp_path, timeout=150)
-    assert results[2]["code"] == -9
+    """Process 5 of 8 dies mid-save: process 0 and every other survivor name [5], and only it."""
+    monkeypatch.setenv("VICTIM", "5")
+    results = run_processes(8, 1, KILLED, tmp_path, timeout=240)
+    assert results[5]["code"] == -9
     reports = {}
-    for pid in (0, 1, 3):
+    for pid in (0, 1, 2, 3, 4, 6, 7):
         assert results[pid]["code"] == 0, results[pid]["err"][-3000:]
         reports[pid] = json.loads(results[pid]["out"].strip().splitlines()[-1])
     for pid, report in reports.items():
         assert report["raised"] == "CoordinationTimeoutError", (pid, report)
-        assert "processes [2] did not report" in report["message"], (pid, report["message"])
+        assert "processes [5] did not report" in report["message"], (pid, report["message"])
         assert "process 0" not in report["message"]  # nobody blames process 0
         assert report["after"] < 8 + 10 + 5
     # Every survivor raised the same message.
     assert len({r["message"].split(": ", 1)[1] for r in reports.values()}) == 1
     assert not (tmp_path / "model-2.index").exists()
     assert shardsave.latest_checkpoint(str(tmp_path)) == str(tmp_path / "model-1")
+
+
+def test_shardsave_names_the_dead_process_before_jax_aborts(tmp_path, monkeypatch):
+    """With jax's heartbeat at 10 s and timeout_s=5, the survivor raises first, naming process 1."""
+    monkeypatch.setenv("TIMEOUT_S", "5")
+    results = run_processes(2, 4, KILLED, tmp_path, timeout=120, heartbeat=10)
+    assert results[1]["code"] == -9
+    assert results[0]["code"] == 0, results[0]["err"][-3000:]  # not aborted by jax: it exited first
+    report = json.loads(results[0]["out"].strip().splitlines()[-1])
+    assert report["raised"] == "CoordinationTimeoutError" and "processes [1]" in report["message"]
+    assert report["after"] < 10
+
+
+def test_when_process_0_dies_jax_ends_the_others_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
+    """Process 0 hosts jax's coordination service: its death ends the job (documented)."""
+    monkeypatch.setenv("VICTIM", "0")
+    results = run_processes(2, 4, KILLED, tmp_path, timeout=120, heartbeat=10)
+    assert results[0]["code"] == -9
+    # jax aborts the survivor as soon as it loses the coordination service, before any
+    # deadline of shardsave's: nothing of shardsave's runs there after that.
+    assert results[1]["code"] == -signal.SIGABRT, results[1]["err"][-2000:]
+    assert not (tmp_path / "model-2.index").exists()
+    assert shardsave.latest_checkpoint(str(tmp_path)) == str(tmp_path / "model-1")
+    restored = shardsave.Saver().restore(str(tmp_path / "model-1"), {"h": np.zeros(5, np.int64)})
+    assert restored["h"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_a_timeout_not_below_jaxs_heartbeat_is_warned_about_once():
+    from shardsave._distributed import Coordinator
+
+    coordinator = Coordinator(timeout_s=300)
+    with pytest.warns(RuntimeWarning, match="not below jax.distributed's default heartbeat timeout"):
+        coordinator.check_timeout()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        coordinator.check_timeout()  # once per Saver
+        Coordinator(timeout_s=shardsave.Saver().timeout_s).check_timeout()  # the default is below it
+    assert caught == []
