@@ -31,6 +31,7 @@ from ._distributed import Coordinator, decode_reports, encode_report
 from ._format import DataFile, Index, LeafEntry, StoredShard
 from ._plan import SavePlan, plan_save
 from ._restore import LeafRequest, open_checkpoint, restore_leaves
+from ._shared_reads import lay_out, plan_shared_reads
 from ._stage import StagingBuffer, snapshot_on_device, stage
 from ._state import (
     STATE_FILENAME,
@@ -231,6 +232,10 @@ class Saver:
       clock: the time source for timestamps and keep_checkpoint_every_n_hours.
       part_bytes: the largest object written; a device's data beyond it is split into
         numbered parts (the default, 4 GiB, stays below S3's 5 GiB single-PUT limit).
+      share_reads: with several processes, read the stored bytes of a leaf that
+        several processes need (a replicated leaf) once, spread over the processes,
+        and share them through jax's collectives, instead of once per process.
+        None (the default) shares on object stores and not from local paths.
 
     Example:
       >>> import jax.numpy as jnp, shardsave, tempfile
@@ -260,6 +265,7 @@ class Saver:
         snapshot_on_device: bool = False,
         clock: Callable[[], float] = time.time,
         part_bytes: int = _format.DEFAULT_PART_BYTES,
+        share_reads: bool | None = None,
     ):
         if max_to_keep is not None and max_to_keep < 0:
             raise ValueError(f"max_to_keep must be None or >= 0, found {max_to_keep}")
@@ -272,6 +278,7 @@ class Saver:
         if part_bytes < 1:
             raise ValueError(f"part_bytes must be positive, found {part_bytes}")
         self.part_bytes = part_bytes
+        self.share_reads = share_reads
         self.max_to_keep = max_to_keep
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self.sharded = sharded
@@ -835,9 +842,14 @@ class Saver:
             requests, finish = _requests_for_saved(index, save_path)
         else:
             requests, finish = _requests_for_target(index, target, reshape, cast, save_path)
+        # Sharing pays where reading is dear (an object store); from a local file system,
+        # reading the page cache again is cheaper than the collective (the commit that
+        # added this has the measurement).
+        share = (not directory.is_local) if self.share_reads is None else self.share_reads
+        shared, moved = plan_shared_reads(requests) if share else (requests, [])
         matched = time.perf_counter()
-        values, times = restore_leaves(directory, base, index, requests, budget=budget, sequential=sequential)
-        restored = finish(values)
+        values, times = restore_leaves(directory, base, index, shared, budget=budget, sequential=sequential)
+        restored = finish(lay_out(values, requests, moved))
         self._last_restore = RestoreInfo(
             path=os.fspath(save_path),
             nbytes=sum(math.prod(r.shape) * r.dtype.itemsize for r in requests),

@@ -309,3 +309,34 @@ def test_a_timeout_not_below_jaxs_heartbeat_is_warned_about_once():
         coordinator.check_timeout()  # once per Saver
         Coordinator(timeout_s=shardsave.Saver().timeout_s).check_timeout()  # the default is below it
     assert caught == []
+
+
+SHARED_READS = """
+from shardsave import _storage
+mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+big = np.arange(1024 * 4096, dtype=np.float32).reshape(1024, 4096)  # 16 MiB, replicated below
+tree = {
+    "big": global_array(big, NamedSharding(mesh, P())),
+    "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
+}
+path = shardsave.Saver(async_save=False).save(tree, DIR + "/model", global_step=1)
+for share in (True, False):
+    _storage.STATS.reset()
+    began = time.perf_counter()
+    restored = shardsave.Saver(share_reads=share).restore(path, tree)
+    check(restored["big"], big); check(restored["w"], VALUES["w"])
+    assert restored["big"].sharding == tree["big"].sharding
+    print(json.dumps({"share": share, "read": _storage.STATS.bytes_read, "seconds": time.perf_counter() - began}))
+os._exit(0)
+"""
+
+
+def test_replicated_data_is_read_once_across_processes(tmp_path):
+    outs = _ok(run_processes(4, 2, SHARED_READS, tmp_path, timeout=240))
+    reports = [json.loads(line) for out in outs for line in out.strip().splitlines() if line.startswith("{")]
+    read = {share: sum(r["read"] for r in reports if r["share"] is share) for share in (True, False)}
+    big, w = 1024 * 4096 * 4, 32 * 16 * 4
+    # Shared: each stored byte of the replicated leaf is read by one process (in whole
+    # checksum chunks); not shared: by each of the four.
+    assert read[True] <= big + 4 * w + 4 * (4 << 20), read
+    assert read[False] >= 4 * big, read
