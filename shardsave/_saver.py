@@ -775,7 +775,9 @@ class Saver:
             kept += unrecorded_commits(directory, kept, stem)
             last_preserved = state.last_preserved_timestamp
             now = self._created  # as tf.train.CheckpointManager: the clock when it started
-            if now < last_preserved:
+            # Only process 0 deletes (the others' retention names last_checkpoints), and
+            # its own state file may be a moment newer than another process's start.
+            if now < last_preserved and self._coordinator.process_index == 0:
                 # As tf.train.CheckpointManager: unsure what was preserved, keep them all.
                 warnings.warn(
                     f"the clock ({now}) is behind the last preserved checkpoint timestamp "

@@ -83,5 +83,6 @@ def lay_out(values: list[Any], requests: Sequence[LeafRequest], moved: list[int]
 
 @functools.lru_cache(maxsize=32)
 def _identity(shardings: tuple[Any, ...]) -> Any:
-    # Donated: the rows are dropped as soon as the laid-out arrays exist.
-    return jax.jit(lambda *xs: xs, out_shardings=shardings, donate_argnums=tuple(range(len(shardings))))
+    # Not donated: a row block never has a target shard's shape, so XLA could not
+    # reuse it (and would warn); the rows are freed when lay_out returns.
+    return jax.jit(lambda *xs: xs, out_shardings=shardings)
