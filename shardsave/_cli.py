@@ -14,7 +14,7 @@ from typing import Any
 from . import _format
 from ._reader import CheckpointReader
 from ._state import STATE_FILENAME, latest_checkpoint
-from ._storage import Directory, join
+from ._storage import Directory, join, location
 from .errors import CheckpointNotFoundError, ShardsaveError
 
 EXIT_BAD = 1  # a checkpoint is damaged
@@ -44,6 +44,7 @@ def _table(rows: list[list[str]], out: Any) -> None:
 
 
 def cmd_ls(args: argparse.Namespace, out: Any) -> int:
+    args.dir = location(args.dir)
     directory = Directory(args.dir)
     if directory.is_local and not os.path.isdir(args.dir):
         raise _Usage(f"{args.dir}: no such directory")
@@ -92,6 +93,7 @@ def _checkpoint_path(path: str) -> str:
 
     Tab completion gives `model-1000.index`; a directory means its latest checkpoint.
     """
+    path = location(path)
     if path.endswith(_format.INDEX_SUFFIX):
         return path[: -len(_format.INDEX_SUFFIX)]
     directory = Directory(path)
@@ -189,7 +191,8 @@ def cmd_demo(args: argparse.Namespace, out: Any) -> int:
 
 _LOCATIONS = (
     "a local path, a file:// or memory:// URL, s3://bucket/path (AWS_ENDPOINT_URL and AWS_REGION "
-    "honoured) or gs://bucket/path"
+    'honoured), gs://bucket/path, or a tensorstore kvstore spec as JSON (\'{"driver": "s3", '
+    '"bucket": ..., "path": ..., "endpoint": ...}\')'
 )
 _CHECKPOINT = (
     f"a checkpoint prefix such as ckpt/model-1000 (or its .index file, or a directory for its latest "

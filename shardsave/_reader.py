@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +13,7 @@ from . import _format, _tree
 from ._checkpoint import DataFiles
 from ._plan import Box
 from ._restore import LeafRequest, open_checkpoint, restore_leaves
-from ._storage import join
+from ._storage import join, location
 
 _VERIFY_READ_BYTES = 64 << 20
 
@@ -89,7 +88,7 @@ class CheckpointReader:
     """
 
     def __init__(self, path: str):
-        self.path = os.fspath(path)
+        self.path = location(path)
         self._directory, self._base, self.index = open_checkpoint(self.path)
         self._leaves = {leaf.name: leaf for leaf in self.index.leaves}
 

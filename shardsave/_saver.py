@@ -46,7 +46,16 @@ from ._state import (
     write_state,
 )
 from ._storage import DEFAULT_TIMEOUT_S as DEFAULT_STORAGE_TIMEOUT_S
-from ._storage import Directory, PendingFile, WriterLock, join, open_prefix, split_prefix, sync_directory
+from ._storage import (
+    Directory,
+    PendingFile,
+    WriterLock,
+    join,
+    location,
+    open_prefix,
+    split_prefix,
+    sync_directory,
+)
 from .errors import (
     CheckpointExistsError,
     CorruptCheckpointError,
@@ -341,7 +350,7 @@ class Saver:
         """
         by_directory: dict[str, list[tuple[str, float]]] = {}
         for path, t in last_checkpoints_with_time:
-            by_directory.setdefault(split_prefix(os.fspath(path))[0], []).append((os.fspath(path), float(t)))
+            by_directory.setdefault(split_prefix(location(path))[0], []).append((location(path), float(t)))
         for directory, kept in by_directory.items():
             retention = self._retention.get(directory)
             if retention is None:
@@ -421,7 +430,8 @@ class Saver:
             if self.allow_empty:
                 return None
             raise ValueError("the tree to save has no leaves; pass allow_empty=True to Saver to allow it")
-        prefix = os.fspath(save_path)
+        save_path = location(save_path)
+        prefix = save_path
         step = None if global_step is None else _step_number(global_step)
         if step is not None:
             prefix = f"{prefix}-{step:08d}" if self.pad_step_number else f"{prefix}-{step}"
@@ -432,7 +442,7 @@ class Saver:
             directory, base = open_prefix(prefix, self.storage_timeout_s)
         except StorageError as e:
             raise SaveFailedError(f"saving {prefix} failed: {e}") from e
-        stem = split_prefix(os.fspath(save_path))[1]
+        stem = split_prefix(save_path)[1]
         key = None
         if self._coordinator.active:
             self._coordinator.check_timeout()
@@ -835,7 +845,8 @@ class Saver:
         if target is not None and self.allow_empty and not _tree.flatten(target)[1]:
             return target  # as tf.train.Saver(allow_empty=True): nothing to restore, nothing read
         began = time.perf_counter()
-        directory, base, index = open_checkpoint(os.fspath(save_path), self.storage_timeout_s)
+        save_path = location(save_path)
+        directory, base, index = open_checkpoint(save_path, self.storage_timeout_s)
         indexed = time.perf_counter()
         reshape = self.reshape if reshape is None else reshape
         sequential = self.restore_sequentially if restore_sequentially is None else restore_sequentially
@@ -853,7 +864,7 @@ class Saver:
         values, times = restore_leaves(directory, base, index, shared, budget=budget, sequential=sequential)
         restored = finish(lay_out(values, requests, moved))
         self._last_restore = RestoreInfo(
-            path=os.fspath(save_path),
+            path=save_path,
             nbytes=sum(math.prod(r.shape) * r.dtype.itemsize for r in requests),
             seconds=time.perf_counter() - began,
             index_seconds=indexed - began,
@@ -1085,7 +1096,7 @@ def load_structure(path: str) -> Any:
       >>> shardsave.load_structure(p)["b"].shape
       (3,)
     """
-    _, _, index = open_checkpoint(os.fspath(path))
+    _, _, index = open_checkpoint(location(path))
     devices = _devices_by_id()
     leaves = [
         jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=_format.decode_sharding(e.sharding, devices))

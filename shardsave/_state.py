@@ -32,7 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import _format
-from ._storage import Directory, join, split_prefix, temp_target
+from ._storage import Directory, join, location, split_prefix, temp_target
 from .errors import CorruptCheckpointError, ShardsaveError, StateFileWarning
 
 STATE_FILENAME = "checkpoint"
@@ -288,7 +288,8 @@ def get_checkpoint_state(checkpoint_dir: str, latest_filename: str | None = None
       >>> shardsave.get_checkpoint_state(tempfile.mkdtemp()) is None
       True
     """
-    directory = Directory(os.fspath(checkpoint_dir))
+    checkpoint_dir = location(checkpoint_dir)
+    directory = Directory(checkpoint_dir)
     state = read_state(directory, latest_filename or STATE_FILENAME)
     if state is None:
         return None
@@ -359,7 +360,8 @@ def latest_checkpoint(checkpoint_dir: str, latest_filename: str | None = None) -
       >>> shardsave.latest_checkpoint(tempfile.mkdtemp()) is None
       True
     """
-    directory = Directory(os.fspath(checkpoint_dir))
+    checkpoint_dir = location(checkpoint_dir)
+    directory = Directory(checkpoint_dir)
     state = get_checkpoint_state(checkpoint_dir, latest_filename)
     if state is None:
         # No state file (a kill before the first one was written) or an unreadable
@@ -498,7 +500,7 @@ def checkpoint_exists(checkpoint_prefix: str) -> bool:
       >>> shardsave.checkpoint_exists(tempfile.mkdtemp() + "/model-1")
       False
     """
-    return is_committed(os.fspath(checkpoint_prefix))
+    return is_committed(location(checkpoint_prefix))
 
 
 def get_checkpoint_mtimes(checkpoint_prefixes: Iterable[str]) -> list[float]:
@@ -514,7 +516,7 @@ def get_checkpoint_mtimes(checkpoint_prefixes: Iterable[str]) -> list[float]:
     """
     mtimes = []
     for prefix in checkpoint_prefixes:
-        directory, base = split_prefix(os.fspath(prefix))
+        directory, base = split_prefix(location(prefix))
         if not base:
             continue
         mtime = Directory(directory).mtime(_format.index_key(base))
@@ -534,7 +536,7 @@ def remove_checkpoint(checkpoint_prefix: str) -> None:
       >>> shardsave.remove_checkpoint(p); shardsave.checkpoint_exists(p)
       False
     """
-    directory_name, base = split_prefix(os.fspath(checkpoint_prefix))
+    directory_name, base = split_prefix(location(checkpoint_prefix))
     if not base:
         raise ValueError(f"{checkpoint_prefix!r} names a directory, not a checkpoint prefix")
     directory = Directory(directory_name)
@@ -548,5 +550,5 @@ def recovered(paths: Iterable[str]) -> list[tuple[str, float]]:
     for path in paths:
         mtimes = get_checkpoint_mtimes([path])
         if mtimes:  # deleted by hand, or by another process meanwhile: dropped, as TF does
-            found.append((os.fspath(path), mtimes[0]))
+            found.append((location(path), mtimes[0]))
     return found

@@ -176,6 +176,44 @@ def join(directory: str, name: str) -> str:
     return os.path.join(directory, name)
 
 
+# Endpoint and region of s3 buckets named by a kvstore spec: a spec names them per
+# location, and the URL it becomes (s3://bucket/path) carries neither.
+_S3_BUCKETS: dict[str, dict[str, Any]] = {}
+_S3_OPTIONS = ("endpoint", "aws_region", "host_header", "requester_pays")
+
+
+def location(place: Any) -> str:
+    """A checkpoint location as the string the rest of shardsave uses.
+
+    Accepts a path (str or os.PathLike), a URL, a tensorstore kvstore spec (a
+    dict, or its JSON text) or a tensorstore.KvStore of the file, memory, s3 or
+    gcs driver. A spec's s3 endpoint and region apply to that bucket from then on
+    in this process (the URL s3://bucket/path that stands for it cannot hold them).
+    """
+    if isinstance(place, ts.KvStore):
+        place = place.spec().to_json()
+    if isinstance(place, str) and place.lstrip().startswith("{"):
+        place = json.loads(place)
+    if not isinstance(place, dict):
+        return os.fspath(place)
+    driver, path = place.get("driver"), str(place.get("path", "")).strip("/")
+    if driver == "file":
+        return "/" + path if str(place.get("path", "")).startswith("/") else path or "."
+    if driver == "memory":
+        return f"memory://{path}"
+    if driver in ("s3", "gcs") and isinstance(place.get("bucket"), str):
+        if driver == "s3":
+            options = {k: place[k] for k in _S3_OPTIONS if k in place}
+            if options:
+                _S3_BUCKETS[place["bucket"]] = options
+        scheme = "s3" if driver == "s3" else "gs"
+        return f"{scheme}://{place['bucket']}/{path}" if path else f"{scheme}://{place['bucket']}"
+    raise ValueError(
+        f"cannot use the kvstore spec {place!r:.200} as a checkpoint location: shardsave takes the "
+        "file, memory, s3 and gcs drivers (with a path), or a path or URL"
+    )
+
+
 def _env(*names: str) -> str | None:
     return next((os.environ[n] for n in names if os.environ.get(n)), None)
 
@@ -190,6 +228,9 @@ def _spec(directory: str) -> str | dict[str, Any]:
     if directory.startswith("s3://"):
         bucket, path = _bucket_and_path(directory)
         spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": path}
+        if bucket in _S3_BUCKETS:
+            spec.update(_S3_BUCKETS[bucket])
+            return spec
         endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
         region = _env("AWS_REGION", "AWS_DEFAULT_REGION")
         if endpoint:

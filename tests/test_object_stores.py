@@ -27,6 +27,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tensorstore as ts
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -329,4 +330,37 @@ def test_data_beyond_the_part_size_is_split_into_parts(location, mesh24):
     with pytest.raises(CorruptCheckpointError, match="crc32c mismatch"):
         saver.restore(path, tree)
     assert _cli("verify", path)[0] == 1
+    saver.close()
+
+
+def test_a_kvstore_spec_is_a_location(s3_server, monkeypatch, mesh24, tmp_path):
+    """The spec of the issue that found the gap: an endpoint with no environment variable set."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    bucket = _s3_bucket(s3_server)
+    spec = {
+        "driver": "s3",
+        "bucket": bucket,
+        "path": "runs/ckpt/model",
+        "endpoint": s3_server,
+        "aws_region": "us-east-1",
+    }
+    saver = shardsave.Saver(async_save=False)
+    path = saver.save(_tree(mesh24, 4), spec, global_step=4)
+    assert path == f"s3://{bucket}/runs/ckpt/model-4"
+    directory = {**spec, "path": "runs/ckpt"}
+    assert shardsave.latest_checkpoint(directory) == path
+    assert shardsave.Saver().restore({**spec, "path": "runs/ckpt/model-4"})["step"] == 4
+    assert _cli("verify", json.dumps({**spec, "path": "runs/ckpt/model-4"}))[0] == 0
+    assert _cli("ls", json.dumps(directory))[0] == 0
+    # A file spec and a tensorstore.KvStore of one work as paths do.
+    local = {"driver": "file", "path": str(tmp_path / "m")}
+    saved = saver.save({"a": np.arange(3)}, local)
+    assert saved == str(tmp_path / "m")
+    kvstore = ts.KvStore.open({"driver": "file", "path": str(tmp_path) + "/"}).result()
+    assert shardsave.latest_checkpoint(kvstore) == saved
+    with pytest.raises(ValueError, match="cannot use the kvstore spec"):
+        shardsave.latest_checkpoint({"driver": "zip", "base": "memory://"})
     saver.close()
