@@ -6,7 +6,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -62,8 +61,7 @@ def cmd_ls(args: argparse.Namespace, out: Any) -> int:
     latest_base = latest.rsplit("/", 1)[-1] if latest else None
     entries: list[tuple[float | None, int | None, str, str, str, str]] = []
     for base, data_keys in bases.items():
-        match = re.search(r"-(\d+)$", base)
-        step: int | None = int(match[1]) if match else None
+        step = _format.step_of(base)
         if _format.index_key(base) in keys:
             try:
                 index = CheckpointReader(join(args.dir, base)).index

@@ -208,7 +208,7 @@ def _records(proc: subprocess.Popen[str], deadline: float, kill_after_step: int 
 
 def run_demo(config: dict[str, Any], out: Any) -> int:
     """Runs the demo; prints a report to out; returns 0 when the resumed run matches."""
-    from . import _storage
+    from . import _format, _storage
     from ._reader import CheckpointReader
     from ._state import latest_checkpoint
 
@@ -282,7 +282,7 @@ def run_demo(config: dict[str, Any], out: Any) -> int:
             else "- (no save finished before the crash was seen)",
         ),
         ("restore onto new mesh", f"{restored['seconds'] * 1e3:.1f} ms"),
-        ("checkpoints kept", ", ".join(sorted(kept, key=lambda k: int(k.rsplit("-", 1)[1])))),
+        ("checkpoints kept", ", ".join(sorted(kept, key=lambda k: _format.step_of(k) or 0))),
         ("latest", os.path.basename(latest) if latest else "-"),
         (
             "resumed losses",

@@ -106,6 +106,30 @@ def dtype_name(dtype: np.dtype) -> str:
     return name
 
 
+# Checkpoint names: the save path's name (the stem), then "-STEP" when saved with a
+# global step; STEP may be negative ("model--3") or zero-padded ("model-00001000").
+_STEP_RE = re.compile(r"-(-?\d+)$")
+
+
+def checkpoint_name(stem: str, step: int | None, pad: bool = False) -> str:
+    """The name save() gives a checkpoint: stem, or stem-STEP."""
+    if step is None:
+        return stem
+    return f"{stem}-{step:08d}" if pad else f"{stem}-{step}"
+
+
+def step_of(name: str) -> int | None:
+    """The step in a checkpoint's name, or None when it has none."""
+    m = _STEP_RE.search(name)
+    return int(m[1]) if m else None
+
+
+@functools.cache
+def names_of_save_path(stem: str) -> re.Pattern[str]:
+    """The names of one save path's checkpoints: stem itself, or stem-STEP."""
+    return re.compile(rf"{re.escape(stem)}(--?\d+)?")
+
+
 def index_key(base: str) -> str:
     return base + INDEX_SUFFIX
 
@@ -144,6 +168,28 @@ def split_parts(nbytes: int, part_bytes: int) -> tuple[int, ...] | None:
 
 def crc_chunks(nbytes: int, chunk: int) -> int:
     return -(-nbytes // chunk)
+
+
+def shard_checksums(data: np.ndarray, offset: int, nbytes: int, chunk: int) -> tuple[int, ...]:
+    """The chunk checksums of the shard stored at data[offset : offset + nbytes]."""
+    end = offset + nbytes
+    return tuple(checksum(data[o : min(o + chunk, end)]) for o in range(offset, end, chunk))
+
+
+def chunk_problem(data: np.ndarray, data_start: int, shard: StoredShard, j: int, chunk: int) -> str | None:
+    """What is wrong with checksum chunk j of a shard, in data read from data_start; None if sound.
+
+    The one vocabulary of damage, for restores and for verify: a short read is
+    truncation, a checksum mismatch is corruption, both naming the byte range.
+    """
+    lo = shard.offset + j * chunk
+    hi = min(lo + chunk, shard.offset + shard.nbytes)
+    if hi - data_start > data.size:
+        found = max(0, data.size - (lo - data_start))
+        return f"expected {hi - lo} bytes at offset {lo}, found {found} (the file is truncated)"
+    if checksum(data[lo - data_start : hi - data_start]) != shard.crc32c[j]:
+        return f"crc32c mismatch in bytes {lo}..{hi} (the data is corrupt)"
+    return None
 
 
 @dataclass(frozen=True)

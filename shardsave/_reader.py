@@ -167,17 +167,16 @@ class CheckpointReader:
                     except Exception as e:
                         problems.append(f"{where}: unreadable: {str(e).splitlines()[0]}")
                         break
-                    if data.size != hi - lo:
-                        problems.append(f"{where}: truncated ({data.size} of {hi - lo} bytes)")
-                        break
-                    bad = [
-                        j
-                        for j in range(lo // chunk, math.ceil(hi / chunk))
-                        if _format.checksum(data[j * chunk - lo : min((j + 1) * chunk, hi) - lo])
-                        != shard.crc32c[j]
-                    ]
-                    if bad:
-                        problems.append(f"{where}: crc32c mismatch in chunk {bad[0]}")
+                    bad = next(
+                        (
+                            problem
+                            for j in range(lo // chunk, math.ceil(hi / chunk))
+                            if (problem := _format.chunk_problem(data, shard.offset + lo, shard, j, chunk))
+                        ),
+                        None,
+                    )
+                    if bad is not None:
+                        problems.append(f"{where}: {bad}")
                         break
                     if progress is not None:
                         progress(hi - lo)

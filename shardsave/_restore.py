@@ -226,17 +226,9 @@ class _Fetcher:
     def _check(self, start: int, chunks: list[tuple[StoredShard, int]], data: np.ndarray) -> np.ndarray:
         """Verifies the length and crc32c of each chunk in a span's data (read from `start`)."""
         for shard, j in chunks:
-            lo = shard.offset + j * self.chunk
-            hi = min(lo + self.chunk, shard.offset + shard.nbytes)
-            if hi - start > data.size:
-                raise CorruptCheckpointError(
-                    f"{self._where(shard)}: expected {hi - lo} bytes at offset {lo}, found "
-                    f"{max(0, data.size - (lo - start))} (the file is truncated)"
-                )
-            if _format.checksum(data[lo - start : hi - start]) != shard.crc32c[j]:
-                raise CorruptCheckpointError(
-                    f"{self._where(shard)}: crc32c mismatch in bytes {lo}..{hi} (the data is corrupt)"
-                )
+            problem = _format.chunk_problem(data, start, shard, j, self.chunk)
+            if problem is not None:
+                raise CorruptCheckpointError(f"{self._where(shard)}: {problem}")
         return data
 
     def issue(self, reads: list[Read]) -> dict[int, _Span]:

@@ -41,7 +41,6 @@ from ._state import (
     read_state,
     recovered,
     remove_uncommitted,
-    save_path_pattern,
     unrecorded_commits,
     write_state,
 )
@@ -189,15 +188,7 @@ def _step_number(global_step: Any) -> int:
 
 def _checksums(data: bytes, plan_file: Any, chunk: int) -> list[tuple[int, ...]]:
     view = np.frombuffer(data, dtype=np.uint8)
-    out = []
-    for shard in plan_file.shards:
-        out.append(
-            tuple(
-                _format.checksum(view[o : min(o + chunk, shard.offset + shard.nbytes)])
-                for o in range(shard.offset, shard.offset + shard.nbytes, chunk)
-            )
-        )
-    return out
+    return [_format.shard_checksums(view, s.offset, s.nbytes, chunk) for s in plan_file.shards]
 
 
 class Saver:
@@ -433,8 +424,7 @@ class Saver:
         save_path = location(save_path)
         prefix = save_path
         step = None if global_step is None else _step_number(global_step)
-        if step is not None:
-            prefix = f"{prefix}-{step:08d}" if self.pad_step_number else f"{prefix}-{step}"
+        prefix = _format.checkpoint_name(prefix, step, self.pad_step_number)
         # Validate every leaf before anything on disk changes.
         stored = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
         specs, leaves = [spec for spec, _ in stored], [leaf for _, leaf in stored]
@@ -767,7 +757,7 @@ class Saver:
         if retention is not None:
             return retention
         state = read_state(directory, state_file)
-        own = save_path_pattern(stem)
+        own = _format.names_of_save_path(stem)
         if state is None:
             # Commits of this save path whose process died before the first state file.
             found = unrecorded_commits(directory, [], stem)

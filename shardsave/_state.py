@@ -22,7 +22,6 @@ leaves it before its files are deleted.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -57,12 +56,6 @@ class CheckpointState:
 
 def _is_absolute(path: str) -> bool:
     return os.path.isabs(path) or "://" in path
-
-
-@functools.cache
-def save_path_pattern(stem: str) -> re.Pattern[str]:
-    """Checkpoint names of one save path: stem itself, or stem-STEP (STEP may be negative)."""
-    return re.compile(rf"{re.escape(stem)}(--?\d+)?")
 
 
 _FIELDS = {
@@ -323,7 +316,7 @@ def unrecorded_commits(
     """
     newest = max((t for _, t in kept), default=float("-inf"))
     recorded = {b for b, _ in kept}
-    named = save_path_pattern(stem) if stem is not None else None
+    named = _format.names_of_save_path(stem) if stem is not None else None
     found = []
     for key in directory.list():
         if not key.endswith(_format.INDEX_SUFFIX) or key[: -len(_format.INDEX_SUFFIX)] in recorded:
@@ -475,7 +468,7 @@ def remove_uncommitted(directory: Directory, stem: str, keys: list[str] | None =
     if keys is None:
         keys = directory.list()
     present = set(keys)
-    named = save_path_pattern(stem)
+    named = _format.names_of_save_path(stem)
 
     def leftover(key: str) -> bool:
         written = temp_target(key)
