@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -17,53 +16,12 @@ import index_doc
 import jax
 import numpy as np
 import pytest
-from conftest import run_python
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
 
-DISTRIBUTED = """
-import os
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(
-    coordinator_address="127.0.0.1:{port}", num_processes={n}, process_id=int(os.environ["PID"]),
-    heartbeat_timeout_seconds={heartbeat}, shutdown_timeout_seconds=10,
-)
-"""
-
-COMMON = """
-import json, os, sys, time
-import numpy as np
-import pytest
-import jax
-import shardsave
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-pid = jax.process_index()
-DIR = {directory!r}
-
-def global_array(value, sharding):
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-def check(array, value):
-    for shard in array.addressable_shards:
-        np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
-
-VALUES = {{
-    "w": np.arange(32 * 16, dtype=np.float32).reshape(32, 16),
-    "r": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8),
-    "h": np.arange(5, dtype=np.int64),
-}}
-
-def make_tree():
-    mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
-    return {{
-        "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
-        "r": global_array(VALUES["r"], NamedSharding(mesh, P())),
-        "h": VALUES["h"],
-    }}
-"""
+PROGRAM = Path(__file__).parent / "programs" / "processes.py"
 
 
 def _free_port() -> int:
@@ -72,17 +30,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def program(body: str, directory: Path, n: int | None = None, heartbeat: int = 60) -> str:
-    """The code of one process: jax.distributed over n processes (or none), helpers, body."""
-    init = DISTRIBUTED.format(port=_free_port(), n=n, heartbeat=heartbeat) if n else ""
-    return init + COMMON.format(directory=str(directory)) + textwrap.dedent(body)
-
-
 def run_processes(
-    n: int, devices: int, body: str, directory: Path, timeout: float = 180, heartbeat: int = 60
+    n: int, devices: int, scenario: str, directory: Path, timeout: float = 180, heartbeat: int = 60
 ) -> list[dict]:
-    """Starts n processes of `devices` CPU devices each; returns each one's exit and output."""
-    code = program(body, directory, n, heartbeat)
+    """Starts n processes of `devices` CPU devices each running a scenario of PROGRAM.
+
+    Returns each one's exit status and output.
+    """
+    argv = [sys.executable, str(PROGRAM), scenario, str(directory), "--processes", str(n)]
+    argv += ["--port", str(_free_port()), "--heartbeat", str(heartbeat)]
     procs = []
     for pid in range(n):
         env = {
@@ -93,7 +49,7 @@ def run_processes(
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", code],
+                argv,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -120,23 +76,9 @@ def _ok(results: list[dict]) -> list[str]:
     return [r["out"] for r in results]
 
 
-SAVE_AND_RESTORE = """
-tree = make_tree()
-saver = shardsave.Saver(max_to_keep=2, timeout_s=60)
-for step in (1, 2, 3):
-    path = saver.save(tree, DIR + "/model", global_step=step)   # asynchronous on every process
-saver.wait_until_finished()
-restored = saver.restore(path, tree)
-check(restored["w"], VALUES["w"]); check(restored["r"], VALUES["r"])
-assert (restored["h"] == VALUES["h"]).all()
-print(json.dumps({"pid": pid, "last": saver.last_checkpoints, "latest": shardsave.latest_checkpoint(DIR)}))
-os._exit(0)
-"""
-
-
 @pytest.mark.parametrize("processes, devices", [(2, 4), (8, 1)])
 def test_processes_save_async_and_restore(tmp_path, processes, devices):
-    outs = _ok(run_processes(processes, devices, SAVE_AND_RESTORE, tmp_path, timeout=240))
+    outs = _ok(run_processes(processes, devices, "save_and_restore", tmp_path, timeout=240))
     reports = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     assert all(r["latest"] == str(tmp_path / "model-3") for r in reports)
     assert sorted(p.name for p in tmp_path.glob("*.index")) == ["model-2.index", "model-3.index"]
@@ -165,44 +107,29 @@ def test_processes_save_async_and_restore(tmp_path, processes, devices):
 
 VALUES_BYTES = 32 * 16 * 4 + 8 * 8 * 4 + 5 * 8
 
-SAVE_ONLY = """
-tree = make_tree()
-shardsave.Saver(async_save=False, timeout_s=60).save(tree, DIR + "/model", global_step=7)
-print("saved")
-os._exit(0)
-"""
-
-RESTORE_ONLY = """
-n = len(jax.devices())
-mesh = Mesh(np.array(jax.devices()).reshape(n), ("x",))
-target = {
-    "w": jax.ShapeDtypeStruct((32, 16), np.float32, sharding=NamedSharding(mesh, P("x"))),
-    "r": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(mesh, P(None, "x"))),
-    "h": np.zeros(5, np.int64),
-}
-restored = shardsave.Saver().restore(DIR + "/model-7", target)
-check(restored["w"], VALUES["w"]); check(restored["r"], VALUES["r"])
-assert (restored["h"] == VALUES["h"]).all()
-print("restored", n)
-os._exit(0)
-"""
-
 
 def test_four_processes_restore_onto_two_and_onto_one(tmp_path):
-    _ok(run_processes(4, 2, SAVE_ONLY, tmp_path))
+    _ok(run_processes(4, 2, "save_only", tmp_path))
     index = index_doc.read(tmp_path / "model-7")
     assert sorted({f["process_index"] for f in index["files"]}) == [0, 1, 2, 3]
-    outs = _ok(run_processes(2, 2, RESTORE_ONLY, tmp_path))
-    assert all("restored 4" in o for o in outs)
-    assert "restored 1" in run_python(program(RESTORE_ONLY, tmp_path), devices=1)
+    outs = _ok(run_processes(2, 2, "restore_only", tmp_path))
+    assert all('"restored": 4' in o for o in outs)
+    alone = subprocess.run(
+        [sys.executable, str(PROGRAM), "restore_only", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"},
+    )
+    assert '"restored": 1' in alone.stdout, alone.stderr[-3000:]
 
 
 def test_eight_processes_restore_onto_four(tmp_path):
-    _ok(run_processes(8, 1, SAVE_ONLY, tmp_path, timeout=240))
+    _ok(run_processes(8, 1, "save_only", tmp_path, timeout=240))
     index = index_doc.read(tmp_path / "model-7")
     assert sorted({f["process_index"] for f in index["files"]}) == list(range(8))
-    outs = _ok(run_processes(4, 1, RESTORE_ONLY, tmp_path, timeout=240))
-    assert all("restored 4" in o for o in outs)
+    outs = _ok(run_processes(4, 1, "restore_only", tmp_path, timeout=240))
+    assert all('"restored": 4' in o for o in outs)
 
 
 def test_one_process_checkpoint_restores_on_two(tmp_path):
@@ -214,37 +141,12 @@ def test_one_process_checkpoint_restores_on_two(tmp_path):
         "h": np.arange(5, dtype=np.int64),
     }
     shardsave.Saver(async_save=False).save(tree, str(tmp_path / "model"), global_step=7)
-    outs = _ok(run_processes(2, 4, RESTORE_ONLY, tmp_path))
-    assert all("restored 8" in o for o in outs)
-
-
-KILLED = """
-from shardsave import _storage
-from shardsave.errors import SaveFailedError, CoordinationTimeoutError
-import signal
-tree = make_tree()
-saver = shardsave.Saver(max_to_keep=1, timeout_s=float(os.environ.get("TIMEOUT_S", "8")))
-saver.save(tree, DIR + "/model", global_step=1)
-saver.wait_until_finished()
-if pid == int(os.environ.get("VICTIM", "1")):
-    write = _storage.Directory.write
-    def die(self, key, data, **options):
-        os.kill(os.getpid(), signal.SIGKILL)   # dies in the middle of writing step 2
-    _storage.Directory.write = die
-began = time.monotonic()
-saver.save(tree, DIR + "/model", global_step=2)
-try:
-    saver.wait_until_finished()
-    print(json.dumps({"raised": None}))
-except SaveFailedError as e:
-    print(json.dumps({"raised": type(e.__cause__).__name__, "message": str(e), "after": time.monotonic() - began}))
-sys.stdout.flush()
-os._exit(0)
-"""
+    outs = _ok(run_processes(2, 4, "restore_only", tmp_path))
+    assert all('"restored": 8' in o for o in outs)
 
 
 def test_a_killed_process_makes_the_survivor_raise_in_time(tmp_path):
-    results = run_processes(2, 4, KILLED, tmp_path, timeout=120)
+    results = run_processes(2, 4, "killed", tmp_path, timeout=120)
     assert results[1]["code"] == -9  # killed itself mid-save
     assert results[0]["code"] == 0, results[0]["err"][-3000:]
     report = json.loads(results[0]["out"].strip().splitlines()[-1])
@@ -265,7 +167,7 @@ def test_a_killed_process_makes_the_survivor_raise_in_time(tmp_path):
 def test_every_survivor_names_exactly_the_dead_process(tmp_path, monkeypatch):
     """Process 5 of 8 dies mid-save: process 0 and every other survivor name [5], and only it."""
     monkeypatch.setenv("VICTIM", "5")
-    results = run_processes(8, 1, KILLED, tmp_path, timeout=240)
+    results = run_processes(8, 1, "killed", tmp_path, timeout=240)
     assert results[5]["code"] == -9
     reports = {}
     for pid in (0, 1, 2, 3, 4, 6, 7):
@@ -285,7 +187,7 @@ def test_every_survivor_names_exactly_the_dead_process(tmp_path, monkeypatch):
 def test_shardsave_names_the_dead_process_before_jax_aborts(tmp_path, monkeypatch):
     """With jax's heartbeat at 10 s and timeout_s=5, the survivor raises first, naming process 1."""
     monkeypatch.setenv("TIMEOUT_S", "5")
-    results = run_processes(2, 4, KILLED, tmp_path, timeout=120, heartbeat=10)
+    results = run_processes(2, 4, "killed", tmp_path, timeout=120, heartbeat=10)
     assert results[1]["code"] == -9
     assert results[0]["code"] == 0, results[0]["err"][-3000:]  # not aborted by jax: it exited first
     report = json.loads(results[0]["out"].strip().splitlines()[-1])
@@ -296,7 +198,7 @@ def test_shardsave_names_the_dead_process_before_jax_aborts(tmp_path, monkeypatc
 def test_when_process_0_dies_jax_ends_the_others_and_the_last_checkpoint_stays(tmp_path, monkeypatch):
     """Process 0 hosts jax's coordination service: its death ends the job (documented)."""
     monkeypatch.setenv("VICTIM", "0")
-    results = run_processes(8, 1, KILLED, tmp_path, timeout=240, heartbeat=10)
+    results = run_processes(8, 1, "killed", tmp_path, timeout=240, heartbeat=10)
     assert results[0]["code"] == -9
     # Each survivor loses the coordination service at once: either jax aborts it, or
     # its next call to the service fails first and shardsave raises naming process 0.
@@ -326,31 +228,8 @@ def test_a_timeout_not_below_jaxs_heartbeat_is_warned_about_once():
     assert caught == []
 
 
-SHARED_READS = """
-from shardsave import _storage
-mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
-big = np.arange(2048 * 4096, dtype=np.float32).reshape(2048, 4096)  # 32 MiB, replicated below
-tree = {
-    "big": global_array(big, NamedSharding(mesh, P())),
-    "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
-}
-path = shardsave.Saver(async_save=False).save(tree, DIR + "/model", global_step=1)
-for share in (True, False):
-    _storage.STATS.reset()
-    began = time.perf_counter()
-    restored = shardsave.Saver(share_reads=share).restore(path, tree)
-    check(restored["big"], big); check(restored["w"], VALUES["w"])
-    assert restored["big"].sharding == tree["big"].sharding
-    print(json.dumps({"share": share, "read": _storage.STATS.bytes_read, "seconds": time.perf_counter() - began}))
-sys.stdout.flush()
-from jax.experimental import multihost_utils
-multihost_utils.sync_global_devices("done")  # process 0 hosts jax's service: it leaves last
-os._exit(0)
-"""
-
-
 def test_replicated_data_is_read_once_across_processes(tmp_path):
-    outs = _ok(run_processes(8, 1, SHARED_READS, tmp_path, timeout=240))
+    outs = _ok(run_processes(8, 1, "shared_reads", tmp_path, timeout=240))
     reports = [json.loads(line) for out in outs for line in out.strip().splitlines() if line.startswith("{")]
     read = {share: sum(r["read"] for r in reports if r["share"] is share) for share in (True, False)}
     big, w = 2048 * 4096 * 4, 32 * 16 * 4

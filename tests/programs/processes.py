@@ -1,0 +1,187 @@
+"""One process of a multi-process test: jax.distributed on loopback, then one scenario.
+
+    python tests/programs/processes.py SCENARIO DIRECTORY [--processes N --port P --heartbeat S]
+
+The process id comes from the PID environment variable (as a launcher sets it);
+with no --processes the scenario runs alone, without jax.distributed. Each
+scenario prints what the test checks (JSON lines) and leaves through os._exit,
+so that no process waits in jax's shutdown for a peer that a test killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+VALUES = {
+    "w": np.arange(32 * 16, dtype=np.float32).reshape(32, 16),
+    "r": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8),
+    "h": np.arange(5, dtype=np.int64),
+}
+
+
+def global_array(value: np.ndarray, sharding: Any) -> jax.Array:
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def check(array: jax.Array, value: np.ndarray) -> None:
+    for shard in array.addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
+
+
+def make_tree() -> dict[str, Any]:
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+    return {
+        "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
+        "r": global_array(VALUES["r"], NamedSharding(mesh, P())),
+        "h": VALUES["h"],
+    }
+
+
+def emit(**record: Any) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def save_and_restore(directory: str) -> None:
+    """Three asynchronous saves with max_to_keep=2, then a restore onto the same layout."""
+    import shardsave
+
+    tree = make_tree()
+    saver = shardsave.Saver(max_to_keep=2, timeout_s=60)
+    path = None
+    for step in (1, 2, 3):
+        path = saver.save(tree, directory + "/model", global_step=step)
+    saver.wait_until_finished()
+    assert path is not None
+    restored = saver.restore(path, tree)
+    check(restored["w"], VALUES["w"])
+    check(restored["r"], VALUES["r"])
+    assert (restored["h"] == VALUES["h"]).all()
+    emit(pid=jax.process_index(), last=saver.last_checkpoints, latest=shardsave.latest_checkpoint(directory))
+
+
+def save_only(directory: str) -> None:
+    import shardsave
+
+    shardsave.Saver(async_save=False, timeout_s=60).save(make_tree(), directory + "/model", global_step=7)
+    emit(saved=True)
+
+
+def restore_only(directory: str) -> None:
+    """Restores model-7 onto however many devices this run has, on a 1-D mesh."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import shardsave
+
+    n = len(jax.devices())
+    mesh = Mesh(np.array(jax.devices()).reshape(n), ("x",))
+    target = {
+        "w": jax.ShapeDtypeStruct((32, 16), np.float32, sharding=NamedSharding(mesh, P("x"))),
+        "r": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=NamedSharding(mesh, P(None, "x"))),
+        "h": np.zeros(5, np.int64),
+    }
+    restored = shardsave.Saver().restore(directory + "/model-7", target)
+    check(restored["w"], VALUES["w"])
+    check(restored["r"], VALUES["r"])
+    assert (restored["h"] == VALUES["h"]).all()
+    emit(restored=n)
+
+
+def killed(directory: str) -> None:
+    """Saves step 1; then process VICTIM dies in the middle of writing step 2."""
+    import shardsave
+    from shardsave import _storage
+    from shardsave.errors import SaveFailedError
+
+    tree = make_tree()
+    saver = shardsave.Saver(max_to_keep=1, timeout_s=float(os.environ.get("TIMEOUT_S", "8")))
+    saver.save(tree, directory + "/model", global_step=1)
+    saver.wait_until_finished()
+    if jax.process_index() == int(os.environ.get("VICTIM", "1")):
+
+        def die(self: Any, key: str, data: Any, **options: Any) -> Any:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        _storage.Directory.write = die  # type: ignore[method-assign]
+    began = time.monotonic()
+    saver.save(tree, directory + "/model", global_step=2)
+    try:
+        saver.wait_until_finished()
+        emit(raised=None)
+    except SaveFailedError as e:
+        emit(raised=type(e.__cause__).__name__, message=str(e), after=time.monotonic() - began)
+
+
+def shared_reads(directory: str) -> None:
+    """A replicated 32 MiB leaf restored with and without shared reads; bytes read per process."""
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import shardsave
+    from shardsave import _storage
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+    big = np.arange(2048 * 4096, dtype=np.float32).reshape(2048, 4096)
+    tree = {
+        "big": global_array(big, NamedSharding(mesh, P())),
+        "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
+    }
+    path = shardsave.Saver(async_save=False).save(tree, directory + "/model", global_step=1)
+    for share in (True, False):
+        _storage.STATS.reset()
+        began = time.perf_counter()
+        restored = shardsave.Saver(share_reads=share).restore(path, tree)
+        check(restored["big"], big)
+        check(restored["w"], VALUES["w"])
+        assert restored["big"].sharding == tree["big"].sharding
+        emit(share=share, read=_storage.STATS.bytes_read, seconds=time.perf_counter() - began)
+    multihost_utils.sync_global_devices("done")  # process 0 hosts jax's service: it leaves last
+
+
+SCENARIOS: dict[str, Callable[[str], None]] = {
+    "save_and_restore": save_and_restore,
+    "save_only": save_only,
+    "restore_only": restore_only,
+    "killed": killed,
+    "shared_reads": shared_reads,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("directory")
+    parser.add_argument("--processes", type=int, default=0)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--heartbeat", type=int, default=60)
+    args = parser.parse_args()
+    if args.processes:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{args.port}",
+            num_processes=args.processes,
+            process_id=int(os.environ["PID"]),
+            heartbeat_timeout_seconds=args.heartbeat,
+            shutdown_timeout_seconds=10,
+        )
+    SCENARIOS[args.scenario](args.directory)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
