@@ -26,7 +26,16 @@ def io_stats():
 
 
 def run_python(code: str, devices: int = 8, timeout: float = 300, env: dict | None = None) -> str:
-    """Runs code in a fresh interpreter with `devices` simulated CPU devices; returns stdout."""
+    """Runs code in a fresh interpreter with `devices` simulated CPU devices; returns stdout.
+
+    For the README's code blocks; the tests' own programs are modules under
+    tests/programs, run with run_program.
+    """
+    return run_program(["-c", code], devices, timeout, env)
+
+
+def run_program(argv: list[str], devices: int = 8, timeout: float = 300, env: dict | None = None) -> str:
+    """Runs `python *argv` with `devices` simulated CPU devices; returns stdout."""
     import subprocess
     import sys
 
@@ -37,7 +46,7 @@ def run_python(code: str, devices: int = 8, timeout: float = 300, env: dict | No
         **(env or {}),
     }
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=full_env
+        [sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=full_env
     )
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

@@ -24,61 +24,7 @@ import shardsave
 from shardsave import _format, _storage
 from shardsave.errors import SaveFailedError, StateFileWarning
 
-CHILD = r"""
-import os, stat, sys, threading, time
-import jax, jax.numpy as jnp, numpy as np, shardsave
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import shardsave._saver as saver_module
-from shardsave import _storage
-
-directory, pause_at = sys.argv[1], sys.argv[2]
-counts = {}
-
-lock = threading.Lock()
-
-def mark(phase):  # called from the I/O threads too: whole lines, under the lock
-    with lock:
-        n = counts[phase] = counts.get(phase, 0) + 1
-        paused = pause_at == f"{phase}:{n}"
-        sys.stdout.write(f"phase {phase} {n}\n" + ("paused\n" if paused else ""))
-        sys.stdout.flush()
-    if paused:
-        time.sleep(120)
-
-write, delete, stage = _storage.Directory.write, _storage.Directory.delete, saver_module.stage
-def marked_write(self, key, data, **options):
-    mark("index" if key.endswith(".index") else "state" if key == "checkpoint" else "data")
-    return write(self, key, data, **options)
-def marked_delete(self, key):
-    mark("delete")
-    return delete(self, key)
-def marked_stage(*args):
-    mark("stage")
-    return stage(*args)
-_storage.Directory.write, _storage.Directory.delete = marked_write, marked_delete
-saver_module.stage = marked_stage
-fsync = os.fsync
-def marked_fsync(fd):  # a local write's temporary file is complete, not yet renamed
-    if not stat.S_ISDIR(os.fstat(fd).st_mode):  # not the directory's fsync after the rename
-        mark("fsync")
-    return fsync(fd)
-os.fsync = marked_fsync
-
-mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
-latest = shardsave.latest_checkpoint(directory)
-step = int(latest.rsplit("-", 1)[1]) + 1 if latest else 1
-saver = shardsave.Saver(max_to_keep=3)
-print("ready", flush=True)
-while True:
-    tree = {
-        "sharded": jax.device_put(jnp.full((256, 1024), step, jnp.float32), NamedSharding(mesh, P("data", "model"))),
-        "replicated": jax.device_put(jnp.full((128, 256), step, jnp.int32), NamedSharding(mesh, P())),
-        "host": np.full(1000, step, np.int64),
-        "step": step,
-    }
-    saver.save(tree, f"{directory}/model", global_step=step)
-    step += 1
-"""
+CHILD = Path(__file__).parent / "programs" / "crash_child.py"
 
 PHASES = ["stage", "data", "fsync", "index", "state", "delete"]
 
@@ -105,7 +51,7 @@ def _check_latest_restores(directory: Path) -> int | None:
 def _kill_once(directory: Path, pause_at: str, delay: float | None) -> list[str]:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(directory), pause_at], stdout=subprocess.PIPE, text=True, env=env
+        [sys.executable, str(CHILD), str(directory), pause_at], stdout=subprocess.PIPE, text=True, env=env
     )
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line.strip()) for line in proc.stdout], daemon=True).start()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_program
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -190,32 +190,14 @@ def test_load_structure_restores_without_the_model(saved):
     np.testing.assert_array_equal(np.asarray(restored["w"]), values["w"])
 
 
-SUBPROCESS_RESTORE = """
-import json, sys, numpy as np, jax, shardsave
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-path = {path!r}
-n = len(jax.devices())
-mesh = Mesh(np.array(jax.devices()).reshape(n), ("x",))
-structure = shardsave.load_structure(path)
-# The saved devices do not all exist here: load_structure drops the shardings it cannot rebuild.
-print(json.dumps({{k: v.sharding is not None for k, v in structure.items()}}))
-try:
-    shardsave.Saver().restore(path)
-    print("no error")
-except shardsave.errors.ShardingMismatchError as e:
-    print("error:", str(e).splitlines()[0][:60])
-target = {{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, P("x") if v.shape[0] % n == 0 else P()))
-          for k, v in structure.items()}}
-restored = shardsave.Saver().restore(path, target)
-np.savez({out!r}, **{{k: np.asarray(v) for k, v in restored.items()}})
-"""
+OTHER_DEVICES = Path(__file__).parent / "programs" / "other_devices.py"
 
 
 @pytest.mark.parametrize("devices", [4, 2, 1])
 def test_restore_onto_fewer_devices(saved, tmp_path, devices):
     path, values = saved
     out = tmp_path / "out.npz"
-    lines = run_python(SUBPROCESS_RESTORE.format(path=path, out=str(out)), devices=devices).splitlines()
+    lines = run_program([str(OTHER_DEVICES), "restore", path, str(out)], devices=devices).splitlines()
     has_sharding = json.loads(lines[0])
     assert has_sharding["s"] == (devices > 2)  # saved on device 2
     assert lines[1].startswith("error:" if devices < 8 else "no error")
@@ -226,14 +208,7 @@ def test_restore_onto_fewer_devices(saved, tmp_path, devices):
 
 def test_restore_from_one_device_onto_eight(tmp_path):
     path = str(tmp_path / "one")
-    run_python(
-        textwrap.dedent(f"""
-        import numpy as np, jax, shardsave
-        x = jax.device_put(np.arange(64, dtype=np.float32).reshape(8, 8))
-        shardsave.Saver(async_save=False).save({{"x": x, "y": np.ones(3)}}, {path!r})
-        """),
-        devices=1,
-    )
+    run_program([str(OTHER_DEVICES), "save-one", path], devices=1)
     # Saved on device 0 of a 1-device process; device 0 exists here too.
     assert shardsave.Saver().restore(path)["x"].devices() == {jax.devices()[0]}
     target = {

@@ -270,19 +270,7 @@ def test_6_an_overwrite_with_fewer_data_files_removes_the_old_ones(tmp_path, mes
 
 # ---------------------------------------------------------------- 7: two writers of one save path
 
-WRITER = """
-import sys, json, numpy as np, shardsave
-from shardsave.errors import ConcurrentSaveError
-directory, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-saver = shardsave.Saver(max_to_keep=2)
-try:
-    for step in range(first, first + count):
-        saver.save({"w": np.full(50_000, step, np.float32)}, directory + "/model", global_step=step)
-    saver.wait_until_finished()
-    print(json.dumps({"saved": count}))
-except ConcurrentSaveError as e:
-    print(json.dumps({"refused": str(e)}))
-"""
+WRITER = Path(__file__).parent / "programs" / "writer.py"
 
 
 def test_7_a_second_writer_of_a_save_path_is_refused_naming_the_first(tmp_path):
@@ -301,7 +289,7 @@ def test_7_a_second_writer_of_a_save_path_is_refused_naming_the_first(tmp_path):
 def test_7_two_processes_writing_one_save_path(tmp_path):
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(tmp_path), str(first), "25"], stdout=subprocess.PIPE, text=True
+            [sys.executable, str(WRITER), str(tmp_path), str(first), "25"], stdout=subprocess.PIPE, text=True
         )
         for first in (1, 1000)
     ]

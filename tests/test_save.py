@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import index_doc
 import jax
@@ -174,22 +177,11 @@ def test_leftovers_of_an_uncommitted_save_are_cleaned_after_the_next_commit(tmp_
 
 
 def test_a_pending_async_save_is_finished_at_interpreter_exit(tmp_path):
-    from conftest import run_python
-
-    run_python(
-        f"""
-import numpy as np, shardsave
-from shardsave import _storage
-write = _storage.Directory.write
-def slow_write(self, key, data, **options):
-    import time
-    time.sleep(0.5)  # the interpreter is already exiting when the commit happens
-    return write(self, key, data, **options)
-_storage.Directory.write = slow_write
-shardsave.Saver().save({{"a": np.arange(1000)}}, {str(tmp_path / "m")!r}, global_step=1)
-print("returned")
-"""
+    program = Path(__file__).parent / "programs" / "exit_during_save.py"
+    done = subprocess.run(
+        [sys.executable, str(program), str(tmp_path / "m")], capture_output=True, text=True, timeout=300
     )
+    assert done.returncode == 0 and "returned" in done.stdout, done.stderr[-3000:]
     assert shardsave.latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-1")
     np.testing.assert_array_equal(shardsave.Saver().restore(str(tmp_path / "m-1"))["a"], np.arange(1000))
 

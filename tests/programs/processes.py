@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-VALUES = {
+VALUES: dict[str, np.ndarray] = {
     "w": np.arange(32 * 16, dtype=np.float32).reshape(32, 16),
     "r": np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8),
     "h": np.arange(5, dtype=np.int64),
@@ -141,6 +141,7 @@ def shared_reads(directory: str) -> None:
         "w": global_array(VALUES["w"], NamedSharding(mesh, P("data", "model"))),
     }
     path = shardsave.Saver(async_save=False).save(tree, directory + "/model", global_step=1)
+    assert path is not None
     for share in (True, False):
         _storage.STATS.reset()
         began = time.perf_counter()

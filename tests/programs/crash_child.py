@@ -1,0 +1,99 @@
+"""The saving process that tests/test_crash.py kills: async saves in a loop, phases announced.
+
+    python tests/programs/crash_child.py DIRECTORY PAUSE_AT
+
+Each phase of a save (stage, data, fsync, index, state, delete) prints
+"phase NAME N" as it begins; the one named by PAUSE_AT ("index:1") also prints
+"paused" and sleeps, so that the test kills it exactly there. An empty
+PAUSE_AT never pauses (the test kills it at a random moment). The process
+resumes from the directory's latest checkpoint, as a restarted job would.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import shardsave
+import shardsave._saver as saver_module
+from shardsave import _storage
+
+_counts: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def _mark(phase: str, pause_at: str) -> None:
+    """Announces a phase (from the I/O threads too: whole lines, under the lock)."""
+    with _lock:
+        n = _counts[phase] = _counts.get(phase, 0) + 1
+        paused = pause_at == f"{phase}:{n}"
+        sys.stdout.write(f"phase {phase} {n}\n" + ("paused\n" if paused else ""))
+        sys.stdout.flush()
+    if paused:
+        time.sleep(120)
+
+
+def _announce_phases(pause_at: str) -> None:
+    write, delete, stage, fsync = (
+        _storage.Directory.write,
+        _storage.Directory.delete,
+        saver_module.stage,
+        os.fsync,
+    )
+
+    def marked_write(self: Any, key: str, data: Any, **options: Any) -> Any:
+        _mark("index" if key.endswith(".index") else "state" if key == "checkpoint" else "data", pause_at)
+        return write(self, key, data, **options)
+
+    def marked_delete(self: Any, key: str) -> Any:
+        _mark("delete", pause_at)
+        return delete(self, key)
+
+    def marked_stage(*args: Any) -> Any:
+        _mark("stage", pause_at)
+        return stage(*args)
+
+    def marked_fsync(fd: Any) -> None:  # a local write's temporary file is complete, not yet renamed
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):  # not the directory's fsync after the rename
+            _mark("fsync", pause_at)
+        fsync(fd)
+
+    _storage.Directory.write = marked_write  # type: ignore[method-assign]
+    _storage.Directory.delete = marked_delete  # type: ignore[method-assign]
+    saver_module.stage = marked_stage  # type: ignore[assignment]
+    os.fsync = marked_fsync
+
+
+def main() -> None:
+    directory, pause_at = sys.argv[1], sys.argv[2]
+    _announce_phases(pause_at)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    latest = shardsave.latest_checkpoint(directory)
+    step = int(latest.rsplit("-", 1)[1]) + 1 if latest else 1
+    saver = shardsave.Saver(max_to_keep=3)
+    print("ready", flush=True)
+    while True:
+        tree = {
+            "sharded": jax.device_put(
+                jnp.full((256, 1024), step, jnp.float32), NamedSharding(mesh, P("data", "model"))
+            ),
+            "replicated": jax.device_put(jnp.full((128, 256), step, jnp.int32), NamedSharding(mesh, P())),
+            "host": np.full(1000, step, np.int64),
+            "step": step,
+        }
+        saver.save(tree, f"{directory}/model", global_step=step)
+        step += 1
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Host memory of one restore, measured in a fresh process (peak RSS minus RSS after).
+
+    python tests/programs/measure_restore.py DIRECTORY TOTAL_MIB BIG_MIB SEQUENTIAL CAP
+
+Builds a checkpoint of TOTAL_MIB (one leaf of BIG_MIB stored as a single shard,
+larger than a small cap), then restores it onto another mesh while a thread
+samples RSS. The result stays alive, so "after" counts it out (on CPU, device
+memory is host memory); what remains is the transient host memory of the
+restore itself. Prints {"transient", "before", "after", "ok"} as JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import psutil
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import shardsave
+
+MIB = 1 << 20
+
+
+def main() -> None:
+    directory, total_mib, big_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    sequential, cap = sys.argv[4] == "True", None if sys.argv[5] == "None" else int(sys.argv[5])
+    devices = np.array(jax.devices())
+    mesh = Mesh(devices.reshape(2, 4), ("d", "m"))
+    other = Mesh(devices.reshape(4, 2), ("d", "m"))
+    total, big = total_mib * MIB, big_mib * MIB
+    rows = 1024
+    tree = {}
+    for i in range((total - big) // (64 * MIB)):
+        x = jnp.full((rows, 64 * MIB // 4 // rows), i, jnp.float32)
+        tree[f"layer{i}"] = jax.device_put(x, NamedSharding(mesh, P("d", "m")))
+    # One leaf stored as a single shard larger than the cap (it lives on one device).
+    tree["big"] = jax.device_put(jnp.arange(big // 4, dtype=jnp.float32).reshape(rows, -1), devices[3])
+    path = shardsave.Saver(async_save=False).save(tree, f"{directory}/m")
+    assert path is not None
+    target = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(other, P("m", "d")))
+        for k, v in tree.items()
+        if k != "big"
+    }
+    target["big"] = jax.ShapeDtypeStruct(tree["big"].shape, jnp.float32, sharding=tree["big"].sharding)
+    expected = {k: float(v[-1, -1]) for k, v in tree.items()}
+    del tree
+    gc.collect()
+    proc = psutil.Process()
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.0005)
+
+    before = proc.memory_info().rss
+    thread = threading.Thread(target=sample)
+    thread.start()
+    restored = shardsave.Saver().restore(path, target, restore_sequentially=sequential, max_host_bytes=cap)
+    jax.block_until_ready(restored)
+    stop.set()
+    thread.join()
+    gc.collect()
+    after = proc.memory_info().rss
+    ok = all(float(restored[k][-1, -1]) == v for k, v in expected.items())
+    print(json.dumps({"transient": peak[0] - after, "before": before, "after": after, "ok": ok}))
+
+
+if __name__ == "__main__":
+    main()
