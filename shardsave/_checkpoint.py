@@ -18,11 +18,11 @@ import numpy as np
 
 from . import _format
 from ._format import Index
-from ._storage import Directory, aligned_empty
+from ._storage import Store, aligned_empty
 
 
 def write_data_file(
-    directory: Directory, base: str, k: int, n: int, data: bytes, parts: tuple[int, ...] | None, publish: bool
+    directory: Store, base: str, k: int, n: int, data: bytes, parts: tuple[int, ...] | None, publish: bool
 ) -> list[Any]:
     """Starts writing data file k (its parts, if any); returns one future per object."""
     if parts is None:
@@ -65,7 +65,7 @@ class _JoinedRead:
 class DataFiles:
     """The data files of one committed checkpoint, read by logical offset."""
 
-    def __init__(self, directory: Directory, base: str, index: Index):
+    def __init__(self, directory: Store, base: str, index: Index):
         self.directory = directory
         n = len(index.files)
         self._keys = [_format.data_keys(base, k, n, f.parts) for k, f in enumerate(index.files)]
@@ -80,7 +80,7 @@ class DataFiles:
         then: Callable[[np.ndarray], np.ndarray] | None = None,
         allocate: Callable[[int], np.ndarray] = aligned_empty,
     ) -> Any:
-        """A future of bytes [start, stop) of data file k (see Directory.read_range)."""
+        """A future of bytes [start, stop) of data file k (see Store.read_range)."""
         keys, starts = self._keys[k], self._starts[k]
         if len(keys) == 1:
             return self.directory.read_range(keys[0], start, stop, then, allocate)

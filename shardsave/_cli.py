@@ -13,7 +13,7 @@ from typing import Any
 from . import _format
 from ._reader import CheckpointReader
 from ._state import STATE_FILENAME, latest_checkpoint
-from ._storage import Directory, join, location
+from ._storage import join, location, open_store
 from .errors import CheckpointNotFoundError, ShardsaveError
 
 EXIT_BAD = 1  # a checkpoint is damaged
@@ -44,7 +44,7 @@ def _table(rows: list[list[str]], out: Any) -> None:
 
 def cmd_ls(args: argparse.Namespace, out: Any) -> int:
     args.dir = location(args.dir)
-    directory = Directory(args.dir)
+    directory = open_store(args.dir)
     if directory.is_local and not os.path.isdir(args.dir):
         raise _Usage(f"{args.dir}: no such directory")
     keys = directory.list()
@@ -94,7 +94,7 @@ def _checkpoint_path(path: str) -> str:
     path = location(path)
     if path.endswith(_format.INDEX_SUFFIX):
         return path[: -len(_format.INDEX_SUFFIX)]
-    directory = Directory(path)
+    directory = open_store(path)
     if (directory.is_local and os.path.isdir(path)) or (
         not directory.is_local and STATE_FILENAME in directory.list()
     ):

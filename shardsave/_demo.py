@@ -264,7 +264,7 @@ def run_demo(config: dict[str, Any], out: Any) -> int:
     )
     blocking = [s["blocking"] for s in saves]
     commits = [s["previous_commit"] for s in saves if s["previous_commit"] is not None]
-    kept = [k[: -len(".index")] for k in _storage.Directory(directory).list() if k.endswith(".index")]
+    kept = [k[: -len(".index")] for k in _storage.open_store(directory).list() if k.endswith(".index")]
     print("", file=out)
     print("report", file=out)
     rows = [

@@ -45,7 +45,7 @@ from ._plan import (
     plan_reads,
     unique_target_boxes,
 )
-from ._storage import DEFAULT_TIMEOUT_S, Directory, aligned_empty, join, mapped_empty, open_prefix
+from ._storage import DEFAULT_TIMEOUT_S, Store, aligned_empty, join, mapped_empty, open_prefix
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 
 # One ranged read covers at most this many bytes, so the reads of one large file
@@ -191,7 +191,7 @@ class _Fetcher:
 
     def __init__(
         self,
-        directory: Directory,
+        directory: Store,
         base: str,
         index: Index,
         names: dict[int, str],
@@ -301,7 +301,7 @@ def _write_block(buffer: jax.Array, block: jax.Array, starts: tuple[jax.Array, .
 
 @_gc_pause.pausing
 def restore_leaves(
-    directory: Directory,
+    directory: Store,
     base: str,
     index: Index,
     requests: list[LeafRequest],
@@ -476,7 +476,7 @@ def _stream_unit(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, results: _Res
     results.partial.setdefault(unit.request, {}).update(buffers)
 
 
-def open_checkpoint(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Directory, str, Index]:
+def open_checkpoint(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Store, str, Index]:
     """The directory, base name and validated index of a committed checkpoint."""
     directory, base = open_prefix(path, timeout_s)
     raw = directory.read_all(_format.index_key(base))

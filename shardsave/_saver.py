@@ -46,8 +46,8 @@ from ._state import (
 )
 from ._storage import DEFAULT_TIMEOUT_S as DEFAULT_STORAGE_TIMEOUT_S
 from ._storage import (
-    Directory,
     PendingFile,
+    Store,
     WriterLock,
     join,
     location,
@@ -74,7 +74,7 @@ DEFAULT_TIMEOUT_S = 60.0
 class _PendingSave:
     """Everything the background half of one save needs."""
 
-    directory: Directory
+    directory: Store
     base: str  # the checkpoint's name in its directory ("model-1000")
     stem: str  # the save path's name ("model"): retention manages stem-STEP
     prefix: str
@@ -527,8 +527,8 @@ class Saver:
                 raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         return prefix
 
-    def _lock(self, directory: Directory, stem: str) -> None:
-        """Holds the save path for this Saver's life (see Directory.lock)."""
+    def _lock(self, directory: Store, stem: str) -> None:
+        """Holds the save path for this Saver's life (see Store.lock)."""
         if (directory.path, stem) not in self._locks:
             lock = directory.lock(stem)
             if lock is not None:
@@ -744,7 +744,7 @@ class Saver:
         if save.state_file is not None:
             self._last_directory = directory.path
 
-    def _retention_for(self, directory: Directory, stem: str, state_file: str) -> Retention:
+    def _retention_for(self, directory: Store, stem: str, state_file: str) -> Retention:
         """This Saver's retention in a directory: the checkpoints it saved, or adopted.
 
         Like tf.train.Saver, a Saver deletes only checkpoints it knows: those it saved

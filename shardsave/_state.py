@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import _format
-from ._storage import Directory, join, location, split_prefix, temp_target
+from ._storage import Store, join, location, open_store, split_prefix, temp_target
 from .errors import CorruptCheckpointError, ShardsaveError, StateFileWarning
 
 STATE_FILENAME = "checkpoint"
@@ -203,7 +203,7 @@ def format_state_text(state: CheckpointState) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def read_state(directory: Directory, filename: str = STATE_FILENAME) -> CheckpointState | None:
+def read_state(directory: Store, filename: str = STATE_FILENAME) -> CheckpointState | None:
     """The state file as stored (paths as written), or None if there is none.
 
     An unreadable state file (empty, torn by a tool that wrote it in place, or
@@ -223,7 +223,7 @@ def read_state(directory: Directory, filename: str = STATE_FILENAME) -> Checkpoi
         return None
 
 
-def parse_state(directory: Directory, filename: str = STATE_FILENAME) -> CheckpointState | None:
+def parse_state(directory: Store, filename: str = STATE_FILENAME) -> CheckpointState | None:
     """The state file as stored, None if there is none; CorruptCheckpointError if unreadable."""
     raw = directory.read_all(filename)
     if raw is None:
@@ -258,7 +258,7 @@ def parse_state(directory: Directory, filename: str = STATE_FILENAME) -> Checkpo
     return state
 
 
-def write_state(directory: Directory, state: CheckpointState, filename: str = STATE_FILENAME) -> None:
+def write_state(directory: Store, state: CheckpointState, filename: str = STATE_FILENAME) -> None:
     directory.write(filename, format_state_text(state).encode()).result()
 
 
@@ -282,7 +282,7 @@ def get_checkpoint_state(checkpoint_dir: str, latest_filename: str | None = None
       True
     """
     checkpoint_dir = location(checkpoint_dir)
-    directory = Directory(checkpoint_dir)
+    directory = open_store(checkpoint_dir)
     state = read_state(directory, latest_filename or STATE_FILENAME)
     if state is None:
         return None
@@ -300,11 +300,11 @@ def get_checkpoint_state(checkpoint_dir: str, latest_filename: str | None = None
 
 def is_committed(prefix: str) -> bool:
     directory, base = split_prefix(prefix)
-    return bool(base) and Directory(directory).exists(_format.index_key(base))
+    return bool(base) and open_store(directory).exists(_format.index_key(base))
 
 
 def unrecorded_commits(
-    directory: Directory, kept: list[tuple[str, float]], stem: str | None = None
+    directory: Store, kept: list[tuple[str, float]], stem: str | None = None
 ) -> list[tuple[str, float]]:
     """Checkpoints committed after the state file was last written, oldest first.
 
@@ -354,7 +354,7 @@ def latest_checkpoint(checkpoint_dir: str, latest_filename: str | None = None) -
       True
     """
     checkpoint_dir = location(checkpoint_dir)
-    directory = Directory(checkpoint_dir)
+    directory = open_store(checkpoint_dir)
     state = get_checkpoint_state(checkpoint_dir, latest_filename)
     if state is None:
         # No state file (a kill before the first one was written) or an unreadable
@@ -376,7 +376,7 @@ def latest_checkpoint(checkpoint_dir: str, latest_filename: str | None = None) -
     return None
 
 
-def display_path(directory: Directory, base: str) -> str:
+def display_path(directory: Store, base: str) -> str:
     """A checkpoint's prefix as save() returns it: "s1" for a save path with no directory."""
     return base if directory.path == "." else join(directory.path, base)
 
@@ -445,7 +445,7 @@ def _temp_of(key: str, base: str) -> bool:
     return (parsed[0] if parsed else written.removesuffix(_format.INDEX_SUFFIX)) == base and written != base
 
 
-def delete_checkpoint(directory: Directory, base: str, keys: list[str]) -> None:
+def delete_checkpoint(directory: Store, base: str, keys: list[str]) -> None:
     """Deletes every data and temporary file of checkpoint base (its index is already gone)."""
     doomed = [
         k
@@ -456,7 +456,7 @@ def delete_checkpoint(directory: Directory, base: str, keys: list[str]) -> None:
         future.result()
 
 
-def remove_uncommitted(directory: Directory, stem: str, keys: list[str] | None = None) -> list[str]:
+def remove_uncommitted(directory: Store, stem: str, keys: list[str] | None = None) -> list[str]:
     """Deletes the data files of checkpoints of save path stem that have no index.
 
     They are leftovers of saves that failed or were killed, and of deletions cut
@@ -512,7 +512,7 @@ def get_checkpoint_mtimes(checkpoint_prefixes: Iterable[str]) -> list[float]:
         directory, base = split_prefix(location(prefix))
         if not base:
             continue
-        mtime = Directory(directory).mtime(_format.index_key(base))
+        mtime = open_store(directory).mtime(_format.index_key(base))
         if mtime is not None:
             mtimes.append(mtime)
     return mtimes
@@ -532,7 +532,7 @@ def remove_checkpoint(checkpoint_prefix: str) -> None:
     directory_name, base = split_prefix(location(checkpoint_prefix))
     if not base:
         raise ValueError(f"{checkpoint_prefix!r} names a directory, not a checkpoint prefix")
-    directory = Directory(directory_name)
+    directory = open_store(directory_name)
     directory.delete(_format.index_key(base)).result()
     delete_checkpoint(directory, base, directory.list())
 

@@ -1,14 +1,15 @@
-"""The storage layer: a tensorstore key-value store rooted at a directory.
+"""The storage layer: one Store protocol, a local store and a tensorstore store.
 
 A local path, a file:// URL, memory://, s3://bucket/path and gs://bucket/path
-(and any other kvstore URL tensorstore understands) behave the same. Writes are
-whole values, either absent or complete, and durable once written.
+(and any other kvstore URL tensorstore understands) behave the same through the
+Store protocol (tests/test_stores.py is its contract). Writes are whole values,
+either absent or complete, and durable once written.
 
 s3:// honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, R2, Ceph, a local
 test server) and AWS_REGION / AWS_DEFAULT_REGION as boto3 does; credentials come
 from the usual variables through tensorstore. gs:// honours tensorstore's
 TENSORSTORE_GCS_HTTP_URL. Every wait on an object store has a deadline (the
-Directory's timeout_s) and tensorstore's retries are bounded, so an unreachable
+store's timeout_s) and tensorstore's retries are bounded, so an unreachable
 or stalled endpoint raises StorageError naming the location instead of hanging.
 
 Local files are written and read here with plain system calls rather than
@@ -17,8 +18,8 @@ the GIL (stalling every other Python thread, a training loop included, for the
 whole copy; README "Storage") and hands every read back as a new bytes object. A
 local write goes to a temporary file (TEMP_MARK in its name), which is fsync'd,
 renamed over the key, and made durable with an fsync of the directory, the
-protocol tensorstore's file driver follows too. Listing, deletion and every
-non-local URL (memory://, gs://, ...) go through tensorstore.
+protocol tensorstore's file driver follows too. Every other URL (memory://,
+s3://, gs://, ...) goes through tensorstore.
 """
 
 from __future__ import annotations
@@ -33,16 +34,18 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 import numpy as np
 import tensorstore as ts
 
 from ._threads import Pool
 from .errors import CheckpointNotFoundError, ConcurrentSaveError, StorageError
+
+T_co = TypeVar("T_co", covariant=True)
 
 # One context for the process: memory:// stores live in it, so a store opened twice
 # (by a Saver, then by a reader) sees the same values.
@@ -248,42 +251,105 @@ def _spec(directory: str) -> str | dict[str, Any]:
     return {"driver": "file", "path": os.path.abspath(directory) + "/"}
 
 
-class Directory:
-    """A checkpoint directory: keys are file names inside it."""
+class Pending(Protocol[T_co]):
+    """A storage operation in flight; result() waits for it (within the store's deadline)."""
 
-    _open: ClassVar[dict[str, ts.KvStore]] = {}
-    _open_lock: ClassVar[threading.Lock] = threading.Lock()
+    def result(self) -> T_co: ...
+
+
+class Store(Protocol):
+    """A directory of whole values (files, objects): what checkpoints are stored in.
+
+    Keys are names inside it. A value is written whole and is either absent or
+    complete; reads of a missing key report it (read_all: None; read_range:
+    FileNotFoundError from result()). Every wait has the store's deadline.
+    tests/test_stores.py holds every implementation to this contract.
+    """
+
+    path: str  # the location, as shardsave shows it ("ckpt", "s3://bucket/run1")
+    timeout_s: float
+
+    @property
+    def is_local(self) -> bool:
+        """Whether the keys are files of the local file system (local_path, locks, renames)."""
+        ...
+
+    def local_path(self, key: str) -> str: ...
+
+    def read_range(
+        self,
+        key: str,
+        start: int,
+        stop: int,
+        then: Callable[[np.ndarray], np.ndarray] | None = None,
+        allocate: Callable[[int], np.ndarray] = ...,
+    ) -> Pending[np.ndarray]:
+        """Bytes [start, stop) of key as a uint8 array (shorter when the value is).
+
+        then(array), if given, is applied before the result is ready (it may raise);
+        allocate(nbytes) makes the buffer a read lands in, where the store can.
+        """
+        ...
+
+    def read_all(self, key: str) -> bytes | None: ...
+
+    def write(self, key: str, data: bytes | memoryview, *, publish: bool = True) -> Pending[Any]:
+        """Writes the whole value of key. publish=False (local stores): durable under a
+        temporary name, the result a PendingFile to rename into place."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def mtime(self, key: str) -> float | None: ...
+
+    def list(self) -> list[str]:
+        """The keys directly in the directory, sorted (no subdirectories)."""
+        ...
+
+    def delete(self, key: str) -> Pending[None]:
+        """Deletes key; an absent key is not an error."""
+        ...
+
+    def check_parent(self, prefix: str) -> None: ...
+
+    def lock(self, stem: str) -> WriterLock | None: ...
+
+
+class _Done(Generic[T_co]):
+    """An operation that finished when it was asked for."""
+
+    def __init__(self, value: T_co):
+        self._value = value
+
+    def result(self) -> T_co:
+        return self._value
+
+
+def _count_read(nbytes: int) -> None:
+    with _stats_lock:
+        STATS.reads += 1
+        STATS.bytes_read += nbytes
+
+
+class LocalStore:
+    """A local directory, read and written with system calls on shardsave's I/O threads.
+
+    Not through tensorstore's Python binding, which copies every value while
+    holding the GIL and hands every read back as a new bytes object (README
+    "Storage"). Reads land with preadv straight in an aligned buffer; a write goes
+    to a temporary file that is fsync'd and renamed into place.
+    """
+
+    is_local = True
 
     def __init__(self, directory: str, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.path = directory
         self.timeout_s = timeout_s
-        spec = _spec(directory)
-        # Keyed by the whole spec, endpoint and region included: a changed environment
-        # opens a new store rather than reusing one that points elsewhere.
-        key = repr(spec)
-        with Directory._open_lock:
-            store = Directory._open.get(key)
-        if store is None:
-            context = (
-                _CONTEXT
-                if isinstance(spec, str) and spec.startswith("memory://")
-                else ts.Context(_REMOTE_CONTEXT)
-            )
-            store = _wait(ts.KvStore.open(spec, context=context), f"opening {directory}", timeout_s)
-            with Directory._open_lock:
-                store = Directory._open.setdefault(key, store)
-        self._kv = store
-
-    def _where(self, key: str) -> str:
-        return join(self.path, key)
-
-    @property
-    def is_local(self) -> bool:
-        return "://" not in self.path or self.path.startswith("file://")
+        root = directory[len("file://") :] if directory.startswith("file://") else directory
+        self._root = os.path.abspath(root)
 
     def local_path(self, key: str) -> str:
-        root = self.path[len("file://") :] if self.path.startswith("file://") else self.path
-        return os.path.join(os.path.abspath(root), key)
+        return os.path.join(self._root, key)
 
     def read_range(
         self,
@@ -292,42 +358,22 @@ class Directory:
         stop: int,
         then: Callable[[np.ndarray], np.ndarray] | None = None,
         allocate: Callable[[int], np.ndarray] = aligned_empty,
-    ) -> Any:
-        """A future of bytes [start, stop) of key as a uint8 array.
-
-        The array is shorter than asked when the file is; the future raises
-        FileNotFoundError when the key does not exist. then(array), if given, is
-        applied to the array before the future resolves, on the I/O thread that
-        read it for local files (it may raise). allocate(nbytes) makes the buffer
-        a local read lands in. Local files are read with
-        preadv straight into an aligned buffer: tensorstore's Python binding hands
-        each read back as a new bytes object, a second copy into fresh memory that
-        made restores several times slower than the disk (see the benchmark's
-        raw-ts tool). Other stores go through tensorstore.
-        """
-        with _stats_lock:
-            STATS.reads += 1
-            STATS.bytes_read += stop - start
-        if not self.is_local:
-            future = self._kv.read(key, byte_range=slice(start, stop))
-            return _ReadResult(future, key, then, self._where(key), self.timeout_s)
+    ) -> Pending[np.ndarray]:
+        _count_read(stop - start)
         return _IO.submit(_pread, self.local_path(key), start, stop, then, allocate)
 
-    def write(self, key: str, data: bytes | memoryview, *, publish: bool = True) -> Any:
-        """Writes the whole value of key; returns a future (its result() raises on failure).
+    def read_all(self, key: str) -> bytes | None:
+        try:
+            with open(self.local_path(key), "rb") as f:
+                data = f.read()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+        _count_read(len(data))
+        return data
 
-        With publish=False (local directories only) the value is written and made
-        durable under a temporary name, and the future's result is a PendingFile
-        whose publish() renames it to key: an overwrite can then make every new
-        file durable before the first old one is replaced.
-        """
+    def write(self, key: str, data: bytes | memoryview, *, publish: bool = True) -> Pending[Any]:
         with _stats_lock:
             STATS.bytes_written += len(data)
-        if not self.is_local:
-            if not publish:
-                raise ValueError("publish=False needs a local directory")
-            value = data if isinstance(data, bytes) else bytes(data)  # tensorstore takes bytes only
-            return _StoreFuture(self._kv.write(key, value), f"writing {self._where(key)}", self.timeout_s)
         path = self.local_path(key)
         done: Future[Any] = Future()
         finish = _sync_and_rename if publish else _sync_only
@@ -347,11 +393,30 @@ class Directory:
         _IO.submit(_write_temp, path, data).add_done_callback(then_sync)
         return done
 
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self.local_path(key))
+
+    def mtime(self, key: str) -> float | None:
+        try:
+            return os.stat(self.local_path(key)).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def list(self) -> list[str]:
+        try:
+            with os.scandir(self._root) as entries:
+                return sorted(e.name for e in entries if e.is_file())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def delete(self, key: str) -> Pending[None]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.local_path(key))
+        return _Done(None)
+
     def check_parent(self, prefix: str) -> None:
-        """ValueError when a local checkpoint cannot be created here: a path component is a file."""
-        if not self.is_local:
-            return
-        path = self.local_path("").rstrip("/") or "/"
+        """ValueError when a checkpoint cannot be created here: a path component is a file."""
+        path = self._root
         while path and not os.path.lexists(path):
             parent = os.path.dirname(path.rstrip("/"))
             if parent == path:
@@ -364,99 +429,169 @@ class Directory:
             )
 
     def lock(self, stem: str) -> WriterLock | None:
-        """Takes this process's exclusive claim on the save path `stem` (local directories).
+        """Takes this process's exclusive claim on the save path `stem`.
 
         Two writers of one save path delete each other's files in flight (each
         removes the other's uncommitted data as leftovers) and interleave their
         retention. An flock on `.STEM.lock` excludes a second writer, in this
         process or another, and the kernel releases it when its holder dies, so a
-        killed job never blocks the next one. Object stores have no such lock
-        (FORMAT.md): returns None there.
+        killed job never blocks the next one.
         """
-        if not self.is_local:
-            return None
-        path = self.local_path(f".{stem}{LOCK_SUFFIX}")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        while True:
-            handle = open(path, "a+")  # noqa: SIM115 (held open for the Saver's life)
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = ""
-                for _ in range(50):  # the holder writes who it is right after it locks
-                    handle.seek(0)
-                    holder = handle.read().strip()
-                    if holder:
-                        break
-                    time.sleep(0.01)
-                handle.close()
-                holder = holder or "a writer that has not said who it is"
-                raise ConcurrentSaveError(
-                    f"another writer holds the save path {join(self.path, stem)!r} ({holder}; lock "
-                    f"file {path}): two writers of one save path would delete each other's files. "
-                    "Stop the other job, close() its Saver, or save under another name"
-                ) from None
-            except BaseException:
-                handle.close()
-                raise
-            # The holder before us may have removed the file between our open and our
-            # lock: then we hold a lock on a name nobody sees, so take the new file.
-            try:
-                same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            handle.close()
-        handle.seek(0)
-        handle.truncate()
-        handle.write(
-            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n"
-        )
-        handle.flush()
-        return WriterLock(handle, path)
+        return _take_lock(self.local_path(f".{stem}{LOCK_SUFFIX}"), join(self.path, stem))
+
+
+class TensorstoreStore:
+    """Any tensorstore key-value store (memory://, s3://, gs://, ...), with deadlines.
+
+    Object stores have no rename and no lock (FORMAT.md): publish=False and
+    lock() are not available.
+    """
+
+    is_local = False
+    _open: ClassVar[dict[str, ts.KvStore]] = {}
+    _open_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, directory: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.path = directory
+        self.timeout_s = timeout_s
+        spec = _spec(directory)
+        # Keyed by the whole spec, endpoint and region included: a changed environment
+        # opens a new store rather than reusing one that points elsewhere.
+        key = repr(spec)
+        with TensorstoreStore._open_lock:
+            store = TensorstoreStore._open.get(key)
+        if store is None:
+            shared = isinstance(spec, str) and spec.startswith("memory://")
+            context = _CONTEXT if shared else ts.Context(_REMOTE_CONTEXT)
+            store = _wait(ts.KvStore.open(spec, context=context), f"opening {directory}", timeout_s)
+            with TensorstoreStore._open_lock:
+                store = TensorstoreStore._open.setdefault(key, store)
+        self._kv = store
+
+    def _where(self, key: str) -> str:
+        return join(self.path, key)
+
+    def local_path(self, key: str) -> str:
+        raise ValueError(f"{self.path} is not a local directory")
+
+    def read_range(
+        self,
+        key: str,
+        start: int,
+        stop: int,
+        then: Callable[[np.ndarray], np.ndarray] | None = None,
+        allocate: Callable[[int], np.ndarray] = aligned_empty,
+    ) -> Pending[np.ndarray]:
+        _count_read(stop - start)
+        future = self._kv.read(key, byte_range=slice(start, stop))
+        return _ReadResult(future, key, then, self._where(key), self.timeout_s)
 
     def read_all(self, key: str) -> bytes | None:
-        """The whole value of key, or None if it does not exist."""
         result = _wait(self._kv.read(key), f"reading {self._where(key)}", self.timeout_s)
         if result.state != "value":
             return None
-        with _stats_lock:
-            STATS.reads += 1
-            STATS.bytes_read += len(result.value)
-        return result.value
+        _count_read(len(result.value))
+        return bytes(result.value)
 
-    def mtime(self, key: str) -> float | None:
-        """When key was last written (seconds since the epoch), or None if it does not exist."""
-        if self.is_local:
-            try:
-                return os.stat(self.local_path(key)).st_mtime
-            except FileNotFoundError:
-                return None
-        result = _wait(
+    def write(self, key: str, data: bytes | memoryview, *, publish: bool = True) -> Pending[Any]:
+        if not publish:
+            raise ValueError("publish=False needs a local directory")
+        with _stats_lock:
+            STATS.bytes_written += len(data)
+        value = data if isinstance(data, bytes) else bytes(data)  # tensorstore takes bytes only
+        return _StoreFuture(self._kv.write(key, value), f"writing {self._where(key)}", self.timeout_s)
+
+    def _stat(self, key: str) -> Any:
+        return _wait(
             self._kv.read(key, byte_range=slice(0, 0)), f"reading {self._where(key)}", self.timeout_s
         )
-        return result.stamp.time if result.state == "value" else None
 
     def exists(self, key: str) -> bool:
-        result = _wait(
-            self._kv.read(key, byte_range=slice(0, 0)), f"reading {self._where(key)}", self.timeout_s
-        )
-        return bool(result.state == "value")
+        return bool(self._stat(key).state == "value")
+
+    def mtime(self, key: str) -> float | None:
+        result = self._stat(key)
+        return float(result.stamp.time) if result.state == "value" else None
 
     def list(self) -> list[str]:
-        """Every key in the directory (not recursive into subdirectories' names)."""
-        try:
-            keys = _wait(self._kv.list(), f"listing {self.path}", self.timeout_s)
-        except StorageError as e:  # a local directory that does not exist
-            if "NOT_FOUND" in str(e) or "No such file" in str(e):
-                return []
-            raise
+        keys = _wait(self._kv.list(), f"listing {self.path}", self.timeout_s)
         return sorted(k.decode() for k in keys if b"/" not in k)
 
-    def delete(self, key: str) -> Any:
-        """Deletes key (absent keys too); returns a future."""
+    def delete(self, key: str) -> Pending[None]:
         return _StoreFuture(self._kv.write(key, None), f"deleting {self._where(key)}", self.timeout_s)
+
+    def check_parent(self, prefix: str) -> None:
+        return None  # an object store has no parents that can be files
+
+    def lock(self, stem: str) -> WriterLock | None:
+        return None
+
+
+# Test kits wrap every store opened while they are active (a failing or slowed
+# store), so faults are injected through a store, never by patching shardsave.
+_wrappers: list[Callable[[Store], Store]] = []
+
+
+@contextlib.contextmanager
+def wrapping_stores(wrap: Callable[[Store], Store]) -> Iterator[None]:
+    """While active, every store shardsave opens is wrap(store)."""
+    _wrappers.append(wrap)
+    try:
+        yield
+    finally:
+        _wrappers.remove(wrap)
+
+
+def open_store(location: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Store:
+    """The store of a directory given as a path or URL (see location())."""
+    store: Store
+    if "://" not in location or location.startswith("file://"):
+        store = LocalStore(location, timeout_s)
+    else:
+        store = TensorstoreStore(location, timeout_s)
+    for wrap in list(_wrappers):
+        store = wrap(store)
+    return store
+
+
+def _take_lock(path: str, what: str) -> WriterLock:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        handle = open(path, "a+")  # noqa: SIM115 (held open for the Saver's life)
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(50):  # the holder writes who it is right after it locks
+                handle.seek(0)
+                holder = handle.read().strip()
+                if holder:
+                    break
+                time.sleep(0.01)
+            handle.close()
+            holder = holder or "a writer that has not said who it is"
+            raise ConcurrentSaveError(
+                f"another writer holds the save path {what!r} ({holder}; lock file {path}): two "
+                "writers of one save path would delete each other's files. Stop the other job, "
+                "close() its Saver, or save under another name"
+            ) from None
+        except BaseException:
+            handle.close()
+            raise
+        # The holder before us may have removed the file between our open and our
+        # lock: then we hold a lock on a name nobody sees, so take the new file.
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n")
+    handle.flush()
+    return WriterLock(handle, path)
 
 
 LOCK_SUFFIX = ".lock"
@@ -501,7 +636,7 @@ class PendingFile:
             os.unlink(self.temp)
 
 
-def sync_directory(directory: Directory) -> None:
+def sync_directory(directory: Store) -> None:
     """Makes renames and deletions in a local directory durable."""
     if directory.is_local:
         fd = os.open(directory.local_path(""), os.O_RDONLY)
@@ -585,8 +720,8 @@ def _pread(
     return out[:done] if then is None else then(out[:done])
 
 
-def open_prefix(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Directory, str]:
+def open_prefix(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Store, str]:
     directory, base = split_prefix(path)
     if not base:
         raise CheckpointNotFoundError(f"{path!r} names a directory, not a checkpoint prefix")
-    return Directory(directory, timeout_s), base
+    return open_store(directory, timeout_s), base

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from programs.store_faults import FullDisk
 
 import shardsave
 from shardsave import _format, _storage
@@ -189,22 +190,14 @@ def test_full_disk_on_a_small_tmpfs(tmp_path, async_save):
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_full_disk_injected(tmp_path, monkeypatch, async_save):
+def test_full_disk_injected(tmp_path, async_save):
     """The storage layer fails writes with ENOSPC once 64 KiB have been written."""
     budget = [64 << 10]
-    original = _storage.Directory.write
-
-    def write(directory, key, data, **options):
-        budget[0] -= len(data)
-        if budget[0] < 0:
-            raise OSError(28, "No space left on device", key)
-        return original(directory, key, data, **options)
-
-    monkeypatch.setattr(_storage.Directory, "write", write)
-    saver = shardsave.Saver(max_to_keep=1, async_save=async_save)
-    _full_disk_checks(
-        tmp_path, saver, {"w": np.ones(1 << 16, np.float32)}, {"w": np.arange(10.0)}, async_save
-    )
+    with _storage.wrapping_stores(lambda store: FullDisk(store, budget)):
+        saver = shardsave.Saver(max_to_keep=1, async_save=async_save)
+        _full_disk_checks(
+            tmp_path, saver, {"w": np.ones(1 << 16, np.float32)}, {"w": np.arange(10.0)}, async_save
+        )
 
 
 @pytest.mark.parametrize("with_nul", [False, True])

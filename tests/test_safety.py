@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from programs.store_faults import BeforeFirstRead
 
 import shardsave
 from shardsave import _storage
@@ -421,18 +422,17 @@ def test_12_a_cap_below_what_a_capped_restore_needs_is_refused_with_the_reason(t
     shardsave.Saver().restore(path, restore_sequentially=True, max_host_bytes=32 << 20)
 
 
-def test_12_a_restore_racing_retention_says_the_checkpoint_was_deleted(tmp_path, monkeypatch):
+def test_12_a_restore_racing_retention_says_the_checkpoint_was_deleted(tmp_path):
     saver = shardsave.Saver(max_to_keep=1, async_save=False)
     path = saver.save({"a": np.ones(1000)}, str(tmp_path / "m"), global_step=1)
-    original = _storage.Directory.read_range
     retired = threading.Event()
 
-    def read_range(directory, key, *args, **kwargs):
-        if not retired.is_set():  # the trainer's next save retires m-1 after the evaluator read its index
-            retired.set()
-            saver.save({"a": np.ones(1000)}, str(tmp_path / "m"), global_step=2)
-        return original(directory, key, *args, **kwargs)
+    def next_save() -> None:  # the trainer's next save retires m-1 after the evaluator read its index
+        saver.save({"a": np.ones(1000)}, str(tmp_path / "m"), global_step=2)
 
-    monkeypatch.setattr(_storage.Directory, "read_range", read_range)
-    with pytest.raises(CheckpointNotFoundError, match="was deleted while it was being read"):
+    with (
+        _storage.wrapping_stores(lambda store: BeforeFirstRead(store, next_save, retired)),
+        pytest.raises(CheckpointNotFoundError, match="was deleted while it was being read"),
+    ):
         shardsave.Saver().restore(path)
+    assert retired.is_set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from programs.store_faults import GatedWrites
 
 import shardsave
 from shardsave import _storage
@@ -68,28 +70,35 @@ def test_the_index_is_the_commit_marker(tmp_path):
     assert shardsave.latest_checkpoint(str(tmp_path)) == first
 
 
-class _GatedWrites:
-    """Holds data writes until released, to observe a save in flight."""
+class _Gate:
+    """Data writes held until release is set, to observe a save in flight."""
 
-    def __init__(self, monkeypatch, fail: Exception | None = None):
+    def __init__(self) -> None:
         self.release = threading.Event()
         self.started = threading.Event()
-        original = _storage.Directory.write
+        self.lifted = threading.Event()  # set: writes go through again
 
-        def write(directory, key, data, **options):
-            if ".data-" in key:
-                self.started.set()
-                assert self.release.wait(30)
-                if fail is not None:
-                    raise fail
-            return original(directory, key, data, **options)
 
-        monkeypatch.setattr(_storage.Directory, "write", write)
+@pytest.fixture
+def gate_writes():
+    """gate_writes(fail=None): every store shardsave opens during the test holds data writes."""
+    with contextlib.ExitStack() as stack:
+
+        def make(fail: Exception | None = None) -> _Gate:
+            gate = _Gate()
+            stack.enter_context(
+                _storage.wrapping_stores(
+                    lambda store: GatedWrites(store, gate.started, gate.release, fail, gate.lifted)
+                )
+            )
+            return gate
+
+        yield make
 
 
 @pytest.mark.parametrize("on_device", [False, True], ids=["host-snapshot", "device-snapshot"])
-def test_async_save_returns_before_the_writes_and_copies_the_arrays(tmp_path, monkeypatch, mesh24, on_device):
-    gate = _GatedWrites(monkeypatch)
+def test_async_save_returns_before_the_writes_and_copies_the_arrays(tmp_path, gate_writes, mesh24, on_device):
+    gate = gate_writes()
     x = jax.device_put(jnp.arange(16.0).reshape(8, 2), NamedSharding(mesh24, P("data")))
     host = np.arange(4)
     saver = shardsave.Saver(snapshot_on_device=on_device)
@@ -107,11 +116,11 @@ def test_async_save_returns_before_the_writes_and_copies_the_arrays(tmp_path, mo
     np.testing.assert_array_equal(restored["host"], np.arange(4))
 
 
-def test_background_error_surfaces_from_the_next_call(tmp_path, monkeypatch):
+def test_background_error_surfaces_from_the_next_call(tmp_path, gate_writes):
     saver = shardsave.Saver(max_to_keep=1)
     good = saver.save({"a": np.ones(3)}, str(tmp_path / "m"), global_step=1)
     saver.wait_until_finished()
-    gate = _GatedWrites(monkeypatch, fail=OSError(28, "No space left on device"))
+    gate = gate_writes(fail=OSError(28, "No space left on device"))
     saver.save({"a": np.zeros(3)}, str(tmp_path / "m"), global_step=2)
     gate.release.set()
     with pytest.raises(SaveFailedError, match="m-2") as info:
@@ -122,26 +131,26 @@ def test_background_error_surfaces_from_the_next_call(tmp_path, monkeypatch):
     assert not _data_files(tmp_path, "m-2")
     np.testing.assert_array_equal(saver.restore(good)["a"], np.ones(3))
     # The error is reported once; the next save works.
-    monkeypatch.undo()
+    gate.lifted.set()
     third = saver.save({"a": np.full(3, 3.0)}, str(tmp_path / "m"), global_step=3)
     saver.wait_until_finished()
     assert shardsave.latest_checkpoint(str(tmp_path)) == third
 
 
-def test_error_is_raised_by_the_next_save(tmp_path, monkeypatch):
+def test_error_is_raised_by_the_next_save(tmp_path, gate_writes):
     saver = shardsave.Saver()
-    gate = _GatedWrites(monkeypatch, fail=RuntimeError("disk went away"))
+    gate = gate_writes(fail=RuntimeError("disk went away"))
     saver.save({"a": np.ones(3)}, str(tmp_path / "m"), global_step=1)
     gate.release.set()
     with pytest.raises(SaveFailedError, match="disk went away"):
         saver.save({"a": np.ones(3)}, str(tmp_path / "m"), global_step=2)
 
 
-def test_sync_failure_leaves_state_and_old_checkpoints(tmp_path, monkeypatch):
+def test_sync_failure_leaves_state_and_old_checkpoints(tmp_path, gate_writes):
     saver = shardsave.Saver(async_save=False, max_to_keep=1)
     good = saver.save({"a": np.ones(3)}, str(tmp_path / "m"), global_step=1)
     state_before = (tmp_path / "checkpoint").read_bytes()
-    gate = _GatedWrites(monkeypatch, fail=OSError(28, "No space left on device"))
+    gate = gate_writes(fail=OSError(28, "No space left on device"))
     gate.release.set()
     with pytest.raises(SaveFailedError, match="m-2") as info:
         saver.save({"a": np.ones(3)}, str(tmp_path / "m"), global_step=2)

@@ -11,6 +11,7 @@ resumes from the directory's latest checkpoint, as a restarted job would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import sys
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from store_faults import Hooked
 
 import shardsave
 import shardsave._saver as saver_module
@@ -43,21 +45,11 @@ def _mark(phase: str, pause_at: str) -> None:
         time.sleep(120)
 
 
-def _announce_phases(pause_at: str) -> None:
-    write, delete, stage, fsync = (
-        _storage.Directory.write,
-        _storage.Directory.delete,
-        saver_module.stage,
-        os.fsync,
-    )
+def _announce_phases(pause_at: str) -> contextlib.AbstractContextManager[None]:
+    stage, fsync = saver_module.stage, os.fsync
 
-    def marked_write(self: Any, key: str, data: Any, **options: Any) -> Any:
+    def on_write(key: str) -> None:
         _mark("index" if key.endswith(".index") else "state" if key == "checkpoint" else "data", pause_at)
-        return write(self, key, data, **options)
-
-    def marked_delete(self: Any, key: str) -> Any:
-        _mark("delete", pause_at)
-        return delete(self, key)
 
     def marked_stage(*args: Any) -> Any:
         _mark("stage", pause_at)
@@ -68,15 +60,22 @@ def _announce_phases(pause_at: str) -> None:
             _mark("fsync", pause_at)
         fsync(fd)
 
-    _storage.Directory.write = marked_write  # type: ignore[method-assign]
-    _storage.Directory.delete = marked_delete  # type: ignore[method-assign]
+    # Staging and fsync are not storage calls of a store: they are announced by wrapping
+    # the functions (announcing only, no fault is injected this way).
     saver_module.stage = marked_stage  # type: ignore[assignment]
     os.fsync = marked_fsync
+    return _storage.wrapping_stores(
+        lambda store: Hooked(store, on_write, lambda key: _mark("delete", pause_at))
+    )
 
 
 def main() -> None:
     directory, pause_at = sys.argv[1], sys.argv[2]
-    _announce_phases(pause_at)
+    with _announce_phases(pause_at):
+        _save_forever(directory)
+
+
+def _save_forever(directory: str) -> None:
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     latest = shardsave.latest_checkpoint(directory)
     step = int(latest.rsplit("-", 1)[1]) + 1 if latest else 1

@@ -8,23 +8,16 @@ The save must still commit: shardsave finishes pending saves at exit.
 from __future__ import annotations
 
 import sys
-import time
-from typing import Any
 
 import numpy as np
+from store_faults import SlowWrites
 
 import shardsave
 from shardsave import _storage
 
-_write = _storage.Directory.write
-
-
-def _slow_write(self: Any, key: str, data: Any, **options: Any) -> Any:
-    time.sleep(0.5)  # the interpreter is already exiting when the commit happens
-    return _write(self, key, data, **options)
-
-
 if __name__ == "__main__":
-    _storage.Directory.write = _slow_write  # type: ignore[method-assign]
-    shardsave.Saver().save({"a": np.arange(1000)}, sys.argv[1], global_step=1)
-    print("returned")
+    # Writes wait half a second: the interpreter is already exiting when the commit happens.
+    with _storage.wrapping_stores(lambda store: SlowWrites(store, 0.5)):
+        shardsave.Saver().save({"a": np.arange(1000)}, sys.argv[1], global_step=1)
+        print("returned", flush=True)
+        sys.exit(0)

@@ -11,6 +11,7 @@ so that no process waits in jax's shutdown for a peer that a test killed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from store_faults import Hooked
 
 VALUES: dict[str, np.ndarray] = {
     "w": np.arange(32 * 16, dtype=np.float32).reshape(32, 16),
@@ -110,14 +112,16 @@ def killed(directory: str) -> None:
     saver = shardsave.Saver(max_to_keep=1, timeout_s=float(os.environ.get("TIMEOUT_S", "8")))
     saver.save(tree, directory + "/model", global_step=1)
     saver.wait_until_finished()
+    dying: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
     if jax.process_index() == int(os.environ.get("VICTIM", "1")):
 
-        def die(self: Any, key: str, data: Any, **options: Any) -> Any:
+        def die(key: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
-        _storage.Directory.write = die  # type: ignore[method-assign]
+        dying = _storage.wrapping_stores(lambda store: Hooked(store, die, lambda key: None))
     began = time.monotonic()
-    saver.save(tree, directory + "/model", global_step=2)
+    with dying:  # the store is opened by save(): the victim dies writing step 2
+        saver.save(tree, directory + "/model", global_step=2)
     try:
         saver.wait_until_finished()
         emit(raised=None)
