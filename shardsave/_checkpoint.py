@@ -1,9 +1,11 @@
-"""A checkpoint's data files as logical byte ranges, whatever objects hold them.
+"""A checkpoint as stored: its index built from a save plan, and its data files by offset.
 
-A data file is one object, `P.data-KKKKK-of-NNNNN`, or, when it is larger than
-the part size, numbered parts `P.data-KKKKK-of-NNNNN.part-JJJJJ` holding its
-consecutive byte ranges (FORMAT.md). Offsets in the index are offsets in the
-logical file; this module maps them onto the objects, for writing and reading.
+The index is built from the plan and the checksums the processes computed, and
+is checked by the reader's own validation before anything commits. A data file
+is one object, `P.data-KKKKK-of-NNNNN`, or, when it is larger than the part
+size, numbered parts `P.data-KKKKK-of-NNNNN.part-JJJJJ` holding its consecutive
+byte ranges (FORMAT.md). Offsets in the index are offsets in the logical file;
+this module maps them onto the objects, for writing and reading.
 """
 
 from __future__ import annotations
@@ -16,9 +18,60 @@ from typing import Any
 
 import numpy as np
 
-from . import _format
-from ._format import Index
+from . import _format, _gc_pause
+from ._format import DataFile, Index, LeafEntry, StoredShard
+from ._plan import SavePlan
 from ._storage import Store, aligned_empty
+from .errors import CorruptCheckpointError, SaveFailedError
+
+
+@_gc_pause.pausing
+def build_index(
+    plan: SavePlan,
+    crcs: dict[int, list[tuple[int, ...]]],
+    step: int | None,
+    created: float,
+    structure: Any,
+    chunk: int,
+    part_bytes: int,
+) -> Index:
+    """The index of a saved plan: each planned shard with its file, offset and checksums."""
+    shards: list[list[StoredShard]] = [[] for _ in plan.leaves]
+    for k, f in enumerate(plan.files):
+        for shard, crc in zip(f.shards, crcs[k]):
+            start = tuple(a for a, _ in shard.box)
+            stop = tuple(b for _, b in shard.box)
+            shards[shard.leaf].append(StoredShard(k, shard.offset, shard.nbytes, start, stop, crc))
+    leaves = tuple(
+        LeafEntry(
+            name=spec.name,
+            dtype=spec.dtype,
+            shape=spec.shape,
+            kind=spec.kind,
+            sharding=None if spec.sharding is None else _format.encode_sharding(spec.sharding),
+            shards=tuple(s),
+            key_impl=spec.key_impl,
+        )
+        for spec, s in zip(plan.leaves, shards)
+    )
+    files = tuple(
+        DataFile(f.nbytes, f.device_id, f.process_index, _format.split_parts(f.nbytes, part_bytes))
+        for f in plan.files
+    )
+    return Index(step, created, chunk, files, structure, leaves)
+
+
+def encode_checked(index: Index, where: str) -> bytes:
+    """The index's bytes, checked by the reader's own validation: never commit what it refuses."""
+    raw = _format.encode_index(index)
+    try:
+        _format.decode_index(raw, where)
+    except CorruptCheckpointError as e:
+        raise SaveFailedError(
+            f"{where}: shardsave built an index that its own reader refuses, so nothing was "
+            f"committed (please report this as a bug, with the tree's structure): {e}"
+        ) from e
+    return raw
 
 
 def write_data_file(

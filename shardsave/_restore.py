@@ -299,6 +299,48 @@ def _write_block(buffer: jax.Array, block: jax.Array, starts: tuple[jax.Array, .
     return jax.lax.dynamic_update_slice(buffer, block, starts)
 
 
+@dataclass
+class RestorePlan:
+    """What a restore will do, decided before any byte is read."""
+
+    units: list[_Unit]  # one per unique target box (or whole leaf), with its reads
+    batches: list[list[_Unit]]  # executed in order; a streamed unit is a batch of its own
+    budget: int  # the host bytes one batch may hold
+
+
+def plan_restore(
+    requests: list[LeafRequest], crc_chunk_bytes: int, *, budget: int | None, sequential: bool
+) -> RestorePlan:
+    """Plans a restore: the reads of every unit and their batches under the budget. No I/O.
+
+    Raises:
+      ValueError: restore_sequentially with a budget it cannot keep.
+    """
+    if sequential:
+        # A read covers whole checksum chunks, and a batch holds reads of up to a quarter
+        # of the budget: below two chunks per quarter a budget cannot be kept.
+        least = max(MIN_SEQUENTIAL_BYTES, 8 * crc_chunk_bytes)
+        if budget is not None and budget < least:
+            raise ValueError(
+                f"max_host_bytes={budget} is below the {least >> 20} MiB that restore_sequentially needs "
+                f"for this checkpoint: every read is verified in whole {crc_chunk_bytes >> 20} MiB "
+                "checksum chunks, and a batch holds a quarter of the budget in reads; pass at least "
+                f"max_host_bytes={least}"
+            )
+        budget = budget or least
+        max_read: int | None = max(1, budget // 4)
+    else:
+        # The next batch is read while this one is verified and placed, and a batch's
+        # host buffers live until jax has copied them to the devices: two batches
+        # overlap. A quarter of the bytes being restored per batch keeps transient
+        # memory near half of them.
+        restored = sum(math.prod(r.shape) * r.dtype.itemsize for r in requests)
+        budget = budget or min(DEFAULT_INFLIGHT_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
+        max_read = None
+    units = _plan_units(requests, max_read)
+    return RestorePlan(units, list(_batches(units, requests, budget, sequential)), budget)
+
+
 @_gc_pause.pausing
 def restore_leaves(
     directory: Store,
@@ -311,32 +353,11 @@ def restore_leaves(
 ) -> tuple[list[Any], RestoreTimes]:
     """Restores each request: a jax.Array or numpy array per request, and the timings."""
     began = time.perf_counter()
-    if sequential:
-        # A read covers whole checksum chunks, and a batch holds reads of up to a quarter
-        # of the budget: below two chunks per quarter a budget cannot be kept.
-        least = max(MIN_SEQUENTIAL_BYTES, 8 * index.crc_chunk_bytes)
-        if budget is not None and budget < least:
-            raise ValueError(
-                f"max_host_bytes={budget} is below the {least >> 20} MiB that restore_sequentially needs "
-                f"for this checkpoint: every read is verified in whole {index.crc_chunk_bytes >> 20} MiB "
-                "checksum chunks, and a batch holds a quarter of the budget in reads; pass at least "
-                f"max_host_bytes={least}"
-            )
-        budget = budget or least
-        max_read = max(1, budget // 4)
-    else:
-        # The next batch is read while this one is verified and placed, and a batch's
-        # host buffers live until jax has copied them to the devices: two batches
-        # overlap. A quarter of the bytes being restored per batch keeps transient
-        # memory near half of them.
-        restored = sum(math.prod(r.shape) * r.dtype.itemsize for r in requests)
-        budget = budget or min(DEFAULT_INFLIGHT_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
-        max_read = None
+    plan = plan_restore(requests, index.crc_chunk_bytes, budget=budget, sequential=sequential)
     names = {id(s): req.entry.name for req in requests for s in req.entry.shards}
     # A capped restore needs its buffers' memory back the moment they are dropped.
     fetcher = _Fetcher(directory, base, index, names, mapped_empty if sequential else aligned_empty)
-    units = _plan_units(requests, max_read)
-    batches = list(_batches(units, requests, budget, sequential))
+    units, batches, budget = plan.units, plan.batches, plan.budget
     times = RestoreTimes(plan_seconds=time.perf_counter() - began)
 
     results = _Results(units)

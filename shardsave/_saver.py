@@ -10,12 +10,10 @@ Restore: index -> match target leaves -> plan reads -> read, verify, place.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import operator
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -26,22 +24,19 @@ import numpy as np
 
 from . import _format, _gc_pause, _tree
 from ._background import BackgroundCommits
-from ._checkpoint import write_data_file
+from ._checkpoint import build_index, encode_checked, write_data_file
 from ._distributed import Coordinator, decode_reports, encode_report
-from ._format import DataFile, Index, LeafEntry, StoredShard
 from ._plan import SavePlan, plan_save
-from ._restore import LeafRequest, open_checkpoint, restore_leaves
+from ._restore import open_checkpoint, restore_leaves
 from ._shared_reads import lay_out, plan_shared_reads
 from ._stage import StagingBuffer, snapshot_on_device, stage
 from ._state import (
     STATE_FILENAME,
     Retention,
+    adopt_retention,
     delete_checkpoint,
-    display_path,
-    read_state,
     recovered,
     remove_uncommitted,
-    unrecorded_commits,
     write_state,
 )
 from ._storage import DEFAULT_TIMEOUT_S as DEFAULT_STORAGE_TIMEOUT_S
@@ -49,19 +44,16 @@ from ._storage import (
     PendingFile,
     Store,
     WriterLock,
-    join,
     location,
     open_prefix,
     split_prefix,
     sync_directory,
 )
+from ._targets import devices_by_id, requests_for_saved, requests_for_target
 from .errors import (
     CheckpointExistsError,
-    CorruptCheckpointError,
     SaveFailedError,
-    ShardingMismatchError,
     StorageError,
-    StructureMismatchError,
 )
 
 _PLAN_CACHE_SIZE = 8
@@ -646,17 +638,8 @@ class Saver:
     def _encoded_index(
         self, plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
     ) -> bytes:
-        """The index's bytes, checked by the reader's own validation before anything commits."""
-        raw = _format.encode_index(self._index(plan, crcs, save, chunk))
-        where = f"{save.prefix}{_format.INDEX_SUFFIX}"
-        try:
-            _format.decode_index(raw, where)
-        except CorruptCheckpointError as e:
-            raise SaveFailedError(
-                f"{where}: shardsave built an index that its own reader refuses, so nothing was "
-                f"committed (please report this as a bug, with the tree's structure): {e}"
-            ) from e
-        return raw
+        index = build_index(plan, crcs, save.step, save.timestamp, save.structure, chunk, self.part_bytes)
+        return encode_checked(index, f"{save.prefix}{_format.INDEX_SUFFIX}")
 
     @staticmethod
     def _replace(save: _PendingSave, pending: list[PendingFile], raw: bytes) -> None:
@@ -684,34 +667,6 @@ class Saver:
             parsed = _format.parse_data_key(key)
             if parsed is not None and parsed[0] == save.base and key not in ours:
                 directory.delete(key).result()
-
-    @_gc_pause.pausing
-    def _index(
-        self, plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
-    ) -> Index:
-        shards: list[list[StoredShard]] = [[] for _ in plan.leaves]
-        for k, f in enumerate(plan.files):
-            for shard, crc in zip(f.shards, crcs[k]):
-                start = tuple(a for a, _ in shard.box)
-                stop = tuple(b for _, b in shard.box)
-                shards[shard.leaf].append(StoredShard(k, shard.offset, shard.nbytes, start, stop, crc))
-        leaves = tuple(
-            LeafEntry(
-                name=spec.name,
-                dtype=spec.dtype,
-                shape=spec.shape,
-                kind=spec.kind,
-                sharding=None if spec.sharding is None else _format.encode_sharding(spec.sharding),
-                shards=tuple(s),
-                key_impl=spec.key_impl,
-            )
-            for spec, s in zip(plan.leaves, shards)
-        )
-        files = tuple(
-            DataFile(f.nbytes, f.device_id, f.process_index, _format.split_parts(f.nbytes, self.part_bytes))
-            for f in plan.files
-        )
-        return Index(save.step, save.timestamp, chunk, files, save.structure, leaves)
 
     def _after_commit(self, save: _PendingSave) -> None:
         directory = save.directory
@@ -745,52 +700,17 @@ class Saver:
             self._last_directory = directory.path
 
     def _retention_for(self, directory: Store, stem: str, state_file: str) -> Retention:
-        """This Saver's retention in a directory: the checkpoints it saved, or adopted.
-
-        Like tf.train.Saver, a Saver deletes only checkpoints it knows: those it saved
-        or was given (recover_last_checkpoints), and, when it starts over a directory
-        that has a state file, those of its own save path (stem or stem-STEP) that the
-        file names or that were committed after it was written. Checkpoints of other
-        save paths are never touched.
-        """
+        """This Saver's retention in a directory (see _state.adopt_retention), made once."""
         retention = self._retention.get(directory.path)
-        if retention is not None:
-            return retention
-        state = read_state(directory, state_file)
-        own = _format.names_of_save_path(stem)
-        if state is None:
-            # Commits of this save path whose process died before the first state file.
-            found = unrecorded_commits(directory, [], stem)
-            retention = self._new_retention(
-                self._created, [(display_path(directory, b), t) for b, t in found]
+        if retention is None:
+            retention = self._retention[directory.path] = adopt_retention(
+                directory,
+                stem,
+                state_file,
+                self._new_retention,
+                started=self._created,
+                checks_clock=self._coordinator.process_index == 0,
             )
-        else:
-            # Only names of this save path inside this directory: a hostile state file
-            # must not steer deletion elsewhere ("../x", "", ".." never match).
-            kept = [
-                (base, t)
-                for p, t in zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)
-                if own.fullmatch(base := split_prefix(p)[1])
-            ]
-            kept += unrecorded_commits(directory, kept, stem)
-            last_preserved = state.last_preserved_timestamp
-            now = self._created  # as tf.train.CheckpointManager: the clock when it started
-            # Only process 0 deletes (the others' retention names last_checkpoints), and
-            # its own state file may be a moment newer than another process's start.
-            if now < last_preserved and self._coordinator.process_index == 0:
-                # As tf.train.CheckpointManager: unsure what was preserved, keep them all.
-                warnings.warn(
-                    f"the clock ({now}) is behind the last preserved checkpoint timestamp "
-                    f"({last_preserved}) of {join(directory.path, state_file)}; the checkpoints it names "
-                    "are left alone, and retention starts over from now",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                kept, last_preserved = [], now
-            retention = self._new_retention(
-                last_preserved, [(display_path(directory, b), t) for b, t in kept]
-            )
-        self._retention[directory.path] = retention
         return retention
 
     # ------------------------------------------------------------ restore
@@ -842,9 +762,9 @@ class Saver:
         sequential = self.restore_sequentially if restore_sequentially is None else restore_sequentially
         budget = self.max_host_bytes if max_host_bytes is None else max_host_bytes
         if target is None:
-            requests, finish = _requests_for_saved(index, save_path)
+            requests, finish = requests_for_saved(index, save_path)
         else:
-            requests, finish = _requests_for_target(index, target, reshape, cast, save_path)
+            requests, finish = requests_for_target(index, target, reshape, cast, save_path)
         # Sharing pays where reading is dear (an object store); from a local file system,
         # reading the page cache again is cheaper than the collective (the commit that
         # added this has the measurement).
@@ -864,212 +784,6 @@ class Saver:
         return restored
 
 
-def _devices_by_id() -> dict[int, jax.Device]:
-    return {d.id: d for d in jax.devices()}
-
-
-def _as_kind(value: Any, kind: str) -> Any:
-    if kind == _tree.KIND_NUMPY_SCALAR:
-        return value[()]
-    if kind == _tree.KIND_INT:
-        return int(value)
-    if kind == _tree.KIND_FLOAT:
-        return float(value)
-    if kind == _tree.KIND_BOOL:
-        return bool(value)
-    if kind == _tree.KIND_COMPLEX:
-        return complex(value)
-    return value
-
-
-def _requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
-    devices = _devices_by_id()
-    requests = []
-    for entry in index.leaves:
-        sharding = None
-        if entry.kind in (_tree.KIND_ARRAY, _tree.KIND_KEY):
-            sharding = _format.decode_sharding(entry.sharding, devices)
-            if sharding is None:
-                raise ShardingMismatchError(
-                    f"leaf {entry.name!r} of {path!r} was saved with a sharding over devices that do "
-                    f"not exist here ({len(devices)} devices); pass a target with the shardings to "
-                    "restore onto (shardsave.load_structure gives the saved shapes and dtypes)"
-                )
-        requests.append(LeafRequest(entry, entry.shape, entry.dtype, sharding))
-
-    def finish(values: list[Any]) -> Any:
-        leaves = [
-            jax.random.wrap_key_data(v, impl=e.key_impl) if e.key_impl else _as_kind(v, e.kind)
-            for v, e in zip(values, index.leaves)
-        ]
-        return _tree.decode_structure(index.structure, leaves)
-
-    return requests, finish
-
-
-def _concrete(sharding: jax.sharding.Sharding, name: str) -> jax.sharding.Sharding:
-    """A target's sharding on real devices.
-
-    Shardings made under jax.set_mesh by jax.eval_shape or nnx.eval_shape name an
-    AbstractMesh (axis names and sizes, no devices). The mesh set now, if its axes
-    agree, or else one laid over this process's devices in order, stands in for it.
-    """
-    if not isinstance(sharding, jax.sharding.NamedSharding) or not isinstance(
-        sharding.mesh, jax.sharding.AbstractMesh
-    ):
-        return sharding
-    abstract = sharding.mesh
-    current = jax.sharding.get_mesh()
-    if isinstance(current, jax.sharding.Mesh) and not current.empty and current.abstract_mesh == abstract:
-        mesh = current
-    else:
-        devices = jax.devices()
-        if math.prod(abstract.axis_sizes) != len(devices):
-            raise ShardingMismatchError(
-                f"target leaf {name!r} has a sharding over an abstract mesh "
-                f"{dict(zip(abstract.axis_names, abstract.axis_sizes))} ({math.prod(abstract.axis_sizes)} "
-                f"devices), but {len(devices)} devices exist here; restore inside `with "
-                "jax.set_mesh(mesh)` or give the target concrete shardings"
-            )
-        mesh = jax.sharding.Mesh(
-            np.array(devices, dtype=object).reshape(abstract.axis_sizes),
-            abstract.axis_names,
-            axis_types=abstract.axis_types,
-        )
-    return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
-
-
-@functools.cache
-def _key_layout(impl: str) -> tuple[Any, tuple[int, ...]]:
-    """The key dtype of a PRNG implementation, and the shape of one key's data."""
-    key = jax.eval_shape(lambda: jax.random.key(0, impl=impl))
-    return key.dtype, tuple(jax.eval_shape(jax.random.key_data, key).shape)
-
-
-def _int_into(
-    name: str, dtype: np.dtype, sharding: jax.sharding.Sharding | None, kind: str
-) -> Callable[[Any], Any]:
-    """Converts a stored Python int into an integer target, refusing a value that does not fit."""
-
-    def convert(value: Any) -> Any:
-        number = int(np.asarray(value)[()])
-        info = np.iinfo(dtype)
-        if not info.min <= number <= info.max:
-            raise StructureMismatchError(
-                f"leaf {name!r}: the checkpoint holds {number}, which does not fit the target's {dtype} "
-                f"({info.min}..{info.max})"
-            )
-        array = np.asarray(number, dtype)
-        if sharding is not None:
-            return jax.device_put(array, sharding)
-        return _as_kind(array, kind)
-
-    return convert
-
-
-def _key_data_sharding(sharding: jax.sharding.Sharding, ndim: int, name: str) -> jax.sharding.Sharding:
-    """The sharding of a key array's key data: the key's trailing dimensions unsharded."""
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        spec = (*sharding.spec, *[None] * (ndim - len(sharding.spec)))
-        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
-    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        return sharding
-    raise ShardingMismatchError(
-        f"target leaf {name!r} is a PRNG key array with a {type(sharding).__name__}; give it a "
-        "NamedSharding or a single device"
-    )
-
-
-def _requests_for_target(
-    index: Index, target: Any, reshape: bool, cast: bool, path: str
-) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
-    names, leaves, treedef = _tree.flatten(target)
-    by_name = {e.name: e for e in index.leaves}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise _tree.missing_leaves_error(missing, list(by_name), path)
-    devices = _devices_by_id()
-    requests = []
-    finishers: list[Callable[[Any], Any]] = []
-    for name, leaf in zip(names, leaves):
-        entry = by_name[name]
-        finisher: Callable[[Any], Any] | None = None
-        if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
-            shape, dtype = tuple(leaf.shape), leaf.dtype
-            sharding = leaf.sharding
-            if sharding is None:  # a ShapeDtypeStruct without one: the saved layout, else device 0
-                sharding = _format.decode_sharding(
-                    entry.sharding, devices
-                ) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            sharding = _concrete(sharding, name)
-            kind = _tree.KIND_ARRAY
-            if _tree.is_key_dtype(dtype):
-                if entry.key_impl is None:
-                    raise StructureMismatchError(
-                        f"leaf {name!r}: the target is a PRNG key array ({dtype}), the checkpoint "
-                        f"holds a {entry.dtype} array"
-                    )
-                stored_dtype, key_shape = _key_layout(entry.key_impl)
-                if dtype != stored_dtype:
-                    raise StructureMismatchError(
-                        f"leaf {name!r}: the checkpoint holds {stored_dtype} keys "
-                        f"({entry.key_impl}), the target has {dtype}"
-                    )
-                shape, dtype = (*shape, *key_shape), entry.dtype
-                sharding = _key_data_sharding(sharding, len(shape), name)
-                finisher = functools.partial(jax.random.wrap_key_data, impl=entry.key_impl)
-            elif entry.kind == _tree.KIND_KEY:
-                raise StructureMismatchError(
-                    f"leaf {name!r}: the checkpoint holds PRNG keys ({entry.key_impl}); give the target "
-                    "a key array (jax.random.key) or use its key data's shape and dtype "
-                    f"{entry.shape} {entry.dtype} as a uint32 array"
-                )
-            dtype = np.dtype(dtype)
-        elif isinstance(leaf, np.ndarray):
-            shape, dtype, sharding, kind = leaf.shape, leaf.dtype.newbyteorder("="), None, _tree.KIND_NUMPY
-        else:
-            try:
-                kind = _tree.leaf_kind(leaf)
-            except TypeError:
-                raise StructureMismatchError(
-                    f"target leaf {name!r} is a {type(leaf).__name__}; use a jax.Array, "
-                    "jax.ShapeDtypeStruct, numpy array or number"
-                ) from None
-            # Numbers take the stored dtype: a Python int has no width to match.
-            shape, dtype, sharding = np.shape(leaf), entry.dtype, None
-        same_size = math.prod(shape) == math.prod(entry.shape)
-        if shape != entry.shape and not (reshape and same_size):
-            hint = " (pass reshape=True to restore into a shape with as many elements)" if same_size else ""
-            raise StructureMismatchError(
-                f"leaf {name!r}: the checkpoint holds shape {entry.shape}, the target has {shape}{hint}"
-            )
-        if (
-            dtype != entry.dtype
-            and not cast
-            and entry.kind == _tree.KIND_INT
-            and np.issubdtype(dtype, np.integer)
-        ):
-            # A Python int has no width of its own (it was stored as int64): any integer
-            # target that holds its value takes it, as jax.eval_shape of a state with a
-            # Python-int step asks for int32.
-            finisher = _int_into(name, dtype, sharding, kind)
-            request = LeafRequest(entry, shape, entry.dtype, None)
-        elif dtype != entry.dtype and not cast:
-            raise StructureMismatchError(
-                f"leaf {name!r}: the checkpoint holds dtype {entry.dtype}, the target has {dtype} "
-                "(pass cast=True to convert)"
-            )
-        else:
-            request = LeafRequest(entry, shape, dtype, sharding)
-        requests.append(request)
-        finishers.append(finisher or functools.partial(_as_kind, kind=kind))
-
-    def finish(values: list[Any]) -> Any:
-        return jax.tree_util.tree_unflatten(treedef, [f(v) for f, v in zip(finishers, values)])
-
-    return requests, finish
-
-
 def load_structure(path: str) -> Any:
     """The saved tree with jax.ShapeDtypeStruct leaves, read from the index alone.
 
@@ -1087,7 +801,7 @@ def load_structure(path: str) -> Any:
       (3,)
     """
     _, _, index = open_checkpoint(location(path))
-    devices = _devices_by_id()
+    devices = devices_by_id()
     leaves = [
         jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=_format.decode_sharding(e.sharding, devices))
         for e in index.leaves

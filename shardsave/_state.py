@@ -27,7 +27,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import _format
@@ -434,6 +434,57 @@ class Retention:
             all_model_checkpoint_timestamps=tuple(t for _, t in kept),
             last_preserved_timestamp=self.last_preserved,
         )
+
+
+def adopt_retention(
+    directory: Store,
+    stem: str,
+    state_file: str,
+    new_retention: Callable[[float, list[tuple[str, float]]], Retention],
+    started: float,
+    checks_clock: bool,
+) -> Retention:
+    """A Saver's retention in a directory when it first commits there.
+
+    Like tf.train.Saver, a Saver deletes only checkpoints it knows: those it saved
+    or was given (recover_last_checkpoints), and, when it starts over a directory
+    that has a state file, those of its own save path (stem or stem-STEP) that the
+    file names or that were committed after it was written. Checkpoints of other
+    save paths are never touched.
+
+    Args:
+      new_retention: makes a Retention from (last_preserved, kept) with the Saver's settings.
+      started: when the Saver started (its clock): where last_preserved begins.
+      checks_clock: whether to check the clock against the state file's last preserved
+        time (process 0 only: the others delete nothing, and process 0's state file may
+        be a moment newer than another process's start).
+    """
+    state = read_state(directory, state_file)
+    own = _format.names_of_save_path(stem)
+    if state is None:
+        # Commits of this save path whose process died before the first state file.
+        found = unrecorded_commits(directory, [], stem)
+        return new_retention(started, [(display_path(directory, b), t) for b, t in found])
+    # Only names of this save path inside this directory: a hostile state file must
+    # not steer deletion elsewhere ("../x", "", ".." never match).
+    kept = [
+        (base, t)
+        for p, t in zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)
+        if own.fullmatch(base := split_prefix(p)[1])
+    ]
+    kept += unrecorded_commits(directory, kept, stem)
+    last_preserved = state.last_preserved_timestamp
+    if checks_clock and started < last_preserved:
+        # As tf.train.CheckpointManager: unsure what was preserved, keep them all.
+        warnings.warn(
+            f"the clock ({started}) is behind the last preserved checkpoint timestamp "
+            f"({last_preserved}) of {join(directory.path, state_file)}; the checkpoints it names "
+            "are left alone, and retention starts over from now",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+        kept, last_preserved = [], started
+    return new_retention(last_preserved, [(display_path(directory, b), t) for b, t in kept])
 
 
 def _temp_of(key: str, base: str) -> bool:

@@ -1,0 +1,229 @@
+"""Matching a restore's target to a checkpoint's leaves: what to read, onto what, and into what.
+
+Pure planning with no I/O: for each target leaf, the stored entry, the shape,
+dtype and sharding to restore it as, and how to finish the value (typed PRNG
+keys rebuilt from their data, Python numbers given back as numbers, a Python-int
+step put into a narrower integer target, abstract-mesh shardings resolved
+against the devices at hand). Errors name the leaf.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _format, _tree
+from ._format import Index
+from ._restore import LeafRequest
+from .errors import ShardingMismatchError, StructureMismatchError
+
+
+def devices_by_id() -> dict[int, jax.Device]:
+    return {d.id: d for d in jax.devices()}
+
+
+def _as_kind(value: Any, kind: str) -> Any:
+    if kind == _tree.KIND_NUMPY_SCALAR:
+        return value[()]
+    if kind == _tree.KIND_INT:
+        return int(value)
+    if kind == _tree.KIND_FLOAT:
+        return float(value)
+    if kind == _tree.KIND_BOOL:
+        return bool(value)
+    if kind == _tree.KIND_COMPLEX:
+        return complex(value)
+    return value
+
+
+def requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
+    devices = devices_by_id()
+    requests = []
+    for entry in index.leaves:
+        sharding = None
+        if entry.kind in (_tree.KIND_ARRAY, _tree.KIND_KEY):
+            sharding = _format.decode_sharding(entry.sharding, devices)
+            if sharding is None:
+                raise ShardingMismatchError(
+                    f"leaf {entry.name!r} of {path!r} was saved with a sharding over devices that do "
+                    f"not exist here ({len(devices)} devices); pass a target with the shardings to "
+                    "restore onto (shardsave.load_structure gives the saved shapes and dtypes)"
+                )
+        requests.append(LeafRequest(entry, entry.shape, entry.dtype, sharding))
+
+    def finish(values: list[Any]) -> Any:
+        leaves = [
+            jax.random.wrap_key_data(v, impl=e.key_impl) if e.key_impl else _as_kind(v, e.kind)
+            for v, e in zip(values, index.leaves)
+        ]
+        return _tree.decode_structure(index.structure, leaves)
+
+    return requests, finish
+
+
+def _concrete(sharding: jax.sharding.Sharding, name: str) -> jax.sharding.Sharding:
+    """A target's sharding on real devices.
+
+    Shardings made under jax.set_mesh by jax.eval_shape or nnx.eval_shape name an
+    AbstractMesh (axis names and sizes, no devices). The mesh set now, if its axes
+    agree, or else one laid over this process's devices in order, stands in for it.
+    """
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not isinstance(
+        sharding.mesh, jax.sharding.AbstractMesh
+    ):
+        return sharding
+    abstract = sharding.mesh
+    current = jax.sharding.get_mesh()
+    if isinstance(current, jax.sharding.Mesh) and not current.empty and current.abstract_mesh == abstract:
+        mesh = current
+    else:
+        devices = jax.devices()
+        if math.prod(abstract.axis_sizes) != len(devices):
+            raise ShardingMismatchError(
+                f"target leaf {name!r} has a sharding over an abstract mesh "
+                f"{dict(zip(abstract.axis_names, abstract.axis_sizes))} ({math.prod(abstract.axis_sizes)} "
+                f"devices), but {len(devices)} devices exist here; restore inside `with "
+                "jax.set_mesh(mesh)` or give the target concrete shardings"
+            )
+        mesh = jax.sharding.Mesh(
+            np.array(devices, dtype=object).reshape(abstract.axis_sizes),
+            abstract.axis_names,
+            axis_types=abstract.axis_types,
+        )
+    return jax.sharding.NamedSharding(mesh, sharding.spec, memory_kind=sharding.memory_kind)
+
+
+@functools.cache
+def _key_layout(impl: str) -> tuple[Any, tuple[int, ...]]:
+    """The key dtype of a PRNG implementation, and the shape of one key's data."""
+    key = jax.eval_shape(lambda: jax.random.key(0, impl=impl))
+    return key.dtype, tuple(jax.eval_shape(jax.random.key_data, key).shape)
+
+
+def _int_into(
+    name: str, dtype: np.dtype, sharding: jax.sharding.Sharding | None, kind: str
+) -> Callable[[Any], Any]:
+    """Converts a stored Python int into an integer target, refusing a value that does not fit."""
+
+    def convert(value: Any) -> Any:
+        number = int(np.asarray(value)[()])
+        info = np.iinfo(dtype)
+        if not info.min <= number <= info.max:
+            raise StructureMismatchError(
+                f"leaf {name!r}: the checkpoint holds {number}, which does not fit the target's {dtype} "
+                f"({info.min}..{info.max})"
+            )
+        array = np.asarray(number, dtype)
+        if sharding is not None:
+            return jax.device_put(array, sharding)
+        return _as_kind(array, kind)
+
+    return convert
+
+
+def _key_data_sharding(sharding: jax.sharding.Sharding, ndim: int, name: str) -> jax.sharding.Sharding:
+    """The sharding of a key array's key data: the key's trailing dimensions unsharded."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        spec = (*sharding.spec, *[None] * (ndim - len(sharding.spec)))
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return sharding
+    raise ShardingMismatchError(
+        f"target leaf {name!r} is a PRNG key array with a {type(sharding).__name__}; give it a "
+        "NamedSharding or a single device"
+    )
+
+
+def requests_for_target(
+    index: Index, target: Any, reshape: bool, cast: bool, path: str
+) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
+    names, leaves, treedef = _tree.flatten(target)
+    by_name = {e.name: e for e in index.leaves}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise _tree.missing_leaves_error(missing, list(by_name), path)
+    devices = devices_by_id()
+    requests = []
+    finishers: list[Callable[[Any], Any]] = []
+    for name, leaf in zip(names, leaves):
+        entry = by_name[name]
+        finisher: Callable[[Any], Any] | None = None
+        if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+            shape, dtype = tuple(leaf.shape), leaf.dtype
+            sharding = leaf.sharding
+            if sharding is None:  # a ShapeDtypeStruct without one: the saved layout, else device 0
+                sharding = _format.decode_sharding(
+                    entry.sharding, devices
+                ) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            sharding = _concrete(sharding, name)
+            kind = _tree.KIND_ARRAY
+            if _tree.is_key_dtype(dtype):
+                if entry.key_impl is None:
+                    raise StructureMismatchError(
+                        f"leaf {name!r}: the target is a PRNG key array ({dtype}), the checkpoint "
+                        f"holds a {entry.dtype} array"
+                    )
+                stored_dtype, key_shape = _key_layout(entry.key_impl)
+                if dtype != stored_dtype:
+                    raise StructureMismatchError(
+                        f"leaf {name!r}: the checkpoint holds {stored_dtype} keys "
+                        f"({entry.key_impl}), the target has {dtype}"
+                    )
+                shape, dtype = (*shape, *key_shape), entry.dtype
+                sharding = _key_data_sharding(sharding, len(shape), name)
+                finisher = functools.partial(jax.random.wrap_key_data, impl=entry.key_impl)
+            elif entry.kind == _tree.KIND_KEY:
+                raise StructureMismatchError(
+                    f"leaf {name!r}: the checkpoint holds PRNG keys ({entry.key_impl}); give the target "
+                    "a key array (jax.random.key) or use its key data's shape and dtype "
+                    f"{entry.shape} {entry.dtype} as a uint32 array"
+                )
+            dtype = np.dtype(dtype)
+        elif isinstance(leaf, np.ndarray):
+            shape, dtype, sharding, kind = leaf.shape, leaf.dtype.newbyteorder("="), None, _tree.KIND_NUMPY
+        else:
+            try:
+                kind = _tree.leaf_kind(leaf)
+            except TypeError:
+                raise StructureMismatchError(
+                    f"target leaf {name!r} is a {type(leaf).__name__}; use a jax.Array, "
+                    "jax.ShapeDtypeStruct, numpy array or number"
+                ) from None
+            # Numbers take the stored dtype: a Python int has no width to match.
+            shape, dtype, sharding = np.shape(leaf), entry.dtype, None
+        same_size = math.prod(shape) == math.prod(entry.shape)
+        if shape != entry.shape and not (reshape and same_size):
+            hint = " (pass reshape=True to restore into a shape with as many elements)" if same_size else ""
+            raise StructureMismatchError(
+                f"leaf {name!r}: the checkpoint holds shape {entry.shape}, the target has {shape}{hint}"
+            )
+        if (
+            dtype != entry.dtype
+            and not cast
+            and entry.kind == _tree.KIND_INT
+            and np.issubdtype(dtype, np.integer)
+        ):
+            # A Python int has no width of its own (it was stored as int64): any integer
+            # target that holds its value takes it, as jax.eval_shape of a state with a
+            # Python-int step asks for int32.
+            finisher = _int_into(name, dtype, sharding, kind)
+            request = LeafRequest(entry, shape, entry.dtype, None)
+        elif dtype != entry.dtype and not cast:
+            raise StructureMismatchError(
+                f"leaf {name!r}: the checkpoint holds dtype {entry.dtype}, the target has {dtype} "
+                "(pass cast=True to convert)"
+            )
+        else:
+            request = LeafRequest(entry, shape, dtype, sharding)
+        requests.append(request)
+        finishers.append(finisher or functools.partial(_as_kind, kind=kind))
+
+    def finish(values: list[Any]) -> Any:
+        return jax.tree_util.tree_unflatten(treedef, [f(v) for f, v in zip(finishers, values)])
+
+    return requests, finish

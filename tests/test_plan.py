@@ -1,0 +1,102 @@
+"""Planning without I/O: who writes what on save, which bytes each target reads on restore.
+
+The plans are pure functions of shapes, dtypes and shardings, so they are tested
+here by what they decide, with stored layouts made by hand, and nothing read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from shardsave import _format, _tree
+from shardsave._format import LeafEntry, StoredShard
+from shardsave._plan import plan_reads, plan_save
+from shardsave._restore import LeafRequest, plan_restore
+
+F32 = np.dtype(np.float32)
+
+
+def _stored(shape: tuple[int, ...], rows_per_shard: int, name: str = "w") -> LeafEntry:
+    """A leaf stored in shards of whole rows, one file each (as a 1-D mesh saves it)."""
+    shards = []
+    for k, start in enumerate(range(0, shape[0], rows_per_shard)):
+        stop = min(start + rows_per_shard, shape[0])
+        nbytes = (stop - start) * math.prod(shape[1:]) * F32.itemsize
+        crcs = tuple(0 for _ in range(_format.crc_chunks(nbytes, _format.CRC_CHUNK_BYTES)))
+        shards.append(StoredShard(k, 0, nbytes, (start, *[0] * (len(shape) - 1)), (stop, *shape[1:]), crcs))
+    return LeafEntry(name, F32, shape, _tree.KIND_ARRAY, None, tuple(shards))
+
+
+def _covered(reads, box) -> np.ndarray:
+    """How many times each element of the target box is written by the reads."""
+    count = np.zeros([b - a for a, b in box], np.int32)
+    for read in reads:
+        count[read.dst] += 1
+    return count
+
+
+def test_a_replicated_leaf_is_written_once_and_writers_are_balanced(mesh24):
+    specs = [
+        _tree.LeafSpec(f"r{i}", (64, 64), F32, _tree.KIND_ARRAY, NamedSharding(mesh24, P())) for i in range(8)
+    ] + [_tree.LeafSpec("host", (10,), F32, _tree.KIND_NUMPY, None)]
+    plan = plan_save(specs, True, jax.devices())
+    shards = [s for f in plan.files for s in f.shards]
+    assert sorted(s.leaf for s in shards) == list(range(9))  # each leaf stored exactly once
+    sizes = [f.nbytes for f in plan.files]
+    assert len(plan.files) == 8 and max(sizes) - min(sizes) <= 64  # one replica per device
+    assert all(s.offset % 64 == 0 for s in shards)
+
+
+def test_reads_of_a_resharded_target_cover_it_exactly_once():
+    entry = _stored((32, 8), rows_per_shard=8)
+    box = ((5, 27), (2, 6))  # crosses three stored shards, part of their columns
+    reads = plan_reads(entry.shards, box, F32.itemsize)
+    assert {r.shard.start[0] for r in reads} == {0, 8, 16, 24}
+    assert (_covered(reads, box) == 1).all()
+    # Each read is whole rows of one shard: a contiguous byte span.
+    for r in reads:
+        assert (
+            r.shard.start[0]
+            <= r.shard.start[0] + r.row_start
+            < r.shard.start[0] + r.row_stop
+            <= r.shard.stop[0]
+        )
+
+
+def test_a_read_cap_cuts_spans_into_row_ranges():
+    entry = _stored((1024, 256), rows_per_shard=1024)  # one 1 MiB shard
+    reads = plan_reads(entry.shards, ((0, 1024), (0, 256)), F32.itemsize, max_read_bytes=64 << 10)
+    assert len(reads) == 16 and all(r.nbytes <= 64 << 10 for r in reads)
+    assert (_covered(reads, ((0, 1024), (0, 256))) == 1).all()
+
+
+def test_a_target_laid_out_as_saved_reads_each_stored_shard_whole(mesh24):
+    entry = _stored((64, 16), rows_per_shard=8)
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("x",)), P("x"))
+    plan = plan_restore([LeafRequest(entry, (64, 16), F32, sharding)], 4 << 20, budget=None, sequential=False)
+    assert len(plan.units) == 8
+    assert all(len(u.reads) == 1 and u.reads[0].fills_target for u in plan.units)
+
+
+def test_a_capped_plan_keeps_every_batch_within_the_budget(mesh24):
+    entries = [_stored((2048, 1024), rows_per_shard=256, name=f"l{i}") for i in range(4)]  # 8 MiB each
+    sharding = NamedSharding(mesh24, P(None, "model"))  # a column split: rows of every stored shard
+    requests = [LeafRequest(e, e.shape, F32, sharding) for e in entries]
+    budget = 32 << 20
+    plan = plan_restore(requests, 4 << 20, budget=budget, sequential=True)
+    assert len(plan.batches) > 1
+    for batch in plan.batches:
+        held = sum(u.read_bytes() + u.assembly_bytes(F32.itemsize) for u in batch)
+        assert len(batch) == 1 or held <= budget
+    assert sum(len(b) for b in plan.batches) == len(plan.units)
+
+
+def test_a_budget_a_capped_restore_cannot_keep_is_refused_before_reading():
+    with pytest.raises(ValueError, match="below the 32 MiB"):
+        plan_restore([], 4 << 20, budget=8 << 20, sequential=True)
