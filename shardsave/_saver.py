@@ -414,9 +414,8 @@ class Saver:
                 return None
             raise ValueError("the tree to save has no leaves; pass allow_empty=True to Saver to allow it")
         save_path = location(save_path)
-        prefix = save_path
         step = None if global_step is None else _step_number(global_step)
-        prefix = _format.checkpoint_name(prefix, step, self.pad_step_number)
+        prefix = _format.checkpoint_name(save_path, step, self.pad_step_number)
         # Validate every leaf before anything on disk changes.
         stored = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
         specs, leaves = [spec for spec, _ in stored], [leaf for _, leaf in stored]
