@@ -2,7 +2,8 @@
 
     python tests/programs/crash_child.py DIRECTORY PAUSE_AT
 
-Each phase of a save (stage, data, fsync, index, state, delete) prints
+Each phase of a save (stage: save() blocking; data, fsync, index, state, delete:
+the store's calls) prints
 "phase NAME N" as it begins; the one named by PAUSE_AT ("index:1") also prints
 "paused" and sleeps, so that the test kills it exactly there. An empty
 PAUSE_AT never pauses (the test kills it at a random moment). The process
@@ -27,7 +28,6 @@ from jax.sharding import PartitionSpec as P
 from store_faults import Hooked
 
 import shardsave
-import shardsave._saver as saver_module
 from shardsave import _storage
 
 _counts: dict[str, int] = {}
@@ -46,23 +46,18 @@ def _mark(phase: str, pause_at: str) -> None:
 
 
 def _announce_phases(pause_at: str) -> contextlib.AbstractContextManager[None]:
-    stage, fsync = saver_module.stage, os.fsync
+    fsync = os.fsync
 
     def on_write(key: str) -> None:
         _mark("index" if key.endswith(".index") else "state" if key == "checkpoint" else "data", pause_at)
-
-    def marked_stage(*args: Any) -> Any:
-        _mark("stage", pause_at)
-        return stage(*args)
 
     def marked_fsync(fd: Any) -> None:  # a local write's temporary file is complete, not yet renamed
         if not stat.S_ISDIR(os.fstat(fd).st_mode):  # not the directory's fsync after the rename
             _mark("fsync", pause_at)
         fsync(fd)
 
-    # Staging and fsync are not storage calls of a store: they are announced by wrapping
-    # the functions (announcing only, no fault is injected this way).
-    saver_module.stage = marked_stage  # type: ignore[assignment]
+    # The fsync of a written temporary file happens inside the local store; it is
+    # announced by wrapping os.fsync (announcing only: no fault is injected this way).
     os.fsync = marked_fsync
     return _storage.wrapping_stores(
         lambda store: Hooked(store, on_write, lambda key: _mark("delete", pause_at))
@@ -72,10 +67,10 @@ def _announce_phases(pause_at: str) -> contextlib.AbstractContextManager[None]:
 def main() -> None:
     directory, pause_at = sys.argv[1], sys.argv[2]
     with _announce_phases(pause_at):
-        _save_forever(directory)
+        _save_forever(directory, pause_at)
 
 
-def _save_forever(directory: str) -> None:
+def _save_forever(directory: str, pause_at: str) -> None:
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     latest = shardsave.latest_checkpoint(directory)
     step = int(latest.rsplit("-", 1)[1]) + 1 if latest else 1
@@ -90,6 +85,8 @@ def _save_forever(directory: str) -> None:
             "host": np.full(1000, step, np.int64),
             "step": step,
         }
+        # save() blocks while it waits for the previous commit and stages this one.
+        _mark("stage", pause_at)
         saver.save(tree, f"{directory}/model", global_step=step)
         step += 1
 
