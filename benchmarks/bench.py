@@ -39,12 +39,17 @@ Tools and what they measure:
   shardsave-async  Saver(async_save=True): blocking time and time to commit
   shardsave-device Saver(snapshot_on_device=True), on accelerators only
 
+Storage "s3" is moto's S3 server on loopback (started by the benchmark): there
+"raw" is boto3 PUTting and GETting the same bytes in parallel, one thread per
+data file, and Orbax is not run (its s3:// paths cannot name another endpoint).
+
 Outputs: a table on the terminal, OUT/bench.json, OUT/bench.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -403,6 +408,110 @@ def run_case(
     return records
 
 
+@contextlib.contextmanager
+def s3_server() -> Any:
+    """moto's S3 server on loopback, and the environment that points s3:// and boto3 at it."""
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen(
+        [str(server), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench"}  # fmt: skip
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start (pip install 'moto[server]')") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_s3_case(case: dict[str, Any], config: dict[str, Any], sampler: Sampler) -> list[dict[str, Any]]:
+    """shardsave against plain parallel PUTs and GETs of the same bytes, on moto's S3 server.
+
+    The limit ("raw") is boto3 writing and reading exactly the bytes shardsave
+    stores, one thread per data file. Orbax is not measured here: it reaches S3
+    through tensorstore's s3:// URLs, which carry no endpoint, so it cannot be
+    pointed at a server other than AWS's.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+
+    mesh, other = meshes()
+    tree = build_tree(case["bytes"], case["leaves"], mesh)
+    same, resharded = abstract(tree, None), abstract(tree, other)
+    raw = Raw(tree, durable=False)
+    raw.d2h()
+    payloads = [b.tobytes() for b in raw.buffers]  # boto3 takes bytes: made outside the timings
+    records: list[dict[str, Any]] = []
+    sampler.warm_bytes = int(config["warm_memory"] * case["bytes"])
+
+    def record(tool: str, op: str, rep: int, seconds: float, transient: int) -> None:
+        if rep >= config["warmup"]:
+            records.append({**case, "tool": tool, "op": op, "seconds": seconds, "transient_bytes": transient})
+
+    with s3_server() as endpoint, ThreadPoolExecutor(max(1, len(payloads))) as pool:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket="bench")
+        saver = shardsave.Saver(async_save=False, max_to_keep=None)
+
+        def put_all(prefix: str) -> None:
+            keys = [f"{prefix}/raw.data-{k:05d}" for k in range(len(payloads))]
+            list(
+                pool.map(
+                    lambda kv: client.put_object(Bucket="bench", Key=kv[0], Body=kv[1]), zip(keys, payloads)
+                )
+            )
+
+        def get_all(prefix: str) -> list[bytes]:
+            keys = [f"{prefix}/raw.data-{k:05d}" for k in range(len(payloads))]
+            return list(pool.map(lambda key: client.get_object(Bucket="bench", Key=key)["Body"].read(), keys))
+
+        for rep in range(config["warmup"] + config["reps"]):
+            prefix = f"rep{rep}"
+            record("raw", "save", rep, *sampler.run(partial(put_all, prefix))[:2])
+            t, m, path = sampler.run(
+                partial(saver.save, tree, f"s3://bench/{prefix}/shardsave/model", global_step=rep)
+            )
+            record("shardsave", "save", rep, t, m)
+            t, m, out = sampler.run(partial(get_all, prefix))
+            del out
+            record("raw", "restore", rep, t, m)
+            for label, target in (("restore", same), ("restore_resharded", resharded)):
+                t, m, out = sampler.run(partial(_ready, saver.restore, path, target))
+                del out
+                record("shardsave", label, rep, t, m)
+            for listed in client.list_objects_v2(Bucket="bench", Prefix=prefix).get("Contents", []):
+                client.delete_object(Bucket="bench", Key=listed["Key"])
+            gc.collect()
+        saver.close()
+    return records
+
+
 def first_save(case: dict[str, Any], root: Path) -> dict[str, float]:
     """The first save of a fresh process against its later ones (blocking time).
 
@@ -669,8 +778,11 @@ def main(argv: list[str] | None = None) -> int:
             f"[{i}/{len(cases)}] {case['storage']} {case['bytes'] // MIB} MiB, {case['leaves']} leaves",
             file=sys.stderr,
         )
-        records += run_case(case, config, roots[case["storage"]], sampler)
-        if i == 1 and config.get("first_save", True):
+        if case["storage"] == "s3":
+            records += run_s3_case(case, config, sampler)
+        else:
+            records += run_case(case, config, roots[case["storage"]], sampler)
+        if i == 1 and config.get("first_save", True) and case["storage"] != "s3":
             first = first_save(case, roots[case["storage"]])
         # Written after every case, so a run cut short still leaves its results.
         rows = summarize(records)

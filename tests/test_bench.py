@@ -28,6 +28,8 @@ def test_benchmark_runs_and_writes_its_outputs(tmp_path):
     assert {("shardsave-async", "save_blocking"), ("shardsave", "restore_resharded")} <= tools
     assert {("shardsave", "restore_sequential"), ("orbax", "save"), ("orbax-nocomp", "restore")} <= tools
     assert all(r["median_s"] > 0 and r["n"] == 1 for r in doc["rows"])
+    on_s3 = {(r["tool"], r["op"]) for r in doc["rows"] if r["storage"] == "s3"}  # moto's server
+    assert {("raw", "save"), ("raw", "restore"), ("shardsave", "save"), ("shardsave", "restore")} <= on_s3
     assert (tmp_path / "bench.png").stat().st_size > 1000
     table = (tmp_path / "table.txt").read_text()
     assert "shardsave" in table and "index of 100 leaves" in table
