@@ -201,18 +201,43 @@ _S3_BUCKETS: dict[str, dict[str, Any]] = {}
 _S3_OPTIONS = ("endpoint", "aws_region", "host_header", "requester_pays")
 
 
+# KvStores given as locations that no URL names (another driver, or a store whose
+# context must be kept, such as a memory store of the caller's): each gets a
+# process-local name "kvstore+N://PATH", PATH relative to the store's own path.
+_KVSTORES: list[ts.KvStore] = []
+_KVSTORE_SCHEME = "kvstore+"
+
+
+def _registered(kv: ts.KvStore) -> str:
+    base = kv.copy()
+    path = base.path.strip("/")
+    base.path = ""
+    spec = base.spec().to_json()  # the same store given twice gets the same name
+    number = next((n for n, known in enumerate(_KVSTORES) if known.spec().to_json() == spec), None)
+    if number is None:
+        _KVSTORES.append(base)
+        number = len(_KVSTORES) - 1
+    return f"{_KVSTORE_SCHEME}{number}://{path}"
+
+
 def location(place: Any) -> str:
     """A checkpoint location as the string the rest of shardsave uses.
 
     Accepts a path (str or os.PathLike), a URL, a tensorstore kvstore spec (a
-    dict, or its JSON text) or a tensorstore.KvStore of the file, memory, s3 or
-    gcs driver. A spec's s3 endpoint and region apply to that bucket from then on
-    in this process (the URL s3://bucket/path that stands for it cannot hold them).
+    dict, or its JSON text) or a tensorstore.KvStore. Specs of the file, memory,
+    s3 and gcs drivers (and KvStores of the file, s3 and gcs drivers) become
+    paths and URLs (an s3 spec's endpoint and region then apply to that bucket
+    in this process: the URL s3://bucket/path cannot hold them); any other
+    KvStore (a memory store keeps its caller's context) and a spec of any other
+    driver is kept as it is and named "kvstore+N://PATH" for this process.
     """
-    if isinstance(place, ts.KvStore):
-        place = place.spec().to_json()
     if isinstance(place, str) and place.lstrip().startswith("{"):
         place = json.loads(place)
+    if isinstance(place, ts.KvStore):
+        spec = place.spec().to_json()
+        if spec.get("driver") not in ("file", "s3", "gcs"):  # memory: its context is the caller's
+            return _registered(place)
+        place = spec
     if not isinstance(place, dict):
         return os.fspath(place)
     driver, path = place.get("driver"), str(place.get("path", "")).strip("/")
@@ -227,10 +252,11 @@ def location(place: Any) -> str:
                 _S3_BUCKETS[place["bucket"]] = options
         scheme = "s3" if driver == "s3" else "gs"
         return f"{scheme}://{place['bucket']}/{path}" if path else f"{scheme}://{place['bucket']}"
-    raise ValueError(
-        f"cannot use the kvstore spec {place!r:.200} as a checkpoint location: shardsave takes the "
-        "file, memory, s3 and gcs drivers (with a path), or a path or URL"
-    )
+    try:
+        kv = ts.KvStore.open(place, context=ts.Context(_REMOTE_CONTEXT)).result()
+    except Exception as e:
+        raise ValueError(f"cannot use the kvstore spec {place!r:.200} as a checkpoint location: {e}") from e
+    return _registered(kv)
 
 
 def _env(*names: str) -> str | None:
@@ -470,6 +496,11 @@ class TensorstoreStore:
     def __init__(self, directory: str, timeout_s: float = DEFAULT_TIMEOUT_S):
         self.path = directory
         self.timeout_s = timeout_s
+        if directory.startswith(_KVSTORE_SCHEME):  # a KvStore given as a location
+            number, _, path = directory[len(_KVSTORE_SCHEME) :].partition("://")
+            self._kv = _KVSTORES[int(number)].copy()
+            self._kv.path = path.strip("/") + "/" if path.strip("/") else ""
+            return
         spec = _spec(directory)
         # Keyed by the whole spec, endpoint and region included: a changed environment
         # opens a new store rather than reusing one that points elsewhere.

@@ -273,5 +273,24 @@ def test_a_kvstore_spec_is_a_location(s3_server, monkeypatch, mesh24, tmp_path):
     kvstore = ts.KvStore.open({"driver": "file", "path": str(tmp_path) + "/"}).result()
     assert shardsave.latest_checkpoint(kvstore) == saved
     with pytest.raises(ValueError, match="cannot use the kvstore spec"):
-        shardsave.latest_checkpoint({"driver": "zip", "base": "memory://"})
+        shardsave.latest_checkpoint({"driver": "no-such-driver"})
+    saver.close()
+
+
+def test_a_tensorstore_kvstore_of_any_driver_is_a_location(mesh24):
+    """A KvStore object keeps its own context: a memory store of the caller's is written, not ours."""
+    own = ts.KvStore.open({"driver": "memory", "path": "runs/"}, context=ts.Context()).result()
+    saver = shardsave.Saver(async_save=False, max_to_keep=1)
+    model = own.copy()
+    model.path = "runs/ckpt/model"
+    first = saver.save(_tree(mesh24, 1), model, global_step=1)
+    path = saver.save(_tree(mesh24, 2), model, global_step=2)
+    assert path.startswith("kvstore+") and path.endswith("/runs/ckpt/model-2")
+    assert b"ckpt/model-2.index" in own.list().result()  # in the caller's store
+    assert b"ckpt/model-1.index" not in own.list().result()  # retention deleted through it too
+    ckpt_dir = own.copy()
+    ckpt_dir.path = "runs/ckpt/"
+    assert shardsave.latest_checkpoint(ckpt_dir) == path and not shardsave.checkpoint_exists(first)
+    assert shardsave.Saver().restore(path)["step"] == 2
+    assert shardsave.CheckpointReader(path).verify() == []
     saver.close()
