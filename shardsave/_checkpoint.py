@@ -11,6 +11,7 @@ this module maps them onto the objects, for writing and reading.
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable
 from functools import partial
 from itertools import accumulate
@@ -21,7 +22,7 @@ import numpy as np
 from . import _format, _gc_pause
 from ._format import DataFile, Index, LeafEntry, StoredShard
 from ._plan import SavePlan
-from ._storage import Store, aligned_empty
+from ._storage import Store, aligned_empty, temp_target
 from .errors import CorruptCheckpointError, SaveFailedError
 
 
@@ -72,6 +73,57 @@ def encode_checked(index: Index, where: str) -> bytes:
             f"committed (please report this as a bug, with the tree's structure): {e}"
         ) from e
     return raw
+
+
+class Listing:
+    """A directory's keys grouped by the checkpoint they belong to: the one place that reads names.
+
+    Attributes:
+      keys: every key, sorted.
+      committed: checkpoint names with an index (committed checkpoints).
+      data: checkpoint name -> its data objects (files and parts), whether committed or not.
+      temps: checkpoint name -> temporary files of interrupted writes of its index or data.
+    """
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        self.committed: set[str] = set()
+        self.data: dict[str, list[str]] = {}
+        self.temps: dict[str, list[str]] = {}
+        for key in keys:
+            written = temp_target(key)
+            if written is not None:
+                parsed = _format.parse_data_key(written)
+                base = parsed[0] if parsed else written.removesuffix(_format.INDEX_SUFFIX)
+                if base != written:  # a data file's or an index's, not another file's
+                    self.temps.setdefault(base, []).append(key)
+            elif (parsed := _format.parse_data_key(key)) is not None:
+                self.data.setdefault(parsed[0], []).append(key)
+            elif key.endswith(_format.INDEX_SUFFIX):
+                self.committed.add(key[: -len(_format.INDEX_SUFFIX)])
+
+    @classmethod
+    def of(cls, store: Store) -> Listing:
+        return cls(store.list())
+
+    def checkpoints(self) -> list[str]:
+        """Every checkpoint name that has an index or data objects, sorted."""
+        return sorted(self.committed | set(self.data))
+
+    def files_of(self, base: str) -> list[str]:
+        """Every data object and temporary file of checkpoint base (not its index)."""
+        return self.data.get(base, []) + self.temps.get(base, [])
+
+    def leftovers(self, names: re.Pattern[str]) -> list[str]:
+        """Data objects of uncommitted checkpoints whose names match, and temporary files of any."""
+        out = [
+            k
+            for base, keys in self.data.items()
+            if base not in self.committed and names.fullmatch(base)
+            for k in keys
+        ]
+        out += [k for base, keys in self.temps.items() if names.fullmatch(base) for k in keys]
+        return sorted(out)
 
 
 def write_data_file(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import _format
+from ._checkpoint import Listing
 from ._reader import CheckpointReader
 from ._state import STATE_FILENAME, latest_checkpoint
 from ._storage import join, location, open_store
@@ -47,22 +48,16 @@ def cmd_ls(args: argparse.Namespace, out: Any) -> int:
     directory = open_store(args.dir)
     if directory.is_local and not os.path.isdir(args.dir):
         raise _Usage(f"{args.dir}: no such directory")
-    keys = directory.list()
-    bases: dict[str, list[str]] = {}
-    for key in keys:
-        parsed = _format.parse_data_key(key)
-        if parsed is not None:
-            bases.setdefault(parsed[0], []).append(key)
-        elif key.endswith(_format.INDEX_SUFFIX):
-            bases.setdefault(key[: -len(_format.INDEX_SUFFIX)], [])
-    if not bases and STATE_FILENAME not in keys:
+    listing = Listing.of(directory)
+    bases = {base: listing.data.get(base, []) for base in listing.checkpoints()}
+    if not bases and STATE_FILENAME not in listing.keys:
         raise _Usage(f"{args.dir} is not a checkpoint directory (no index, data or state file in it)")
     latest = latest_checkpoint(args.dir)
     latest_base = latest.rsplit("/", 1)[-1] if latest else None
     entries: list[tuple[float | None, int | None, str, str, str, str]] = []
     for base, data_keys in bases.items():
         step = _format.step_of(base)
-        if _format.index_key(base) in keys:
+        if base in listing.committed:
             try:
                 index = CheckpointReader(join(args.dir, base)).index
             except ShardsaveError as e:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _format, _gc_pause
-from ._checkpoint import DataFiles
+from ._checkpoint import DataFiles, Listing
 from ._format import Index, LeafEntry, StoredShard
 from ._plan import (
     Box,
@@ -502,7 +502,7 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[St
     directory, base = open_prefix(path, timeout_s)
     raw = directory.read_all(_format.index_key(base))
     if raw is None:
-        leftovers = [k for k in directory.list() if (p := _format.parse_data_key(k)) and p[0] == base]
+        leftovers = Listing.of(directory).data.get(base, [])
         hint = (
             f" ({len(leftovers)} data files exist without it: a save that never committed)"
             if leftovers

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _format, _gc_pause, _tree
 from ._background import BackgroundCommits
-from ._checkpoint import build_index, encode_checked, write_data_file
+from ._checkpoint import Listing, build_index, encode_checked, write_data_file
 from ._distributed import Coordinator, decode_reports, encode_report
 from ._plan import SavePlan, plan_save
 from ._restore import open_checkpoint, restore_leaves
@@ -662,9 +662,8 @@ class Saver:
         sync_directory(directory)
         # The old checkpoint may have had more data files than the new one.
         ours = {os.path.basename(file.path) for file in pending}
-        for key in directory.list():
-            parsed = _format.parse_data_key(key)
-            if parsed is not None and parsed[0] == save.base and key not in ours:
+        for key in Listing.of(directory).data.get(save.base, []):
+            if key not in ours:
                 directory.delete(key).result()
 
     def _after_commit(self, save: _PendingSave) -> None:
@@ -686,10 +685,10 @@ class Saver:
                 if not self.save_relative_paths:
                     absolute = os.path.abspath(directory.path) if directory.is_local else directory.path
                 write_state(directory, retention.state(save.base, save.timestamp, absolute), save.state_file)
-            keys = directory.list()
+            listing = Listing.of(directory)
             for old in doomed:
-                delete_checkpoint(directory, old, keys)
-            remove_uncommitted(directory, save.stem, keys)
+                delete_checkpoint(directory, old, listing)
+            remove_uncommitted(directory, save.stem, listing)
         except Exception as e:
             raise SaveFailedError(
                 f"{save.prefix} is committed and restorable, but what follows a commit (the state "

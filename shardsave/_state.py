@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import _format
-from ._storage import Store, join, location, open_store, split_prefix, temp_target
+from ._checkpoint import Listing
+from ._storage import Store, join, location, open_store, split_prefix
 from .errors import CorruptCheckpointError, ShardsaveError, StateFileWarning
 
 STATE_FILENAME = "checkpoint"
@@ -318,17 +319,16 @@ def unrecorded_commits(
     recorded = {b for b, _ in kept}
     named = _format.names_of_save_path(stem) if stem is not None else None
     found = []
-    for key in directory.list():
-        if not key.endswith(_format.INDEX_SUFFIX) or key[: -len(_format.INDEX_SUFFIX)] in recorded:
+    for base in sorted(Listing.of(directory).committed - recorded):
+        if named is not None and not named.fullmatch(base):
             continue
-        if named is not None and not named.fullmatch(key[: -len(_format.INDEX_SUFFIX)]):
-            continue
+        key = _format.index_key(base)
         try:
             created = _format.decode_index(directory.read_all(key) or b"", key).created
         except ShardsaveError:
             continue  # not ours to judge, and never ours to delete
         if created > newest:
-            found.append((key[: -len(_format.INDEX_SUFFIX)], created))
+            found.append((base, created))
     return sorted(found, key=lambda bt: bt[1])
 
 
@@ -487,27 +487,13 @@ def adopt_retention(
     return new_retention(last_preserved, [(display_path(directory, b), t) for b, t in kept])
 
 
-def _temp_of(key: str, base: str) -> bool:
-    """Whether key is the temporary file of a write of base's index or data files."""
-    written = temp_target(key)
-    if written is None:
-        return False
-    parsed = _format.parse_data_key(written)
-    return (parsed[0] if parsed else written.removesuffix(_format.INDEX_SUFFIX)) == base and written != base
-
-
-def delete_checkpoint(directory: Store, base: str, keys: list[str]) -> None:
+def delete_checkpoint(directory: Store, base: str, listing: Listing) -> None:
     """Deletes every data and temporary file of checkpoint base (its index is already gone)."""
-    doomed = [
-        k
-        for k in keys
-        if ((p := _format.parse_data_key(k)) is not None and p[0] == base) or _temp_of(k, base)
-    ]
-    for future in [directory.delete(k) for k in doomed]:
+    for future in [directory.delete(k) for k in listing.files_of(base)]:
         future.result()
 
 
-def remove_uncommitted(directory: Store, stem: str, keys: list[str] | None = None) -> list[str]:
+def remove_uncommitted(directory: Store, stem: str, listing: Listing | None = None) -> list[str]:
     """Deletes the data files of checkpoints of save path stem that have no index.
 
     They are leftovers of saves that failed or were killed, and of deletions cut
@@ -516,21 +502,7 @@ def remove_uncommitted(directory: Store, stem: str, keys: list[str] | None = Non
     so nobody else is writing these names; other names may be another Saver's
     saves in flight.
     """
-    if keys is None:
-        keys = directory.list()
-    present = set(keys)
-    named = _format.names_of_save_path(stem)
-
-    def leftover(key: str) -> bool:
-        written = temp_target(key)
-        if written is not None:  # an interrupted write of a data file or an index of this save path
-            p = _format.parse_data_key(written)
-            base = p[0] if p else written.removesuffix(_format.INDEX_SUFFIX)
-            return base != written and named.fullmatch(base) is not None
-        p = _format.parse_data_key(key)
-        return p is not None and named.fullmatch(p[0]) is not None and _format.index_key(p[0]) not in present
-
-    doomed = [k for k in keys if leftover(k)]
+    doomed = (listing or Listing.of(directory)).leftovers(_format.names_of_save_path(stem))
     for future in [directory.delete(k) for k in doomed]:
         future.result()
     return doomed
@@ -585,7 +557,7 @@ def remove_checkpoint(checkpoint_prefix: str) -> None:
         raise ValueError(f"{checkpoint_prefix!r} names a directory, not a checkpoint prefix")
     directory = open_store(directory_name)
     directory.delete(_format.index_key(base)).result()
-    delete_checkpoint(directory, base, directory.list())
+    delete_checkpoint(directory, base, Listing.of(directory))
 
 
 def recovered(paths: Iterable[str]) -> list[tuple[str, float]]:

@@ -100,3 +100,35 @@ def test_a_capped_plan_keeps_every_batch_within_the_budget(mesh24):
 def test_a_budget_a_capped_restore_cannot_keep_is_refused_before_reading():
     with pytest.raises(ValueError, match="below the 32 MiB"):
         plan_restore([], 4 << 20, budget=8 << 20, sequential=True)
+
+
+def test_a_listing_groups_a_directorys_keys_by_checkpoint():
+    from shardsave._checkpoint import Listing
+    from shardsave._format import names_of_save_path
+
+    listing = Listing(
+        [
+            "checkpoint",
+            ".model.lock",
+            "model-1.index",
+            "model-1.data-00000-of-00002",
+            "model-1.data-00001-of-00002.part-00000",
+            "model-2.data-00000-of-00001",  # a save that never committed
+            "model-2.data-00000-of-00001.tmp-0a1b2c3d",
+            "model--3.index.tmp-deadbeef",  # an interrupted commit of a negative step
+            "best-7.index",
+            "notes.txt.tmp-01234567",  # another program's temporary file: not a checkpoint's
+        ]
+    )
+    assert listing.committed == {"model-1", "best-7"}
+    assert listing.checkpoints() == ["best-7", "model-1", "model-2"]
+    assert listing.files_of("model-1") == [
+        "model-1.data-00000-of-00002",
+        "model-1.data-00001-of-00002.part-00000",
+    ]
+    assert listing.leftovers(names_of_save_path("model")) == [
+        "model--3.index.tmp-deadbeef",
+        "model-2.data-00000-of-00001",
+        "model-2.data-00000-of-00001.tmp-0a1b2c3d",
+    ]
+    assert listing.leftovers(names_of_save_path("best")) == []
