@@ -502,9 +502,12 @@ class TensorstoreStore:
             self._kv.path = path.strip("/") + "/" if path.strip("/") else ""
             return
         spec = _spec(directory)
-        # Keyed by the whole spec, endpoint and region included: a changed environment
-        # opens a new store rather than reusing one that points elsewhere.
-        key = repr(spec)
+        # Keyed by the whole spec, endpoint and region included (and tensorstore's GCS
+        # endpoint variable): a changed environment opens a new store rather than
+        # reusing one that points elsewhere.
+        key = repr(spec) + (
+            os.environ.get("TENSORSTORE_GCS_HTTP_URL", "") if directory.startswith("gs://") else ""
+        )
         with TensorstoreStore._open_lock:
             store = TensorstoreStore._open.get(key)
         if store is None:

@@ -155,11 +155,19 @@ class _Proxy:
         self._listener.close()
 
 
-def test_a_server_lost_mid_save_fails_the_save_and_keeps_the_previous_checkpoint(s3_env, monkeypatch, mesh24):
-    bucket = s3_bucket(s3_env)
-    proxy = _Proxy(int(s3_env.rsplit(":", 1)[1]))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-    location = f"s3://{bucket}/ckpt"
+@pytest.mark.parametrize("kind", ["s3", "gcs"])
+def test_a_server_lost_mid_save_fails_the_save_and_keeps_the_previous_checkpoint(
+    request, monkeypatch, mesh24, kind
+):
+    if kind == "s3":
+        endpoint = request.getfixturevalue("s3_env")
+        bucket, variable, scheme = s3_bucket(endpoint), "AWS_ENDPOINT_URL", "s3"
+    else:
+        endpoint = request.getfixturevalue("gcs_server")
+        bucket, variable, scheme = gcs_bucket(endpoint), "TENSORSTORE_GCS_HTTP_URL", "gs"
+    proxy = _Proxy(int(endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv(variable, f"http://127.0.0.1:{proxy.port}")
+    location = f"{scheme}://{bucket}/ckpt"
     saver = shardsave.Saver(max_to_keep=1, storage_timeout_s=10)
     try:
         first = saver.save(_tree(mesh24, 1), f"{location}/model", global_step=1)
