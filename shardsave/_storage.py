@@ -357,6 +357,26 @@ class Store(Protocol):
     def lock(self, stem: str) -> WriterLock | None: ...
 
 
+class _Local(Generic[T_co]):
+    """A local read or write on shardsave's I/O threads, waited for within the store's deadline.
+
+    A hung file system (an NFS server gone) then raises StorageError naming the
+    file instead of blocking the save or restore for good.
+    """
+
+    def __init__(self, future: Future[T_co], what: str, timeout_s: float):
+        self._future, self._what, self._timeout_s = future, what, timeout_s
+
+    def result(self) -> T_co:
+        try:
+            return self._future.result(timeout=self._timeout_s)
+        except TimeoutError:
+            raise StorageError(
+                f"{self._what}: the file system did not finish within {self._timeout_s:g} s "
+                "(Saver(storage_timeout_s=...) sets the deadline)"
+            ) from None
+
+
 class _Done(Generic[T_co]):
     """An operation that finished when it was asked for."""
 
@@ -402,7 +422,8 @@ class LocalStore:
         allocate: Callable[[int], np.ndarray] = aligned_empty,
     ) -> Pending[np.ndarray]:
         _count_read(stop - start)
-        return _IO.submit(_pread, self.local_path(key), start, stop, then, allocate)
+        future = _IO.submit(_pread, self.local_path(key), start, stop, then, allocate)
+        return _Local(future, f"reading {self.local_path(key)}", self.timeout_s)
 
     def read_all(self, key: str) -> bytes | None:
         try:
@@ -433,7 +454,7 @@ class LocalStore:
                 done.set_result(synced.result())
 
         _IO.submit(_write_temp, path, data).add_done_callback(then_sync)
-        return done
+        return _Local(done, f"writing {path}", self.timeout_s)
 
     def exists(self, key: str) -> bool:
         return os.path.isfile(self.local_path(key))

@@ -14,6 +14,7 @@ import pytest
 from conftest import gcs_bucket, s3_bucket
 
 from shardsave import _storage
+from shardsave.errors import StorageError
 
 
 @pytest.fixture(params=["local", "memory", "s3", "gcs"])
@@ -96,3 +97,17 @@ def test_what_only_local_stores_do(store, tmp_path):
     lock = store.lock("model")
     assert lock is not None
     lock.release()
+
+
+def test_a_hung_local_file_system_raises_within_the_deadline(tmp_path):
+    """A write that never finishes (a FIFO nobody reads stands in for a hung NFS server)."""
+    import os
+    import threading
+
+    local = _storage.open_store(str(tmp_path), timeout_s=1)
+    os.mkfifo(tmp_path / "hung")
+    with pytest.raises(StorageError, match="did not finish within 1 s"):
+        local.read_range("hung", 0, 10).result()  # opening a FIFO to read blocks until a writer comes
+    threading.Thread(
+        target=lambda: open(tmp_path / "hung", "wb").close(), daemon=True
+    ).start()  # free the I/O thread
