@@ -35,6 +35,8 @@ def build_index(
     structure: Any,
     chunk: int,
     part_bytes: int,
+    metrics: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Index:
     """The index of a saved plan: each planned shard with its file, offset and checksums."""
     shards: list[list[StoredShard]] = [[] for _ in plan.leaves]
@@ -59,7 +61,7 @@ def build_index(
         DataFile(f.nbytes, f.device_id, f.process_index, _format.split_parts(f.nbytes, part_bytes))
         for f in plan.files
     )
-    return Index(step, created, chunk, files, structure, leaves)
+    return Index(step, created, chunk, files, structure, leaves, metrics=metrics, metadata=metadata)
 
 
 def encode_checked(index: Index, where: str) -> bytes:

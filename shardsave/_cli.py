@@ -115,6 +115,8 @@ def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
             "created": reader.index.created,
             "files": len(reader.index.files),
             "total_bytes": total,
+            "metrics": reader.metrics,
+            "metadata": reader.metadata,
             "leaves": [
                 {
                     "name": v.name,
@@ -137,6 +139,9 @@ def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
         f"step {reader.global_step}, saved {_when(reader.index.created)}",
         file=out,
     )
+    for name, document in (("metrics", reader.metrics), ("metadata", reader.metadata)):
+        if document is not None:
+            print(f"{name}: {json.dumps(document, sort_keys=True)}", file=out)
     return 0
 
 

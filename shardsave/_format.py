@@ -242,10 +242,54 @@ class Index:
     structure: Any
     leaves: tuple[LeafEntry, ...]
     format_version: int = FORMAT_VERSION
+    metrics: dict[str, Any] | None = None  # save(metrics=...): JSON, committed with the checkpoint
+    metadata: dict[str, Any] | None = None  # save(metadata=...)
 
     @property
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.files)
+
+
+def json_document(value: Any, what: str) -> dict[str, Any] | None:
+    """value as a JSON object (string keys, JSON values), numpy and jax scalars as numbers.
+
+    Raises TypeError naming the offending key path: metrics and metadata are
+    checked before anything is written, so that a save either stores them or
+    refuses at once.
+    """
+    if value is None:
+        return None
+
+    def convert(x: Any, path: str) -> Any:
+        if x is None or isinstance(x, (bool, str)):
+            return x
+        if isinstance(x, (int, float)):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise TypeError(f"{what}{path} is {x}, which JSON cannot hold; store None or a string")
+            return x
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                if not isinstance(k, str):
+                    raise TypeError(f"{what}{path} has the key {k!r}; keys must be strings")
+                out[k] = convert(v, f"{path}[{k!r}]")
+            return out
+        if isinstance(x, (list, tuple)):
+            return [convert(v, f"{path}[{i}]") for i, v in enumerate(x)]
+        if getattr(x, "shape", None) == () and getattr(x, "dtype", None) is not None:  # numpy/jax scalars
+            kind = np.dtype(x.dtype).kind
+            if kind in "iub":
+                return bool(x) if kind == "b" else int(x)
+            if kind == "f":
+                return convert(float(x), path)
+        raise TypeError(
+            f"{what}{path} is a {type(x).__name__}, which JSON cannot hold; metrics and metadata take "
+            "strings, numbers, booleans, None, lists and dicts with string keys (store arrays in the tree)"
+        )
+
+    if not isinstance(value, dict):
+        raise TypeError(f"{what} must be a dict with string keys, found {type(value).__name__}")
+    return convert(value, "")
 
 
 # ---------------------------------------------------------------- shardings
@@ -336,6 +380,10 @@ def encode_index(index: Index) -> bytes:
         "structure": index.structure,
         "leaves": leaves,
     }
+    if index.metrics is not None:
+        doc["metrics"] = index.metrics
+    if index.metadata is not None:
+        doc["metadata"] = index.metadata
     body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     return b"".join((_ENVELOPE_HEAD, b"%08x" % checksum(body), _ENVELOPE_MID, body, b"}"))
 
@@ -467,6 +515,12 @@ def _decode(doc: dict[str, Any], version: int) -> Index:
     indices = _tree.structure_leaf_indices(structure)
     if indices != list(range(len(leaves))):
         raise ValueError("structure does not refer to every leaf exactly once, in order")
+    documents = {}
+    for name in ("metrics", "metadata"):
+        value = doc.get(name)
+        if value is not None and (not isinstance(value, dict) or not all(isinstance(k, str) for k in value)):
+            raise ValueError(f"{name} must be an object")
+        documents[name] = value
     return Index(
         global_step=step,
         created=float(created),
@@ -475,6 +529,8 @@ def _decode(doc: dict[str, Any], version: int) -> Index:
         structure=structure,
         leaves=tuple(leaves),
         format_version=version,
+        metrics=documents["metrics"],
+        metadata=documents["metadata"],
     )
 
 

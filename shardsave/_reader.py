@@ -105,6 +105,16 @@ class CheckpointReader:
     def global_step(self) -> int | None:
         return self.index.global_step
 
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        """The metrics saved with the checkpoint (save(metrics=...)), read from the index alone."""
+        return self.index.metrics
+
+    @property
+    def metadata(self) -> dict[str, Any] | None:
+        """The metadata saved with the checkpoint (save(metadata=...)), read from the index alone."""
+        return self.index.metadata
+
     def variables(self) -> list[VariableInfo]:
         """Every stored leaf, in tree order."""
         return [

@@ -80,6 +80,8 @@ class _PendingSave:
     # made durable under temporary names before the old index goes.
     replace_local: bool = False
     state_file: str | None = STATE_FILENAME  # None: write_state=False (not recorded, not retained)
+    metrics: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -379,6 +381,8 @@ class Saver:
         overwrite: bool = False,
         latest_filename: str | None = None,
         write_state: bool = True,
+        metrics: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> str | None:
         """Saves a pytree as the checkpoint save_path[-global_step].
 
@@ -396,13 +400,16 @@ class Saver:
           write_state: record the checkpoint in the state file and in retention
             (max_to_keep); with False it is committed and left alone, as in
             tf.train.Saver.
+          metrics, metadata: dicts with string keys and JSON values (numpy and jax
+            scalars count as numbers), stored in the index and so committed with
+            the checkpoint; CheckpointReader(path).metrics / .metadata read them.
 
         Returns:
           The checkpoint's prefix, or None for an empty tree with allow_empty.
 
         Raises:
           ValueError: the tree is empty or two leaves have the same name.
-          TypeError: a leaf cannot be stored.
+          TypeError: a leaf cannot be stored, or metrics/metadata hold what JSON cannot.
           CheckpointExistsError: the prefix holds a committed checkpoint.
           SaveFailedError: the previous asynchronous save failed.
         """
@@ -414,6 +421,7 @@ class Saver:
                 return None
             raise ValueError("the tree to save has no leaves; pass allow_empty=True to Saver to allow it")
         save_path = location(save_path)
+        documents = _format.json_document(metrics, "metrics"), _format.json_document(metadata, "metadata")
         step = None if global_step is None else _step_number(global_step)
         prefix = _format.checkpoint_name(save_path, step, self.pad_step_number)
         # Validate every leaf before anything on disk changes.
@@ -498,6 +506,8 @@ class Saver:
             key=key,
             replace_local=replace_local,
             state_file=(latest_filename or STATE_FILENAME) if write_state else None,
+            metrics=documents[0],
+            metadata=documents[1],
         )
         info = SaveInfo(prefix, nbytes, time.perf_counter() - began)
         self._last_save = info
@@ -637,7 +647,17 @@ class Saver:
     def _encoded_index(
         self, plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
     ) -> bytes:
-        index = build_index(plan, crcs, save.step, save.timestamp, save.structure, chunk, self.part_bytes)
+        index = build_index(
+            plan,
+            crcs,
+            save.step,
+            save.timestamp,
+            save.structure,
+            chunk,
+            self.part_bytes,
+            save.metrics,
+            save.metadata,
+        )
         return encode_checked(index, f"{save.prefix}{_format.INDEX_SUFFIX}")
 
     @staticmethod
