@@ -126,6 +126,22 @@ class Coordinator:
             )
         return values
 
+    def agree(self, name: str, mine: bool) -> bool:
+        """Process 0's answer to a yes/no question every process asks (its own elsewhere)."""
+        key = f"shardsave/{self.saver_id}/{name}"
+        if self.process_index == 0:
+            try:
+                self.publish(key, "1" if mine else "0")
+                return mine
+            except Exception:  # asked before: the first answer stands, for everyone
+                return bool(_client().blocking_key_value_get(key, int(self.timeout_s * 1000)) == "1")
+        try:
+            return _client().blocking_key_value_get(key, int(self.timeout_s * 1000)) == "1"
+        except Exception as e:
+            raise CoordinationTimeoutError(
+                f"{name}: process 0 did not answer within {self.timeout_s:g} s (did it die or stall?)"
+            ) from e
+
     def publish_outcome(self, key: str, error: BaseException | None) -> None:
         """Process 0 tells the others how the save ended (they raise the same error)."""
         doc = (

@@ -226,6 +226,11 @@ class Saver:
       clock: the time source for timestamps and keep_checkpoint_every_n_hours.
       part_bytes: the largest object written; a device's data beyond it is split into
         numbered parts (the default, 4 GiB, stays below S3's 5 GiB single-PUT limit).
+      save_interval_steps: should_save(step) is true when step is a multiple of it.
+      save_interval_secs: should_save(step) is true once this many seconds (on
+        clock) have passed since the last save began (or the Saver started), until
+        a save is made. With several processes, process 0's clock decides and every
+        process gets the same answer for the same step.
       share_reads: with several processes, read the stored bytes of a leaf that
         several processes need (a replicated leaf) once, spread over the processes,
         and share them through jax's collectives, instead of once per process.
@@ -260,6 +265,8 @@ class Saver:
         clock: Callable[[], float] = time.time,
         part_bytes: int = _format.DEFAULT_PART_BYTES,
         share_reads: bool | None = None,
+        save_interval_steps: int | None = None,
+        save_interval_secs: float | None = None,
     ):
         if max_to_keep is not None and max_to_keep < 0:
             raise ValueError(f"max_to_keep must be None or >= 0, found {max_to_keep}")
@@ -273,6 +280,12 @@ class Saver:
             raise ValueError(f"part_bytes must be positive, found {part_bytes}")
         self.part_bytes = part_bytes
         self.share_reads = share_reads
+        if save_interval_steps is not None and save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be None or >= 1, found {save_interval_steps}")
+        if save_interval_secs is not None and not save_interval_secs > 0:
+            raise ValueError(f"save_interval_secs must be None or > 0, found {save_interval_secs}")
+        self.save_interval_steps = save_interval_steps
+        self.save_interval_secs = save_interval_secs
         self.max_to_keep = max_to_keep
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self.sharded = sharded
@@ -298,6 +311,9 @@ class Saver:
         self._locks: dict[tuple[str, str], WriterLock] = {}
         self._last_directory: str | None = None
         self._last_save: SaveInfo | None = None
+        # For should_save: the newest step saved or restored, and when the last save began.
+        self._newest_step: int | None = None
+        self._last_save_began = self._created
         self._last_restore: RestoreInfo | None = None
 
     # ------------------------------------------------------------ save
@@ -415,6 +431,7 @@ class Saver:
         """
         self._commits.wait()
         began = time.perf_counter()
+        began_on_clock = self._clock()
         names, leaves, treedef = _tree.flatten(tree)
         if not leaves:
             if self.allow_empty:
@@ -510,6 +527,9 @@ class Saver:
             metadata=documents[1],
         )
         info = SaveInfo(prefix, nbytes, time.perf_counter() - began)
+        self._last_save_began = began_on_clock  # a save is made: the time-based policy starts over
+        if step is not None:
+            self._newest_step = step if self._newest_step is None else max(self._newest_step, step)
         self._last_save = info
 
         def commit() -> None:
@@ -534,6 +554,34 @@ class Saver:
             lock = directory.lock(stem)
             if lock is not None:
                 self._locks[directory.path, stem] = lock
+
+    def should_save(self, step: int) -> bool:
+        """Whether the training loop should save at this step, by the Saver's save policy.
+
+        True when step is a multiple of save_interval_steps (step 0 included), or
+        once save_interval_secs have passed on the Saver's clock since the last
+        save began, staying true until a save is made; never for a step at or below
+        the newest step this Saver saved or restored. save() itself is
+        unconditional. With several processes every process gets the same answer
+        for the same step: process 0's clock decides the time-based part.
+
+        Example:
+          >>> import shardsave
+          >>> saver = shardsave.Saver(save_interval_steps=100)
+          >>> [s for s in range(0, 301, 50) if saver.should_save(s)]
+          [0, 100, 200, 300]
+        """
+        step = _step_number(step)
+        if self._newest_step is not None and step <= self._newest_step:
+            return False
+        if self.save_interval_steps is not None and step % self.save_interval_steps == 0:
+            return True
+        if self.save_interval_secs is None:
+            return False
+        due = self._clock() - self._last_save_began >= self.save_interval_secs
+        if self._coordinator.active:
+            due = self._coordinator.agree(f"should_save/{step}", due)
+        return due
 
     def wait_until_finished(self) -> None:
         """Blocks until the pending asynchronous save has committed.
@@ -791,6 +839,9 @@ class Saver:
         matched = time.perf_counter()
         values, times = restore_leaves(directory, base, index, shared, budget=budget, sequential=sequential)
         restored = finish(lay_out(values, requests, moved))
+        if index.global_step is not None:  # a resumed run does not save this step again
+            step = index.global_step
+            self._newest_step = step if self._newest_step is None else max(self._newest_step, step)
         self._last_restore = RestoreInfo(
             path=save_path,
             nbytes=sum(math.prod(r.shape) * r.dtype.itemsize for r in requests),

@@ -157,7 +157,30 @@ def shared_reads(directory: str) -> None:
     multihost_utils.sync_global_devices("done")  # process 0 hosts jax's service: it leaves last
 
 
+def should_save(directory: str) -> None:
+    """Clocks half an interval apart: every process must still answer alike, step by step."""
+    import shardsave
+
+    offset = 0.5 * jax.process_index()  # process 1's clock runs half an interval ahead
+    ticks = [0.0]
+
+    def clock() -> float:
+        return ticks[0] + offset
+
+    saver = shardsave.Saver(save_interval_secs=1.0, clock=clock)
+    due = []
+    for step in range(1, 12):
+        ticks[0] += 0.3
+        answer = saver.should_save(step)
+        due.append(answer)
+        if answer:
+            saver.save({"h": np.full(2, step)}, directory + "/model", global_step=step)
+    saver.wait_until_finished()
+    emit(due=due)
+
+
 SCENARIOS: dict[str, Callable[[str], None]] = {
+    "should_save": should_save,
     "save_and_restore": save_and_restore,
     "save_only": save_only,
     "restore_only": restore_only,

@@ -1,0 +1,78 @@
+"""Training-loop policies: when to save (should_save)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import shardsave
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_every_n_steps_from_step_0():
+    saver = shardsave.Saver(save_interval_steps=3)
+    assert [s for s in range(10) if saver.should_save(s)] == [0, 3, 6, 9]
+    assert not shardsave.Saver().should_save(0)  # no policy: save when you like
+
+
+def test_every_n_seconds_stays_due_until_a_save_is_made(tmp_path):
+    clock = Clock()
+    saver = shardsave.Saver(save_interval_secs=60, clock=clock, async_save=False)
+    clock.t += 59
+    assert not saver.should_save(1)
+    clock.t += 1
+    assert saver.should_save(2) and saver.should_save(3)  # due, and stays due
+    saver.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=3)
+    assert not saver.should_save(4)  # the interval starts over at the save
+    clock.t += 60
+    assert saver.should_save(5)
+
+
+def test_a_failed_save_does_not_reset_the_interval(tmp_path):
+    clock = Clock()
+    saver = shardsave.Saver(save_interval_secs=10, clock=clock, async_save=False)
+    clock.t += 11
+    with pytest.raises(TypeError):
+        saver.save({"a": object()}, str(tmp_path / "m"), global_step=1)
+    assert saver.should_save(1)
+
+
+def test_never_at_or_below_the_newest_step_saved_or_restored(tmp_path):
+    saver = shardsave.Saver(save_interval_steps=5, async_save=False)
+    path = saver.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=10)
+    assert not saver.should_save(5) and not saver.should_save(10) and saver.should_save(15)
+    resumed = shardsave.Saver(save_interval_steps=5)
+    resumed.restore(path)
+    assert not resumed.should_save(10) and resumed.should_save(15)
+
+
+def test_steps_and_seconds_together_with_retention(tmp_path):
+    clock = Clock()
+    saver = shardsave.Saver(
+        save_interval_steps=100, save_interval_secs=30, max_to_keep=2, clock=clock, async_save=False
+    )
+    saved = []
+    for step in range(1, 301):
+        clock.t += 1  # a step a second: the time rule fires at 30 s, 60 s, ...
+        if saver.should_save(step):
+            saver.save({"a": np.full(1, step)}, str(tmp_path / "m"), global_step=step)
+            saved.append(step)
+    assert saved[:4] == [30, 60, 90, 100] and 300 in saved
+    assert len(saver.last_checkpoints) == 2
+
+
+def test_processes_with_different_clocks_agree(tmp_path):
+    from test_multiprocess import _ok, run_processes
+
+    outs = _ok(run_processes(2, 2, "should_save", tmp_path, timeout=180))
+    answers = [json.loads(out.strip().splitlines()[-1])["due"] for out in outs]
+    assert answers[0] == answers[1] and any(answers[0]) and not all(answers[0])
