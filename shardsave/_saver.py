@@ -226,6 +226,8 @@ class Saver:
       clock: the time source for timestamps and keep_checkpoint_every_n_hours.
       part_bytes: the largest object written; a device's data beyond it is split into
         numbered parts (the default, 4 GiB, stays below S3's 5 GiB single-PUT limit).
+      keep_period: retention also keeps, for good, every checkpoint whose step is a
+        multiple of it (for evaluation later), beside max_to_keep's most recent.
       save_interval_steps: should_save(step) is true when step is a multiple of it.
       save_interval_secs: should_save(step) is true once this many seconds (on
         clock) have passed since the last save began (or the Saver started), until
@@ -267,6 +269,7 @@ class Saver:
         share_reads: bool | None = None,
         save_interval_steps: int | None = None,
         save_interval_secs: float | None = None,
+        keep_period: int | None = None,
     ):
         if max_to_keep is not None and max_to_keep < 0:
             raise ValueError(f"max_to_keep must be None or >= 0, found {max_to_keep}")
@@ -286,6 +289,9 @@ class Saver:
             raise ValueError(f"save_interval_secs must be None or > 0, found {save_interval_secs}")
         self.save_interval_steps = save_interval_steps
         self.save_interval_secs = save_interval_secs
+        if keep_period is not None and keep_period < 1:
+            raise ValueError(f"keep_period must be None or >= 1, found {keep_period}")
+        self.keep_period = keep_period
         self.max_to_keep = max_to_keep
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self.sharded = sharded
@@ -385,7 +391,9 @@ class Saver:
     def _new_retention(self, last_preserved: float, kept: list[tuple[str, float]]) -> Retention:
         # With max_to_keep None or 0 nothing is recorded (tf.train.Saver's last_checkpoints is []).
         kept = kept if self.max_to_keep else []
-        return Retention(self.max_to_keep, self.keep_checkpoint_every_n_hours, last_preserved, kept)
+        return Retention(
+            self.max_to_keep, self.keep_checkpoint_every_n_hours, last_preserved, kept, self.keep_period
+        )
 
     @_gc_pause.pausing
     def save(

@@ -397,6 +397,7 @@ class Retention:
     keep_every_n_hours: float
     last_preserved: float
     kept: list[tuple[str, float]] = field(default_factory=list)  # (prefix as saved, time), oldest first
+    keep_period: int | None = None  # checkpoints whose step is a multiple of it are kept for good
 
     def add(self, path: str, timestamp: float) -> list[str]:
         """Records a committed checkpoint; returns the prefixes to delete."""
@@ -410,6 +411,9 @@ class Retention:
             old, t = self.kept.pop(0)
             if math.isinf(t):  # set_last_checkpoints gives no time: never deleted, as in TF
                 continue
+            step = _format.step_of(split_prefix(old)[1])
+            if self.keep_period and step is not None and step % self.keep_period == 0:
+                continue  # kept for good, like a preserved one (it leaves the list)
             if t - self.keep_every_n_hours * 3600 >= self.last_preserved:
                 self.last_preserved = t
                 continue

@@ -76,3 +76,34 @@ def test_processes_with_different_clocks_agree(tmp_path):
     outs = _ok(run_processes(2, 2, "should_save", tmp_path, timeout=180))
     answers = [json.loads(out.strip().splitlines()[-1])["due"] for out in outs]
     assert answers[0] == answers[1] and any(answers[0]) and not all(answers[0])
+
+
+def _committed(directory) -> list[int]:
+    return sorted(int(p.name[: -len(".index")].rsplit("-", 1)[1]) for p in directory.glob("*.index"))
+
+
+def test_keep_period_keeps_every_kth_step_beside_the_most_recent(tmp_path):
+    saver = shardsave.Saver(max_to_keep=2, keep_period=4, async_save=False)
+    for step in range(1, 11):
+        saver.save({"a": np.full(1, step)}, str(tmp_path / "m"), global_step=step)
+    assert _committed(tmp_path) == [4, 8, 9, 10]
+    assert [p.rsplit("-", 1)[1] for p in saver.last_checkpoints] == ["9", "10"]
+
+
+def test_keep_period_with_hours_and_a_restart(tmp_path):
+    clock = Clock(0.0)
+    saver = shardsave.Saver(
+        max_to_keep=1, keep_period=5, keep_checkpoint_every_n_hours=1.0, clock=clock, async_save=False
+    )
+    for step in range(1, 8):
+        clock.t += 25 * 60
+        saver.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=step)
+    saver.close()
+    # 5 by the period; 3 (75 min) and 6 (150 min, an hour after 3) by the hour rule; 7, the newest.
+    assert _committed(tmp_path) == [3, 5, 6, 7]
+    restarted = shardsave.Saver(max_to_keep=1, keep_period=5, clock=clock, async_save=False)
+    for step in range(8, 12):
+        clock.t += 60
+        restarted.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=step)
+    # The restarted Saver adopts 7 and deletes it in turn; 10 is kept by the period.
+    assert _committed(tmp_path) == [3, 5, 6, 10, 11]
