@@ -53,6 +53,7 @@ from ._targets import devices_by_id, requests_for_saved, requests_for_target
 from .errors import (
     CheckpointExistsError,
     SaveFailedError,
+    ShardsaveError,
     StorageError,
 )
 
@@ -228,6 +229,10 @@ class Saver:
         numbered parts (the default, 4 GiB, stays below S3's 5 GiB single-PUT limit).
       keep_period: retention also keeps, for good, every checkpoint whose step is a
         multiple of it (for evaluation later), beside max_to_keep's most recent.
+      keep_best: keep exactly the N best checkpoints by the metric best_metric that
+        save(metrics=...) passed (best_mode "min" or "max"; ties: the newer wins; a
+        missing or non-finite metric is never best), and the newest, instead of
+        max_to_keep's most recent. Metrics are read back after a restart.
       save_interval_steps: should_save(step) is true when step is a multiple of it.
       save_interval_secs: should_save(step) is true once this many seconds (on
         clock) have passed since the last save began (or the Saver started), until
@@ -270,6 +275,9 @@ class Saver:
         save_interval_steps: int | None = None,
         save_interval_secs: float | None = None,
         keep_period: int | None = None,
+        keep_best: int | None = None,
+        best_metric: str = "loss",
+        best_mode: str = "min",
     ):
         if max_to_keep is not None and max_to_keep < 0:
             raise ValueError(f"max_to_keep must be None or >= 0, found {max_to_keep}")
@@ -292,6 +300,11 @@ class Saver:
         if keep_period is not None and keep_period < 1:
             raise ValueError(f"keep_period must be None or >= 1, found {keep_period}")
         self.keep_period = keep_period
+        if keep_best is not None and keep_best < 1:
+            raise ValueError(f"keep_best must be None or >= 1, found {keep_best}")
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"best_mode must be 'min' or 'max', found {best_mode!r}")
+        self.keep_best, self.best_metric, self.best_mode = keep_best, best_metric, best_mode
         self.max_to_keep = max_to_keep
         self.keep_checkpoint_every_n_hours = keep_checkpoint_every_n_hours
         self.sharded = sharded
@@ -390,10 +403,24 @@ class Saver:
 
     def _new_retention(self, last_preserved: float, kept: list[tuple[str, float]]) -> Retention:
         # With max_to_keep None or 0 nothing is recorded (tf.train.Saver's last_checkpoints is []).
-        kept = kept if self.max_to_keep else []
-        return Retention(
-            self.max_to_keep, self.keep_checkpoint_every_n_hours, last_preserved, kept, self.keep_period
+        kept = kept if self.max_to_keep or self.keep_best else []
+        best = None if self.keep_best is None else (self.keep_best, self.best_mode == "max")
+        retention = Retention(
+            self.max_to_keep, self.keep_checkpoint_every_n_hours, last_preserved, kept, self.keep_period, best
         )
+        if best is not None:  # a restarted Saver reads the metrics back from the checkpoints
+            for path, _ in kept:
+                with contextlib.suppress(ShardsaveError):
+                    retention.metric[path] = self._metric(
+                        open_checkpoint(path, self.storage_timeout_s)[2].metrics
+                    )
+        return retention
+
+    def _metric(self, metrics: dict[str, Any] | None) -> float | None:
+        value = (metrics or {}).get(self.best_metric)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None  # missing, or not a number: never best
+        return float(value)
 
     @_gc_pause.pausing
     def save(
@@ -697,7 +724,9 @@ class Saver:
         else:
             coordinator.wait_for_outcome(save.key, what)
             if save.state_file is not None:
-                self._retention_for(directory, save.stem, save.state_file).add(save.prefix, save.timestamp)
+                self._retention_for(directory, save.stem, save.state_file).add(
+                    save.prefix, save.timestamp, self._metric(save.metrics)
+                )
                 self._last_directory = directory.path
 
     def _encoded_index(
@@ -748,7 +777,8 @@ class Saver:
             doomed: list[str] = []
             if save.state_file is not None:
                 retention = self._retention_for(directory, save.stem, save.state_file)
-                doomed = [split_prefix(p)[1] for p in retention.add(save.prefix, save.timestamp)]
+                metric = self._metric(save.metrics)
+                doomed = [split_prefix(p)[1] for p in retention.add(save.prefix, save.timestamp, metric)]
             # Uncommit the doomed checkpoints (their index goes first), then stop naming
             # them, then remove their files and any data left without an index. A kill
             # anywhere in between leaves either a named-but-uncommitted checkpoint, which

@@ -398,17 +398,28 @@ class Retention:
     last_preserved: float
     kept: list[tuple[str, float]] = field(default_factory=list)  # (prefix as saved, time), oldest first
     keep_period: int | None = None  # checkpoints whose step is a multiple of it are kept for good
+    # keep_best: (N, higher is better); then the N best by metric and the newest are kept,
+    # instead of max_to_keep's most recent.
+    keep_best: tuple[int, bool] | None = None
+    metric: dict[str, float | None] = field(default_factory=dict)  # prefix -> its metric (None: none)
 
-    def add(self, path: str, timestamp: float) -> list[str]:
-        """Records a committed checkpoint; returns the prefixes to delete."""
-        if not self.max_to_keep:
+    def add(self, path: str, timestamp: float, metric: float | None = None) -> list[str]:
+        """Records a committed checkpoint (and its metric); returns the prefixes to delete."""
+        if not self.max_to_keep and self.keep_best is None:
             return []
         base = split_prefix(path)[1]
         self.kept = [(p, t) for p, t in self.kept if split_prefix(p)[1] != base]
         self.kept.append((path, timestamp))
+        self.metric[path] = metric
+        if self.keep_best is None:
+            leaving = []
+            while self.max_to_keep and len(self.kept) > self.max_to_keep:
+                leaving.append(self.kept.pop(0))
+        else:
+            leaving = self._not_best()
         doomed: list[str] = []
-        while len(self.kept) > self.max_to_keep:
-            old, t = self.kept.pop(0)
+        for old, t in leaving:
+            self.metric.pop(old, None)
             if math.isinf(t):  # set_last_checkpoints gives no time: never deleted, as in TF
                 continue
             step = _format.step_of(split_prefix(old)[1])
@@ -419,6 +430,20 @@ class Retention:
                 continue
             doomed.append(old)
         return doomed
+
+    def _not_best(self) -> list[tuple[str, float]]:
+        """Removes from the list what keep_best does not keep: all but the N best and the newest."""
+        assert self.keep_best is not None
+        count, higher_is_better = self.keep_best
+        newest = self.kept[-1][0]
+        order = {p: i for i, (p, _) in enumerate(self.kept)}  # later is newer: it wins ties
+        scored = [p for p, _ in self.kept if self.metric.get(p) is not None]
+        sign = 1.0 if higher_is_better else -1.0
+        best = sorted(scored, key=lambda p: (sign * float(self.metric[p] or 0.0), order[p]), reverse=True)
+        keep = set(best[:count]) | {newest}
+        leaving = [(p, t) for p, t in self.kept if p not in keep]
+        self.kept = [(p, t) for p, t in self.kept if p in keep]
+        return leaving
 
     def state(self, newest: str, created: float, absolute_directory: str | None = None) -> CheckpointState:
         """The state file's contents after committing base name `newest`.

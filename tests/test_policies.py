@@ -107,3 +107,46 @@ def test_keep_period_with_hours_and_a_restart(tmp_path):
         restarted.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=step)
     # The restarted Saver adopts 7 and deletes it in turn; 10 is kept by the period.
     assert _committed(tmp_path) == [3, 5, 6, 10, 11]
+
+
+def _best_run(tmp_path, losses, **options):
+    saver = shardsave.Saver(async_save=True, **options)
+    for step, loss in enumerate(losses, start=1):
+        metrics = None if loss == "missing" else {"loss": loss}
+        saver.save({"a": np.full(1, step)}, str(tmp_path / "m"), global_step=step, metrics=metrics)
+    saver.wait_until_finished()  # returns after the deletions a save triggered
+    return saver, _committed(tmp_path)
+
+
+def test_keep_best_keeps_exactly_the_n_best_and_the_newest(tmp_path):
+    _, kept = _best_run(tmp_path, [0.9, 0.5, 0.7, 0.4, 0.8, 0.6], keep_best=2)
+    assert kept == [2, 4, 6]  # the two lowest losses, and the newest (step 6)
+
+
+def test_keep_best_ties_missing_and_nan(tmp_path):
+    _, kept = _best_run(tmp_path, [0.5, 0.5, "missing", 0.2, 0.9], keep_best=2, best_metric="loss")
+    assert kept == [2, 4, 5]  # tie at 0.5: the newer (2) wins; a missing metric is never best
+    nan_dir = tmp_path / "nan"
+    nan_dir.mkdir()
+    saver = shardsave.Saver(keep_best=1, async_save=False)
+    saver.save({"a": np.ones(1)}, str(nan_dir / "m"), global_step=1, metrics={"loss": 0.3})
+    with pytest.raises(TypeError, match="nan"):  # JSON cannot hold NaN: refused, nothing written
+        saver.save({"a": np.ones(1)}, str(nan_dir / "m"), global_step=2, metrics={"loss": float("nan")})
+    saver.save({"a": np.ones(1)}, str(nan_dir / "m"), global_step=3, metrics={"loss": None})
+    assert _committed(nan_dir) == [1, 3]
+
+
+def test_keep_best_with_mode_max_and_after_a_restart(tmp_path):
+    saver, kept = _best_run(tmp_path, [0.1, 0.9, 0.3], keep_best=1, best_metric="loss", best_mode="max")
+    assert kept == [2, 3]
+    saver.close()
+    restarted = shardsave.Saver(keep_best=1, best_mode="max", async_save=False)  # metrics read back
+    restarted.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=4, metrics={"loss": 0.5})
+    assert _committed(tmp_path) == [2, 4]
+    restarted.save({"a": np.ones(1)}, str(tmp_path / "m"), global_step=5, metrics={"loss": 0.95})
+    assert _committed(tmp_path) == [5]
+
+
+def test_keep_best_with_keep_period(tmp_path):
+    _, kept = _best_run(tmp_path, [0.9, 0.8, 0.7, 0.1, 0.6, 0.5], keep_best=1, keep_period=3)
+    assert kept == [3, 4, 6]  # 4 is best, 6 the newest, 3 kept by the period
