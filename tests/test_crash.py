@@ -46,6 +46,8 @@ def _check_latest_restores(directory: Path) -> int | None:
     assert np.all(np.asarray(restored["sharded"]) == step)
     assert np.all(np.asarray(restored["replicated"]) == step)
     assert np.all(restored["host"] == step)
+    # Metadata lives in the index: committed with its checkpoint, or not at all.
+    assert shardsave.CheckpointReader(latest).metadata == {"loader": {"position": step}}
     return step
 
 

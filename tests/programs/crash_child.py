@@ -87,7 +87,7 @@ def _save_forever(directory: str, pause_at: str) -> None:
         }
         # save() blocks while it waits for the previous commit and stages this one.
         _mark("stage", pause_at)
-        saver.save(tree, f"{directory}/model", global_step=step)
+        saver.save(tree, f"{directory}/model", global_step=step, metadata={"loader": {"position": step}})
         step += 1
 
 
