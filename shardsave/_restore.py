@@ -45,7 +45,7 @@ from ._plan import (
     plan_reads,
     unique_target_boxes,
 )
-from ._storage import DEFAULT_TIMEOUT_S, Store, aligned_empty, join, mapped_empty, open_prefix
+from ._storage import DEFAULT_STORAGE_TIMEOUT_S, Store, aligned_empty, join, mapped_empty, open_prefix
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 
 # One ranged read covers at most this many bytes, so the reads of one large file
@@ -497,7 +497,7 @@ def _stream_unit(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, results: _Res
     results.partial.setdefault(unit.request, {}).update(buffers)
 
 
-def open_checkpoint(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Store, str, Index]:
+def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tuple[Store, str, Index]:
     """The directory, base name and validated index of a committed checkpoint."""
     directory, base = open_prefix(path, timeout_s)
     raw = directory.read_all(_format.index_key(base))

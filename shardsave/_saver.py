@@ -39,8 +39,8 @@ from ._state import (
     remove_uncommitted,
     write_state,
 )
-from ._storage import DEFAULT_TIMEOUT_S as DEFAULT_STORAGE_TIMEOUT_S
 from ._storage import (
+    DEFAULT_STORAGE_TIMEOUT_S,
     PendingFile,
     Store,
     WriterLock,
@@ -58,8 +58,9 @@ from .errors import (
 )
 
 _PLAN_CACHE_SIZE = 8
-# Below jax.distributed's default heartbeat timeout (100 s): when a peer dies, jax
-# aborts the survivors once that passes, so shardsave must have named it by then.
+# Below the default of jax.distributed.initialize(heartbeat_timeout_seconds=...), a
+# setting, not a measurement: when a peer dies, jax aborts the survivors once that
+# passes, so shardsave must have named it by then (Coordinator.check_timeout).
 DEFAULT_TIMEOUT_S = 60.0
 
 

@@ -56,7 +56,7 @@ _REMOTE_CONTEXT = {
     "s3_request_retries": {"max_retries": 6, "initial_delay": "50ms", "max_delay": "2s"},
     "gcs_request_retries": {"max_retries": 6, "initial_delay": "50ms", "max_delay": "2s"},
 }
-DEFAULT_TIMEOUT_S = 300.0  # the deadline of one storage operation unless a Saver says otherwise
+DEFAULT_STORAGE_TIMEOUT_S = 300.0  # the deadline of one storage operation unless a Saver says otherwise
 
 
 @dataclass
@@ -404,7 +404,7 @@ class LocalStore:
 
     is_local = True
 
-    def __init__(self, directory: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, directory: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S):
         self.path = directory
         self.timeout_s = timeout_s
         root = directory[len("file://") :] if directory.startswith("file://") else directory
@@ -514,7 +514,7 @@ class TensorstoreStore:
     _open: ClassVar[dict[str, ts.KvStore]] = {}
     _open_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, directory: str, timeout_s: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, directory: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S):
         self.path = directory
         self.timeout_s = timeout_s
         if directory.startswith(_KVSTORE_SCHEME):  # a KvStore given as a location
@@ -612,7 +612,7 @@ def wrapping_stores(wrap: Callable[[Store], Store]) -> Iterator[None]:
         _wrappers.remove(wrap)
 
 
-def open_store(location: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Store:
+def open_store(location: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> Store:
     """The store of a directory given as a path or URL (see location())."""
     store: Store
     if "://" not in location or location.startswith("file://"):
@@ -790,7 +790,7 @@ def _pread(
     return out[:done] if then is None else then(out[:done])
 
 
-def open_prefix(path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[Store, str]:
+def open_prefix(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tuple[Store, str]:
     directory, base = split_prefix(path)
     if not base:
         raise CheckpointNotFoundError(f"{path!r} names a directory, not a checkpoint prefix")
