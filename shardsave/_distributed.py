@@ -64,6 +64,10 @@ class Coordinator:
     def process_index(self) -> int:
         return jax.process_index()
 
+    @property
+    def process_count(self) -> int:
+        return jax.process_count()
+
     def check_timeout(self) -> None:
         """Warns once when timeout_s is not below jax.distributed's heartbeat timeout.
 
@@ -106,15 +110,10 @@ class Coordinator:
         not shorten the wait for the others: when the deadline passes, exactly the
         processes whose report is absent are named.
         """
-        client = _client()
         count = jax.process_count()
         deadline = time.monotonic() + self.timeout_s
-        values: dict[int, str] = {}
         while True:
-            for name, value in client.key_value_dir_get(f"{key}/"):
-                tail = name.rsplit("/", 1)[-1]
-                if tail.isdigit():
-                    values[int(tail)] = value
+            values = self.collect(key)
             if len(values) >= count or time.monotonic() >= deadline:
                 break
             time.sleep(_POLL_S)
@@ -124,6 +123,15 @@ class Coordinator:
                 f"{what}: processes {missing} did not report within {self.timeout_s:g} s "
                 "(did they die or stall?); the checkpoint stays uncommitted"
             )
+        return values
+
+    def collect(self, key: str) -> dict[int, str]:
+        """The values of KEY/PID published so far, by process index (does not wait)."""
+        values: dict[int, str] = {}
+        for name, value in _client().key_value_dir_get(f"{key}/"):
+            tail = name.rsplit("/", 1)[-1]
+            if tail.isdigit():
+                values[int(tail)] = value
         return values
 
     def agree(self, name: str, mine: bool) -> bool:

@@ -27,6 +27,7 @@ from ._background import BackgroundCommits
 from ._checkpoint import Listing, build_index, encode_checked, write_data_file
 from ._distributed import Coordinator, decode_reports, encode_report
 from ._plan import SavePlan, plan_save
+from ._preemption import HANDLER, Preemption
 from ._restore import open_checkpoint, restore_leaves
 from ._shared_reads import lay_out, plan_shared_reads
 from ._stage import StagingBuffer, snapshot_on_device, stage
@@ -239,6 +240,10 @@ class Saver:
         clock) have passed since the last save began (or the Saver started), until
         a save is made. With several processes, process 0's clock decides and every
         process gets the same answer for the same step.
+      save_on_preemption: install a SIGTERM handler (chaining the one it replaces, until
+        close()) that records a preemption notice instead of ending the process, so
+        that reached_preemption(step) and should_save(step) answer True at a step every
+        process agrees on; the loop saves that step and exits.
       share_reads: with several processes, read the stored bytes of a leaf that
         several processes need (a replicated leaf) once, spread over the processes,
         and share them through jax's collectives, instead of once per process.
@@ -279,6 +284,7 @@ class Saver:
         keep_best: int | None = None,
         best_metric: str = "loss",
         best_mode: str = "min",
+        save_on_preemption: bool = False,
     ):
         if max_to_keep is not None and max_to_keep < 0:
             raise ValueError(f"max_to_keep must be None or >= 0, found {max_to_keep}")
@@ -335,6 +341,7 @@ class Saver:
         self._newest_step: int | None = None
         self._last_save_began = self._created
         self._last_restore: RestoreInfo | None = None
+        self._preemption = Preemption(self._coordinator) if save_on_preemption else None
 
     # ------------------------------------------------------------ save
 
@@ -608,8 +615,12 @@ class Saver:
           [0, 100, 200, 300]
         """
         step = _step_number(step)
+        # Asked first, every step: under several processes each call takes part in agreeing.
+        preempted = self.reached_preemption(step)
         if self._newest_step is not None and step <= self._newest_step:
             return False
+        if preempted:
+            return True
         if self.save_interval_steps is not None and step % self.save_interval_steps == 0:
             return True
         if self.save_interval_secs is None:
@@ -618,6 +629,35 @@ class Saver:
         if self._coordinator.active:
             due = self._coordinator.agree(f"should_save/{step}", due)
         return due
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether the job is being preempted and this is the step to save at (or past it).
+
+        With save_on_preemption, a SIGTERM (the scheduler's notice) makes this True
+        at one step that every process agrees on, and for every step after it. A
+        single process agrees with itself at the first call after the notice. With
+        several processes (jax.distributed) the notice is shared through jax's
+        key-value store and each process proposes the step after the one at which it
+        learned of it; the agreed step is the largest proposal, so the processes
+        need not be in lockstep. Call it at every step (each call reads the
+        key-value store once); a process waits, for at most timeout_s, only at its
+        own proposed step, until every process has proposed. Then save that step,
+        call wait_until_finished(), and exit: a second SIGTERM during the save is
+        recorded (preemption_notices) and does not interrupt it.
+
+        Always False without save_on_preemption.
+
+        Raises:
+          CoordinationTimeoutError: a process did not propose within timeout_s.
+        """
+        if self._preemption is None:
+            return False
+        return self._preemption.reached(_step_number(step))
+
+    @property
+    def preemption_notices(self) -> int:
+        """How many SIGTERMs this process received while a save_on_preemption Saver was open."""
+        return HANDLER.notices
 
     def wait_until_finished(self) -> None:
         """Blocks until the pending asynchronous save has committed.
@@ -636,6 +676,8 @@ class Saver:
             self._commits.close()
         finally:
             self._staging = (None, {})
+            if self._preemption is not None:
+                self._preemption.close()
             for lock in self._locks.values():
                 lock.release()
             self._locks.clear()

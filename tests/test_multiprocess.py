@@ -237,3 +237,72 @@ def test_replicated_data_is_read_once_across_processes(tmp_path):
     # reads its 4 MiB of rows, one checksum chunk); not shared: by each of the eight.
     assert big <= read[True] <= big + 8 * w, read
     assert read[False] >= 8 * big, read
+
+
+def _records(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@pytest.mark.parametrize(
+    "lockstep, step_s, victim",
+    [(False, ("0.002", "0.03"), 1), (False, ("0.03", "0.002"), 1), (True, ("0.01", "0.01"), 0)],
+    ids=["victim-behind", "victim-ahead", "lockstep"],
+)
+def test_a_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path, lockstep, step_s, victim):
+    """A real SIGTERM reaches one of two processes; both save one agreed step and exit 0.
+
+    Without lockstep the processes run at different speeds (no collectives), so they
+    are many steps apart when the notice arrives; with lockstep a global sum ties
+    every step of one process to the other's.
+    """
+    argv = [sys.executable, str(PROGRAM), "preempted", str(tmp_path), "--processes", "2"]
+    argv += ["--port", str(_free_port())]
+    procs, outs = [], []
+    for pid in range(2):
+        env = {
+            **os.environ,
+            "PID": str(pid),
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+            "JAX_PLATFORMS": "cpu",
+            "STEP_S": step_s[pid],
+            "LOCKSTEP": "1" if lockstep else "0",
+        }
+        outs.append(tmp_path / f"out-{pid}")
+        with open(outs[-1], "w") as out, open(tmp_path / f"err-{pid}", "w") as err:
+            procs.append(subprocess.Popen(argv, stdout=out, stderr=err, env=env))
+    try:
+        deadline = time.monotonic() + 120
+        while not any(r.get("step", 0) >= 10 for r in _records(outs[victim])):
+            assert time.monotonic() < deadline, (tmp_path / f"err-{victim}").read_text()[-3000:]
+            assert all(p.poll() is None for p in procs), [(tmp_path / f"err-{i}").read_text()[-2000:] for i in (0, 1)]
+            time.sleep(0.05)
+        procs[victim].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0, 0], [(tmp_path / f"err-{i}").read_text()[-3000:] for i in (0, 1)]
+    records = [_records(out) for out in outs]
+    saved = [next(r for r in rs if "saved" in r) for rs in records]
+    assert saved[0]["saved"] == saved[1]["saved"], saved
+    step = saved[0]["saved"]
+    assert [s["notices"] for s in saved] == [1 if pid == victim else 0 for pid in (0, 1)]
+    # Neither process ran past the agreed step, and it is after the notice reached the victim.
+    assert all(max(r["step"] for r in rs if "step" in r) == step for rs in records)
+    assert step >= 10
+    if step_s[victim] > step_s[1 - victim]:
+        # The other process was far ahead (15 times faster): the victim trained on to its step.
+        assert step > 20, step
+    assert shardsave.latest_checkpoint(str(tmp_path)) == str(tmp_path / f"model-{step}")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+    target = {
+        "w": jax.ShapeDtypeStruct((32, 16), np.float32, sharding=NamedSharding(mesh, P("x"))),
+        "step": 0,
+    }
+    restored = shardsave.Saver().restore(str(tmp_path / f"model-{step}"), target)
+    expected = np.arange(32 * 16, dtype=np.float32).reshape(32, 16) + step
+    np.testing.assert_array_equal(np.asarray(restored["w"]), expected)
+    assert restored["step"] == step

@@ -179,7 +179,41 @@ def should_save(directory: str) -> None:
     emit(due=due)
 
 
+def preempted(directory: str) -> None:
+    """Trains until SIGTERM reaches some process, then every process saves the agreed step.
+
+    STEP_S sets this process's seconds per step (processes apart by many steps when
+    they differ); LOCKSTEP=1 adds a collective (a global sum) to every step.
+    """
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import shardsave
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+    sharding = NamedSharding(mesh, P("data", "model"))
+    lockstep = os.environ.get("LOCKSTEP") == "1"
+    step_s = float(os.environ.get("STEP_S", "0.01"))
+    saver = shardsave.Saver(save_on_preemption=True, timeout_s=60)
+    total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
+    for step in range(1, 100_000):
+        time.sleep(step_s)
+        if lockstep:  # every process takes part in this sum before its next step
+            float(total(global_array(VALUES["w"] + step, sharding)))
+        emit(pid=jax.process_index(), step=step)
+        if saver.should_save(step):
+            tree = {"w": global_array(VALUES["w"] + step, sharding), "step": step}
+            saver.save(tree, directory + "/model", global_step=step)
+        if saver.reached_preemption(step):
+            saver.wait_until_finished()
+            emit(pid=jax.process_index(), saved=step, notices=saver.preemption_notices)
+            return
+    raise AssertionError("no preemption notice arrived")
+
+
 SCENARIOS: dict[str, Callable[[str], None]] = {
+    "preempted": preempted,
     "should_save": should_save,
     "save_and_restore": save_and_restore,
     "save_only": save_only,
