@@ -18,8 +18,9 @@ Several processes agree on the step through jax.distributed's key-value store
   step/PID      each process's proposal: the step after the one at which it
                 learned of the notice.
 
-Every call looks for the notice (one key-value read). A process that learns of
-it proposes step + 1 and goes on without waiting; the agreed step is the largest
+A single process agrees with itself on the step after the one at which it learned
+of the notice. With several, every call looks for the notice (one key-value read).
+A process that learns of it proposes step + 1 and goes on without waiting; the agreed step is the largest
 proposal. A process blocks (with a deadline) only at its own proposed step, until
 every proposal is in. No process passes the agreed step before knowing it: it is
 at least each process's own proposal, and nobody passes that unawares. Loops in
@@ -31,6 +32,7 @@ until the others have called once more.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import signal
 import threading
@@ -80,6 +82,7 @@ class _Handler:
             self._users += 1
             if self._users > 1:
                 return
+            self.notices = 0  # a notice counts while a Saver that asked for it is open
             before = _sigaction_of(signal.SIGTERM)
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
             after = _sigaction_of(signal.SIGTERM)  # Python's own trampoline, now
@@ -138,8 +141,11 @@ class Preemption:
         if not coordinator.active:
             if HANDLER.notices == 0:
                 return False
-            self.agreed = step
-            return True
+            # The next step, as with several processes: a loop may ask should_save and
+            # then reached_preemption within one step, and the notice may arrive between
+            # the two; both answer alike at every step.
+            self.agreed = step + 1
+            return False
         if self._proposed is None:
             if not self._noticed():
                 return False
@@ -154,10 +160,8 @@ class Preemption:
     def _noticed(self) -> bool:
         client = _client()
         if HANDLER.notices:
-            try:
+            with contextlib.suppress(Exception):  # another process announced first
                 client.key_value_set(f"{self._key}/notice", str(self._coordinator.process_index))
-            except Exception:  # another process announced first
-                pass
             return True
         try:
             client.key_value_try_get(f"{self._key}/notice")

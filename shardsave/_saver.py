@@ -634,9 +634,10 @@ class Saver:
         """Whether the job is being preempted and this is the step to save at (or past it).
 
         With save_on_preemption, a SIGTERM (the scheduler's notice) makes this True
-        at one step that every process agrees on, and for every step after it. A
-        single process agrees with itself at the first call after the notice. With
-        several processes (jax.distributed) the notice is shared through jax's
+        at one step that every process agrees on, and for every step after it: the
+        step after the one at which the notice was first seen (so should_save and
+        reached_preemption, asked one after the other, answer alike within a step).
+        With several processes (jax.distributed) the notice is shared through jax's
         key-value store and each process proposes the step after the one at which it
         learned of it; the agreed step is the largest proposal, so the processes
         need not be in lockstep. Call it at every step (each call reads the
@@ -656,7 +657,7 @@ class Saver:
 
     @property
     def preemption_notices(self) -> int:
-        """How many SIGTERMs this process received while a save_on_preemption Saver was open."""
+        """How many SIGTERMs arrived since a save_on_preemption Saver of this process installed the handler."""
         return HANDLER.notices
 
     def wait_until_finished(self) -> None:

@@ -1,13 +1,22 @@
-"""Training-loop policies: when to save (should_save)."""
+"""Training-loop policies: when to save (should_save), preemption, what to keep."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import shardsave
+
+PROGRAMS = Path(__file__).parent / "programs"
 
 
 class Clock:
@@ -150,3 +159,93 @@ def test_keep_best_with_mode_max_and_after_a_restart(tmp_path):
 def test_keep_best_with_keep_period(tmp_path):
     _, kept = _best_run(tmp_path, [0.9, 0.8, 0.7, 0.1, 0.6, 0.5], keep_best=1, keep_period=3)
     assert kept == [3, 4, 6]  # 4 is best, 6 the newest, 3 kept by the period
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def _wait_for(path, proc, predicate, what: str, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not any(predicate(r) for r in _lines(path)):
+        assert proc.poll() is None, f"the program ended before {what}: {proc.returncode}"
+        assert time.monotonic() < deadline, f"no {what} within {seconds} s"
+        time.sleep(0.02)
+
+
+def test_a_sigterm_makes_the_loop_save_and_exit_and_a_second_one_does_not_interrupt(tmp_path):
+    """Real SIGTERMs to a training process: the first is the notice, the second lands mid-save."""
+    out = tmp_path / "out"
+    with open(out, "w") as stdout, open(tmp_path / "err", "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, str(PROGRAMS / "preempted_alone.py"), str(tmp_path / "ckpt")],
+            stdout=stdout,
+            stderr=stderr,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
+    try:
+        _wait_for(out, proc, lambda r: r.get("step", 0) >= 60, "step 60")  # a periodic save at 50 is made
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(out, proc, lambda r: "saving" in r, "final save")
+        proc.send_signal(signal.SIGTERM)  # while that save runs
+        assert proc.wait(timeout=60) == 0, (tmp_path / "err").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    records = _lines(out)
+    result = next(r for r in records if "saved" in r)
+    step = result["saved"]
+    # Saved at the step after the one at which the notice arrived, and no further.
+    assert max(r["step"] for r in records if "step" in r) == step
+    assert step > 60
+    assert result["notices"] == 2 and result["own_calls"] == 2  # both recorded, the program's handler chained
+    assert records[-1] == {"handler_restored": True}  # close() put the program's handler back
+    ckpt = str(tmp_path / "ckpt")
+    assert shardsave.latest_checkpoint(ckpt) == f"{ckpt}/model-{step}"
+    assert _committed(tmp_path / "ckpt") == [50, step]
+    restored = shardsave.Saver().restore(f"{ckpt}/model-{step}", {"w": np.zeros((64, 64), np.float32)})
+    assert (restored["w"] == step).all()
+
+
+def test_reached_preemption_without_the_option_is_false_and_installs_nothing():
+    before = signal.getsignal(signal.SIGTERM)
+    saver = shardsave.Saver()
+    assert not saver.reached_preemption(5)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_save_on_preemption_off_the_main_thread_is_refused_with_the_reason():
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            shardsave.Saver(save_on_preemption=True)
+        except ValueError as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+def test_in_process_notice_is_agreed_at_the_next_step_and_stays(tmp_path):
+    """One process: the step after the notice is the one; later steps stay True."""
+    before = signal.getsignal(signal.SIGTERM)
+    saver = shardsave.Saver(save_on_preemption=True, save_interval_steps=1000)
+    try:
+        assert signal.getsignal(signal.SIGTERM) is not before
+        assert not any(saver.reached_preemption(s) for s in range(1, 5))
+        notices = saver.preemption_notices
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert saver.preemption_notices == notices + 1
+        # Noticed at step 7 (between the loop's two questions): step 8 is the one.
+        assert not saver.reached_preemption(7) and not saver.should_save(7)
+        assert saver.should_save(8) and saver.reached_preemption(8)
+        assert saver.reached_preemption(9) and not saver.reached_preemption(7)
+        saver.save({"x": np.ones(2)}, str(tmp_path / "model"), global_step=8)
+        assert not saver.should_save(8)  # saved: never at or below the newest step
+    finally:
+        saver.close()
+    assert signal.getsignal(signal.SIGTERM) is before
