@@ -178,6 +178,7 @@ def cmd_demo(args: argparse.Namespace, out: Any) -> int:
         for k, v in {
             "steps": args.steps,
             "save_every": args.save_every,
+            "preempt_at": args.preempt_at,
             "crash_at": args.crash_at,
             "directory": args.directory,
             "size": args.size,
@@ -222,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help=_CHECKPOINT)
     p.set_defaults(run=cmd_verify)
-    p = sub.add_parser("demo", help="train, crash, resume onto another mesh, and report")
+    p = sub.add_parser("demo", help="train, get preempted, crash, resume onto other meshes, and report")
     p.add_argument(
         "--config",
         default=None,
@@ -231,7 +232,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, help="scale the model's width by this factor")
     p.add_argument("--steps", type=int, help="training steps in all")
     p.add_argument("--save-every", type=int, help="an asynchronous save every this many steps")
-    p.add_argument("--crash-at", type=int, help="kill the training process after this step")
+    p.add_argument("--preempt-at", type=int, help="send the training process SIGTERM after this step")
+    p.add_argument("--crash-at", type=int, help="kill the resumed process with SIGKILL after this step")
     p.add_argument("--directory", help="where the demo creates its run-N folder (default: demo-out)")
     p.set_defaults(run=cmd_demo)
     return parser

@@ -1,17 +1,21 @@
-"""`shardsave demo`: train, save asynchronously, crash, resume onto another mesh, compare.
+"""`shardsave demo`: train, get preempted, crash, resume onto other meshes, compare.
 
-The parent process runs three children, each with its own number of simulated CPU
+The parent process runs four children, each with its own number of simulated CPU
 devices (XLA reads the device count once, at start):
 
   reference  trains every step on the first mesh without saving: the losses to match;
-  train      trains on the first mesh, saving asynchronously every few steps, and is
-             killed with SIGKILL right after a save has started;
-  resume     starts on a different device count and mesh, restores the latest
-             committed checkpoint, and trains to the end.
+  train      trains on the first mesh with the Saver's policies (an asynchronous save
+             every few steps, save_on_preemption) and receives SIGTERM, as a scheduler
+             preempts a job: it saves the agreed step and exits 0;
+  resume     resumes on a different device count and mesh from that checkpoint, and is
+             killed with SIGKILL right after a periodic save has started (a crash);
+  finish     resumes on the first mesh from the latest committed checkpoint and trains
+             to the end.
 
-The resumed losses must equal the reference's from the restored step on. The two
+The resumed losses must equal the reference's from each restored step on. The two
 meshes reduce in different orders, so "equal" allows a relative difference of
-`tolerance` (configs/demo.yaml); the report prints the largest one seen.
+`tolerance` (configs/demo.yaml); the report prints the largest one seen, and how
+many trained steps each interruption lost.
 """
 
 from __future__ import annotations
@@ -135,9 +139,13 @@ def _worker(role: str, config: dict[str, Any]) -> None:
     def emit(**record: Any) -> None:
         print(json.dumps(record), flush=True)
 
-    saver = shardsave.Saver(max_to_keep=config["max_to_keep"])
+    saver = shardsave.Saver(
+        max_to_keep=config["max_to_keep"],
+        save_interval_steps=config["save_every"],
+        save_on_preemption=role != "reference",
+    )
     prefix = os.path.join(config["directory"], "model")
-    if role == "resume":
+    if role in ("resume", "finish"):
         latest = shardsave.latest_checkpoint(config["directory"])
         if latest is None:
             raise SystemExit("no committed checkpoint to resume from")
@@ -158,7 +166,7 @@ def _worker(role: str, config: dict[str, Any]) -> None:
         state, loss = step_fn(state, batch_for(step))
         loss_value = float(loss)  # waits for the step
         emit(step=step, loss=loss_value, seconds=time.perf_counter() - began)
-        if role == "train" and step % config["save_every"] == 0:
+        if role != "reference" and saver.should_save(step):  # periodic, or the preemption step
             previous = saver.last_save
             saver.save(state, prefix, global_step=step)  # waits for the previous save first
             info = saver.last_save
@@ -170,7 +178,12 @@ def _worker(role: str, config: dict[str, Any]) -> None:
                 nbytes=info.nbytes,
                 previous_commit=previous.commit_seconds if previous else None,
             )
+        if saver.reached_preemption(step):
+            saver.wait_until_finished()
+            emit(event="preempted", step=step)
+            break
     saver.wait_until_finished()
+    saver.close()
 
 
 # ---------------------------------------------------------------- the parent
@@ -190,7 +203,11 @@ def _spawn(role: str, config: dict[str, Any], devices: int) -> subprocess.Popen[
     )
 
 
-def _records(proc: subprocess.Popen[str], deadline: float, kill_after_step: int | None = None) -> list[dict]:
+def _records(
+    proc: subprocess.Popen[str], deadline: float, signal_after_step: int | None = None, kill: bool = False
+) -> list[dict]:
+    """The child's JSON lines until it exits; after step signal_after_step it gets SIGTERM
+    (a preemption notice: it saves and exits) or, with kill, SIGKILL (a crash)."""
     records = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -199,19 +216,26 @@ def _records(proc: subprocess.Popen[str], deadline: float, kill_after_step: int 
             raise TimeoutError("the demo ran past its time limit (timeout_s in the config)")
         record = json.loads(line)
         records.append(record)
-        if kill_after_step is not None and record.get("step") == kill_after_step and "loss" in record:
-            proc.send_signal(signal.SIGKILL)  # a crash: no cleanup, a save may be in flight
-            break
+        if signal_after_step is not None and record.get("step") == signal_after_step and "loss" in record:
+            if kill:
+                proc.send_signal(signal.SIGKILL)  # a crash: no cleanup, a save may be in flight
+                break
+            proc.send_signal(signal.SIGTERM)
     proc.wait()
     return records
 
 
 def run_demo(config: dict[str, Any], out: Any) -> int:
-    """Runs the demo; prints a report to out; returns 0 when the resumed run matches."""
+    """Runs the demo; prints a report to out; returns 0 when the resumed runs match."""
     from . import _format, _storage
     from ._reader import CheckpointReader
     from ._state import latest_checkpoint
 
+    if not 0 < config["preempt_at"] < config["crash_at"] < config["steps"]:
+        raise ValueError(
+            f"the demo needs 0 < preempt_at < crash_at < steps, found preempt_at={config['preempt_at']}, "
+            f"crash_at={config['crash_at']}, steps={config['steps']}"
+        )
     run = make_run_folder(config["directory"])
     directory = config["directory"] = os.path.join(run, "ckpt")
     first, resume = config["first"], config["resume"]
@@ -220,7 +244,7 @@ def run_demo(config: dict[str, Any], out: Any) -> int:
     print(
         f"shardsave demo: {config['layers']} layers of width {config['width'] * config['size']}, "
         f"{config['steps']} steps, async save every {config['save_every']} (max_to_keep={config['max_to_keep']}), "
-        f"crash after step {config['crash_at']}",
+        f"SIGTERM after step {config['preempt_at']}, SIGKILL after step {config['crash_at']}",
         file=out,
     )
     print(f"  checkpoints in {directory}", file=out)
@@ -231,44 +255,80 @@ def run_demo(config: dict[str, Any], out: Any) -> int:
     }
     print(f"  reference run: {len(reference)} steps on {n_first} devices, mesh {first['mesh']}", file=out)
 
-    train = _records(_spawn("train", config, n_first), deadline, kill_after_step=config["crash_at"])
-    steps = [r for r in train if "loss" in r]
-    saves = [r for r in train if r.get("event") == "save"]
-    print(
-        f"  training run: killed with SIGKILL after step {steps[-1]['step']} ({len(saves)} saves started)",
-        file=out,
-    )
-
-    resume_proc = _spawn("resume", config, n_resume)
-    resumed = _records(resume_proc, deadline)
-    if resume_proc.returncode != 0:
-        print(f"  resume failed with exit status {resume_proc.returncode}", file=out)
+    train_proc = _spawn("train", config, n_first)
+    train = _records(train_proc, deadline, signal_after_step=config["preempt_at"])
+    preempted = next((r for r in train if r.get("event") == "preempted"), None)
+    if train_proc.returncode != 0 or preempted is None:
+        print(f"  the preempted run did not save and exit 0 (exit status {train_proc.returncode})", file=out)
         return 1
-    restored = next(r for r in resumed if r.get("event") == "restored")
-    after = {r["step"]: r["loss"] for r in resumed if "loss" in r}
     print(
-        f"  resumed run: restored {restored['path']} (step {restored['step']}) onto {n_resume} devices, "
-        f"mesh {resume['mesh']}, trained steps {min(after)}..{max(after)}",
+        f"  training run: SIGTERM after step {config['preempt_at']}; saved step {preempted['step']} "
+        f"and exited {train_proc.returncode}",
         file=out,
     )
 
+    runs: dict[str, list[dict]] = {}
+    for role, layout, n in (("resume", resume, n_resume), ("finish", first, n_first)):
+        proc = _spawn(role, config, n)
+        runs[role] = _records(
+            proc, deadline, signal_after_step=config["crash_at"] if role == "resume" else None, kill=True
+        )
+        if role == "finish" and proc.returncode != 0:
+            print(f"  {role} failed with exit status {proc.returncode}", file=out)
+            return 1
+        restored = next((r for r in runs[role] if r.get("event") == "restored"), None)
+        trained = [r["step"] for r in runs[role] if "loss" in r]
+        if restored is None or not trained:
+            print(f"  {role} run restored nothing or trained no step", file=out)
+            return 1
+        ending = "killed with SIGKILL after step" if role == "resume" else "trained to step"
+        print(
+            f"  resumed run: restored {os.path.basename(restored['path'])} (step {restored['step']}) onto {n} "
+            f"devices, mesh {layout['mesh']}, {ending} {trained[-1]}",
+            file=out,
+        )
+
+    def restored_step(role: str) -> int:
+        return int(next(r for r in runs[role] if r.get("event") == "restored")["step"])
+
+    def losses(records: list[dict]) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+    # Losses of the resumed runs against the uninterrupted one, from each restored step on.
+    after = {**losses(runs["resume"]), **losses(runs["finish"])}
     worst = max(abs(after[s] - reference[s]) / max(abs(reference[s]), 1e-30) for s in after)
-    match = worst <= config["tolerance"] and set(after) == set(
-        range(restored["step"] + 1, config["steps"] + 1)
+    match = (
+        worst <= config["tolerance"]
+        and set(losses(runs["finish"])) == set(range(restored_step("finish") + 1, config["steps"] + 1))
+        and restored_step("resume") == preempted["step"]
     )
+    last_trained = {
+        "train": max(r["step"] for r in train if "loss" in r),
+        "resume": max(r["step"] for r in runs["resume"] if "loss" in r),
+    }
 
     latest = latest_checkpoint(directory)
     size = CheckpointReader(latest).index.nbytes if latest else 0
-    step_time = (
-        sorted(r["seconds"] for r in steps[1:])[len(steps[1:]) // 2] if len(steps) > 1 else float("nan")
-    )
+    steps = [r for records in (train, runs["resume"], runs["finish"]) for r in records if "loss" in r]
+    step_time = sorted(r["seconds"] for r in steps)[len(steps) // 2]
+    saves = [
+        r for records in (train, runs["resume"], runs["finish"]) for r in records if r.get("event") == "save"
+    ]
     blocking = [s["blocking"] for s in saves]
     commits = [s["previous_commit"] for s in saves if s["previous_commit"] is not None]
+    restores = [next(r for r in runs[role] if r.get("event") == "restored")["seconds"] for role in runs]
     kept = [k[: -len(".index")] for k in _storage.open_store(directory).list() if k.endswith(".index")]
+
+    def lost(role: str, resumed_by: str) -> str:
+        n = last_trained[role] - restored_step(resumed_by)
+        return f"{n} step{'' if n == 1 else 's'} lost (trained to {last_trained[role]}, resumed from {restored_step(resumed_by)})"
+
     print("", file=out)
     print("report", file=out)
     rows = [
-        ("steps", f"{config['steps']} (crash after {steps[-1]['step']}, resumed from {restored['step']})"),
+        ("steps", f"{config['steps']}"),
+        ("preemption (SIGTERM)", lost("train", "resume")),
+        ("crash (SIGKILL)", lost("resume", "finish")),
         (
             "checkpoint size",
             f"{size / 2**20:.2f} MiB in {len(CheckpointReader(latest).index.files) if latest else 0} data files",
@@ -279,9 +339,9 @@ def run_demo(config: dict[str, Any], out: Any) -> int:
             "background write (mean)",
             f"{sum(commits) / len(commits) * 1e3:.1f} ms"
             if commits
-            else "- (no save finished before the crash was seen)",
+            else "- (no save finished before the next)",
         ),
-        ("restore onto new mesh", f"{restored['seconds'] * 1e3:.1f} ms"),
+        ("restore onto new mesh", " and ".join(f"{t * 1e3:.1f} ms" for t in restores)),
         ("checkpoints kept", ", ".join(sorted(kept, key=lambda k: _format.step_of(k) or 0))),
         ("latest", os.path.basename(latest) if latest else "-"),
         (

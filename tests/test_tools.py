@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,13 +142,23 @@ def test_bad_input_exits_non_zero_and_modifies_nothing(ckpt_dir, capsys):
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
 
 
-def test_demo_crashes_resumes_on_another_mesh_and_matches(tmp_path, monkeypatch):
+def test_demo_is_preempted_crashes_resumes_on_other_meshes_and_matches(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the settings come with the package, not from the working directory
     (tmp_path / "c" / "runs").mkdir(parents=True)
     (tmp_path / "c" / "runs" / "notes.txt").write_text("mine")
     (tmp_path / "c" / "run-1").mkdir()  # a folder of the user's that happens to have the demo's name
     status, out = run(
-        "demo", "--steps", "24", "--save-every", "5", "--crash-at", "16", "--directory", str(tmp_path / "c")
+        "demo",
+        "--steps",
+        "24",
+        "--save-every",
+        "5",
+        "--preempt-at",
+        "8",
+        "--crash-at",
+        "16",
+        "--directory",
+        str(tmp_path / "c"),
     )
     assert status == 0, out
     # The demo wrote only inside the run folder it created, and deleted nothing.
@@ -155,8 +166,21 @@ def test_demo_crashes_resumes_on_another_mesh_and_matches(tmp_path, monkeypatch)
     assert list((tmp_path / "c" / "run-1").iterdir()) == []
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["run-1", "run-2", "runs"]
     assert f"checkpoints in {tmp_path / 'c' / 'run-2' / 'ckpt'}" in out
-    assert "killed with SIGKILL after step 16" in out
-    assert "onto 4 devices, mesh [2, 2]" in out
+    # The SIGTERM after step 8 is seen at step 8 or a little later; the step after is saved
+    # and the process exits 0, having lost nothing.
+    saved = int(re.search(r"SIGTERM after step 8; saved step (\d+) and exited 0", out).group(1))
+    assert 9 <= saved < 16, out
+    assert (
+        f"restored model-{saved} (step {saved}) onto 4 devices, mesh [2, 2], killed with SIGKILL after step 16"
+        in out
+    )
+    assert f"preemption (SIGTERM)     0 steps lost (trained to {saved}, resumed from {saved})" in out
+    # The crash resumes from the newest save that committed before the kill: the resumed run's
+    # periodic saves at 10 (if after the preempted one) and 15, or the preempted one.
+    crash = re.search(r"crash \(SIGKILL\) +(\d+) steps? lost \(trained to 16, resumed from (\d+)\)", out)
+    assert crash is not None and int(crash.group(2)) in {saved} | {s for s in (10, 15) if s > saved}, out
+    assert int(crash.group(1)) == 16 - int(crash.group(2))
+    assert "onto 8 devices, mesh [2, 4], trained to step 24" in out
     assert "MATCH the uninterrupted run" in out
     kept = next(line for line in out.splitlines() if "checkpoints kept" in line)
     assert "model-5" not in kept.split() and os.path.exists(tmp_path / "c" / "run-2" / "ckpt" / "checkpoint")
@@ -188,6 +212,8 @@ def test_demo_runs_from_an_installed_wheel(tmp_path):
             "--steps",
             "6",
             "--save-every",
+            "2",
+            "--preempt-at",
             "2",
             "--crash-at",
             "5",
