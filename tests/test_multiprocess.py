@@ -308,3 +308,9 @@ def test_a_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path, lockst
     expected = np.arange(32 * 16, dtype=np.float32).reshape(32, 16) + step
     np.testing.assert_array_equal(np.asarray(restored["w"]), expected)
     assert restored["step"] == step
+
+
+def test_the_sigterm_handler_chains_jaxs_own_preemption_notifier(tmp_path):
+    """jax.distributed installs a SIGTERM handler below Python; the Saver's calls it after recording."""
+    (out,) = _ok(run_processes(1, 1, "jax_notice", tmp_path, timeout=120))
+    assert json.loads(out.strip().splitlines()[-1]) == {"jax_reached": True, "notices": 1}

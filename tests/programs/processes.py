@@ -212,7 +212,25 @@ def preempted(directory: str) -> None:
     raise AssertionError("no preemption notice arrived")
 
 
+def jax_notice(directory: str) -> None:
+    """A SIGTERM handled by the Saver still reaches jax's own preemption notifier (chained)."""
+    from jax.experimental import multihost_utils
+
+    import shardsave
+
+    saver = shardsave.Saver(save_on_preemption=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    step = 0
+    while not multihost_utils.reached_preemption_sync_point(step) and time.monotonic() < deadline:
+        step += 1
+        time.sleep(0.02)
+    emit(jax_reached=time.monotonic() < deadline, notices=saver.preemption_notices)
+    saver.close()
+
+
 SCENARIOS: dict[str, Callable[[str], None]] = {
+    "jax_notice": jax_notice,
     "preempted": preempted,
     "should_save": should_save,
     "save_and_restore": save_and_restore,
