@@ -147,25 +147,30 @@ class _Results:
 
 
 def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None) -> list[_Unit]:
+    # Reads that are not a whole stored shard are cut at MAX_SPAN_BYTES too: target
+    # boxes that share stored rows (a resharded restore) then ask for identical spans,
+    # which a batch reads once.
+    partial_read = min(max_read_bytes or MAX_SPAN_BYTES, MAX_SPAN_BYTES)
     units = []
     for i, req in enumerate(requests):
         entry, itemsize = req.entry, req.entry.dtype.itemsize
         if req.sharding is None or req.shape != entry.shape:
             # Host targets and reshapes read the whole stored array (or the box asked for) once.
             box = req.box or full_box(entry.shape)
-            unit = _Unit(i, box, plan_reads(entry.shards, box, itemsize, max_read_bytes))
+            unit = _Unit(i, box, plan_reads(entry.shards, box, itemsize, partial_read))
             if req.sharding is not None:
                 unit.placements.extend((d, tbox) for tbox, d in unique_target_boxes(req.sharding, req.shape))
             units.append(unit)
             continue
         # A target laid out as saved (the common case) finds its stored box at once.
         stored = {(s.start, s.stop): s for s in entry.shards}
-        for tbox, devices in unique_target_boxes(req.sharding, req.shape):
+        # In box order, so that boxes sharing stored rows are neighbours (and batch together).
+        for tbox, devices in sorted(unique_target_boxes(req.sharding, req.shape)):
             same = stored.get((tuple(a for a, _ in tbox), tuple(b for _, b in tbox)))
             if same is not None and same.nbytes:
                 reads = exact_reads(same, itemsize, max_read_bytes)
             else:
-                reads = plan_reads(entry.shards, tbox, itemsize, max_read_bytes)
+                reads = plan_reads(entry.shards, tbox, itemsize, partial_read)
             units.append(_Unit(i, tbox, reads, [(devices, None)]))
     return units
 
@@ -306,6 +311,7 @@ class RestorePlan:
     units: list[_Unit]  # one per unique target box (or whole leaf), with its reads
     batches: list[list[_Unit]]  # executed in order; a streamed unit is a batch of its own
     budget: int  # the host bytes one batch may hold
+    ahead: int  # batches read while the current one is placed (each within the budget)
 
 
 def plan_restore(
@@ -316,9 +322,10 @@ def plan_restore(
     Raises:
       ValueError: restore_sequentially with a budget it cannot keep.
     """
+    ahead = 1
     if sequential:
         # A read covers whole checksum chunks, and a batch holds reads of up to a quarter
-        # of the budget: below two chunks per quarter a budget cannot be kept.
+        # of its budget: below two chunks per quarter a budget cannot be kept.
         least = max(MIN_SEQUENTIAL_BYTES, 8 * crc_chunk_bytes)
         if budget is not None and budget < least:
             raise ValueError(
@@ -328,6 +335,12 @@ def plan_restore(
                 f"max_host_bytes={least}"
             )
         budget = budget or least
+        ahead = 0
+        if budget >= 2 * least:
+            # Two batches of half the budget each: the next one is read while this one
+            # is verified and placed.
+            budget //= 2
+            ahead = 1
         max_read: int | None = max(1, budget // 4)
     else:
         # The next batch is read while this one is verified and placed, and a batch's
@@ -338,7 +351,8 @@ def plan_restore(
         budget = budget or min(DEFAULT_INFLIGHT_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
         max_read = None
     units = _plan_units(requests, max_read)
-    return RestorePlan(units, list(_batches(units, requests, budget, sequential)), budget)
+    batches = list(_batches(units, requests, budget, sequential, crc_chunk_bytes))
+    return RestorePlan(units, batches, budget, ahead)
 
 
 @_gc_pause.pausing
@@ -355,21 +369,23 @@ def restore_leaves(
     began = time.perf_counter()
     plan = plan_restore(requests, index.crc_chunk_bytes, budget=budget, sequential=sequential)
     names = {id(s): req.entry.name for req in requests for s in req.entry.shards}
+    units, batches, budget = plan.units, plan.batches, plan.budget
     # A capped restore needs its buffers' memory back the moment they are dropped.
     fetcher = _Fetcher(directory, base, index, names, mapped_empty if sequential else aligned_empty)
-    units, batches, budget = plan.units, plan.batches, plan.budget
     times = RestoreTimes(plan_seconds=time.perf_counter() - began)
 
     results = _Results(units)
-    ahead = 0 if sequential else 1  # batches whose reads are issued before the current one is placed
     issued: deque[tuple[list[_Unit], dict[int, _Span]]] = deque()
     try:
         for batch in batches:
-            if len(batch) == 1 and _streamed(batch[0], requests, budget, sequential):
-                _stream_unit(batch[0], requests[batch[0].request], fetcher, results)
+            if len(batch) == 1 and _streamed(batch[0], requests, budget, sequential, index.crc_chunk_bytes):
+                while issued:  # the batches in flight first: the stream has the whole budget
+                    _run_batch(*issued.popleft(), requests, fetcher, results)
+                cap = budget * (plan.ahead + 1)
+                _stream_unit(batch[0], requests[batch[0].request], fetcher, results, cap)
                 continue
             issued.append((batch, fetcher.issue([r for unit in batch for r in unit.reads])))
-            if len(issued) > ahead:
+            if len(issued) > plan.ahead:
                 _run_batch(*issued.popleft(), requests, fetcher, results)
         while issued:
             _run_batch(*issued.popleft(), requests, fetcher, results)
@@ -388,33 +404,61 @@ def restore_leaves(
     return values, times
 
 
-def _streamed(unit: _Unit, requests: list[LeafRequest], budget: int, sequential: bool) -> bool:
+def _host_assembly(unit: _Unit, req: LeafRequest) -> int:
+    """The host bytes a unit's assembly holds beyond the result: none where a CPU
+    device adopts the assembled buffer as its own (on CPU, device memory is host
+    memory, and the restored arrays are not the restore's transient memory)."""
+    if req.sharding is not None and _on_cpu(req.sharding) and req.dtype == req.entry.dtype:
+        return 0
+    return unit.assembly_bytes(req.entry.dtype.itemsize)
+
+
+def _streamed(unit: _Unit, requests: list[LeafRequest], budget: int, sequential: bool, chunk: int) -> bool:
+    """Whether a capped restore streams the unit through its device buffers, read by read."""
     req = requests[unit.request]
-    return (
-        sequential
-        and req.sharding is not None
-        and req.shape == req.entry.shape
-        and unit.assembly_bytes(req.entry.dtype.itemsize) > budget // 2
-    )
+    if not sequential or req.sharding is None or req.shape != req.entry.shape:
+        return False
+    if _on_cpu(req.sharding):
+        return sum(_chunks(unit, chunk).values()) > budget
+    return unit.assembly_bytes(req.entry.dtype.itemsize) > budget // 2
+
+
+def _chunks(unit: _Unit, chunk: int) -> dict[tuple[int, int], int]:
+    """The checksum chunks the unit's reads cover (a read is widened to them): key -> bytes."""
+    covered = {}
+    for read in unit.reads:
+        a, b = _span(read, chunk)
+        for j in range(a // chunk, -(-b // chunk)):
+            covered[read.shard.file, read.shard.offset + j * chunk] = min(
+                chunk, read.shard.nbytes - j * chunk
+            )
+    return covered
 
 
 def _batches(
-    units: list[_Unit], requests: list[LeafRequest], budget: int, sequential: bool
+    units: list[_Unit], requests: list[LeafRequest], budget: int, sequential: bool, chunk: int
 ) -> Iterator[list[_Unit]]:
+    """Consecutive units whose host bytes fit the budget: what they read, each chunk
+    counted once (units that share stored rows read them once), and their assembly."""
     batch: list[_Unit] = []
+    held: dict[tuple[int, int], int] = {}
     used = 0
     for unit in units:
-        if _streamed(unit, requests, budget, sequential):
+        if _streamed(unit, requests, budget, sequential, chunk):
             if batch:
                 yield batch
-            batch, used = [], 0
+            batch, held, used = [], {}, 0
             yield [unit]
             continue
-        cost = unit.read_bytes() + unit.assembly_bytes(requests[unit.request].entry.dtype.itemsize)
+        chunks = _chunks(unit, chunk)
+        assembly = _host_assembly(unit, requests[unit.request])
+        cost = assembly + sum(n for key, n in chunks.items() if key not in held)
         if batch and used + cost > budget:
             yield batch
-            batch, used = [], 0
+            batch, held, used = [], {}, 0
+            cost = assembly + sum(chunks.values())
         batch.append(unit)
+        held.update(chunks)
         used += cost
     if batch:
         yield batch
@@ -481,16 +525,51 @@ def _run_batch(
         results.place(request, requests[request], by_box, holders[request])
 
 
-def _stream_unit(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, results: _Results) -> None:
+def _read_ahead(
+    reads: list[Read], fetcher: _Fetcher, dtype: np.dtype, limit: int
+) -> Iterator[tuple[Read, np.ndarray]]:
+    """Each read's verified rows, in order, with the next reads in flight meanwhile:
+    as many as `limit` bytes hold (at least one), so a cold disk keeps working."""
+    waiting = deque(reads)
+    in_flight: deque[tuple[Read, _Span, int]] = deque()
+    held = 0
+
+    def widened(read: Read) -> int:
+        a, b = _span(read, fetcher.chunk)
+        return b - a
+
+    while waiting or in_flight:
+        while waiting and (not in_flight or held + widened(waiting[0]) <= limit):
+            read = waiting.popleft()
+            in_flight.append((read, fetcher.issue([read])[id(read)], widened(read)))
+            held += in_flight[-1][2]
+        read, span, nbytes = in_flight.popleft()
+        yield read, fetcher.verified(read, span, dtype)
+        del span
+        held -= nbytes
+
+
+def _stream_unit(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, results: _Results, budget: int) -> None:
+    """Streams a unit whose reads exceed the budget into its device buffers, read by read."""
     ((targets, _),) = unit.placements
+    dtype = req.entry.dtype
+    if _on_cpu(req.sharding):
+        # A CPU device adopts an aligned host buffer as its own: fill the final buffer
+        # in place, with the whole budget for reads in flight.
+        out = _aligned_array(box_shape(unit.box), dtype, mapped_empty)
+        for read, rows in _read_ahead(unit.reads, fetcher, dtype, budget):
+            out[read.dst] = rows[read.src]
+        results.remaining[unit.request] -= 1
+        results.place(unit.request, req, {unit.box: out.astype(req.dtype, copy=False)}, {unit.box: targets})
+        return
     buffers = {d: jnp.zeros(box_shape(unit.box), req.dtype, device=d) for d in targets}
-    for read in unit.reads:
-        rows = fetcher.verified(read, fetcher.issue([read])[id(read)], req.entry.dtype)[read.src]
-        block = np.ascontiguousarray(rows, dtype=req.dtype)
+    # The last quarter of the budget is the block on its way to the devices.
+    for read, rows in _read_ahead(unit.reads, fetcher, dtype, budget * 3 // 4):
+        block = np.ascontiguousarray(rows[read.src], dtype=req.dtype)
         starts = tuple(np.int32(s.start or 0) for s in read.dst)
         for d in targets:
-            # One device's copy of the block at a time (on CPU devices it is host
-            # memory): dispatching them all at once held one copy per device.
+            # One device's copy of the block at a time: dispatching them all at once
+            # held one host copy per device.
             buffers[d] = _write_block(buffers[d], jax.device_put(block, d), starts).block_until_ready()
         del rows, block
     results.remaining[unit.request] -= 1

@@ -22,14 +22,16 @@ from shardsave._restore import LeafRequest, plan_restore
 F32 = np.dtype(np.float32)
 
 
-def _stored(shape: tuple[int, ...], rows_per_shard: int, name: str = "w") -> LeafEntry:
-    """A leaf stored in shards of whole rows, one file each (as a 1-D mesh saves it)."""
+def _stored(shape: tuple[int, ...], rows_per_shard: int, name: str = "w", offset: int = 0) -> LeafEntry:
+    """A leaf stored in shards of whole rows, one file each (as a 1-D mesh saves it),
+    at `offset` in each file (leaves of one checkpoint lie at different offsets)."""
     shards = []
     for k, start in enumerate(range(0, shape[0], rows_per_shard)):
         stop = min(start + rows_per_shard, shape[0])
         nbytes = (stop - start) * math.prod(shape[1:]) * F32.itemsize
         crcs = tuple(0 for _ in range(_format.crc_chunks(nbytes, _format.CRC_CHUNK_BYTES)))
-        shards.append(StoredShard(k, 0, nbytes, (start, *[0] * (len(shape) - 1)), (stop, *shape[1:]), crcs))
+        start_at = (start, *[0] * (len(shape) - 1))
+        shards.append(StoredShard(k, offset, nbytes, start_at, (stop, *shape[1:]), crcs))
     return LeafEntry(name, F32, shape, _tree.KIND_ARRAY, None, tuple(shards))
 
 
@@ -84,17 +86,58 @@ def test_a_target_laid_out_as_saved_reads_each_stored_shard_whole(mesh24):
     assert all(len(u.reads) == 1 and u.reads[0].fills_target for u in plan.units)
 
 
-def test_a_capped_plan_keeps_every_batch_within_the_budget(mesh24):
-    entries = [_stored((2048, 1024), rows_per_shard=256, name=f"l{i}") for i in range(4)]  # 8 MiB each
-    sharding = NamedSharding(mesh24, P(None, "model"))  # a column split: rows of every stored shard
+@pytest.mark.parametrize("on_devices", [True, False], ids=["cpu-devices", "host-arrays"])
+def test_a_capped_plan_keeps_every_batch_within_the_budget(mesh24, on_devices):
+    """What a batch holds beyond the restored arrays stays within its budget.
+
+    A CPU device adopts the assembled buffer as its own, so on CPU devices only the
+    reads count; a host (numpy) target's assembly is counted too.
+    """
+    entries = [_stored((2048, 1024), 256, f"l{i}", offset=i << 20) for i in range(8)]  # 8 MiB each
+    sharding = NamedSharding(mesh24, P(None, "model")) if on_devices else None  # a column split
     requests = [LeafRequest(e, e.shape, F32, sharding) for e in entries]
-    budget = 32 << 20
-    plan = plan_restore(requests, 4 << 20, budget=budget, sequential=True)
-    assert len(plan.batches) > 1
+    cap = 32 << 20
+    plan = plan_restore(requests, 4 << 20, budget=cap, sequential=True)
+    assert len(plan.batches) > 1 and plan.budget * (plan.ahead + 1) <= cap
+    chunk = 4 << 20
     for batch in plan.batches:
-        held = sum(u.read_bytes() + u.assembly_bytes(F32.itemsize) for u in batch)
-        assert len(batch) == 1 or held <= budget
+        # The stored bytes a batch reads: each read widened to whole checksum chunks,
+        # bytes that several reads share read once.
+        spans = sorted(
+            (
+                r.shard.file,
+                r.shard.offset + (r.row_start * r.row_bytes) // chunk * chunk,
+                r.shard.offset
+                + min(-(-(r.row_start * r.row_bytes + r.nbytes) // chunk) * chunk, r.shard.nbytes),
+            )
+            for u in batch
+            for r in u.reads
+        )
+        read, reach = 0, (-1, 0)
+        for file, a, b in spans:
+            start = max(a, reach[1]) if reach[0] == file else a
+            read += max(0, b - start)
+            reach = (file, max(b, reach[1]) if reach[0] == file else b)
+        held = read + (0 if on_devices else sum(u.assembly_bytes(F32.itemsize) for u in batch))
+        assert len(batch) == 1 or held <= plan.budget
     assert sum(len(b) for b in plan.batches) == len(plan.units)
+
+
+def test_target_boxes_sharing_stored_rows_read_them_once(mesh24):
+    """A column split of row-stored shards: every device needs all rows of some columns."""
+    entry = _stored((2048, 1024), rows_per_shard=256)  # 8 MiB in 8 shards of whole rows
+    sharding = NamedSharding(mesh24, P(None, "model"))
+    for budget, sequential in ((None, False), (32 << 20, True)):
+        plan = plan_restore(
+            [LeafRequest(entry, entry.shape, F32, sharding)], 4 << 20, budget=budget, sequential=sequential
+        )
+        # Each stored byte is asked for by 4 column boxes, and read by one batch only.
+        readers: dict[tuple[int, int], set[int]] = {}
+        for k, batch in enumerate(plan.batches):
+            for u in batch:
+                for r in u.reads:
+                    readers.setdefault((r.shard.offset, r.row_start), set()).add(k)
+        assert all(len(batches) == 1 for batches in readers.values()), readers
 
 
 def test_a_budget_a_capped_restore_cannot_keep_is_refused_before_reading():
