@@ -2,20 +2,27 @@
 
 A restore is a list of units: one per unique target box of a leaf (a box several
 devices need is read once and placed on each), or the whole leaf for host
-targets and reshapes. Units are executed in batches whose host bytes (reads plus
-assembly buffers) stay within the budget: every read of a batch is issued at
-once (coalesced into contiguous spans of each file) and verified (crc32c) as it
-lands, then the batch is assembled and placed on its devices (one
-make_array_from_callback per leaf), and its host buffers are dropped. A default
-restore issues the next batch's reads before placing the current one, so the
-disk and Python work at the same time; restore_sequentially does not, so only
-one batch is ever held, and its buffers are mappings of their own, whose memory
-returns to the system as soon as they are dropped. On CPU devices a read that is
-exactly a target shard becomes that device buffer without a copy.
+targets and reshapes. Units are executed in batches whose host bytes stay within
+the budget: every read of a batch is issued at once (coalesced into contiguous
+spans of each file) and verified (crc32c) as it lands, then the batch is
+assembled and placed on its devices (one make_array_from_callback per leaf), and
+its host buffers are dropped. A batch counts the checksum chunks its reads cover,
+each once, so target boxes that need the same stored rows (a resharded restore)
+are batched together and read them once. The next batch's reads are issued
+before the current one is placed, so the storage and Python work at the same
+time; restore_sequentially does the same with two batches of half the budget
+(with less than twice its smallest budget, one batch at a time), and its buffers
+are mappings of their own, whose memory returns to the system as soon as they
+are dropped. On CPU devices the assembled buffer (or a read that is exactly a
+target shard) becomes the device buffer without a copy: it is the restored
+array, not transient memory, and is not counted against the budget.
 
-A unit too large for the budget on its own (restore_sequentially with a small
-max_host_bytes) is streamed: its target buffer is allocated on the device and
-filled in place, row range by row range, so host memory never holds it whole.
+A unit whose reads do not fit a batch (restore_sequentially with a small
+max_host_bytes) is streamed, with the next reads in flight within the budget:
+on CPU devices into its final host buffer (with the neighbouring units of its
+leaf that share its stored rows, which are then read once for all of them);
+on accelerators into its device buffer, filled in place row range by row range.
+Host memory never holds it whole beyond the result.
 """
 
 from __future__ import annotations
@@ -309,7 +316,7 @@ class RestorePlan:
     """What a restore will do, decided before any byte is read."""
 
     units: list[_Unit]  # one per unique target box (or whole leaf), with its reads
-    batches: list[list[_Unit]]  # executed in order; a streamed unit is a batch of its own
+    batches: list[list[_Unit]]  # executed in order; streamed units form batches of their own
     budget: int  # the host bytes one batch may hold
     ahead: int  # batches read while the current one is placed (each within the budget)
 
@@ -378,11 +385,10 @@ def restore_leaves(
     issued: deque[tuple[list[_Unit], dict[int, _Span]]] = deque()
     try:
         for batch in batches:
-            if len(batch) == 1 and _streamed(batch[0], requests, budget, sequential, index.crc_chunk_bytes):
+            if _streamed(batch[0], requests, budget, sequential, index.crc_chunk_bytes):
                 while issued:  # the batches in flight first: the stream has the whole budget
                     _run_batch(*issued.popleft(), requests, fetcher, results)
-                cap = budget * (plan.ahead + 1)
-                _stream_unit(batch[0], requests[batch[0].request], fetcher, results, cap)
+                _stream_units(batch, requests, fetcher, results, budget * (plan.ahead + 1))
                 continue
             issued.append((batch, fetcher.issue([r for unit in batch for r in unit.reads])))
             if len(issued) > plan.ahead:
@@ -439,27 +445,49 @@ def _batches(
     units: list[_Unit], requests: list[LeafRequest], budget: int, sequential: bool, chunk: int
 ) -> Iterator[list[_Unit]]:
     """Consecutive units whose host bytes fit the budget: what they read, each chunk
-    counted once (units that share stored rows read them once), and their assembly."""
+    counted once (units that share stored rows read them once), and their assembly.
+
+    A unit too large for a batch is streamed; on CPU devices its neighbours of the
+    same leaf that share stored rows with it stream with it, so those rows are
+    read once for all of them.
+    """
     batch: list[_Unit] = []
     held: dict[tuple[int, int], int] = {}
     used = 0
+    streaming: list[_Unit] = []  # a group of streamed units
+    streamed_chunks: set[tuple[int, int]] = set()
     for unit in units:
+        chunks = _chunks(unit, chunk)
         if _streamed(unit, requests, budget, sequential, chunk):
             if batch:
                 yield batch
-            batch, held, used = [], {}, 0
-            yield [unit]
+                batch, held, used = [], {}, 0
+            joins = (
+                streaming
+                and streaming[0].request == unit.request
+                and _on_cpu(requests[unit.request].sharding)
+                and not streamed_chunks.isdisjoint(chunks)
+            )
+            if streaming and not joins:
+                yield streaming
+                streaming, streamed_chunks = [], set()
+            streaming.append(unit)
+            streamed_chunks.update(chunks)
             continue
-        chunks = _chunks(unit, chunk)
+        if streaming:
+            yield streaming
+            streaming, streamed_chunks = [], set()
         assembly = _host_assembly(unit, requests[unit.request])
         cost = assembly + sum(n for key, n in chunks.items() if key not in held)
-        if batch and used + cost > budget:
+        if batch and cost and used + cost > budget:  # a unit that adds nothing always joins
             yield batch
             batch, held, used = [], {}, 0
             cost = assembly + sum(chunks.values())
         batch.append(unit)
         held.update(chunks)
         used += cost
+    if streaming:
+        yield streaming
     if batch:
         yield batch
 
@@ -549,31 +577,46 @@ def _read_ahead(
         held -= nbytes
 
 
-def _stream_unit(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, results: _Results, budget: int) -> None:
-    """Streams a unit whose reads exceed the budget into its device buffers, read by read."""
-    ((targets, _),) = unit.placements
+def _stream_units(
+    units: list[_Unit], requests: list[LeafRequest], fetcher: _Fetcher, results: _Results, budget: int
+) -> None:
+    """Streams units too large for a batch into their device buffers, read by read."""
+    req = requests[units[0].request]
     dtype = req.entry.dtype
     if _on_cpu(req.sharding):
-        # A CPU device adopts an aligned host buffer as its own: fill the final buffer
-        # in place, with the whole budget for reads in flight.
-        out = _aligned_array(box_shape(unit.box), dtype, mapped_empty)
-        for read, rows in _read_ahead(unit.reads, fetcher, dtype, budget):
-            out[read.dst] = rows[read.src]
-        results.remaining[unit.request] -= 1
-        results.place(unit.request, req, {unit.box: out.astype(req.dtype, copy=False)}, {unit.box: targets})
+        # A CPU device adopts an aligned host buffer as its own: fill the final buffers
+        # in place, with the whole budget for reads in flight. Units of one leaf that
+        # need the same stored rows (a group from _batches) share each read.
+        outs = [_aligned_array(box_shape(u.box), dtype, mapped_empty) for u in units]
+        consumers: dict[tuple[int, int, int], list[tuple[int, Read]]] = {}
+        for k, unit in enumerate(units):
+            for read in unit.reads:
+                consumers.setdefault((id(read.shard), read.row_start, read.nbytes), []).append((k, read))
+        unique = [uses[0][1] for uses in consumers.values()]
+        for read, rows in _read_ahead(unique, fetcher, dtype, budget):
+            for k, use in consumers[id(read.shard), read.row_start, read.nbytes]:
+                outs[k][use.dst] = rows[use.src]
+        for unit, out in zip(units, outs):
+            ((targets, _),) = unit.placements
+            results.remaining[unit.request] -= 1
+            results.place(
+                unit.request, req, {unit.box: out.astype(req.dtype, copy=False)}, {unit.box: targets}
+            )
         return
-    buffers = {d: jnp.zeros(box_shape(unit.box), req.dtype, device=d) for d in targets}
-    # The last quarter of the budget is the block on its way to the devices.
-    for read, rows in _read_ahead(unit.reads, fetcher, dtype, budget * 3 // 4):
-        block = np.ascontiguousarray(rows[read.src], dtype=req.dtype)
-        starts = tuple(np.int32(s.start or 0) for s in read.dst)
-        for d in targets:
-            # One device's copy of the block at a time: dispatching them all at once
-            # held one host copy per device.
-            buffers[d] = _write_block(buffers[d], jax.device_put(block, d), starts).block_until_ready()
-        del rows, block
-    results.remaining[unit.request] -= 1
-    results.partial.setdefault(unit.request, {}).update(buffers)
+    for unit in units:
+        ((targets, _),) = unit.placements
+        buffers = {d: jnp.zeros(box_shape(unit.box), req.dtype, device=d) for d in targets}
+        # The last quarter of the budget is the block on its way to the devices.
+        for read, rows in _read_ahead(unit.reads, fetcher, dtype, budget * 3 // 4):
+            block = np.ascontiguousarray(rows[read.src], dtype=req.dtype)
+            starts = tuple(np.int32(s.start or 0) for s in read.dst)
+            for d in targets:
+                # One device's copy of the block at a time: dispatching them all at
+                # once held one host copy per device.
+                buffers[d] = _write_block(buffers[d], jax.device_put(block, d), starts).block_until_ready()
+            del rows, block
+        results.remaining[unit.request] -= 1
+        results.partial.setdefault(unit.request, {}).update(buffers)
 
 
 def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tuple[Store, str, Index]:

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from shardsave import _format, _tree
 from shardsave._format import LeafEntry, StoredShard
 from shardsave._plan import plan_reads, plan_save
-from shardsave._restore import LeafRequest, plan_restore
+from shardsave._restore import LeafRequest, _streamed, plan_restore
 
 F32 = np.dtype(np.float32)
 
@@ -124,20 +124,29 @@ def test_a_capped_plan_keeps_every_batch_within_the_budget(mesh24, on_devices):
 
 
 def test_target_boxes_sharing_stored_rows_read_them_once(mesh24):
-    """A column split of row-stored shards: every device needs all rows of some columns."""
-    entry = _stored((2048, 1024), rows_per_shard=256)  # 8 MiB in 8 shards of whole rows
+    """A column split of row-stored shards: every device needs all rows of some columns.
+
+    Uncapped, capped, and capped so tightly that each box is streamed (its reads
+    exceed a batch): the boxes sharing rows stream together.
+    """
+    entry = _stored((16384, 1024), rows_per_shard=2048)  # 64 MiB in 8 shards of whole rows
     sharding = NamedSharding(mesh24, P(None, "model"))
-    for budget, sequential in ((None, False), (32 << 20, True)):
-        plan = plan_restore(
-            [LeafRequest(entry, entry.shape, F32, sharding)], 4 << 20, budget=budget, sequential=sequential
-        )
+    for budget, sequential in ((None, False), (256 << 20, True), (MIN_CAP, True)):
+        request = LeafRequest(entry, entry.shape, F32, sharding)
+        plan = plan_restore([request], 4 << 20, budget=budget, sequential=sequential)
         # Each stored byte is asked for by 4 column boxes, and read by one batch only.
-        readers: dict[tuple[int, int], set[int]] = {}
+        readers: dict[tuple[int, int, int], set[int]] = {}
         for k, batch in enumerate(plan.batches):
             for u in batch:
                 for r in u.reads:
-                    readers.setdefault((r.shard.offset, r.row_start), set()).add(k)
+                    readers.setdefault((r.shard.file, r.shard.offset, r.row_start), set()).add(k)
         assert all(len(batches) == 1 for batches in readers.values()), readers
+        if budget == MIN_CAP:  # each box reads 64 MiB: streamed, the 4 boxes as one group
+            assert [len(batch) for batch in plan.batches] == [4]
+            assert all(_streamed(u, [request], plan.budget, True, 4 << 20) for u in plan.batches[0])
+
+
+MIN_CAP = 32 << 20
 
 
 def test_a_budget_a_capped_restore_cannot_keep_is_refused_before_reading():
