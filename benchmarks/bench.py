@@ -43,12 +43,21 @@ Storage "s3" is moto's S3 server on loopback (started by the benchmark): there
 "raw" is boto3 PUTting and GETting the same bytes in parallel, one thread per
 data file, and Orbax is not run (its s3:// paths cannot name another endpoint).
 
+Storage "cold" (op restore_cold) restores from disk_dir with the kernel's page
+cache dropped before every restore, as a job resuming on a fresh host reads it
+(needs root; the case is skipped otherwise). "raw" is the parallel read of
+shardsave's data files (8 threads, 16 MiB blocks, into reused buffers, as
+parallel `dd bs=16M of=/dev/null`); shardsave-64MiB and -256MiB are
+restore_sequentially with those caps; every restore lands on the saved layout.
+A case with 1 leaf holds one leaf larger than any cap.
+
 Outputs: a table on the terminal, OUT/bench.json, OUT/bench.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import gc
 import json
@@ -408,6 +417,101 @@ def run_case(
     return records
 
 
+# ---------------------------------------------------------------- cold restores from disk
+
+
+def drop_page_cache() -> bool:
+    """Writes back and drops the kernel's page cache (root only); whether it could."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def parallel_read(files: list[Path], threads: int = 8, block: int = 16 * MIB) -> int:
+    """The raw limit of a cold restore: every byte of the files read in 16 MiB blocks
+    by 8 threads into one reused buffer each (as parallel `dd bs=16M of=/dev/null`)."""
+    jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, block)]
+    buffers = threading.local()
+
+    def read(job: tuple[Path, int]) -> int:
+        if not hasattr(buffers, "b"):
+            buffers.b = bytearray(block)
+        fd = os.open(job[0], os.O_RDONLY)
+        try:
+            return os.preadv(fd, [buffers.b], job[1])
+        finally:
+            os.close(fd)
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(read, jobs))
+
+
+def run_cold_case(
+    case: dict[str, Any], config: dict[str, Any], root: Path, sampler: Sampler
+) -> list[dict[str, Any]]:
+    """Restores from a disk with the page cache dropped before each one (the resume of a
+    job on a fresh host): the raw parallel read of the same data files, shardsave
+    (default and capped), Orbax (default and without compression). leaves == 1 is a
+    single leaf, larger than any cap. Skipped where the page cache cannot be dropped."""
+    if not drop_page_cache():
+        print("  cannot drop the page cache (needs root): skipping the cold case", file=sys.stderr)
+        return []
+    mesh, _ = meshes()
+    tree = build_tree(case["bytes"], case["leaves"], mesh)
+    target = abstract(tree, None)
+    base = root / f"cold-{case['bytes'] // MIB}MiB-{case['leaves']}"
+    shutil.rmtree(base, ignore_errors=True)
+    path = shardsave.Saver(async_save=False).save(tree, str(base / "shardsave" / "model"))
+    orbax = orbax_tools() if config.get("orbax", True) else {}
+    ocp = orbax.pop("_ocp", None)
+    checkpointers = {name: make() for name, make in orbax.items()}
+    for name, ckptr in checkpointers.items():
+        if name == "orbax":
+            ckptr.save(base / name, tree)
+        else:
+            ckptr.save(base / name, args=ocp.args.PyTreeSave(tree))
+        ckptr.wait_until_finished()
+    del tree
+    gc.collect()
+    files = sorted((base / "shardsave").glob("model.data-*"))
+    saver = shardsave.Saver()
+    restores: dict[str, Callable[[], Any]] = {
+        "raw": partial(parallel_read, files),
+        "shardsave": partial(_ready, saver.restore, path, target),
+    }
+    for cap in config.get("cold_caps_mib", [64, 256]):
+        restores[f"shardsave-{cap}MiB"] = partial(
+            _ready, saver.restore, path, target, restore_sequentially=True, max_host_bytes=cap * MIB
+        )
+    for name, ckptr in checkpointers.items():
+        if name == "orbax":
+            restores[name] = partial(_ready, ckptr.restore, base / name, target)
+        else:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+            args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args)
+            restores[name] = partial(_ready, ckptr.restore, base / name, args=args)
+    records: list[dict[str, Any]] = []
+    for rep in range(config["warmup"] + config["reps"]):
+        for tool, fn in restores.items():  # interleaved, tool by tool
+            gc.collect()
+            drop_page_cache()
+            t, m, out = sampler.run(fn, warm=False)
+            del out
+            if rep >= config["warmup"]:
+                records.append(
+                    {**case, "tool": tool, "op": "restore_cold", "seconds": t, "transient_bytes": m}
+                )
+    for ckptr in checkpointers.values():
+        ckptr.close()
+    saver.close()
+    shutil.rmtree(base, ignore_errors=True)
+    return records
+
+
 @contextlib.contextmanager
 def s3_server() -> Any:
     """moto's S3 server on loopback, and the environment that points s3:// and boto3 at it."""
@@ -667,6 +771,8 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "shardsave": 2,
         "shardsave-async": 3,
         "shardsave-device": 4,
+        "shardsave-64MiB": 4.5,
+        "shardsave-256MiB": 4.6,
         "orbax": 5,
         "orbax-nocomp": 6,
     }
@@ -682,6 +788,7 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "restore_place": 4.3,
         "restore_resharded": 5,
         "restore_sequential": 6,
+        "restore_cold": 7,
     }
     for r in sorted(
         rows, key=lambda r: (r["storage"], r["bytes"], r["leaves"], ops[r["op"]], order[r["tool"]])
@@ -780,9 +887,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         if case["storage"] == "s3":
             records += run_s3_case(case, config, sampler)
+        elif case["storage"] == "cold":
+            records += run_cold_case(case, config, roots["disk"], sampler)
         else:
             records += run_case(case, config, roots[case["storage"]], sampler)
-        if i == 1 and config.get("first_save", True) and case["storage"] != "s3":
+        if i == 1 and config.get("first_save", True) and case["storage"] not in ("s3", "cold"):
             first = first_save(case, roots[case["storage"]])
         # Written after every case, so a run cut short still leaves its results.
         rows = summarize(records)
