@@ -47,9 +47,18 @@ Storage "cold" (op restore_cold) restores from disk_dir with the kernel's page
 cache dropped before every restore, as a job resuming on a fresh host reads it
 (needs root; the case is skipped otherwise). "raw" is the parallel read of
 shardsave's data files (8 threads, 16 MiB blocks, into reused buffers, as
-parallel `dd bs=16M of=/dev/null`); shardsave-64MiB and -256MiB are
+parallel `dd bs=16M of=/dev/null`), and raw-fresh the same into new memory kept
+until the end, as a restore's results must be; shardsave-64MiB and -256MiB are
 restore_sequentially with those caps; every restore lands on the saved layout.
 A case with 1 leaf holds one leaf larger than any cap.
+
+Storage "adamw" is the realistic case, on tmpfs: a decoder-only transformer's
+optax.adamw state (LEAVES layers of width 1024, a 32k vocabulary; bf16
+parameters, fp32 first and bf16 second moments after one update, FSDP-sharded
+over every device): save_blocking and save of an asynchronous save, restore,
+and restore_fresh, a restore in a new process (the wait of a resumed job, page
+faults included; Orbax's StandardCheckpointer there reads both Orbax variants,
+so only its default is run).
 
 Outputs: a table on the terminal, OUT/bench.json, OUT/bench.png.
 """
@@ -417,6 +426,162 @@ def run_case(
     return records
 
 
+# ---------------------------------------------------------------- a realistic training state
+
+
+def adamw_state(
+    layers: int, mesh: Mesh, width: int = 1024, vocab: int = 32768, abstract: bool = False
+) -> Any:
+    """A decoder-only transformer's optax.adamw state, FSDP-sharded over every device.
+
+    bf16 parameters, fp32 first moments (mu_dtype), bf16 second moments, after one
+    update with random gradients (so the moments are not the zeros a compressor
+    writes for nothing, as they are only before the first step).
+    """
+    import optax
+
+    spec = P(tuple(mesh.axis_names))  # the first axis split over all devices
+
+    def shapes() -> dict[str, tuple[int, ...]]:
+        out = {"embed": (vocab, width), "unembed": (width, vocab), "final_norm": (width,)}
+        for i in range(layers):
+            for name, shape in (
+                ("attn_norm", (width,)),
+                ("q", (width, width)),
+                ("k", (width, width)),
+                ("v", (width, width)),
+                ("o", (width, width)),
+                ("mlp_norm", (width,)),
+                ("mlp_in", (width, 4 * width)),
+                ("mlp_out", (4 * width, width)),
+            ):
+                out[f"layer{i:02d}/{name}"] = shape
+        return out
+
+    optimizer = optax.adamw(1e-4, mu_dtype=jnp.float32)
+
+    def make() -> Any:
+        key = jax.random.PRNGKey(0)
+        params = {
+            k: (jax.random.normal(jax.random.fold_in(key, i), shape) * 0.02).astype(jnp.bfloat16)
+            for i, (k, shape) in enumerate(shapes().items())
+        }
+        state = optimizer.init(params)
+        grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
+        _, state = optimizer.update(grads, state, params)
+        return {"params": params, "opt_state": state}
+
+    shaped = jax.eval_shape(make)
+
+    def sharding(x: Any) -> NamedSharding:
+        return NamedSharding(mesh, spec if x.ndim >= 1 and x.shape[0] % mesh.size == 0 else P())
+
+    shardings = jax.tree.map(sharding, shaped)
+    if abstract:
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shaped, shardings
+        )
+    return jax.block_until_ready(jax.jit(make, out_shardings=shardings)())
+
+
+FRESH_RESTORE = """
+import json, sys, time
+sys.path.insert(0, {bench_dir!r})
+import bench, jax
+mesh, _ = bench.meshes()
+target = bench.adamw_state({layers}, mesh, abstract=True)
+tool, path = sys.argv[1], sys.argv[2]
+began = time.perf_counter()
+if tool == "shardsave":
+    import shardsave
+    out = shardsave.Saver().restore(path, target)
+else:
+    import orbax.checkpoint as ocp
+    out = ocp.StandardCheckpointer().restore(path, target)
+jax.block_until_ready(out)
+print(json.dumps(time.perf_counter() - began))
+"""
+
+
+def run_adamw_case(
+    case: dict[str, Any], config: dict[str, Any], root: Path, sampler: Sampler
+) -> list[dict[str, Any]]:
+    """The realistic case: an adamw state of case["leaves"] transformer layers on tmpfs.
+
+    Blocking time and time to commit of an asynchronous save, a restore, and a
+    restore in a fresh process (the time a resumed job waits, page faults included),
+    for shardsave, Orbax's defaults and Orbax without compression.
+    """
+    import subprocess
+
+    mesh, _ = meshes()
+    layers = case["leaves"]
+    state = adamw_state(layers, mesh)
+    target = adamw_state(layers, mesh, abstract=True)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    count = len(jax.tree.leaves(state))
+    case = {**case, "bytes": nbytes}
+    print(f"  adamw state: {layers} layers, {count} leaves, {nbytes / 2**30:.2f} GiB", file=sys.stderr)
+    base = root / f"adamw-{layers}"
+    shutil.rmtree(base, ignore_errors=True)
+    orbax = orbax_tools() if config.get("orbax", True) else {}
+    ocp = orbax.pop("_ocp", None)
+    checkpointers = {name: make() for name, make in orbax.items()}
+    saver = shardsave.Saver(max_to_keep=1)
+    fresh = FRESH_RESTORE.format(bench_dir=str(REPO / "benchmarks"), layers=layers)
+    env = {**os.environ, "JAX_PLATFORMS": jax.devices()[0].platform}
+    records: list[dict[str, Any]] = []
+    sampler.warm_bytes = int(config["warm_memory"] * nbytes)
+
+    def record(tool: str, op: str, rep: int, seconds: float, transient: int) -> None:
+        if rep >= config["warmup"]:
+            records.append({**case, "tool": tool, "op": op, "seconds": seconds, "transient_bytes": transient})
+
+    for rep in range(config["warmup"] + config["reps"]):
+        shutil.rmtree(base, ignore_errors=True)
+        saves: dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any], str]] = {}
+        path = str(base / "shardsave" / "model")
+        saves["shardsave"] = (
+            partial(saver.save, state, path, global_step=rep),
+            saver.wait_until_finished,
+            partial(_ready, saver.restore, f"{path}-{rep}", target),
+            f"{path}-{rep}",
+        )
+        for name, ckptr in checkpointers.items():
+            where = base / name / str(rep)
+            if name == "orbax":
+                start = partial(ckptr.save, where, state)
+                restore = partial(_ready, ckptr.restore, where, target)
+            else:
+                start = partial(ckptr.save, where, args=ocp.args.PyTreeSave(state))
+                args = ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
+                )
+                restore = partial(_ready, ckptr.restore, where, args=args)
+            saves[name] = (start, ckptr.wait_until_finished, restore, str(where))
+        for tool, (start, finish, restore, where) in saves.items():
+            t_block, m_block, _ = sampler.run(start)
+            t_rest, m_rest, _ = sampler.run(finish, warm=False)
+            record(tool, "save_blocking", rep, t_block, m_block)
+            record(tool, "save", rep, t_block + t_rest, max(m_block, m_rest))
+            t, m, out = sampler.run(restore)
+            del out
+            record(tool, "restore", rep, t, m)
+            if tool != "orbax-nocomp":  # Orbax's StandardCheckpointer reads either
+                done = subprocess.run(
+                    [sys.executable, "-c", fresh, tool, where], capture_output=True, text=True, env=env
+                )
+                if done.returncode != 0:
+                    raise RuntimeError(f"fresh-process restore ({tool}) failed:\n{done.stderr[-3000:]}")
+                record(tool, "restore_fresh", rep, json.loads(done.stdout.strip().splitlines()[-1]), 0)
+        gc.collect()
+    for ckptr in checkpointers.values():
+        ckptr.close()
+    saver.close()
+    shutil.rmtree(base, ignore_errors=True)
+    return records
+
+
 # ---------------------------------------------------------------- cold restores from disk
 
 
@@ -431,23 +596,30 @@ def drop_page_cache() -> bool:
         return False
 
 
-def parallel_read(files: list[Path], threads: int = 8, block: int = 16 * MIB) -> int:
-    """The raw limit of a cold restore: every byte of the files read in 16 MiB blocks
-    by 8 threads into one reused buffer each (as parallel `dd bs=16M of=/dev/null`)."""
+def parallel_read(files: list[Path], fresh: bool = False, threads: int = 8, block: int = 16 * MIB) -> Any:
+    """The raw limits of a cold restore: every byte of the files read in 16 MiB blocks
+    by 8 threads, into one reused buffer per thread (as parallel `dd bs=16M
+    of=/dev/null`), or, with fresh, into new memory kept until the end (as a restore
+    must: its results are new arrays, and on CPU devices they are host memory)."""
     jobs = [(f, off) for f in files for off in range(0, f.stat().st_size, block)]
     buffers = threading.local()
 
-    def read(job: tuple[Path, int]) -> int:
-        if not hasattr(buffers, "b"):
-            buffers.b = bytearray(block)
+    def read(job: tuple[Path, int]) -> Any:
+        if fresh:
+            buffer: Any = _storage.mapped_empty(block)
+        else:
+            if not hasattr(buffers, "b"):
+                buffers.b = bytearray(block)
+            buffer = buffers.b
         fd = os.open(job[0], os.O_RDONLY)
         try:
-            return os.preadv(fd, [buffers.b], job[1])
+            n = os.preadv(fd, [buffer], job[1])
         finally:
             os.close(fd)
+        return buffer if fresh else n
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        return sum(pool.map(read, jobs))
+        return list(pool.map(read, jobs))
 
 
 def run_cold_case(
@@ -481,6 +653,7 @@ def run_cold_case(
     saver = shardsave.Saver()
     restores: dict[str, Callable[[], Any]] = {
         "raw": partial(parallel_read, files),
+        "raw-fresh": partial(parallel_read, files, fresh=True),
         "shardsave": partial(_ready, saver.restore, path, target),
     }
     for cap in config.get("cold_caps_mib", [64, 256]):
@@ -768,6 +941,7 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "d2h": 0,
         "raw": 1,
         "raw-ts": 1.5,
+        "raw-fresh": 1.6,
         "shardsave": 2,
         "shardsave-async": 3,
         "shardsave-device": 4,
@@ -789,6 +963,7 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "restore_resharded": 5,
         "restore_sequential": 6,
         "restore_cold": 7,
+        "restore_fresh": 8,
     }
     for r in sorted(
         rows, key=lambda r: (r["storage"], r["bytes"], r["leaves"], ops[r["op"]], order[r["tool"]])
@@ -889,9 +1064,11 @@ def main(argv: list[str] | None = None) -> int:
             records += run_s3_case(case, config, sampler)
         elif case["storage"] == "cold":
             records += run_cold_case(case, config, roots["disk"], sampler)
+        elif case["storage"] == "adamw":
+            records += run_adamw_case(case, config, roots["shm"], sampler)
         else:
             records += run_case(case, config, roots[case["storage"]], sampler)
-        if i == 1 and config.get("first_save", True) and case["storage"] not in ("s3", "cold"):
+        if i == 1 and config.get("first_save", True) and case["storage"] not in ("s3", "cold", "adamw"):
             first = first_save(case, roots[case["storage"]])
         # Written after every case, so a run cut short still leaves its results.
         rows = summarize(records)
