@@ -55,7 +55,8 @@ A case with 1 leaf holds one leaf larger than any cap.
 Storage "adamw" is the realistic case, on tmpfs: a decoder-only transformer's
 optax.adamw state (LEAVES layers of width 1024, a 32k vocabulary; bf16
 parameters, fp32 first and bf16 second moments after one update, FSDP-sharded
-over every device): save_blocking and save of an asynchronous save, restore,
+over every device): save_blocking (d2h: the bare device-to-host copy of its
+shards, the floor) and save of an asynchronous save, restore,
 and restore_fresh, a restore in a new process (the wait of a resumed job, page
 faults included; Orbax's StandardCheckpointer there reads both Orbax variants,
 so only its default is run).
@@ -537,8 +538,12 @@ def run_adamw_case(
         if rep >= config["warmup"]:
             records.append({**case, "tool": tool, "op": op, "seconds": seconds, "transient_bytes": transient})
 
+    # The floor of a save's blocking time: the bare device-to-host copy of the shards.
+    flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+    raw = Raw(flat, durable=False)
     for rep in range(config["warmup"] + config["reps"]):
         shutil.rmtree(base, ignore_errors=True)
+        record("d2h", "save_blocking", rep, *sampler.run(raw.d2h)[:2])
         saves: dict[str, tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any], str]] = {}
         path = str(base / "shardsave" / "model")
         saves["shardsave"] = (

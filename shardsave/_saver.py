@@ -211,10 +211,12 @@ class Saver:
         number of elements.
       restore_sequentially: restore in bounded batches so host memory stays near
         max_host_bytes.
-      max_host_bytes: the host-memory budget of a restore (with
-        restore_sequentially, at least 32 MiB: reads are verified in whole 4 MiB checksum
-        chunks, and a smaller cap is refused with that reason); None uses 1 GiB of
-        reads in flight.
+      max_host_bytes: the host-memory budget of a restore: what it holds beyond the
+        restored arrays (reads in flight and, on accelerators, assembly; a CPU
+        device adopts the assembled buffer as the array itself). With
+        restore_sequentially at least 32 MiB (reads are verified in whole 4 MiB
+        checksum chunks; a smaller cap is refused with that reason); None uses up
+        to 1 GiB of reads in flight.
       timeout_s: with several processes (jax.distributed), how long process 0 waits
         for the others' reports before raising CoordinationTimeoutError naming the
         missing ones. Keep it below jax.distributed.initialize's
