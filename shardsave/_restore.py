@@ -60,6 +60,7 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageErro
 MAX_SPAN_BYTES = 16 << 20
 DEFAULT_INFLIGHT_BYTES = 1 << 30  # the most host bytes a default restore holds at once
 MIN_SEQUENTIAL_BYTES = 32 << 20
+SMALL_BUFFER_BYTES = 1 << 20  # a capped restore takes buffers below this from malloc
 # A span whose checksum chunks average at least this many bytes is verified by the
 # I/O thread that read it; smaller chunks are verified by the caller on first use.
 MIN_THREAD_CHECK_BYTES = 1 << 20
@@ -378,7 +379,7 @@ def restore_leaves(
     names = {id(s): req.entry.name for req in requests for s in req.entry.shards}
     units, batches, budget = plan.units, plan.batches, plan.budget
     # A capped restore needs its buffers' memory back the moment they are dropped.
-    fetcher = _Fetcher(directory, base, index, names, mapped_empty if sequential else aligned_empty)
+    fetcher = _Fetcher(directory, base, index, names, _capped_empty if sequential else aligned_empty)
     times = RestoreTimes(plan_seconds=time.perf_counter() - began)
 
     results = _Results(units)
@@ -408,6 +409,13 @@ def restore_leaves(
     values = results.finish(requests)
     times.place_seconds = results.place_seconds
     return values, times
+
+
+def _capped_empty(nbytes: int) -> np.ndarray:
+    """A buffer of a capped restore: a mapping of its own, whose memory goes back when
+    it is dropped; small ones from malloc, which reuses them for the next batch (a
+    mapping per small buffer cost a system call and fresh page faults each)."""
+    return aligned_empty(nbytes) if nbytes < SMALL_BUFFER_BYTES else mapped_empty(nbytes)
 
 
 def _host_assembly(unit: _Unit, req: LeafRequest) -> int:
