@@ -19,10 +19,10 @@ Several processes agree on the step through jax.distributed's key-value store
                 learned of the notice.
 
 A single process agrees with itself on the step after the one at which it learned
-of the notice. With several, every call looks for the notice (one key-value read).
-A process that learns of it proposes step + 1 and goes on without waiting; the agreed step is the largest
-proposal. A process blocks (with a deadline) only at its own proposed step, until
-every proposal is in. No process passes the agreed step before knowing it: it is
+of the notice. With several, every call looks for the notice (one key-value
+read). A process that learns of it proposes step + 1 and goes on without
+waiting; the agreed step is the largest proposal. A process blocks (with a
+deadline) only at its own proposed step, until every proposal is in. No process passes the agreed step before knowing it: it is
 at least each process's own proposal, and nobody passes that unawares. Loops in
 lockstep (a collective per step) cannot deadlock: each process proposes at its
 next call, which needs nothing from a peer's later step. Loops several steps
