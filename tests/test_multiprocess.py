@@ -274,6 +274,7 @@ def test_a_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path, lockst
     try:
         deadline = time.monotonic() + 120
         while not any(r.get("step", 0) >= 10 for r in _records(outs[victim])):
+            # A guard against a hung program, not a speed check.
             assert time.monotonic() < deadline, (tmp_path / f"err-{victim}").read_text()[-3000:]
             assert all(p.poll() is None for p in procs), [
                 (tmp_path / f"err-{i}").read_text()[-2000:] for i in (0, 1)

@@ -169,6 +169,7 @@ def _wait_for(path, proc, predicate, what: str, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while not any(predicate(r) for r in _lines(path)):
         assert proc.poll() is None, f"the program ended before {what}: {proc.returncode}"
+        # A guard against a hung program, not a speed check: the step takes milliseconds.
         assert time.monotonic() < deadline, f"no {what} within {seconds} s"
         time.sleep(0.02)
 
