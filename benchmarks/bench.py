@@ -530,7 +530,12 @@ def run_adamw_case(
     checkpointers = {name: make() for name, make in orbax.items()}
     saver = shardsave.Saver(max_to_keep=1)
     fresh = FRESH_RESTORE.format(bench_dir=str(REPO / "benchmarks"), layers=layers)
-    env = {**os.environ, "JAX_PLATFORMS": jax.devices()[0].platform}
+    # On CPU the fresh process must take the CPU too; elsewhere jax picks the accelerator
+    # (its platform name, "gpu", is not a backend JAX_PLATFORMS accepts).
+    on_cpu = jax.devices()[0].platform == "cpu"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | (
+        {"JAX_PLATFORMS": "cpu"} if on_cpu else {}
+    )
     records: list[dict[str, Any]] = []
     sampler.warm_bytes = int(config["warm_memory"] * nbytes)
 

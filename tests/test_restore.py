@@ -216,3 +216,29 @@ def test_restore_from_one_device_onto_eight(tmp_path):
     }
     restored = shardsave.Saver().restore(path, target)
     np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(64, dtype=np.float32).reshape(8, 8))
+
+
+def test_on_accelerators_a_default_restore_streams_large_shards_in_blocks(tmp_path, io_stats, monkeypatch):
+    """A shard larger than half a batch is streamed into its device buffer, in blocks,
+    so each block's copy to the device overlaps the next reads. CI has no accelerator:
+    the CPU devices are taken for accelerators here (the path is the same jax calls)."""
+    from shardsave import _restore
+
+    value = _value((4096, 4096))  # 64 MiB: over half the default batch of a 64 MiB restore
+    sharding = NamedSharding(_mesh((2,), ("a",)), P("a"))
+    saver = shardsave.Saver(async_save=False)
+    path = saver.save({"w": jax.device_put(value, sharding)}, str(tmp_path / "big"))
+    target = {"w": jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)}
+    calls = []
+    issue = _restore._Fetcher.issue
+    monkeypatch.setattr(
+        _restore._Fetcher, "issue", lambda self, reads: calls.append(reads) or issue(self, reads)
+    )
+    monkeypatch.setattr(_restore, "_on_cpu", lambda sharding: False)
+    io_stats.reset()
+    restored = saver.restore(path, target)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), value)
+    assert restored["w"].sharding == sharding
+    assert io_stats.bytes_read - _index_bytes(path) == value.nbytes  # each byte read once
+    blocks = [read.nbytes for reads in calls for read in reads]
+    assert len(blocks) == 4 and max(blocks) <= _restore.MAX_SPAN_BYTES  # 32 MiB shards in 16 MiB blocks
