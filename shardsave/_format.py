@@ -38,14 +38,15 @@ _ENVELOPE_BODY_AT = len(_ENVELOPE_HEAD) + 8 + len(_ENVELOPE_MID)
 CRC_CHUNK_BYTES = 4 << 20
 
 
-def checksum(data: Any) -> int:
-    """The CRC-32C (Castagnoli) of a buffer (bytes, memoryview, contiguous numpy array).
+def checksum(data: Any, value: int = 0) -> int:
+    """The CRC-32C (Castagnoli) of a buffer (bytes, memoryview, contiguous numpy array),
+    continuing from `value` (the checksum of the bytes before it).
 
     The crc32c package releases the GIL while it computes. google-crc32c 1.9 holds
     it (googleapis/google-cloud-python#16923), so an async commit's checksums
     would stall the training thread; README "Storage" has the measurement.
     """
-    return int(crc32c.crc32c(data))
+    return int(crc32c.crc32c(data, value))
 
 
 INDEX_SUFFIX = ".index"
@@ -219,6 +220,7 @@ class LeafEntry:
     sharding: dict[str, Any] | None  # JSON form; see encode_sharding
     shards: tuple[StoredShard, ...]
     key_impl: str | None = None  # kind "key": the PRNG implementation of the stored key data
+    stored_dtype: str | None = None  # a foreign format's dtype name (TensorFlow's "string", ...)
 
     @property
     def nbytes(self) -> int:
@@ -244,6 +246,7 @@ class Index:
     format_version: int = FORMAT_VERSION
     metrics: dict[str, Any] | None = None  # save(metrics=...): JSON, committed with the checkpoint
     metadata: dict[str, Any] | None = None  # save(metadata=...)
+    source: str = "shardsave"  # or "tensorflow": a TF checkpoint read through this index (_tf_bundle)
 
     @property
     def nbytes(self) -> int:

@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _format, _tree
+from . import _format, _tf_bundle, _tree
 from ._checkpoint import DataFiles
 from ._plan import Box
 from ._restore import LeafRequest, open_checkpoint, restore_leaves
 from ._storage import join, location
+from .errors import CorruptCheckpointError
 
 _VERIFY_READ_BYTES = 64 << 20
 
@@ -28,6 +29,7 @@ class VariableInfo:
     sharding: str  # a short description of how it was laid out when saved
     nbytes: int  # bytes stored (each replicated box once)
     num_shards: int
+    dtype_name: str = ""  # the stored format's name for the dtype ("bfloat16"; TensorFlow's "string")
 
 
 def describe_sharding(desc: dict[str, Any] | None) -> str:
@@ -125,6 +127,7 @@ class CheckpointReader:
                 describe_sharding(leaf.sharding),
                 sum(s.nbytes for s in leaf.shards),
                 len(leaf.shards),
+                leaf.stored_dtype or leaf.dtype.name,
             )
             for leaf in self.index.leaves
         ]
@@ -138,6 +141,14 @@ class CheckpointReader:
         entry = self._leaves.get(name)
         if entry is None:
             raise _tree.missing_leaves_error([name], list(self._leaves), self.path)
+        if entry.stored_dtype == "string":
+            strings = self._strings(entry)
+            return strings if index is None else strings[index]
+        if entry.dtype == np.dtype(object):
+            raise ValueError(
+                f"{self.path}: {name!r} is a TensorFlow {entry.stored_dtype} tensor, which has no "
+                "value that numpy can hold"
+            )
         if index is None:
             box = tuple((0, d) for d in entry.shape)
             local: tuple[Any, ...] = ()
@@ -149,6 +160,15 @@ class CheckpointReader:
             self._directory, self._base, self.index, [request], budget=None, sequential=False
         )
         return array[local] if local else array
+
+    def _strings(self, entry: Any) -> np.ndarray:
+        """A TensorFlow string tensor as an array of bytes objects, its checksum verified."""
+        (shard,) = entry.shards
+        files = DataFiles(self._directory, self._base, self.index)
+        where = f"{join(self._directory.path, files.names[shard.file])} (leaf {entry.name!r})"
+        data = files.read(shard.file, shard.offset, shard.offset + shard.nbytes).result()
+        count = math.prod(entry.shape)
+        return _tf_bundle.decode_strings(bytes(data), count, shard.crc32c[0], where).reshape(entry.shape)
 
     def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
         """Reads every stored byte and checks it against the index.
@@ -163,10 +183,21 @@ class CheckpointReader:
         files = DataFiles(self._directory, self._base, self.index)
         keys = files.names
         chunk = self.index.crc_chunk_bytes
-        step = max(chunk, _VERIFY_READ_BYTES // chunk * chunk)  # whole chunks per read
+        step = max(chunk, _VERIFY_READ_BYTES // chunk * chunk) if chunk else _VERIFY_READ_BYTES
         for leaf in self.index.leaves:
             for shard in leaf.shards:
                 where = f"{join(self._directory.path, keys[shard.file])} (leaf {leaf.name!r}, shard {shard.start}..{shard.stop})"
+                if leaf.stored_dtype == "string":  # its checksum covers the lengths as integers
+                    try:
+                        self._strings(leaf)
+                    except (CorruptCheckpointError, OSError) as e:
+                        problems.append(str(e))
+                    continue
+                if not chunk:  # one checksum of the whole shard (TensorFlow): carried over the reads
+                    problem = self._whole_shard_problem(files, shard, progress)
+                    if problem:
+                        problems.append(f"{where}: {problem}")
+                    continue
                 for lo in range(0, shard.nbytes, step):
                     hi = min(lo + step, shard.nbytes)
                     try:
@@ -191,3 +222,25 @@ class CheckpointReader:
                     if progress is not None:
                         progress(hi - lo)
         return problems
+
+    @staticmethod
+    def _whole_shard_problem(
+        files: DataFiles, shard: Any, progress: Callable[[int], None] | None
+    ) -> str | None:
+        crc = 0
+        for lo in range(0, shard.nbytes, _VERIFY_READ_BYTES):
+            hi = min(lo + _VERIFY_READ_BYTES, shard.nbytes)
+            try:
+                data = files.read(shard.file, shard.offset + lo, shard.offset + hi).result()
+            except FileNotFoundError:
+                return "the data file is missing"
+            except Exception as e:
+                return f"unreadable: {str(e).splitlines()[0]}"
+            if data.size < hi - lo:
+                return f"expected {shard.nbytes} bytes at offset {shard.offset} (the file is truncated)"
+            crc = _format.checksum(data, crc)
+            if progress is not None:
+                progress(hi - lo)
+        if crc != shard.crc32c[0]:
+            return f"crc32c mismatch in bytes {shard.offset}..{shard.offset + shard.nbytes} (the data is corrupt)"
+        return None

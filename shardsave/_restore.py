@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _format, _gc_pause
+from . import _format, _gc_pause, _tf_bundle
 from ._checkpoint import DataFiles, Listing
 from ._format import Index, LeafEntry, StoredShard
 from ._plan import (
@@ -186,7 +186,12 @@ def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None) -> list
 
 
 def _span(read: Read, chunk: int) -> tuple[int, int]:
-    """The read widened to whole checksum chunks, relative to the shard's start."""
+    """The read widened to whole checksum chunks, relative to the shard's start.
+
+    chunk 0: one checksum per shard (a TensorFlow tensor), so a batch reads it whole.
+    """
+    if not chunk:
+        return 0, read.shard.nbytes
     rel0 = read.row_start * read.row_bytes
     rel1 = rel0 + read.nbytes
     return rel0 // chunk * chunk, min(-(-rel1 // chunk) * chunk, read.shard.nbytes)
@@ -202,6 +207,11 @@ class _Fetcher:
     read it when the chunks are large (local files), so checksums run on all the
     I/O threads while the caller places arrays; otherwise when the span is first
     used.
+
+    Where a whole stored shard has one checksum (chunk 0: a TensorFlow tensor), a
+    streamed read is not widened to it: the streamed reads of a shard come in
+    order, and their checksum is carried from one to the next (`stream`); what a
+    restore did not read of such a shard is read at the end (`finish`) to verify it.
     """
 
     def __init__(
@@ -218,6 +228,7 @@ class _Fetcher:
         self.chunk = index.crc_chunk_bytes
         self.names = names  # id(StoredShard) -> leaf name, for error messages
         self.files = DataFiles(directory, base, index)
+        self._running: dict[int, list[Any]] = {}  # id(shard) -> [shard, bytes verified so far, their crc]
 
     def _absolute_span(self, read: Read) -> tuple[int, int]:
         a, b = _span(read, self.chunk)
@@ -227,7 +238,7 @@ class _Fetcher:
         chunks = {}  # (shard, chunk number) of every chunk the reads touch, once each
         for read in reads:
             a, b = _span(read, self.chunk)
-            for j in range(a // self.chunk, -(-b // self.chunk)):
+            for j in range(a // self.chunk, -(-b // self.chunk)) if self.chunk else (0,):
                 chunks[id(read.shard), j] = read.shard
         check = functools.partial(self._check, start, [(shard, j) for (_, j), shard in chunks.items()])
         if end - start < len(chunks) * MIN_THREAD_CHECK_BYTES:
@@ -241,7 +252,7 @@ class _Fetcher:
     def _check(self, start: int, chunks: list[tuple[StoredShard, int]], data: np.ndarray) -> np.ndarray:
         """Verifies the length and crc32c of each chunk in a span's data (read from `start`)."""
         for shard, j in chunks:
-            problem = _format.chunk_problem(data, start, shard, j, self.chunk)
+            problem = _format.chunk_problem(data, start, shard, j, self.chunk or shard.nbytes)
             if problem is not None:
                 raise CorruptCheckpointError(f"{self._where(shard)}: {problem}")
         return data
@@ -268,6 +279,42 @@ class _Fetcher:
             span = self._read(file, start, end, group)
             handles.update((id(r), span) for r in group)
         return handles
+
+    def stream(self, read: Read) -> tuple[_Span, int]:
+        """Starts one read of a streamed unit; returns its span and the bytes it holds."""
+        if self.chunk:
+            a, b = _span(read, self.chunk)
+            return self.issue([read])[id(read)], b - a
+        rel = read.row_start * read.row_bytes
+        start = read.shard.offset + rel
+        future = self.files.read(read.shard.file, start, start + read.nbytes, allocate=self.allocate)
+        return _Span(
+            future, start, start + read.nbytes, functools.partial(self._carry, read.shard, rel, read.nbytes)
+        ), read.nbytes
+
+    def _carry(self, shard: StoredShard, rel: int, nbytes: int, data: np.ndarray) -> np.ndarray:
+        """Carries a whole-shard checksum over the next bytes of the shard (see stream)."""
+        if data.size < nbytes:
+            raise CorruptCheckpointError(f"{self._where(shard)}: the file is truncated")
+        state = self._running.setdefault(id(shard), [shard, 0, 0])
+        if rel <= state[1] < rel + data.size:  # new bytes follow the verified ones
+            state[2] = _format.checksum(data[state[1] - rel :], state[2])
+            state[1] = rel + data.size
+        return data
+
+    def finish(self) -> None:
+        """Verifies each whole-shard checksum carried over streamed reads, reading what they skipped."""
+        for shard, done, crc in self._running.values():
+            step = MAX_SPAN_BYTES
+            for lo in range(done, shard.nbytes, step):
+                hi = min(lo + step, shard.nbytes)
+                data = self.files.read(shard.file, shard.offset + lo, shard.offset + hi).result()
+                if data.size < hi - lo:
+                    raise CorruptCheckpointError(f"{self._where(shard)}: the file is truncated")
+                crc = _format.checksum(data, crc)
+            if crc != shard.crc32c[0]:
+                raise CorruptCheckpointError(f"{self._where(shard)}: crc32c mismatch (the data is corrupt)")
+        self._running.clear()
 
     def _where(self, shard: StoredShard) -> str:
         return f"{join(self.directory.path, self.files.names[shard.file])} (leaf {self.names[id(shard)]!r})"
@@ -400,6 +447,7 @@ def restore_leaves(
                 _run_batch(*issued.popleft(), requests, fetcher, results)
         while issued:
             _run_batch(*issued.popleft(), requests, fetcher, results)
+        fetcher.finish()
     except CorruptCheckpointError as e:
         if isinstance(e.__cause__, FileNotFoundError) and not directory.exists(_format.index_key(base)):
             # The index was there when the restore began: a Saver's retention deleted
@@ -453,13 +501,18 @@ def _streamed(
         return False
     if _on_cpu(req.sharding):
         return sequential and sum((_chunks(unit, chunk) if chunks is None else chunks).values()) > budget
-    return max(unit.assembly_bytes(req.entry.dtype.itemsize), unit.read_bytes()) > budget // 2
+    # One checksum per shard (chunk 0): a batch would read whole shards.
+    read = unit.read_bytes() if chunk else sum((_chunks(unit, chunk) if chunks is None else chunks).values())
+    return max(unit.assembly_bytes(req.entry.dtype.itemsize), read) > budget // 2
 
 
 def _chunks(unit: _Unit, chunk: int) -> dict[tuple[int, int], int]:
     """The checksum chunks the unit's reads cover (a read is widened to them): key -> bytes."""
     covered = {}
     for read in unit.reads:
+        if not chunk:  # one checksum per shard: a batch reads the shard whole
+            covered[read.shard.file, read.shard.offset] = read.shard.nbytes
+            continue
         a, b = _span(read, chunk)
         for j in range(a // chunk, -(-b // chunk)):
             covered[read.shard.file, read.shard.offset + j * chunk] = min(
@@ -589,20 +642,23 @@ def _read_ahead(
     waiting = deque(reads)
     in_flight: deque[tuple[Read, _Span, int]] = deque()
     held = 0
-
-    def widened(read: Read) -> int:
-        a, b = _span(read, fetcher.chunk)
-        return b - a
-
     while waiting or in_flight:
-        while waiting and (not in_flight or held + widened(waiting[0]) <= limit):
+        while waiting and (not in_flight or held + _held(waiting[0], fetcher.chunk) <= limit):
             read = waiting.popleft()
-            in_flight.append((read, fetcher.issue([read])[id(read)], widened(read)))
+            in_flight.append((read, *fetcher.stream(read)))
             held += in_flight[-1][2]
         read, span, nbytes = in_flight.popleft()
         yield read, fetcher.verified(read, span, dtype)
         del span
         held -= nbytes
+
+
+def _held(read: Read, chunk: int) -> int:
+    """The bytes a streamed read holds (see _Fetcher.stream)."""
+    if not chunk:
+        return read.nbytes
+    a, b = _span(read, chunk)
+    return b - a
 
 
 def _stream_units(
@@ -667,4 +723,8 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> 
         raise CheckpointNotFoundError(
             f"no committed checkpoint at {path!r}: {path}{_format.INDEX_SUFFIX} does not exist{hint}"
         )
-    return directory, base, _format.decode_index(raw, f"{path}{_format.INDEX_SUFFIX}")
+    where = f"{path}{_format.INDEX_SUFFIX}"
+    if _tf_bundle.is_tf_index(raw):  # a TensorFlow checkpoint: its index is a LevelDB table
+        index, _ = _tf_bundle.bundle_index(raw, where, base, directory.mtime(_format.index_key(base)))
+        return directory, base, index
+    return directory, base, _format.decode_index(raw, where)

@@ -875,11 +875,13 @@ class Saver:
         cast: bool = False,
         restore_sequentially: bool | None = None,
         max_host_bytes: int | None = None,
+        names: Callable[[str], str] | dict[str, str] | None = None,
     ) -> Any:
         """Restores a checkpoint into the structure, shapes and shardings of target.
 
         Args:
-          save_path: the checkpoint prefix returned by save().
+          save_path: the checkpoint prefix returned by save(), or a TensorFlow
+            checkpoint prefix ("model.ckpt-1000", recognised from its .index).
           target: a pytree of jax.Array or jax.ShapeDtypeStruct (with a sharding),
             numpy arrays or numbers, naming a subset of the saved leaves; any
             mesh, device count or partition spec. None restores the saved tree
@@ -890,6 +892,10 @@ class Saver:
           restore_sequentially: bound host memory by max_host_bytes (defaults to
             the Saver's setting).
           max_host_bytes: the host-memory budget (defaults to the Saver's).
+          names: the stored name of each target leaf, where it differs from the
+            leaf's path ("dense/kernel" for {"dense": {"kernel": ...}}): a function
+            of the path, or a dict from paths to stored names (others unchanged).
+            For checkpoints written by others, such as TensorFlow's.
 
         Returns:
           A pytree like target (or like the saved tree) holding the values.
@@ -914,7 +920,7 @@ class Saver:
         if target is None:
             requests, finish = requests_for_saved(index, save_path)
         else:
-            requests, finish = requests_for_target(index, target, reshape, cast, save_path)
+            requests, finish = requests_for_target(index, target, reshape, cast, save_path, names)
         # Sharing pays where reading is dear (an object store); from a local file system,
         # reading the page cache again is cheaper than the collective (the commit that
         # added this has the measurement).

@@ -41,10 +41,24 @@ def _as_kind(value: Any, kind: str) -> Any:
     return value
 
 
+def _refuse_unrestorable(entries: list[Any], path: str) -> None:
+    """Tensors of a foreign checkpoint that no jax or numpy array can hold (TF strings, ...)."""
+    bad = [f"{e.name!r} ({e.stored_dtype})" for e in entries if e.dtype == np.dtype(object)]
+    if bad:
+        raise StructureMismatchError(
+            f"{path!r} holds {len(bad)} tensor(s) of a dtype that jax and numpy arrays cannot hold: "
+            f"{', '.join(bad)}; restore a target without them (shardsave.CheckpointReader(path).get(name) "
+            "reads them as Python bytes)"
+        )
+
+
 def requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
     devices = devices_by_id()
     requests = []
-    for entry in index.leaves:
+    # A foreign checkpoint's structure may leave metadata out (TF2's object graph).
+    entries = [index.leaves[i] for i in _tree.structure_leaf_indices(index.structure)]
+    _refuse_unrestorable(entries, path)
+    for entry in entries:
         sharding = None
         if entry.kind in (_tree.KIND_ARRAY, _tree.KIND_KEY):
             sharding = _format.decode_sharding(entry.sharding, devices)
@@ -57,10 +71,9 @@ def requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Call
         requests.append(LeafRequest(entry, entry.shape, entry.dtype, sharding))
 
     def finish(values: list[Any]) -> Any:
-        leaves = [
-            jax.random.wrap_key_data(v, impl=e.key_impl) if e.key_impl else _as_kind(v, e.kind)
-            for v, e in zip(values, index.leaves)
-        ]
+        leaves: list[Any] = [None] * len(index.leaves)
+        for i, v, e in zip(_tree.structure_leaf_indices(index.structure), values, entries):
+            leaves[i] = jax.random.wrap_key_data(v, impl=e.key_impl) if e.key_impl else _as_kind(v, e.kind)
         return _tree.decode_structure(index.structure, leaves)
 
     return requests, finish
@@ -139,14 +152,36 @@ def _key_data_sharding(sharding: jax.sharding.Sharding, ndim: int, name: str) ->
     )
 
 
+def stored_names(names: list[str], mapping: Callable[[str], str] | dict[str, str] | None) -> list[str]:
+    """The stored name of each target leaf: mapping(name), or mapping.get(name, name)."""
+    if mapping is None:
+        return names
+    if isinstance(mapping, dict):
+        return [mapping.get(n, n) for n in names]
+    out = []
+    for n in names:
+        stored = mapping(n)
+        if not isinstance(stored, str):
+            raise TypeError(f"names({n!r}) returned {stored!r}; it must return the stored name, a str")
+        out.append(stored)
+    return out
+
+
 def requests_for_target(
-    index: Index, target: Any, reshape: bool, cast: bool, path: str
+    index: Index,
+    target: Any,
+    reshape: bool,
+    cast: bool,
+    path: str,
+    mapping: Callable[[str], str] | dict[str, str] | None = None,
 ) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
-    names, leaves, treedef = _tree.flatten(target)
+    target_names, leaves, treedef = _tree.flatten(target)
+    names = stored_names(target_names, mapping)
     by_name = {e.name: e for e in index.leaves}
     missing = [n for n in names if n not in by_name]
     if missing:
         raise _tree.missing_leaves_error(missing, list(by_name), path)
+    _refuse_unrestorable([by_name[n] for n in names], path)
     devices = devices_by_id()
     requests = []
     finishers: list[Callable[[Any], Any]] = []
