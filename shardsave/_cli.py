@@ -110,6 +110,7 @@ def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
     if args.json:
         doc = {
             "path": args.path,
+            "source": reader.index.source,
             "global_step": reader.global_step,
             "format_version": reader.index.format_version,
             "created": reader.index.created,
@@ -120,7 +121,7 @@ def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
             "leaves": [
                 {
                     "name": v.name,
-                    "dtype": v.dtype.name,
+                    "dtype": v.dtype_name,
                     "shape": list(v.shape),
                     "sharding": v.sharding,
                     "bytes": v.nbytes,
@@ -132,10 +133,11 @@ def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
         print(json.dumps(doc, indent=1), file=out)
         return 0
     rows = [["NAME", "DTYPE", "SHAPE", "SHARDING", "BYTES"]]
-    rows += [[v.name, v.dtype.name, str(v.shape), v.sharding, _size(v.nbytes)] for v in variables]
+    rows += [[v.name, v.dtype_name, str(v.shape), v.sharding, _size(v.nbytes)] for v in variables]
     _table(rows, out)
     print(
-        f"{len(variables)} leaves, {_size(total)} in {len(reader.index.files)} data files, "
+        ("a TensorFlow checkpoint: " if reader.index.source == "tensorflow" else "")
+        + f"{len(variables)} leaves, {_size(total)} in {len(reader.index.files)} data files, "
         f"step {reader.global_step}, saved {_when(reader.index.created)}",
         file=out,
     )

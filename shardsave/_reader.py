@@ -47,6 +47,11 @@ def describe_sharding(desc: dict[str, Any] | None) -> str:
     return f"{len(desc.get('devices', []))} devices"
 
 
+def _slices(leaf: Any) -> str:
+    """How a foreign checkpoint stored a tensor: whole, or in slices (a TF partitioned variable)."""
+    return f"{len(leaf.shards)} slices" if len(leaf.shards) > 1 else "whole"
+
+
 def _index_box(index: Any, shape: tuple[int, ...]) -> tuple[Box, tuple[Any, ...]]:
     """The box covering a basic numpy index, and the index to apply to that box."""
     if not isinstance(index, tuple):
@@ -124,7 +129,7 @@ class CheckpointReader:
                 leaf.name,
                 leaf.dtype,
                 leaf.shape,
-                describe_sharding(leaf.sharding),
+                describe_sharding(leaf.sharding) if self.index.source == "shardsave" else _slices(leaf),
                 sum(s.nbytes for s in leaf.shards),
                 len(leaf.shards),
                 leaf.stored_dtype or leaf.dtype.name,

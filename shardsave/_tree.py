@@ -200,9 +200,22 @@ def structure_leaf_indices(structure: Any) -> list[int]:
 def missing_leaves_error(missing: list[str], saved: list[str], where: str) -> LeafNotFoundError:
     """An error listing every missing leaf name with the closest saved names."""
     lines = []
+    renamed = False
     for name in missing:
-        close = difflib.get_close_matches(name, saved, n=3, cutoff=0.5)
-        hint = f" (closest saved: {', '.join(repr(c) for c in close)})" if close else ""
+        # Saved names that hold this one as whole path components ("model/kernel/.ATTRIBUTES/
+        # VARIABLE_VALUE" for "kernel", as TF2 names them) come first: a names= mapping finds them.
+        within = [s for s in saved if f"/{name}/" in f"/{s}/"][:3]
+        close = within + [
+            c for c in difflib.get_close_matches(name, saved, n=3, cutoff=0.5) if c not in within
+        ]
+        renamed = renamed or bool(within)
+        hint = f" (closest saved: {', '.join(repr(c) for c in close[:3])})" if close else ""
         lines.append(f"  {name!r}{hint}")
     count = "1 leaf is" if len(missing) == 1 else f"{len(missing)} leaves are"
-    return LeafNotFoundError(f"{count} not in checkpoint {where!r}:\n" + "\n".join(lines))
+    fix = (
+        "\nwhere the checkpoint names leaves otherwise, pass restore(..., names=) to map each target "
+        "path to its stored name"
+        if renamed
+        else ""
+    )
+    return LeafNotFoundError(f"{count} not in checkpoint {where!r}:\n" + "\n".join(lines) + fix)

@@ -1,0 +1,247 @@
+"""Checkpoints written by others: TensorFlow's, read without TensorFlow.
+
+The TF checkpoints under tests/fixtures/tf were written by TensorFlow itself
+(make_tf_fixtures.py, run once with tensorflow-cpu), and expected.json holds what
+TensorFlow's own reader showed of them: shardsave's reader must show the same.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import shardsave
+from shardsave.errors import CorruptCheckpointError, StructureMismatchError
+
+TF = Path(__file__).parent / "fixtures" / "tf"
+EXPECTED = json.loads((TF / "expected.json").read_text())
+
+
+def _prefix(kind: str) -> str:
+    return str(TF / kind / EXPECTED[kind]["prefix"])
+
+
+def _value(entry: dict) -> np.ndarray:
+    dtype = {"bfloat16": "float32", "string": object}.get(entry["dtype"], entry["dtype"])
+    return np.array(entry["values"], dtype=dtype).reshape(entry["shape"])
+
+
+@pytest.mark.parametrize("kind", ["v1", "sharded", "tf2"])
+def test_the_reader_shows_what_tensorflows_reader_shows(kind):
+    """Names, shapes, dtypes and values of every variable, the string tensors and
+    TF2's object graph included, and a partitioned variable as one whole variable."""
+    expected = EXPECTED[kind]["variables"]
+    with shardsave.CheckpointReader(_prefix(kind)) as reader:
+        variables = reader.variables()
+        assert [v.name for v in variables] == sorted(expected)  # slice entries hidden, as TF hides them
+        for v in variables:
+            entry = expected[v.name]
+            assert (list(v.shape), v.dtype_name) == (entry["shape"], entry["dtype"]), v.name
+            value = reader.get(v.name)
+            if entry["dtype"] == "string":
+                assert [base64.b64encode(x).decode() for x in value.reshape(-1)] == entry["base64"]
+            else:
+                assert value.dtype.name == entry["dtype"] and value.shape == tuple(entry["shape"])
+                np.testing.assert_array_equal(value.astype(_value(entry).dtype), _value(entry))
+        assert reader.verify() == []
+    if kind != "tf2":
+        (part,) = [v for v in variables if v.name == "part"]
+        assert part.num_shards == 3 and part.sharding == "3 slices"
+    if kind == "sharded":
+        assert len(reader.index.files) == 3  # sharded=True: one data file per device
+
+
+def _targets(mesh: Mesh) -> tuple[dict, dict]:
+    """A nested target whose paths are the TF names, and the values TF's reader gave."""
+    v = {n: _value(e) for n, e in EXPECTED["v1"]["variables"].items() if e["dtype"] != "string"}
+    specs = {
+        "dense/kernel": P(None, mesh.axis_names[-1]),
+        "dense/bias": P(mesh.axis_names[-1]),
+        # Boxes that cross the partitioned variable's slices (rows 0-4, 4-7, 7-10).
+        "part": P(*mesh.axis_names) if len(mesh.axis_names) == 2 else P(None, mesh.axis_names[0]),
+        "f64": P(mesh.axis_names[0]),
+        "ints/i64": P(mesh.axis_names[0]),
+    }
+    target: dict = {"dense": {}, "ints": {}}
+    for name, value in v.items():
+        sharding = NamedSharding(mesh, specs.get(name, P()))
+        dtype = "bfloat16" if name == "bf16" else value.dtype
+        leaf: Any = jax.ShapeDtypeStruct(value.shape, dtype, sharding=sharding)
+        if value.dtype.itemsize == 8:  # 64-bit values: jax holds them only with jax_enable_x64
+            leaf = np.zeros(value.shape, value.dtype)
+        *outer, last = name.split("/")
+        (target[outer[0]] if outer else target)[last] = leaf
+    return target, v
+
+
+@pytest.mark.parametrize("kind", ["v1", "sharded"])
+@pytest.mark.parametrize("devices", [(2, 4), (4,)])
+def test_restore_places_tensorflow_variables_exactly_onto_any_mesh(kind, devices):
+    mesh = Mesh(np.array(jax.devices()[: int(np.prod(devices))]).reshape(devices), ("a", "b")[: len(devices)])
+    target, values = _targets(mesh)
+    if kind == "sharded":  # written by another run: the same names, other values
+        values = {n: _value(EXPECTED[kind]["variables"][n]) for n in values}
+    restored = shardsave.Saver().restore(_prefix(kind), target)
+    flat = {
+        jax.tree_util.keystr(p, simple=True, separator="/"): x
+        for p, x in jax.tree_util.tree_leaves_with_path(restored)
+    }
+    assert set(flat) == set(values)
+    wanted = {
+        jax.tree_util.keystr(p, simple=True, separator="/"): x
+        for p, x in jax.tree_util.tree_leaves_with_path(target)
+    }
+    for name, array in flat.items():
+        if isinstance(wanted[name], np.ndarray):
+            assert isinstance(array, np.ndarray)
+            np.testing.assert_array_equal(array, values[name], err_msg=name)
+            continue
+        assert array.sharding == wanted[name].sharding
+        np.testing.assert_array_equal(
+            np.asarray(array).astype(values[name].dtype), values[name], err_msg=name
+        )
+        for shard in array.addressable_shards:  # each device holds its own box of the value
+            np.testing.assert_array_equal(
+                np.asarray(shard.data).astype(values[name].dtype), values[name][shard.index]
+            )
+
+
+def test_names_map_target_leaves_to_tf2_object_keys():
+    expected = EXPECTED["tf2"]["variables"]
+    prefix = _prefix("tf2")
+    target = {"kernel": np.zeros((4, 2), np.float32), "bias": np.zeros(2, np.float32)}
+    key = "model/{}/.ATTRIBUTES/VARIABLE_VALUE"
+    restored = shardsave.Saver().restore(prefix, target, names=lambda n: key.format(n))
+    np.testing.assert_array_equal(restored["kernel"], _value(expected[key.format("kernel")]))
+    as_dict = shardsave.Saver().restore(
+        prefix, {"step": 0}, names={"step": "step/.ATTRIBUTES/VARIABLE_VALUE"}
+    )
+    assert as_dict == {"step": 5}
+    with pytest.raises(shardsave.errors.LeafNotFoundError, match=r"model/kernel/\.ATTRIBUTES/VARIABLE_VALUE"):
+        shardsave.Saver().restore(prefix, {"kernel": target["kernel"]})  # unmapped: "kernel" is not stored
+    # Without a target: every variable by its TF name; the object graph (metadata) left out.
+    everything = shardsave.Saver().restore(prefix)
+    assert sorted(everything) == sorted(n for n in expected if n != "_CHECKPOINTABLE_OBJECT_GRAPH")
+
+
+def test_string_tensors_are_refused_by_restore_naming_them():
+    with pytest.raises(StructureMismatchError, match=r"'words' \(string\)"):
+        shardsave.Saver().restore(_prefix("v1"))
+    with pytest.raises(StructureMismatchError, match=r"'words' \(string\).*CheckpointReader"):
+        shardsave.Saver().restore(_prefix("v1"), {"words": np.zeros(3)})
+
+
+def _copy(kind: str, tmp_path: Path) -> str:
+    shutil.copytree(TF / kind, tmp_path / kind)
+    return str(tmp_path / kind / EXPECTED[kind]["prefix"])
+
+
+def _flip(prefix: str, name: str) -> None:
+    """Flips one bit in the middle of a variable's bytes in its data file."""
+    with shardsave.CheckpointReader(prefix) as reader:
+        (shard,) = reader._leaves[name].shards
+        path = f"{prefix}.data-{shard.file:05d}-of-{len(reader.index.files):05d}"
+    data = bytearray(Path(path).read_bytes())
+    data[shard.offset + shard.nbytes // 2] ^= 0x10
+    Path(path).write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["batched", "streamed"])
+def test_a_flipped_byte_is_caught_by_tensorflows_checksum_and_the_rest_restores(
+    tmp_path, monkeypatch, streamed
+):
+    from shardsave import _restore
+
+    prefix = _copy("v1", tmp_path)
+    _flip(prefix, "dense/kernel")
+    target, values = _targets(Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b")))
+    kwargs = {}
+    carried = []
+    if streamed:
+        # The fixtures are bytes, not megabytes: a cap far below the smallest one a
+        # restore accepts makes every tensor larger than 16 bytes stream, its
+        # checksum carried from read to read.
+        monkeypatch.setattr(_restore, "MIN_SEQUENTIAL_BYTES", 16)
+        carry = _restore._Fetcher._carry
+        monkeypatch.setattr(
+            _restore._Fetcher,
+            "_carry",
+            lambda self, shard, *a: carried.append(shard) or carry(self, shard, *a),
+        )
+        kwargs = {"restore_sequentially": True, "max_host_bytes": 16}
+    with pytest.raises(
+        CorruptCheckpointError, match=r"model.ckpt-7.data-00000-of-00001 \(leaf 'dense/kernel'\).*crc32c"
+    ):
+        shardsave.Saver().restore(prefix, target, **kwargs)
+    del target["dense"]["kernel"]
+    restored = shardsave.Saver().restore(prefix, target, **kwargs)
+    np.testing.assert_array_equal(np.asarray(restored["dense"]["bias"]), values["dense/bias"])
+    np.testing.assert_array_equal(np.asarray(restored["part"]), values["part"])
+    assert bool(carried) == streamed
+    problems = shardsave.CheckpointReader(prefix).verify()
+    assert len(problems) == 1 and "'dense/kernel'" in problems[0]
+
+
+def test_a_streamed_read_of_part_of_a_tensor_still_verifies_all_of_it(tmp_path):
+    """Streamed reads carry a tensor's checksum; where they do not cover the tensor
+    (another process restores the rest), finish() reads what they skipped."""
+    from shardsave import _restore
+    from shardsave._plan import plan_reads
+
+    prefix = _copy("v1", tmp_path)
+    reader = shardsave.CheckpointReader(prefix)
+    entry = reader._leaves["dense/kernel"]
+    (shard,) = entry.shards
+    data_file = Path(f"{prefix}.data-00000-of-00001")
+    data = bytearray(data_file.read_bytes())
+    data[shard.offset + shard.nbytes - 1] ^= 0x01  # the last row's last byte
+    data_file.write_bytes(bytes(data))
+    fetcher = _restore._Fetcher(
+        reader._directory,
+        reader._base,
+        reader.index,
+        {id(shard): entry.name},
+        lambda n: np.empty(n, np.uint8),
+    )
+    (first_row,) = plan_reads(entry.shards, ((0, 1), (0, 4)), 4)
+    span, _ = fetcher.stream(first_row)
+    rows = fetcher.verified(first_row, span, entry.dtype)  # the first row is sound
+    np.testing.assert_array_equal(rows, _value(EXPECTED["v1"]["variables"]["dense/kernel"])[:1])
+    with pytest.raises(CorruptCheckpointError, match=r"'dense/kernel'\): crc32c mismatch"):
+        fetcher.finish()
+
+
+def test_a_damaged_index_is_refused_naming_it(tmp_path):
+    prefix = _copy("v1", tmp_path)
+    index = Path(prefix + ".index")
+    raw = bytearray(index.read_bytes())
+    raw[40] ^= 0x01  # inside the first data block: its crc32c no longer matches
+    index.write_bytes(bytes(raw))
+    with pytest.raises(
+        CorruptCheckpointError, match=r"model.ckpt-7.index: not a readable TensorFlow checkpoint index"
+    ):
+        shardsave.CheckpointReader(prefix)
+
+
+def test_inspect_and_verify_show_a_tensorflow_checkpoint():
+    import contextlib
+    import io
+
+    from shardsave._cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["inspect", _prefix("v1")]) == 0
+        assert main(["verify", _prefix("sharded")]) == 0
+    text = out.getvalue()
+    assert "a TensorFlow checkpoint: 13 leaves" in text and "words" in text and "3 slices" in text
+    assert "OK" in text
