@@ -11,6 +11,8 @@ from . import errors as errors
 from ._format import FORMAT_VERSION as FORMAT_VERSION
 from ._reader import CheckpointReader as CheckpointReader
 from ._reader import VariableInfo as VariableInfo
+from ._safetensors import load_safetensors as load_safetensors
+from ._safetensors import save_safetensors as save_safetensors
 from ._saver import RestoreInfo as RestoreInfo
 from ._saver import SaveInfo as SaveInfo
 from ._saver import Saver as Saver
@@ -37,6 +39,8 @@ __all__ = [
     "get_checkpoint_mtimes",
     "get_checkpoint_state",
     "latest_checkpoint",
+    "load_safetensors",
     "load_structure",
     "remove_checkpoint",
+    "save_safetensors",
 ]

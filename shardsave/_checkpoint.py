@@ -175,9 +175,13 @@ class DataFiles:
     def __init__(self, directory: Store, base: str, index: Index):
         self.directory = directory
         n = len(index.files)
-        self._keys = [_format.data_keys(base, k, n, f.parts) for k, f in enumerate(index.files)]
+        self._keys = [
+            [f.key] if f.key else _format.data_keys(base, k, n, f.parts) for k, f in enumerate(index.files)
+        ]
         self._starts = [[0, *accumulate(f.parts)] if f.parts else [0] for f in index.files]
-        self.names = [_format.data_key(base, k, n) for k in range(n)]  # for messages
+        self.names = [
+            f.key or _format.data_key(base, k, n) for k, f in enumerate(index.files)
+        ]  # for messages
 
     def read(
         self,

@@ -1,4 +1,7 @@
-"""The `shardsave` command: ls, inspect, verify, demo. It only ever reads checkpoints."""
+"""The `shardsave` command: ls, inspect, verify, convert, demo.
+
+Only convert writes, and only its destination.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from typing import Any
 from . import _format
 from ._checkpoint import Listing
 from ._reader import CheckpointReader
+from ._safetensors import INDEX_NAME, SINGLE_NAME, is_safetensors, save_safetensors
+from ._safetensors import resolve as resolve_safetensors
+from ._saver import Saver
 from ._state import STATE_FILENAME, latest_checkpoint
 from ._storage import join, location, open_store
 from .errors import CheckpointNotFoundError, ShardsaveError
@@ -87,8 +93,12 @@ def _checkpoint_path(path: str) -> str:
     Tab completion gives `model-1000.index`; a directory means its latest checkpoint.
     """
     path = location(path)
+    if is_safetensors(path):
+        return path
     if path.endswith(_format.INDEX_SUFFIX):
         return path[: -len(_format.INDEX_SUFFIX)]
+    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in (INDEX_NAME, SINGLE_NAME)):
+        return resolve_safetensors(path)
     directory = open_store(path)
     if (directory.is_local and os.path.isdir(path)) or (
         not directory.is_local and STATE_FILENAME in directory.list()
@@ -168,8 +178,58 @@ def cmd_verify(args: argparse.Namespace, out: Any) -> int:
         print(f"{len(problems)} bad shards in {args.path}", file=out)
         return EXIT_BAD
     shards = sum(len(leaf.shards) for leaf in reader.index.leaves)
-    print(f"OK {args.path}: {_size(total)} in {shards} shards, lengths and crc32c sound", file=out)
+    sound = (
+        "lengths and crc32c sound"
+        if reader.index.has_checksums
+        else "lengths sound (safetensors has no checksums)"
+    )
+    print(f"OK {args.path}: {_size(total)} in {shards} shards, {sound}", file=out)
     return 0
+
+
+def _progress(total: int, desc: str) -> Any:
+    """A progress bar on a terminal (tqdm, the "cli" extra), else None."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False)
+
+
+def cmd_convert(args: argparse.Namespace, out: Any) -> int:
+    source = _checkpoint_path(args.src)
+    reader = CheckpointReader(source)
+    to = args.to or ("safetensors" if reader.index.source == "shardsave" else "shardsave")
+    total = sum(v.nbytes for v in reader.variables() if v.dtype != object)
+    bar = _progress(total, f"convert to {to}")
+    try:
+        if to == "safetensors":
+            written = save_safetensors(
+                source, args.dst, max_shard_bytes=args.max_shard_bytes, progress=bar.update if bar else None
+            )
+            print(
+                f"wrote {len(written)} files to {args.dst}: {', '.join(os.path.basename(w) for w in written)}",
+                file=out,
+            )
+            return 0
+        # Tensors no array holds (TF strings, TF2's object graph) cannot be a shardsave leaf.
+        skipped = [f"{v.name} ({v.dtype_name})" for v in reader.variables() if v.dtype == object]
+        tree = {}
+        for v in reader.variables():
+            if v.dtype != object:
+                tree[v.name] = reader.get(v.name)
+                if bar is not None:
+                    bar.update(v.nbytes)
+        saved = Saver(async_save=False).save(tree, args.dst, global_step=reader.global_step)
+        print(f"wrote {saved} ({len(tree)} leaves, {_size(total)})", file=out)
+        if skipped:
+            print(f"left out, as no array can hold them: {', '.join(skipped)}", file=out)
+        return 0
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def cmd_demo(args: argparse.Namespace, out: Any) -> int:
@@ -206,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="shardsave",
-        description="Look inside shardsave checkpoints. The tools only read.",
+        description="Look inside checkpoints (shardsave's, TensorFlow's, safetensors), and convert them.",
         epilog=f"exit status: 0 sound, {EXIT_BAD} a checkpoint is damaged, {EXIT_USAGE} bad usage or a missing path",
     )
     parser.add_argument("--version", action="version", version=f"shardsave {__version__}")
@@ -225,6 +285,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("path", help=_CHECKPOINT)
     p.set_defaults(run=cmd_verify)
+    p = sub.add_parser(
+        "convert",
+        help="TensorFlow or safetensors to a shardsave checkpoint, or a checkpoint to safetensors",
+        description=(
+            "Converts SRC into DST. A TensorFlow checkpoint or safetensors (a .safetensors file, an "
+            "index.json, or a directory holding them) becomes a shardsave checkpoint at the prefix DST "
+            "(its leaves named as SRC names them; the tensors are held in host memory while it is "
+            "written); a shardsave checkpoint becomes safetensors in the directory DST, written a "
+            "block at a time."
+        ),
+    )
+    p.add_argument("src", help=f"{_CHECKPOINT}; or safetensors")
+    p.add_argument("dst", help="a checkpoint prefix such as ckpt/model-1000, or a directory for safetensors")
+    p.add_argument(
+        "--to", choices=["shardsave", "safetensors"], help="the format of DST (default: the other one)"
+    )
+    p.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=5 << 30,
+        help="safetensors: the most tensor bytes per file (default 5 GiB)",
+    )
+    p.set_defaults(run=cmd_convert)
     p = sub.add_parser("demo", help="train, get preempted, crash, resume onto other meshes, and report")
     p.add_argument(
         "--config",

@@ -177,7 +177,9 @@ def shard_checksums(data: np.ndarray, offset: int, nbytes: int, chunk: int) -> t
     return tuple(checksum(data[o : min(o + chunk, end)]) for o in range(offset, end, chunk))
 
 
-def chunk_problem(data: np.ndarray, data_start: int, shard: StoredShard, j: int, chunk: int) -> str | None:
+def chunk_problem(
+    data: np.ndarray, data_start: int, shard: StoredShard, j: int, chunk: int, verify_crc: bool = True
+) -> str | None:
     """What is wrong with checksum chunk j of a shard, in data read from data_start; None if sound.
 
     The one vocabulary of damage, for restores and for verify: a short read is
@@ -188,7 +190,7 @@ def chunk_problem(data: np.ndarray, data_start: int, shard: StoredShard, j: int,
     if hi - data_start > data.size:
         found = max(0, data.size - (lo - data_start))
         return f"expected {hi - lo} bytes at offset {lo}, found {found} (the file is truncated)"
-    if checksum(data[lo - data_start : hi - data_start]) != shard.crc32c[j]:
+    if verify_crc and checksum(data[lo - data_start : hi - data_start]) != shard.crc32c[j]:
         return f"crc32c mismatch in bytes {lo}..{hi} (the data is corrupt)"
     return None
 
@@ -233,6 +235,7 @@ class DataFile:
     device_id: int | None  # the device whose shards the file holds (sharded=True)
     process_index: int  # the process that wrote it
     parts: tuple[int, ...] | None = None  # sizes of its numbered parts, when split (version 2)
+    key: str | None = None  # a foreign format's file name (safetensors), where it is not data_key's
 
 
 @dataclass(frozen=True)
@@ -246,7 +249,13 @@ class Index:
     format_version: int = FORMAT_VERSION
     metrics: dict[str, Any] | None = None  # save(metrics=...): JSON, committed with the checkpoint
     metadata: dict[str, Any] | None = None  # save(metadata=...)
-    source: str = "shardsave"  # or "tensorflow": a TF checkpoint read through this index (_tf_bundle)
+    # "tensorflow" or "safetensors": another format read through this index (_tf_bundle,
+    # _safetensors); safetensors has no checksums, so only its lengths are checked.
+    source: str = "shardsave"
+
+    @property
+    def has_checksums(self) -> bool:
+        return self.source != "safetensors"
 
     @property
     def nbytes(self) -> int:

@@ -217,7 +217,11 @@ class CheckpointReader:
                         (
                             problem
                             for j in range(lo // chunk, math.ceil(hi / chunk))
-                            if (problem := _format.chunk_problem(data, shard.offset + lo, shard, j, chunk))
+                            if (
+                                problem := _format.chunk_problem(
+                                    data, shard.offset + lo, shard, j, chunk, self.index.has_checksums
+                                )
+                            )
                         ),
                         None,
                     )

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _format, _gc_pause, _tf_bundle
+from . import _format, _gc_pause, _safetensors, _tf_bundle
 from ._checkpoint import DataFiles, Listing
 from ._format import Index, LeafEntry, StoredShard
 from ._plan import (
@@ -252,7 +252,9 @@ class _Fetcher:
     def _check(self, start: int, chunks: list[tuple[StoredShard, int]], data: np.ndarray) -> np.ndarray:
         """Verifies the length and crc32c of each chunk in a span's data (read from `start`)."""
         for shard, j in chunks:
-            problem = _format.chunk_problem(data, start, shard, j, self.chunk or shard.nbytes)
+            problem = _format.chunk_problem(
+                data, start, shard, j, self.chunk or shard.nbytes, self.index.has_checksums
+            )
             if problem is not None:
                 raise CorruptCheckpointError(f"{self._where(shard)}: {problem}")
         return data
@@ -710,7 +712,10 @@ def _stream_units(
 
 
 def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tuple[Store, str, Index]:
-    """The directory, base name and validated index of a committed checkpoint."""
+    """The directory, base name and validated index of a committed checkpoint (or of
+    a TensorFlow checkpoint, or of safetensors: a .safetensors file or index.json)."""
+    if _safetensors.is_safetensors(path):
+        return _safetensors.safetensors_index(path, timeout_s)
     directory, base = open_prefix(path, timeout_s)
     raw = directory.read_all(_format.index_key(base))
     if raw is None:
@@ -724,7 +729,9 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> 
             f"no committed checkpoint at {path!r}: {path}{_format.INDEX_SUFFIX} does not exist{hint}"
         )
     where = f"{path}{_format.INDEX_SUFFIX}"
-    if _tf_bundle.is_tf_index(raw):  # a TensorFlow checkpoint: its index is a LevelDB table
+    if raw is not None and _tf_bundle.is_tf_index(
+        raw
+    ):  # a TensorFlow checkpoint: its index is a LevelDB table
         index, _ = _tf_bundle.bundle_index(raw, where, base, directory.mtime(_format.index_key(base)))
         return directory, base, index
     return directory, base, _format.decode_index(raw, where)

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _format, _gc_pause, _tree
+from . import _format, _gc_pause, _safetensors, _tree
 from ._background import BackgroundCommits
 from ._checkpoint import Listing, build_index, encode_checked, write_data_file
 from ._distributed import Coordinator, decode_reports, encode_report
@@ -920,6 +920,8 @@ class Saver:
         if target is None:
             requests, finish = requests_for_saved(index, save_path)
         else:
+            if names is None and index.source == "safetensors":
+                names = _safetensors.path_to_name  # "model/embed" is stored as "model.embed"
             requests, finish = requests_for_target(index, target, reshape, cast, save_path, names)
         # Sharing pays where reading is dear (an object store); from a local file system,
         # reading the page cache again is cheaper than the collective (the commit that

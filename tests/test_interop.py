@@ -245,3 +245,218 @@ def test_inspect_and_verify_show_a_tensorflow_checkpoint():
     text = out.getvalue()
     assert "a TensorFlow checkpoint: 13 leaves" in text and "words" in text and "3 slices" in text
     assert "OK" in text
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def _safetensors_set(directory: Path) -> dict[str, np.ndarray]:
+    """A sharded set written by the safetensors package: two files and the index.json
+    that Hugging Face's sharded checkpoints carry (transformers writes it as below)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(7)
+    files = {
+        "model-00001-of-00002.safetensors": {
+            "model.embed_tokens.weight": rng.standard_normal((64, 16)).astype(np.float32),
+            "model.layers.0.mlp.weight": rng.standard_normal((16, 32)).astype(np.float16),
+        },
+        "model-00002-of-00002.safetensors": {
+            "model.layers.1.mlp.weight": rng.standard_normal((16, 32)).astype(np.float16),
+            "model.norm.weight": np.ones(16, np.float32),
+            "model.step": np.array(12, np.int64),
+            "model.mask": rng.integers(0, 2, (8, 4)).astype(bool),
+        },
+    }
+    for name, tensors in files.items():
+        save_file(tensors, str(directory / name), metadata={"format": "pt"})
+    weight_map = {t: name for name, tensors in files.items() for t in tensors}
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
+    return {t: v for tensors in files.values() for t, v in tensors.items()}
+
+
+def test_load_safetensors_of_a_sharded_set_lists_and_restores_every_tensor(tmp_path):
+    values = _safetensors_set(tmp_path)
+    everything = shardsave.load_safetensors(tmp_path)  # the directory: its index.json
+    assert sorted(everything) == sorted(values)
+    for name, value in values.items():
+        np.testing.assert_array_equal(everything[name], value)
+        assert everything[name].dtype == value.dtype
+    with shardsave.CheckpointReader(str(tmp_path / "model.safetensors.index.json")) as reader:
+        listed = {v.name: (v.dtype_name, v.shape) for v in reader.variables()}
+        assert listed["model.layers.0.mlp.weight"] == ("F16", (16, 32))
+        assert listed["model.mask"] == ("BOOL", (8, 4))
+        np.testing.assert_array_equal(
+            reader.get("model.embed_tokens.weight", (slice(3, 5),)), values["model.embed_tokens.weight"][3:5]
+        )
+        assert reader.verify() == []
+
+
+@pytest.mark.parametrize("devices", [(2, 4), (4,)])
+def test_load_safetensors_places_each_devices_bytes_exactly(tmp_path, io_stats, devices):
+    values = _safetensors_set(tmp_path)
+    mesh = Mesh(np.array(jax.devices()[: int(np.prod(devices))]).reshape(devices), ("a", "b")[: len(devices)])
+    first, last = mesh.axis_names[0], mesh.axis_names[-1]
+    target = {
+        "model": {
+            "embed_tokens": {
+                "weight": jax.ShapeDtypeStruct(
+                    (64, 16),
+                    np.float32,
+                    sharding=NamedSharding(mesh, P(first, last) if first != last else P(None, first)),
+                )
+            },
+            "layers": [
+                {
+                    "mlp": {
+                        "weight": jax.ShapeDtypeStruct(
+                            (16, 32), np.float16, sharding=NamedSharding(mesh, P(None, first))
+                        )
+                    }
+                }
+                for _ in range(2)
+            ],
+            "norm": {"weight": jax.ShapeDtypeStruct((16,), np.float32, sharding=NamedSharding(mesh, P()))},
+        }
+    }
+    restored = shardsave.load_safetensors(tmp_path, target)
+    got = {
+        "model.embed_tokens.weight": restored["model"]["embed_tokens"]["weight"],
+        "model.layers.0.mlp.weight": restored["model"]["layers"][0]["mlp"]["weight"],
+        "model.layers.1.mlp.weight": restored["model"]["layers"][1]["mlp"]["weight"],
+        "model.norm.weight": restored["model"]["norm"]["weight"],
+    }
+    for name, array in got.items():
+        for shard in array.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), values[name][shard.index], err_msg=name)
+    # Only the tensors asked for were read (not the whole files), besides the headers.
+    asked = sum(values[n].nbytes for n in got)
+    assert asked <= io_stats.bytes_read < asked + 64 << 10
+
+
+def test_load_safetensors_refuses_a_truncated_or_malformed_file_naming_it(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "model.safetensors"
+    save_file({"w": np.ones((256, 256), np.float32)}, str(path))
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-10])
+    with pytest.raises(CorruptCheckpointError, match=r"model.safetensors: .* \(the file is truncated\)"):
+        shardsave.load_safetensors(path)
+    path.write_bytes(raw[:8] + b"{not json" + raw[17:])
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors: the header is not JSON"):
+        shardsave.load_safetensors(path)
+
+
+def test_a_capped_load_of_a_tensor_larger_than_the_cap_stays_within_it(tmp_path):
+    from conftest import run_program
+
+    program = Path(__file__).parent / "programs" / "measure_safetensors.py"
+    result = json.loads(
+        run_program([str(program), str(tmp_path), "64"], timeout=600).strip().splitlines()[-1]
+    )
+    assert result["ok"]
+    cap = 64 << 20
+    assert result["transient"] < cap + (64 << 20), f"transient {result['transient'] >> 20} MiB"
+
+
+def test_save_safetensors_is_read_back_equal_by_the_safetensors_package(tmp_path, mesh24):
+    import ml_dtypes
+    from safetensors import safe_open
+
+    rng = np.random.default_rng(3)
+    tree = {
+        "embed": jax.device_put(
+            rng.standard_normal((64, 64)).astype(np.float32), NamedSharding(mesh24, P("data", "model"))
+        ),
+        "blocks": [
+            {
+                "w": jax.device_put(
+                    rng.standard_normal((32, 32)).astype(ml_dtypes.bfloat16),
+                    NamedSharding(mesh24, P(None, "model")),
+                )
+            },
+            {"w": rng.standard_normal((32, 32)).astype(np.float16)},
+        ],
+        "fp8": rng.standard_normal(16).astype(ml_dtypes.float8_e4m3fn),
+        "step": np.int32(9),
+    }
+    # Leaves in tree order (blocks, embed, fp8, step) packed into files of at most 8 KiB,
+    # but for the 16 KiB embedding, which has a file of its own.
+    written = shardsave.save_safetensors(
+        tree, str(tmp_path / "out"), max_shard_bytes=8 << 10, metadata={"format": "flax"}
+    )
+    assert [Path(w).name for w in written] == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+    ]
+    index = json.loads(Path(written[-1]).read_text())
+    loaded, dtypes = {}, {}
+    for file in written[:-1]:
+        with safe_open(file, framework="flax") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                dtypes[name] = f.get_slice(name).get_dtype()
+                if name != "fp8":  # the package reads float8 through numpy, which has no such type
+                    loaded[name] = np.asarray(f.get_tensor(name))
+    names = [Path(w).name for w in written]
+    assert index["weight_map"] == {
+        "blocks.0.w": names[0],
+        "blocks.1.w": names[0],
+        "embed": names[1],
+        "fp8": names[2],
+        "step": names[2],
+    }
+    assert Path(written[1]).stat().st_size > 16 << 10
+    np.testing.assert_array_equal(np.asarray(loaded["embed"]), np.asarray(tree["embed"]))
+    np.testing.assert_array_equal(np.asarray(loaded["blocks.0.w"]), np.asarray(tree["blocks"][0]["w"]))
+    np.testing.assert_array_equal(np.asarray(loaded["blocks.1.w"]), tree["blocks"][1]["w"])
+    assert loaded["blocks.0.w"].dtype == "bfloat16"
+    # bfloat16 and float8 keep their safetensors dtype names, as the package reads them.
+    assert dtypes == {
+        "blocks.0.w": "BF16",
+        "blocks.1.w": "F16",
+        "embed": "F32",
+        "fp8": "F8_E4M3",
+        "step": "I32",
+    }
+    np.testing.assert_array_equal(np.asarray(loaded["step"]), np.asarray(9, np.int32))
+    with safe_open(written[0], framework="flax") as f:
+        assert f.metadata() == {"format": "flax"}
+    back = shardsave.load_safetensors(str(tmp_path / "out"))
+    np.testing.assert_array_equal(back["blocks.0.w"], np.asarray(tree["blocks"][0]["w"]))
+    np.testing.assert_array_equal(back["fp8"], tree["fp8"])
+
+
+def test_save_safetensors_from_a_checkpoint_and_the_convert_command(tmp_path, mesh24):
+    import contextlib
+    import io
+
+    from safetensors.numpy import load_file
+
+    from shardsave._cli import main
+
+    value = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    path = shardsave.Saver(async_save=False).save(
+        {"layer": {"w": jax.device_put(value, NamedSharding(mesh24, P("data", "model")))}},
+        str(tmp_path / "ck" / "m"),
+        global_step=3,
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["convert", path, str(tmp_path / "st")]) == 0  # shardsave -> safetensors
+        assert main(["convert", str(tmp_path / "st"), str(tmp_path / "back" / "m")]) == 0  # and back
+        assert (
+            main(["convert", _prefix("v1"), str(tmp_path / "tf" / "model")]) == 0
+        )  # TensorFlow -> shardsave
+        assert main(["inspect", str(tmp_path / "st")]) == 0
+    np.testing.assert_array_equal(load_file(str(tmp_path / "st" / "model.safetensors"))["layer.w"], value)
+    np.testing.assert_array_equal(shardsave.Saver().restore(str(tmp_path / "back" / "m"))["layer.w"], value)
+    from_tf = shardsave.Saver().restore(str(tmp_path / "tf" / "model-7"))
+    np.testing.assert_array_equal(from_tf["part"], _value(EXPECTED["v1"]["variables"]["part"]))
+    text = out.getvalue()
+    assert "left out, as no array can hold them: words (string)" in text
+    assert "layer.w  F32" in text

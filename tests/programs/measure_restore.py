@@ -16,6 +16,8 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,16 @@ def main() -> None:
     expected = {k: float(v[-1, -1]) for k, v in tree.items()}
     del tree
     gc.collect()
+    restored, measured = measure(
+        lambda: shardsave.Saver().restore(path, target, restore_sequentially=sequential, max_host_bytes=cap)
+    )
+    ok = all(float(restored[k][-1, -1]) == v for k, v in expected.items())
+    print(json.dumps({**measured, "ok": ok}))
+
+
+def measure(restore: Callable[[], Any]) -> tuple[Any, dict[str, int]]:
+    """Runs restore() while a thread samples RSS; the result and its transient memory
+    (peak RSS minus RSS once it is done, the result still alive)."""
     proc = psutil.Process()
     peak, stop = [0], threading.Event()
 
@@ -65,14 +77,13 @@ def main() -> None:
     before = proc.memory_info().rss
     thread = threading.Thread(target=sample)
     thread.start()
-    restored = shardsave.Saver().restore(path, target, restore_sequentially=sequential, max_host_bytes=cap)
+    restored = restore()
     jax.block_until_ready(restored)
     stop.set()
     thread.join()
     gc.collect()
     after = proc.memory_info().rss
-    ok = all(float(restored[k][-1, -1]) == v for k, v in expected.items())
-    print(json.dumps({"transient": peak[0] - after, "before": before, "after": after, "ok": ok}))
+    return restored, {"transient": peak[0] - after, "before": before, "after": after}
 
 
 if __name__ == "__main__":

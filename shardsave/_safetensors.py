@@ -1,0 +1,440 @@
+"""Hugging Face safetensors, both ways: restored onto shardings, written from trees.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
+({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}),
+then the tensors' bytes, offsets counted from the end of the header. A sharded
+set is several such files and `model.safetensors.index.json`, whose
+"weight_map" names the file of each tensor. The format has no checksums: what
+is checked is the header (every tensor's bytes inside the file, its size that of
+its dtype and shape, no two tensors overlapping) and the file's length.
+
+Read here as an Index (source "safetensors"): each tensor a host leaf with one
+stored shard at its byte offset, so a restore reads only the byte ranges each
+device needs, under max_host_bytes, exactly as it reads a shardsave checkpoint.
+Names stay the file's ("model.layers.0.weight"); a target's paths
+("model/layers/0/weight") map onto them with "/" read as ".".
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from . import _format, _tree
+from ._format import DataFile, Index, LeafEntry, StoredShard
+from ._storage import Store, join, location, open_store, split_prefix
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 << 20  # what the safetensors package itself accepts
+# Reads are widened to these (there is nothing to verify in them; the planner's unit).
+READ_CHUNK_BYTES = _format.CRC_CHUNK_BYTES
+
+DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "I16": np.dtype(np.int16),
+    "U16": np.dtype(np.uint16),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I32": np.dtype(np.int32),
+    "U32": np.dtype(np.uint32),
+    "F32": np.dtype(np.float32),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "U64": np.dtype(np.uint64),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "C64": np.dtype(np.complex64),
+}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def is_safetensors(path: str) -> bool:
+    return path.endswith(".safetensors") or path.endswith(".safetensors.index.json")
+
+
+def path_to_name(path: str) -> str:
+    """A pytree path ("model/layers/0/weight") as a safetensors name ("model.layers.0.weight")."""
+    return path.replace("/", ".")
+
+
+def _header(store: Store, key: str) -> tuple[dict[str, Any], int]:
+    """A file's header JSON and the offset of its data."""
+    where = join(store.path, key)
+    if not store.exists(key):
+        raise CheckpointNotFoundError(f"{where} does not exist")
+    head = store.read_range(key, 0, 8).result()
+    if head.size < 8:
+        raise CorruptCheckpointError(f"{where}: {head.size} bytes, shorter than a safetensors header")
+    (n,) = struct.unpack("<Q", head.tobytes())
+    if n > MAX_HEADER_BYTES:
+        raise CorruptCheckpointError(
+            f"{where}: a header of {n} bytes (at most {MAX_HEADER_BYTES}): not safetensors"
+        )
+    raw = store.read_range(key, 8, 8 + n).result()
+    if raw.size < n:
+        raise CorruptCheckpointError(f"{where}: the header is cut short (the file is truncated)")
+    try:
+        header = json.loads(raw.tobytes())
+    except ValueError as e:
+        raise CorruptCheckpointError(f"{where}: the header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CorruptCheckpointError(f"{where}: the header is not a JSON object")
+    return header, 8 + n
+
+
+def _entries(store: Store, key: str, file: int) -> tuple[list[LeafEntry], int]:
+    """The tensors of one file, checked against each other and the file's size."""
+    where = join(store.path, key)
+    header, start = _header(store, key)
+    size = os.path.getsize(store.local_path(key)) if store.is_local else None
+    leaves, spans = [], []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name!r} has a malformed entry {info!r:.200}"
+            ) from e
+        dtype = DTYPES.get(dtype_name)
+        if dtype is None:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name!r} has dtype {dtype_name!r}, which shardsave does not read "
+                f"(it reads {', '.join(DTYPES)})"
+            )
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name!r} has shape {list(shape)} at {[begin, end]}"
+            )
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CorruptCheckpointError(
+                f"{where}: tensor {name!r} ({dtype_name} {list(shape)}) spans {end - begin} bytes, "
+                f"not {math.prod(shape) * dtype.itemsize}"
+            )
+        nbytes = end - begin
+        crcs = (0,) * _format.crc_chunks(nbytes, READ_CHUNK_BYTES)  # placeholders: nothing is verified
+        shard = StoredShard(file, start + begin, nbytes, (0,) * len(shape), shape, crcs)
+        leaves.append(
+            LeafEntry(name, dtype, shape, _tree.KIND_NUMPY, None, (shard,), stored_dtype=dtype_name)
+        )
+        spans.append((begin, end, name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in itertools.pairwise(spans):
+        if begin < end:
+            raise CorruptCheckpointError(f"{where}: tensors {a!r} and {b!r} overlap")
+    data_end = start + (spans[-1][1] if spans else 0)
+    if size is not None and size < data_end:
+        raise CorruptCheckpointError(
+            f"{where}: {size} bytes, but its tensors end at byte {data_end} (the file is truncated)"
+        )
+    return leaves, data_end
+
+
+def safetensors_index(path: str, timeout_s: float) -> tuple[Store, str, Index]:
+    """A safetensors file, or a sharded set through its index.json, as an Index."""
+    directory, base = split_prefix(location(path))
+    store = open_store(directory, timeout_s)
+    if base.endswith(".index.json"):
+        raw = store.read_all(base)
+        if raw is None:
+            raise CheckpointNotFoundError(f"{join(directory, base)} does not exist")
+        try:
+            weight_map = json.loads(raw)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CorruptCheckpointError(f"{join(directory, base)}: no weight_map in it ({e})") from e
+    else:
+        weight_map, files = None, [base]
+    leaves: list[LeafEntry] = []
+    data_files = []
+    for k, name in enumerate(files):
+        entries, end = _entries(store, name, k)
+        if weight_map is not None:
+            strays = [e.name for e in entries if weight_map.get(e.name) != name]
+            missing = [t for t, f in weight_map.items() if f == name and t not in {e.name for e in entries}]
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{join(directory, base)} maps {missing[:3]} to {name}, which does not hold them"
+                )
+            entries = [e for e in entries if e.name not in strays]
+        leaves.extend(entries)
+        data_files.append(DataFile(end, None, 0, key=name))
+    names = [leaf.name for leaf in leaves]
+    if len(set(names)) != len(names):
+        raise CorruptCheckpointError(f"{join(directory, base)}: a tensor is stored in two files")
+    index = Index(
+        global_step=None,
+        created=store.mtime(files[0] if files else base) or 0.0,
+        crc_chunk_bytes=READ_CHUNK_BYTES,
+        files=tuple(data_files),
+        structure={"dict": [[leaf.name, i] for i, leaf in enumerate(leaves)]},
+        leaves=tuple(leaves),
+        format_version=0,
+        source="safetensors",
+    )
+    return store, base, index
+
+
+def load_safetensors(
+    path: str,
+    target: Any = None,
+    *,
+    names: Callable[[str], str] | dict[str, str] | None = None,
+    max_host_bytes: int | None = None,
+) -> Any:
+    """Restores safetensors onto the shapes, dtypes and shardings of target.
+
+    Reads only the byte ranges each device needs, and with max_host_bytes holds
+    at most that much host memory at a time (a tensor larger than it streams
+    into its device buffers).
+
+    Args:
+      path: a .safetensors file, a sharded set's index.json, or a directory
+        holding model.safetensors or model.safetensors.index.json.
+      target: a pytree of jax.Array, jax.ShapeDtypeStruct (with a sharding) or
+        numpy arrays; None returns every tensor as a numpy array, by name.
+      names: the stored name of each target leaf path; by default the path with
+        "/" read as "." ({"model": {"embed": x}} is "model.embed").
+      max_host_bytes: a host-memory cap for the restore (at least 32 MiB).
+
+    Example:
+      >>> import numpy as np, shardsave, tempfile
+      >>> from safetensors.numpy import save_file
+      >>> d = tempfile.mkdtemp()
+      >>> save_file({"layer.w": np.ones((2, 3), np.float32)}, d + "/model.safetensors")
+      >>> shardsave.load_safetensors(d, {"layer": {"w": np.zeros((2, 3), np.float32)}})["layer"]["w"].sum()
+      np.float32(6.0)
+    """
+    from ._saver import Saver
+
+    return Saver().restore(
+        resolve(path),
+        target,
+        names=names,
+        restore_sequentially=max_host_bytes is not None,
+        max_host_bytes=max_host_bytes,
+    )
+
+
+def resolve(path: str) -> str:
+    """A directory as the set or file in it."""
+    path = location(path)
+    if is_safetensors(path) or "://" in path:
+        return path
+    if os.path.isfile(os.path.join(path, INDEX_NAME)):
+        return os.path.join(path, INDEX_NAME)
+    if os.path.isfile(os.path.join(path, SINGLE_NAME)):
+        return os.path.join(path, SINGLE_NAME)
+    raise CheckpointNotFoundError(
+        f"{path} is neither a .safetensors file nor a directory holding {SINGLE_NAME} or {INDEX_NAME}"
+    )
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    blocks: Callable[[], Iterator[np.ndarray]]  # its bytes in row order, a bounded block at a time
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+WRITE_BLOCK_BYTES = 64 << 20
+
+
+def _row_blocks(shape: tuple[int, ...], itemsize: int) -> Iterator[slice]:
+    rows = shape[0] if shape else 1
+    row_bytes = math.prod(shape[1:]) * itemsize if shape else itemsize
+    step = max(1, WRITE_BLOCK_BYTES // max(1, row_bytes))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _from_tree(tree: Any, names: Callable[[str], str] | None) -> list[_Tensor]:
+    if jax.process_count() > 1:
+        raise ValueError(
+            "save_safetensors from a live tree runs in one process; under jax.distributed, "
+            "save a shardsave checkpoint and convert it (save_safetensors(checkpoint_path, ...))"
+        )
+    paths, leaves, _ = _tree.flatten(tree)
+    out = []
+    for path, leaf in zip(paths, leaves):
+        if isinstance(leaf, (int, float, bool, np.generic)) and not isinstance(leaf, np.ndarray):
+            leaf = np.asarray(leaf)
+        if not isinstance(leaf, (jax.Array, np.ndarray)):
+            raise TypeError(f"leaf {path!r} is a {type(leaf).__name__}; safetensors holds arrays")
+        if isinstance(leaf, jax.Array) and _tree.is_key_dtype(leaf.dtype):
+            leaf = jax.random.key_data(leaf)
+
+        def blocks(leaf: Any = leaf) -> Iterator[np.ndarray]:
+            if leaf.ndim == 0:
+                yield np.asarray(leaf).reshape(1)
+                return
+            for rows in _row_blocks(leaf.shape, leaf.dtype.itemsize):
+                yield np.asarray(leaf[rows])  # one block of rows on the host at a time
+
+        name = names(path) if names else path_to_name(path)
+        out.append(_Tensor(name, np.dtype(leaf.dtype), tuple(leaf.shape), blocks))
+    return out
+
+
+def _from_checkpoint(path: str, names: Callable[[str], str] | None) -> list[_Tensor]:
+    from ._reader import CheckpointReader
+
+    reader = CheckpointReader(path)
+    out = []
+    for variable in reader.variables():
+        if variable.dtype == np.dtype(object):
+            raise TypeError(
+                f"{path}: {variable.name!r} is a {variable.dtype_name} tensor; safetensors holds arrays"
+            )
+
+        def blocks(v: Any = variable) -> Iterator[np.ndarray]:
+            if not v.shape:
+                yield np.asarray(reader.get(v.name)).reshape(1)
+                return
+            for rows in _row_blocks(v.shape, v.dtype.itemsize):
+                yield reader.get(v.name, (rows,))  # only these rows' bytes are read
+
+        name = names(variable.name) if names else path_to_name(variable.name)
+        out.append(_Tensor(name, variable.dtype, variable.shape, blocks))
+    return out
+
+
+def save_safetensors(
+    source: Any,
+    directory: str,
+    *,
+    max_shard_bytes: int = 5 << 30,
+    names: Callable[[str], str] | None = None,
+    metadata: dict[str, str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Writes a tree, or a checkpoint, as safetensors that Hugging Face tools read.
+
+    One file (model.safetensors) when everything fits max_shard_bytes, else a
+    sharded set (model-00001-of-0000N.safetensors, ...) and its index.json; a
+    file exceeds max_shard_bytes only to hold a single larger tensor. Tensors are
+    written a block of rows at a time, so host memory holds one block, not the
+    model. Each file is written under a temporary name and renamed when whole,
+    the index.json last.
+
+    Args:
+      source: a pytree of jax or numpy arrays (in one process), or the path of a
+        checkpoint (shardsave's or TensorFlow's).
+      directory: a local directory; created if needed.
+      max_shard_bytes: the most tensor bytes per file.
+      names: the safetensors name of each leaf path; by default "/" becomes ".".
+      metadata: strings for the header's __metadata__ (e.g. {"format": "pt"}).
+      progress: called with the bytes written after each block.
+
+    Returns:
+      The paths written, the index.json (if any) last.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        tensors = _from_checkpoint(os.fspath(source), names)
+    else:
+        tensors = _from_tree(source, names)
+    for tensor in tensors:
+        if tensor.dtype not in NAMES:
+            raise TypeError(f"{tensor.name!r} has dtype {tensor.dtype}, which safetensors has no name for")
+    seen: set[str] = set()
+    for tensor in tensors:
+        if tensor.name in seen:
+            raise ValueError(
+                f"two leaves are named {tensor.name!r} in safetensors; pass names= to tell them apart"
+            )
+        seen.add(tensor.name)
+    groups: list[list[_Tensor]] = [[]]
+    size = 0
+    for tensor in tensors:
+        if groups[-1] and size + tensor.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(tensor)
+        size += tensor.nbytes
+    os.makedirs(directory, exist_ok=True)
+    n = len(groups)
+    file_names = [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    written = []
+    for name, group in zip(file_names, groups):
+        written.append(_write_file(os.path.join(directory, name), group, metadata, progress))
+    if n > 1:
+        doc = {
+            "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+            "weight_map": {t.name: file_names[k] for k, group in enumerate(groups) for t in group},
+        }
+        index = os.path.join(directory, INDEX_NAME)
+        _atomic_text(index, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        written.append(index)
+    return written
+
+
+def _write_file(
+    path: str, tensors: list[_Tensor], metadata: dict[str, str] | None, progress: Callable[[int], None] | None
+) -> str:
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors package writes it
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for t in tensors:
+                written = 0
+                for block in t.blocks():
+                    data = np.ascontiguousarray(block, dtype=t.dtype).view(np.uint8).reshape(-1)
+                    f.write(data.data)
+                    written += data.size
+                    if progress is not None:
+                        progress(data.size)
+                if written != t.nbytes:
+                    raise RuntimeError(f"{t.name!r}: wrote {written} bytes, expected {t.nbytes}")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+def _atomic_text(path: str, text: str) -> None:
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
