@@ -695,6 +695,50 @@ def run_cold_case(
     return records
 
 
+def run_safetensors_case(
+    case: dict[str, Any], config: dict[str, Any], root: Path, sampler: Sampler
+) -> list[dict[str, Any]]:
+    """Restores Hugging Face safetensors (written by the safetensors package) onto 8
+    devices: shardsave's load_safetensors (default and capped at 64 MiB) against the
+    package's own load_file followed by device_put, and against the raw parallel read."""
+    from safetensors.numpy import load_file, save_file
+
+    mesh, _ = meshes()
+    tree = build_tree(case["bytes"], case["leaves"], mesh)
+    target = abstract(tree, None)
+    base = root / f"safetensors-{case['bytes'] // MIB}MiB-{case['leaves']}"
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    path = base / "model.safetensors"
+    save_file({name: np.asarray(x) for name, x in tree.items()}, str(path))
+    del tree
+    gc.collect()
+
+    def package() -> Any:
+        loaded = load_file(str(path))
+        return {name: jax.device_put(loaded[name], t.sharding) for name, t in target.items()}
+
+    restores: dict[str, Callable[[], Any]] = {
+        "raw": partial(parallel_read, [path]),
+        "shardsave": partial(_ready, shardsave.load_safetensors, str(path), target),
+        "shardsave-64MiB": partial(
+            _ready, shardsave.load_safetensors, str(path), target, max_host_bytes=64 * MIB
+        ),
+        "safetensors": partial(_ready, package),
+    }
+    sampler.warm_bytes = int(config["warm_memory"] * case["bytes"])
+    records: list[dict[str, Any]] = []
+    for rep in range(config["warmup"] + config["reps"]):
+        for tool, fn in restores.items():  # interleaved, tool by tool
+            gc.collect()
+            t, m, out = sampler.run(fn)
+            del out
+            if rep >= config["warmup"]:
+                records.append({**case, "tool": tool, "op": "restore", "seconds": t, "transient_bytes": m})
+    shutil.rmtree(base, ignore_errors=True)
+    return records
+
+
 @contextlib.contextmanager
 def s3_server() -> Any:
     """moto's S3 server on loopback, and the environment that points s3:// and boto3 at it."""
@@ -959,6 +1003,7 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "shardsave-256MiB": 4.6,
         "orbax": 5,
         "orbax-nocomp": 6,
+        "safetensors": 7,
     }
     ops = {
         "save_blocking": 0,
@@ -1076,9 +1121,11 @@ def main(argv: list[str] | None = None) -> int:
             records += run_cold_case(case, config, roots["disk"], sampler)
         elif case["storage"] == "adamw":
             records += run_adamw_case(case, config, roots["shm"], sampler)
+        elif case["storage"] == "safetensors":
+            records += run_safetensors_case(case, config, roots["shm"], sampler)
         else:
             records += run_case(case, config, roots[case["storage"]], sampler)
-        if i == 1 and config.get("first_save", True) and case["storage"] not in ("s3", "cold", "adamw"):
+        if i == 1 and config.get("first_save", True) and case["storage"] in roots:
             first = first_save(case, roots[case["storage"]])
         # Written after every case, so a run cut short still leaves its results.
         rows = summarize(records)
