@@ -700,7 +700,8 @@ def run_safetensors_case(
 ) -> list[dict[str, Any]]:
     """Restores Hugging Face safetensors (written by the safetensors package) onto 8
     devices: shardsave's load_safetensors (default and capped at 64 MiB) against the
-    package's own load_file followed by device_put, and against the raw parallel read."""
+    package's own load_file followed by device_put, and against the raw parallel read
+    (into one reused buffer per thread, and into fresh memory as a restore's results are)."""
     from safetensors.numpy import load_file, save_file
 
     mesh, _ = meshes()
@@ -720,6 +721,7 @@ def run_safetensors_case(
 
     restores: dict[str, Callable[[], Any]] = {
         "raw": partial(parallel_read, [path]),
+        "raw-fresh": partial(parallel_read, [path], fresh=True),
         "shardsave": partial(_ready, shardsave.load_safetensors, str(path), target),
         "shardsave-64MiB": partial(
             _ready, shardsave.load_safetensors, str(path), target, max_host_bytes=64 * MIB
@@ -988,7 +990,7 @@ def ratios(rows: list[dict[str, Any]]) -> None:
 def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
     """The table's lines, also printed to out when given."""
     lines = [
-        f"{'storage':7} {'size':>8} {'leaves':>6} {'op':18} {'tool':15} {'median s':>9} {'[min-max]':>17} "
+        f"{'storage':11} {'size':>8} {'leaves':>6} {'op':18} {'tool':15} {'median s':>9} {'[min-max]':>17} "
         f"{'x limit':>8} {'x orbax':>8} {'x nocomp':>8} {'transient':>10}"
     ]
     order = {
@@ -1029,7 +1031,7 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
 
         spread = f"[{r['min_s']:.3f}-{r['max_s']:.3f}]"
         lines.append(
-            f"{r['storage']:7} {r['bytes'] // MIB:>5}MiB {r['leaves']:>6} {r['op']:18} {r['tool']:15} "
+            f"{r['storage']:11} {r['bytes'] // MIB:>5}MiB {r['leaves']:>6} {r['op']:18} {r['tool']:15} "
             f"{r['median_s']:>9.3f} {spread:>17} {fmt(r['x_limit']):>8} "
             f"{fmt(r['x_orbax']):>8} {fmt(r['x_orbax-nocomp']):>8} {r['median_transient_bytes'] / MIB:>7.0f}MiB"
         )

@@ -37,7 +37,7 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-MAX_HEADER_BYTES = 100 << 20  # what the safetensors package itself accepts
+MAX_HEADER_BYTES = 100_000_000  # the safetensors package refuses larger headers too
 # Reads are widened to these (there is nothing to verify in them; the planner's unit).
 READ_CHUNK_BYTES = _format.CRC_CHUNK_BYTES
 
@@ -117,7 +117,12 @@ def _entries(store: Store, key: str, file: int) -> tuple[list[LeafEntry], int]:
                 f"{where}: tensor {name!r} has dtype {dtype_name!r}, which shardsave does not read "
                 f"(it reads {', '.join(DTYPES)})"
             )
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not 0 <= begin <= end:
+        ints = [*shape, begin, end]
+        if (
+            not all(isinstance(d, int) and not isinstance(d, bool) for d in ints)
+            or min(ints, default=0) < 0
+            or begin > end
+        ):
             raise CorruptCheckpointError(
                 f"{where}: tensor {name!r} has shape {list(shape)} at {[begin, end]}"
             )

@@ -31,7 +31,9 @@ def test_benchmark_runs_and_writes_its_outputs(tmp_path):
     on_s3 = {(r["tool"], r["op"]) for r in doc["rows"] if r["storage"] == "s3"}  # moto's server
     assert {("raw", "save"), ("raw", "restore"), ("shardsave", "save"), ("shardsave", "restore")} <= on_s3
     safetensors = {(r["tool"], r["op"]) for r in doc["rows"] if r["storage"] == "safetensors"}
-    assert safetensors == {(t, "restore") for t in ("raw", "shardsave", "shardsave-64MiB", "safetensors")}
+    assert safetensors == {
+        (t, "restore") for t in ("raw", "raw-fresh", "shardsave", "shardsave-64MiB", "safetensors")
+    }
     cold = {r["tool"] for r in doc["rows"] if r["storage"] == "cold"}  # page cache dropped: root only
     if os.access("/proc/sys/vm/drop_caches", os.W_OK):
         expected = {
