@@ -17,6 +17,7 @@ Names stay the file's ("model.layers.0.weight"); a target's paths
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -259,6 +260,7 @@ class _Tensor:
     dtype: np.dtype
     shape: tuple[int, ...]
     blocks: Callable[[], Iterator[np.ndarray]]  # its bytes in row order, a bounded block at a time
+    leaf: Any = None  # the live array (a tree's leaf), whose local shards a process writes
 
     @property
     def nbytes(self) -> int:
@@ -277,11 +279,6 @@ def _row_blocks(shape: tuple[int, ...], itemsize: int) -> Iterator[slice]:
 
 
 def _from_tree(tree: Any, names: Callable[[str], str] | None) -> list[_Tensor]:
-    if jax.process_count() > 1:
-        raise ValueError(
-            "save_safetensors from a live tree runs in one process; under jax.distributed, "
-            "save a shardsave checkpoint and convert it (save_safetensors(checkpoint_path, ...))"
-        )
     paths, leaves, _ = _tree.flatten(tree)
     out = []
     for path, leaf in zip(paths, leaves):
@@ -300,7 +297,7 @@ def _from_tree(tree: Any, names: Callable[[str], str] | None) -> list[_Tensor]:
                 yield np.asarray(leaf[rows])  # one block of rows on the host at a time
 
         name = names(path) if names else path_to_name(path)
-        out.append(_Tensor(name, np.dtype(leaf.dtype), tuple(leaf.shape), blocks))
+        out.append(_Tensor(name, np.dtype(leaf.dtype), tuple(leaf.shape), blocks, leaf))
     return out
 
 
@@ -335,6 +332,7 @@ def save_safetensors(
     names: Callable[[str], str] | None = None,
     metadata: dict[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
+    timeout_s: float = 300.0,
 ) -> list[str]:
     """Writes a tree, or a checkpoint, as safetensors that Hugging Face tools read.
 
@@ -345,27 +343,31 @@ def save_safetensors(
     model. Each file is written under a temporary name and renamed when whole,
     the index.json last.
 
+    Under jax.distributed, saving a tree is collective: every process calls it
+    alike and writes the shards it holds (each replicated box once) into files
+    that process 0 creates; the directory must be a file system every process
+    sees. Saving a checkpoint's path is not collective (it reads the checkpoint).
+
     Args:
-      source: a pytree of jax or numpy arrays (in one process), or the path of a
-        checkpoint (shardsave's or TensorFlow's).
+      source: a pytree of jax or numpy arrays, or the path of a checkpoint
+        (shardsave's, TensorFlow's or safetensors).
       directory: a local directory; created if needed.
       max_shard_bytes: the most tensor bytes per file.
       names: the safetensors name of each leaf path; by default "/" becomes ".".
       metadata: strings for the header's __metadata__ (e.g. {"format": "pt"}).
       progress: called with the bytes written after each block.
+      timeout_s: under jax.distributed, how long a process waits for the others
+        at each step before it raises, naming them.
 
     Returns:
       The paths written, the index.json (if any) last.
     """
-    if isinstance(source, (str, os.PathLike)):
-        tensors = _from_checkpoint(os.fspath(source), names)
-    else:
-        tensors = _from_tree(source, names)
+    from_tree = not isinstance(source, (str, os.PathLike))
+    tensors = _from_tree(source, names) if from_tree else _from_checkpoint(os.fspath(source), names)
+    seen: set[str] = set()
     for tensor in tensors:
         if tensor.dtype not in NAMES:
             raise TypeError(f"{tensor.name!r} has dtype {tensor.dtype}, which safetensors has no name for")
-    seen: set[str] = set()
-    for tensor in tensors:
         if tensor.name in seen:
             raise ValueError(
                 f"two leaves are named {tensor.name!r} in safetensors; pass names= to tell them apart"
@@ -382,23 +384,26 @@ def save_safetensors(
     os.makedirs(directory, exist_ok=True)
     n = len(groups)
     file_names = [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    written = []
-    for name, group in zip(file_names, groups):
-        written.append(_write_file(os.path.join(directory, name), group, metadata, progress))
+    paths = [os.path.join(directory, name) for name in file_names]
+    headers = [_header_bytes(group, metadata) for group in groups]
+    index_doc = None
     if n > 1:
-        doc = {
+        index_doc = {
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},
             "weight_map": {t.name: file_names[k] for k, group in enumerate(groups) for t in group},
         }
-        index = os.path.join(directory, INDEX_NAME)
-        _atomic_text(index, json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        written.append(index)
-    return written
+    if from_tree and jax.process_count() > 1:
+        _write_distributed(paths, headers, groups, index_doc, directory, progress, timeout_s)
+    else:
+        for path, header, group in zip(paths, headers, groups):
+            _write_file(path, header, group, progress)
+        if index_doc is not None:
+            _write_index(directory, index_doc)
+    return paths + ([os.path.join(directory, INDEX_NAME)] if index_doc is not None else [])
 
 
-def _write_file(
-    path: str, tensors: list[_Tensor], metadata: dict[str, str] | None, progress: Callable[[int], None] | None
-) -> str:
+def _header_bytes(tensors: list[_Tensor], metadata: dict[str, str] | None) -> bytes:
+    """The 8-byte size and the JSON header of a file holding these tensors, in order."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -412,10 +417,16 @@ def _write_file(
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors package writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_file(
+    path: str, header: bytes, tensors: list[_Tensor], progress: Callable[[int], None] | None
+) -> None:
     temporary = f"{path}.tmp-{os.getpid()}"
     try:
         with open(temporary, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.write(header)
             for t in tensors:
                 written = 0
                 for block in t.blocks():
@@ -430,16 +441,132 @@ def _write_file(
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except BaseException:
-        if os.path.exists(temporary):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
-    return path
 
 
-def _atomic_text(path: str, text: str) -> None:
+def _write_index(directory: str, doc: dict[str, Any]) -> None:
+    path = os.path.join(directory, INDEX_NAME)
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w") as f:
-        f.write(text)
+        f.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(temporary, path)
+
+
+_distributed_calls = itertools.count()  # every process calls save_safetensors alike (it is collective)
+
+
+def _write_distributed(
+    paths: list[str],
+    headers: list[bytes],
+    groups: list[list[_Tensor]],
+    index_doc: dict[str, Any] | None,
+    directory: str,
+    progress: Callable[[int], None] | None,
+    timeout_s: float,
+) -> None:
+    """Every process writes the shards it holds (replica 0 of each) into files that
+    process 0 created at their full size; once every process has reported its
+    bytes durable, process 0 renames the files into place and writes index.json."""
+    from ._distributed import Coordinator
+    from .errors import SaveFailedError
+
+    coordinator = Coordinator(timeout_s)
+    key = f"shardsave/safetensors/{next(_distributed_calls)}"
+    me = jax.process_index()
+    temporaries = [f"{path}.tmp-shardsave" for path in paths]
+
+    def step(n: int, what: str, work: Callable[[], None]) -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except Exception as e:
+            error = e
+        coordinator.publish(f"{key}/{n}/{me}", "" if error is None else f"{type(error).__name__}: {error}")
+        reports = coordinator.gather(f"{key}/{n}", f"save_safetensors to {directory}: {what}")
+        failed = {pid: report for pid, report in reports.items() if report}
+        if failed:
+            if me == 0:
+                for temporary in temporaries:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temporary)
+            raise SaveFailedError(
+                f"save_safetensors to {directory} failed while {what}: "
+                + "; ".join(f"process {pid}: {report}" for pid, report in sorted(failed.items()))
+            ) from error
+
+    def create() -> None:
+        if me == 0:
+            for temporary, header, group in zip(temporaries, headers, groups):
+                with open(temporary, "wb") as f:
+                    f.write(header)
+                    f.truncate(len(header) + sum(t.nbytes for t in group))
+
+    def write_mine() -> None:
+        for temporary, header, group in zip(temporaries, headers, groups):
+            fd = os.open(temporary, os.O_WRONLY)
+            try:
+                offset = len(header)
+                for t in group:
+                    for start, block in _local_blocks(t.leaf, me):
+                        _write_box(fd, offset, t.shape, start, np.ascontiguousarray(block, dtype=t.dtype))
+                        if progress is not None:
+                            progress(block.nbytes)
+                    offset += t.nbytes
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def commit() -> None:
+        if me == 0:
+            for temporary, path in zip(temporaries, paths):
+                os.replace(temporary, path)
+            if index_doc is not None:
+                _write_index(directory, index_doc)
+
+    step(0, "creating the files", create)
+    step(1, "writing each process's shards", write_mine)
+    step(2, "renaming the files into place", commit)
+    # No process returns while another still awaits the last reports: process 0 hosts
+    # jax.distributed's key-value store, and its exit would fail their reads.
+    coordinator.barrier(f"{key}/done", f"save_safetensors to {directory}: finishing")
+
+
+def _local_blocks(leaf: Any, me: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:
+    """(start, values) of what this process writes of a leaf: replica 0 of each of its
+    shards, a bounded block of rows at a time; a host value, by process 0."""
+    if not isinstance(leaf, jax.Array):
+        if me == 0:
+            yield (0,) * np.ndim(leaf), np.asarray(leaf)
+        return
+    for shard in leaf.addressable_shards:
+        if shard.replica_id != 0:
+            continue
+        start = tuple(s.indices(d)[0] for s, d in zip(shard.index, leaf.shape))
+        shape = shard.data.shape
+        if not shape:
+            yield (), np.asarray(shard.data)
+            continue
+        for rows in _row_blocks(shape, leaf.dtype.itemsize):
+            yield (start[0] + rows.start, *start[1:]), np.asarray(shard.data[rows])
+
+
+def _write_box(fd: int, base: int, shape: tuple[int, ...], start: tuple[int, ...], block: np.ndarray) -> None:
+    """Writes a box of a row-major array stored at byte `base` of a file: one write per
+    run that is contiguous in the file (one for the box, where it spans whole rows)."""
+    if not shape:
+        os.pwrite(fd, block.tobytes(), base)
+        return
+    if not block.size:
+        return
+    # From axis m on, the box is contiguous in the file: it spans every later axis whole.
+    m = len(shape) - 1
+    while m > 0 and block.shape[m] == shape[m]:
+        m -= 1
+    for outer in np.ndindex(*block.shape[:m]):
+        first = tuple(a + b for a, b in zip(start[:m], outer)) + tuple(start[m:])
+        element = int(np.ravel_multi_index(first, shape))
+        os.pwrite(fd, np.ascontiguousarray(block[outer]).tobytes(), base + element * block.dtype.itemsize)

@@ -76,6 +76,30 @@ def _ok(results: list[dict]) -> list[str]:
     return [r["out"] for r in results]
 
 
+def test_processes_write_one_safetensors_set_each_its_own_shards(tmp_path):
+    from safetensors.numpy import load_file
+
+    outs = _ok(run_processes(2, 4, "safetensors_export", tmp_path, timeout=240))
+    reports = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    names = [Path(p).name for p in reports[0]["written"]]
+    assert reports[0]["written"] == reports[1]["written"]
+    # Tree order c, h, r, w in files of at most 2048 bytes: c and w (2048 each) alone, h and r together.
+    assert names == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)] + [
+        "model.safetensors.index.json"
+    ]
+    loaded = {}
+    for name in names[:-1]:
+        loaded.update(load_file(str(tmp_path / "hf" / name)))
+    w = np.arange(32 * 16, dtype=np.float32).reshape(32, 16)
+    np.testing.assert_array_equal(loaded["w"], w)
+    np.testing.assert_array_equal(loaded["c"], w)  # split by columns, written row by row
+    np.testing.assert_array_equal(loaded["r"], np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8))
+    np.testing.assert_array_equal(loaded["h"], np.arange(5, dtype=np.int64))
+    assert not list((tmp_path / "hf").glob("*.tmp*"))
+    index = json.loads((tmp_path / "hf" / names[-1]).read_text())
+    assert index["weight_map"] == {"c": names[0], "h": names[1], "r": names[1], "w": names[2]}
+
+
 @pytest.mark.parametrize("processes, devices", [(2, 4), (8, 1)])
 def test_processes_save_async_and_restore(tmp_path, processes, devices):
     outs = _ok(run_processes(processes, devices, "save_and_restore", tmp_path, timeout=240))

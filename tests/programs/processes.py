@@ -229,12 +229,27 @@ def jax_notice(directory: str) -> None:
     saver.close()
 
 
+def safetensors_export(directory: str) -> None:
+    """Every process writes its shards of a tree into one sharded safetensors set."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import shardsave
+
+    tree = make_tree()
+    mesh = tree["w"].sharding.mesh
+    tree["c"] = global_array(VALUES["w"], NamedSharding(mesh, P(None, "model")))  # columns: strided runs
+    written = shardsave.save_safetensors(tree, directory + "/hf", max_shard_bytes=2048, timeout_s=60)
+    emit(pid=jax.process_index(), written=written)
+
+
 SCENARIOS: dict[str, Callable[[str], None]] = {
     "jax_notice": jax_notice,
     "preempted": preempted,
     "should_save": should_save,
     "save_and_restore": save_and_restore,
     "save_only": save_only,
+    "safetensors_export": safetensors_export,
     "restore_only": restore_only,
     "killed": killed,
     "shared_reads": shared_reads,
