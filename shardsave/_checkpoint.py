@@ -179,9 +179,8 @@ class DataFiles:
             [f.key] if f.key else _format.data_keys(base, k, n, f.parts) for k, f in enumerate(index.files)
         ]
         self._starts = [[0, *accumulate(f.parts)] if f.parts else [0] for f in index.files]
-        self.names = [
-            f.key or _format.data_key(base, k, n) for k, f in enumerate(index.files)
-        ]  # for messages
+        # For messages: the file names, a foreign format's own (safetensors) where it has them.
+        self.names = [f.key or _format.data_key(base, k, n) for k, f in enumerate(index.files)]
 
     def read(
         self,

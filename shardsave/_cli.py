@@ -209,10 +209,7 @@ def cmd_convert(args: argparse.Namespace, out: Any) -> int:
             written = save_safetensors(
                 source, args.dst, max_shard_bytes=args.max_shard_bytes, progress=bar.update if bar else None
             )
-            print(
-                f"wrote {len(written)} files to {args.dst}: {', '.join(os.path.basename(w) for w in written)}",
-                file=out,
-            )
+            print(f"wrote to {args.dst}: {', '.join(os.path.basename(w) for w in written)}", file=out)
             return 0
         # Tensors no array holds (TF strings, TF2's object graph) cannot be a shardsave leaf.
         skipped = [f"{v.name} ({v.dtype_name})" for v in reader.variables() if v.dtype == object]

@@ -729,9 +729,7 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> 
             f"no committed checkpoint at {path!r}: {path}{_format.INDEX_SUFFIX} does not exist{hint}"
         )
     where = f"{path}{_format.INDEX_SUFFIX}"
-    if raw is not None and _tf_bundle.is_tf_index(
-        raw
-    ):  # a TensorFlow checkpoint: its index is a LevelDB table
+    if _tf_bundle.is_tf_index(raw):  # a TensorFlow checkpoint: its index is a LevelDB table
         index, _ = _tf_bundle.bundle_index(raw, where, base, directory.mtime(_format.index_key(base)))
         return directory, base, index
     return directory, base, _format.decode_index(raw, where)

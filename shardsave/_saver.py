@@ -880,8 +880,9 @@ class Saver:
         """Restores a checkpoint into the structure, shapes and shardings of target.
 
         Args:
-          save_path: the checkpoint prefix returned by save(), or a TensorFlow
-            checkpoint prefix ("model.ckpt-1000", recognised from its .index).
+          save_path: the checkpoint prefix returned by save(), a TensorFlow
+            checkpoint prefix ("model.ckpt-1000", recognised from its .index), or
+            safetensors (a .safetensors file or a sharded set's index.json).
           target: a pytree of jax.Array or jax.ShapeDtypeStruct (with a sharding),
             numpy arrays or numbers, naming a subset of the saved leaves; any
             mesh, device count or partition spec. None restores the saved tree
@@ -895,7 +896,8 @@ class Saver:
           names: the stored name of each target leaf, where it differs from the
             leaf's path ("dense/kernel" for {"dense": {"kernel": ...}}): a function
             of the path, or a dict from paths to stored names (others unchanged).
-            For checkpoints written by others, such as TensorFlow's.
+            For checkpoints written by others, such as TensorFlow's. For
+            safetensors, paths not mapped read "/" as "." ("model.embed").
 
         Returns:
           A pytree like target (or like the saved tree) holding the values.
@@ -920,8 +922,12 @@ class Saver:
         if target is None:
             requests, finish = requests_for_saved(index, save_path)
         else:
-            if names is None and index.source == "safetensors":
-                names = _safetensors.path_to_name  # "model/embed" is stored as "model.embed"
+            if index.source == "safetensors":  # "model/embed" is stored as "model.embed"
+                if names is None:
+                    names = _safetensors.path_to_name
+                elif isinstance(names, dict):
+                    mapped = names
+                    names = lambda path: mapped.get(path, _safetensors.path_to_name(path))  # noqa: E731
             requests, finish = requests_for_target(index, target, reshape, cast, save_path, names)
         # Sharing pays where reading is dear (an object store); from a local file system,
         # reading the page cache again is cheaper than the collective (the commit that

@@ -458,5 +458,6 @@ def test_save_safetensors_from_a_checkpoint_and_the_convert_command(tmp_path, me
     from_tf = shardsave.Saver().restore(str(tmp_path / "tf" / "model-7"))
     np.testing.assert_array_equal(from_tf["part"], _value(EXPECTED["v1"]["variables"]["part"]))
     text = out.getvalue()
+    assert f"wrote to {tmp_path / 'st'}: model.safetensors" in text
     assert "left out, as no array can hold them: words (string)" in text
     assert "layer.w  F32" in text
