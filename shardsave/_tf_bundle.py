@@ -150,12 +150,15 @@ def _shape(buf: bytes) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def _extents(buf: bytes, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
-    """A TensorSliceProto's box: (start, stop) per dimension (no length: the whole dimension)."""
+def _extents(buf: bytes, shape: tuple[int, ...]) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """A TensorSliceProto's box, (start, stop) per dimension (no length: to the end),
+    and its key order: (start, length) per dimension, a missing length as -1, as TF's
+    slice keys encode them."""
     extents = [next_ for number, next_ in _fields(buf) if number == 1]
     if len(extents) != len(shape):
         raise _Bad(f"a slice of rank {len(extents)} of a variable of rank {len(shape)}")
-    box = []
+    box: list[tuple[int, int]] = []
+    order: list[int] = []
     for extent, dim in zip(extents, shape):
         parts = dict(_fields(extent))
         start = _signed(parts.get(1, 0))
@@ -163,7 +166,8 @@ def _extents(buf: bytes, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
         if not 0 <= start <= start + length <= dim:
             raise _Bad(f"a slice [{start}, {start + length}) outside a dimension of {dim}")
         box.append((start, start + length))
-    return tuple(box)
+        order += [start, _signed(parts[2]) if 2 in parts else -1]
+    return tuple(box), tuple(order)
 
 
 def _block(raw: bytes, offset: int, size: int) -> list[tuple[bytes, bytes]]:
@@ -222,6 +226,7 @@ class TFTensor:
     size: int
     crc32c: int  # unmasked
     slices: tuple[tuple[tuple[int, int], ...], ...]  # a partitioned variable's boxes (its own entry)
+    slice_order: tuple[tuple[int, ...], ...] = ()  # each slice's place in key order (see _extents)
 
     @property
     def dtype_name(self) -> str:
@@ -232,11 +237,11 @@ class TFTensor:
         return DTYPES.get(self.dtype_code, ("", None))[1]
 
 
-def _entry(value: bytes, key: bytes) -> TFTensor:
+def _entry(value: bytes) -> TFTensor:
     fields = _fields(value)
     single = {n: v for n, v in fields if n != 7}
     shape = _shape(single.get(2, b""))
-    slices = tuple(_extents(v, shape) for n, v in fields if n == 7)
+    extents = [_extents(v, shape) for n, v in fields if n == 7]
     return TFTensor(
         dtype_code=single.get(1, 0),
         shape=shape,
@@ -244,7 +249,8 @@ def _entry(value: bytes, key: bytes) -> TFTensor:
         offset=single.get(4, 0),
         size=single.get(5, 0),
         crc32c=unmask(single.get(6, 0)),
-        slices=slices,
+        slices=tuple(box for box, _ in extents),
+        slice_order=tuple(order for _, order in extents),
     )
 
 
@@ -302,7 +308,7 @@ def decode_bundle(raw: bytes, where: str) -> Bundle:
         variables: dict[str, TFTensor] = {}
         by_variable: dict[str, list[tuple[bytes, TFTensor]]] = {}
         for key, value in entries[1:]:
-            tensor = _entry(value, key)
+            tensor = _entry(value)
             owner = slice_key_name(key)
             if owner is None:
                 variables[key.decode()] = tensor
@@ -313,13 +319,10 @@ def decode_bundle(raw: bytes, where: str) -> Bundle:
             if not tensor.slices:
                 continue
             stored = by_variable.get(name, [])
-            # Slice keys sort as their extents do (OrderedCode keeps numeric order; a
-            # missing length, "to the end", is written as -1), so the variable's slices
-            # sorted the same way pair with its slice entries in key order.
-            order = sorted(
-                range(len(tensor.slices)),
-                key=lambda k: [v for (a, b), dim in zip(tensor.slices[k], tensor.shape) for v in (a, b - a)],
-            )
+            # Slice keys sort as their extents do (OrderedCode keeps numeric order), so
+            # the variable's slices sorted the same way pair with its slice entries in
+            # key order.
+            order = sorted(range(len(tensor.slices)), key=lambda k: tensor.slice_order[k])
             if len(stored) != len(order):
                 raise _Bad(f"variable {name!r} has {len(order)} slices but {len(stored)} slice entries")
             pieces = [stored[order.index(k)][1] for k in range(len(order))]
