@@ -5,6 +5,8 @@ latest_checkpoint, max_to_keep, keep_checkpoint_every_n_hours, sharded=True,
 restore_sequentially, reshape), made JAX-native: one data file per device,
 written off the training thread (tensorstore for object stores), an index
 written last as the commit marker, and restores onto any mesh or device count.
+TensorFlow checkpoints and Hugging Face safetensors restore the same way
+(Saver.restore, load_safetensors); save_safetensors writes the latter.
 """
 
 from . import errors as errors
