@@ -12,6 +12,7 @@ import functools
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,7 @@ def main() -> None:
     else:
         raise AssertionError("a flipped byte was not detected")
     streamed_timing(gpus)
+    interop(gpus)
     print("GPU CHECK OK")
 
 
@@ -118,6 +120,65 @@ def streamed_timing(gpus: list[jax.Device]) -> None:
             del out
         print(
             f"restore of one 1 GiB leaf onto the GPU from tmpfs, {label}: "
+            f"median {statistics.median(times[1:]):.3f} s [{min(times[1:]):.3f}-{max(times[1:]):.3f}]"
+        )
+    shutil.rmtree(directory)
+
+
+def interop(gpus: list[jax.Device]) -> None:
+    """A checkpoint TensorFlow wrote, and safetensors, restored onto the accelerator."""
+    import json
+    import statistics
+    import time
+
+    from safetensors.numpy import load_file, save_file
+
+    fixtures = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "tf"
+    expected = json.loads((fixtures / "expected.json").read_text())["v1"]["variables"]
+    sharding = SingleDeviceSharding(gpus[0])
+    target = {
+        "dense": {"kernel": jax.ShapeDtypeStruct((3, 4), jnp.float32, sharding=sharding)},
+        "part": jax.ShapeDtypeStruct((10, 4), jnp.float32, sharding=sharding),
+    }
+    for capped in ({}, {"restore_sequentially": True, "max_host_bytes": 32 << 20}):
+        restored = shardsave.Saver().restore(str(fixtures / "v1" / "model.ckpt-7"), target, **capped)
+        for name, got in (("dense/kernel", restored["dense"]["kernel"]), ("part", restored["part"])):
+            np.testing.assert_array_equal(np.asarray(got), np.array(expected[name]["values"], np.float32))
+    print("a TensorFlow checkpoint restored onto the accelerator (default and capped): ok")
+
+    directory = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    rng = np.random.default_rng(0)
+    tensors = {f"model.layers.{i}.weight": rng.standard_normal((4096, 4096), np.float32) for i in range(16)}
+    save_file(tensors, str(directory / "model.safetensors"))
+    del tensors
+    abstract = {
+        "model": {
+            "layers": [
+                {"weight": jax.ShapeDtypeStruct((4096, 4096), jnp.float32, sharding=sharding)}
+                for _ in range(16)
+            ]
+        }
+    }
+
+    def package() -> Any:
+        loaded = load_file(str(directory / "model.safetensors"))
+        return {name: jax.device_put(value, sharding) for name, value in loaded.items()}
+
+    runs = {
+        "load_safetensors": lambda: shardsave.load_safetensors(directory, abstract),
+        "load_safetensors, 64 MiB cap": lambda: shardsave.load_safetensors(
+            directory, abstract, max_host_bytes=64 << 20
+        ),
+        "safetensors load_file + device_put": package,
+    }
+    for label, fn in runs.items():
+        times = []
+        for _ in range(4):
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - t)
+        print(
+            f"1 GiB of safetensors (16 tensors) onto the GPU from tmpfs, {label}: "
             f"median {statistics.median(times[1:]):.3f} s [{min(times[1:]):.3f}-{max(times[1:]):.3f}]"
         )
     shutil.rmtree(directory)
