@@ -76,6 +76,14 @@ def _ok(results: list[dict]) -> list[str]:
     return [r["out"] for r in results]
 
 
+def test_processes_restore_a_tensorflow_checkpoint_each_onto_its_devices(tmp_path):
+    outs = _ok(run_processes(2, 4, "restore_tensorflow", tmp_path, timeout=240))
+    assert [json.loads(o.strip().splitlines()[-1]) for o in outs] == [
+        {"pid": 0, "ok": True},
+        {"pid": 1, "ok": True},
+    ]
+
+
 def test_processes_write_one_safetensors_set_each_its_own_shards(tmp_path):
     from safetensors.numpy import load_file
 

@@ -14,9 +14,11 @@ import contextlib
 import io
 import json
 import socket
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -302,3 +304,47 @@ def test_a_tensorstore_kvstore_of_any_driver_is_a_location(mesh24):
     assert shardsave.Saver().restore(path)["step"] == 2
     assert shardsave.CheckpointReader(path).verify() == []
     saver.close()
+
+
+def test_tensorflow_checkpoints_and_safetensors_restore_from_every_store(location, mesh24):
+    """A checkpoint TensorFlow wrote and a safetensors set the package wrote, copied
+    into the store as they are, restore from it onto the mesh, damage still caught."""
+    from safetensors.numpy import save_file
+
+    from shardsave._storage import open_store
+
+    fixtures = Path(__file__).parent / "fixtures" / "tf"
+    expected = json.loads((fixtures / "expected.json").read_text())["v1"]["variables"]
+    store = open_store(location)
+    for file in (fixtures / "v1").iterdir():
+        store.write(file.name, file.read_bytes()).result()
+    kernel = np.array(expected["dense/kernel"]["values"], np.float32)
+    target = {
+        "dense": {
+            "kernel": jax.ShapeDtypeStruct(
+                (3, 4), np.float32, sharding=NamedSharding(mesh24, P(None, "model"))
+            )
+        }
+    }
+    restored = shardsave.Saver().restore(f"{location}/model.ckpt-7", target)
+    np.testing.assert_array_equal(np.asarray(restored["dense"]["kernel"]), kernel)
+    code, out = _cli("inspect", f"{location}/model.ckpt-7")
+    assert code == 0 and "a TensorFlow checkpoint: 13 leaves" in out
+
+    with tempfile.TemporaryDirectory() as scratch:
+        value = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+        save_file({"layer.w": value}, f"{scratch}/model.safetensors")
+        raw = Path(f"{scratch}/model.safetensors").read_bytes()
+    store.write("model.safetensors", raw).result()
+    st_target = {
+        "layer": {
+            "w": jax.ShapeDtypeStruct(
+                (64, 32), np.float32, sharding=NamedSharding(mesh24, P("data", "model"))
+            )
+        }
+    }
+    loaded = shardsave.load_safetensors(f"{location}/model.safetensors", st_target)
+    np.testing.assert_array_equal(np.asarray(loaded["layer"]["w"]), value)
+    store.write("model.safetensors", raw[:-100]).result()  # cut short: the store reads fewer bytes
+    with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors.*(truncated|cannot read)"):
+        shardsave.load_safetensors(f"{location}/model.safetensors", st_target)

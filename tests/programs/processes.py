@@ -243,12 +243,40 @@ def safetensors_export(directory: str) -> None:
     emit(pid=jax.process_index(), written=written)
 
 
+def restore_tensorflow(directory: str) -> None:
+    """Every process restores its devices' part of a checkpoint TensorFlow wrote."""
+    from pathlib import Path
+
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import shardsave
+
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "tf"
+    expected = json.loads((fixtures / "expected.json").read_text())["v1"]["variables"]
+    mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+    specs = {"part": P("data", "model"), "dense/kernel": P(None, "model"), "ints/i32": P("data")}
+    target: dict[str, Any] = {"dense": {}, "ints": {}}  # paths are TF's names: "dense/kernel"
+    for name, spec in specs.items():
+        entry = expected[name]
+        leaf = jax.ShapeDtypeStruct(tuple(entry["shape"]), entry["dtype"], sharding=NamedSharding(mesh, spec))
+        *outer, last = name.split("/")
+        (target[outer[0]] if outer else target)[last] = leaf
+    restored = shardsave.Saver(timeout_s=60).restore(str(fixtures / "v1" / "model.ckpt-7"), target)
+    for name in specs:
+        *outer, last = name.split("/")
+        array = (restored[outer[0]] if outer else restored)[last]
+        check(array, np.array(expected[name]["values"], expected[name]["dtype"]))
+    emit(pid=jax.process_index(), ok=True)
+
+
 SCENARIOS: dict[str, Callable[[str], None]] = {
     "jax_notice": jax_notice,
     "preempted": preempted,
     "should_save": should_save,
     "save_and_restore": save_and_restore,
     "save_only": save_only,
+    "restore_tensorflow": restore_tensorflow,
     "safetensors_export": safetensors_export,
     "restore_only": restore_only,
     "killed": killed,
