@@ -41,6 +41,7 @@ SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors package refuses larger headers too
 # Reads are widened to these (there is nothing to verify in them; the planner's unit).
 READ_CHUNK_BYTES = _format.CRC_CHUNK_BYTES
+WRITE_BLOCK_BYTES = 64 << 20  # the host memory a write holds of one tensor at a time
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_),
@@ -256,6 +257,8 @@ def resolve(path: str) -> str:
 
 @dataclass(frozen=True)
 class _Tensor:
+    """One tensor to write: its safetensors name, dtype, shape and a way to its bytes."""
+
     name: str
     dtype: np.dtype
     shape: tuple[int, ...]
@@ -265,9 +268,6 @@ class _Tensor:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
-
-
-WRITE_BLOCK_BYTES = 64 << 20
 
 
 def _row_blocks(shape: tuple[int, ...], itemsize: int) -> Iterator[slice]:
