@@ -692,21 +692,26 @@ def _stream_units(
     # Blocks small enough that several are in flight while one is copied to the devices
     # (a default restore plans a stored shard as one read).
     block_bytes = min(MAX_SPAN_BYTES, max(1, budget // 4))
+    # The last quarter of the budget is the blocks on their way to the devices: as many
+    # copies in flight as it holds, each waited for only when that many are newer.
+    in_flight = max(1, budget // 4 // block_bytes)
     for unit in units:
         ((targets, _),) = unit.placements
         reads = unit.reads
         if any(r.nbytes > block_bytes for r in reads):
             reads = plan_reads(req.entry.shards, unit.box, dtype.itemsize, block_bytes)
         buffers = {d: jnp.zeros(box_shape(unit.box), req.dtype, device=d) for d in targets}
-        # The last quarter of the budget is the block on its way to the devices.
+        copies: deque[jax.Array] = deque()
         for read, rows in _read_ahead(reads, fetcher, dtype, budget * 3 // 4):
             block = np.ascontiguousarray(rows[read.src], dtype=req.dtype)
             starts = tuple(np.int32(s.start or 0) for s in read.dst)
             for d in targets:
-                # One device's copy of the block at a time: dispatching them all at
-                # once held one host copy per device.
-                buffers[d] = _write_block(buffers[d], jax.device_put(block, d), starts).block_until_ready()
+                copies.append(jax.device_put(block, d))
+                buffers[d] = _write_block(buffers[d], copies[-1], starts)
+                while len(copies) > in_flight:  # bounds the host copies jax holds for them
+                    copies.popleft().block_until_ready()
             del rows, block
+        jax.block_until_ready(list(buffers.values()))
         results.remaining[unit.request] -= 1
         results.partial.setdefault(unit.request, {}).update(buffers)
 
