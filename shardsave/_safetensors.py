@@ -113,7 +113,7 @@ def _entries(store: Store, key: str, file: int) -> tuple[list[LeafEntry], int]:
             raise CorruptCheckpointError(
                 f"{where}: tensor {name!r} has a malformed entry {info!r:.200}"
             ) from e
-        dtype = DTYPES.get(dtype_name)
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
         if dtype is None:
             raise CorruptCheckpointError(
                 f"{where}: tensor {name!r} has dtype {dtype_name!r}, which shardsave does not read "
@@ -165,6 +165,12 @@ def safetensors_index(path: str, timeout_s: float) -> tuple[Store, str, Index]:
             files = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpointError(f"{join(directory, base)}: no weight_map in it ({e})") from e
+        if not all(isinstance(t, str) and isinstance(f, str) for t, f in weight_map.items()) or any(
+            "/" in f or f in ("", ".", "..") for f in files
+        ):
+            raise CorruptCheckpointError(
+                f"{join(directory, base)}: its weight_map must name files beside it, by tensor name"
+            )
     else:
         weight_map, files = None, [base]
     leaves: list[LeafEntry] = []

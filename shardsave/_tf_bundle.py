@@ -107,9 +107,10 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes) -> list[tuple[int, Any]]:
+def _fields(buf: bytes, ints: frozenset[int], blobs: frozenset[int]) -> list[tuple[int, Any]]:
     """A protobuf message's (field number, value) pairs: ints for varint and fixed
-    fields, bytes for length-delimited ones."""
+    fields, bytes for length-delimited ones. The fields numbered in `ints` must be
+    ints and those in `blobs` bytes; other fields are skipped (as protobuf does)."""
     out = []
     pos = 0
     while pos < len(buf):
@@ -129,8 +130,22 @@ def _fields(buf: bytes) -> list[tuple[int, Any]]:
             raise _Bad(f"protobuf wire type {wire} is not one a bundle uses")
         if pos > len(buf):
             raise _Bad("a protobuf field runs past its record")
-        out.append((number, value))
+        if number in ints or number in blobs:
+            if isinstance(value, bytes) != (number in blobs):
+                raise _Bad(f"protobuf field {number} has wire type {wire}, not its own")
+            out.append((number, value))
     return out
+
+
+_HEADER = (frozenset({1, 2}), frozenset({3}))  # BundleHeaderProto: num_shards, endianness, version
+_ENTRY = (frozenset({1, 3, 4, 5, 6}), frozenset({2, 7}))  # BundleEntryProto
+_SHAPE = (frozenset({3}), frozenset({2}))  # TensorShapeProto: dim, unknown_rank
+_DIM = (frozenset({1}), frozenset({2}))  # TensorShapeProto.Dim: size, name
+_SLICE: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset({1}))  # TensorSliceProto: extent
+_EXTENT: tuple[frozenset[int], frozenset[int]] = (
+    frozenset({1, 2}),
+    frozenset(),
+)  # TensorSliceProto.Extent: start, length
 
 
 def _signed(value: int) -> int:
@@ -139,9 +154,9 @@ def _signed(value: int) -> int:
 
 def _shape(buf: bytes) -> tuple[int, ...]:
     dims = []
-    for number, value in _fields(buf):
+    for number, value in _fields(buf, *_SHAPE):
         if number == 2:
-            size = next((_signed(v) for n, v in _fields(value) if n == 1), 0)
+            size = next((_signed(v) for n, v in _fields(value, *_DIM) if n == 1), 0)
             dims.append(size)
         elif number == 3 and value:
             raise _Bad("a tensor of unknown rank")
@@ -154,13 +169,13 @@ def _extents(buf: bytes, shape: tuple[int, ...]) -> tuple[tuple[tuple[int, int],
     """A TensorSliceProto's box, (start, stop) per dimension (no length: to the end),
     and its key order: (start, length) per dimension, a missing length as -1, as TF's
     slice keys encode them."""
-    extents = [next_ for number, next_ in _fields(buf) if number == 1]
+    extents = [extent for _, extent in _fields(buf, *_SLICE)]
     if len(extents) != len(shape):
         raise _Bad(f"a slice of rank {len(extents)} of a variable of rank {len(shape)}")
     box: list[tuple[int, int]] = []
     order: list[int] = []
     for extent, dim in zip(extents, shape):
-        parts = dict(_fields(extent))
+        parts = dict(_fields(extent, *_EXTENT))
         start = _signed(parts.get(1, 0))
         length = _signed(parts[2]) if 2 in parts else dim - start
         if not 0 <= start <= start + length <= dim:
@@ -238,7 +253,7 @@ class TFTensor:
 
 
 def _entry(value: bytes) -> TFTensor:
-    fields = _fields(value)
+    fields = _fields(value, *_ENTRY)
     single = {n: v for n, v in fields if n != 7}
     shape = _shape(single.get(2, b""))
     extents = [_extents(v, shape) for n, v in fields if n == 7]
@@ -301,7 +316,7 @@ def decode_bundle(raw: bytes, where: str) -> Bundle:
         entries = read_table(raw)
         if not entries or entries[0][0] != b"":
             raise _Bad("no header entry (key '')")
-        header = dict(_fields(entries[0][1]))
+        header = dict(_fields(entries[0][1], *_HEADER))
         if header.get(2, 0) != 0:
             raise _Bad("a big-endian bundle (only little-endian ones are read)")
         num_shards = header.get(1, 1)

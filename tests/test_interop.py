@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -467,3 +469,121 @@ def test_save_safetensors_from_a_checkpoint_and_the_convert_command(tmp_path, me
     assert f"wrote to {tmp_path / 'st'}: model.safetensors" in text
     assert "left out, as no array can hold them: words (string)" in text
     assert "layer.w  F32" in text
+
+
+# ---------------------------------------------------------------- damaged headers, fuzzed
+
+
+def _data_blocks(raw: bytes) -> list[tuple[int, int]]:
+    """The (offset, size) of each data block of a TF index (read through its index block)."""
+    from shardsave import _tf_bundle
+
+    footer = raw[-_tf_bundle.FOOTER_BYTES :]
+    _, pos = _tf_bundle._varint(footer, 0)
+    _, pos = _tf_bundle._varint(footer, pos)
+    offset, pos = _tf_bundle._varint(footer, pos)
+    size, _ = _tf_bundle._varint(footer, pos)
+    blocks = []
+    for _, handle in _tf_bundle._block(raw, offset, size):
+        o, p = _tf_bundle._varint(handle, 0)
+        blocks.append((o, _tf_bundle._varint(handle, p)[0]))
+    return blocks
+
+
+@settings(max_examples=400, deadline=None)
+@given(kind=st.sampled_from(["v1", "sharded", "tf2"]), data=st.data())
+def test_a_tf_index_with_any_entry_bytes_is_read_or_refused_as_corrupt(kind, data):
+    """Bytes changed inside an index's entries, with the block checksums made to match
+    (so the parser, not the checksum, meets them): read, or CorruptCheckpointError."""
+    import struct
+
+    from shardsave import _format, _tf_bundle
+
+    raw = bytearray(Path(_prefix(kind) + ".index").read_bytes())
+    offset, size = data.draw(st.sampled_from(_data_blocks(bytes(raw))))
+    for _ in range(data.draw(st.integers(1, 3))):
+        raw[offset + data.draw(st.integers(0, size - 1))] = data.draw(st.integers(0, 255))
+    crc = _format.checksum(np.frombuffer(bytes(raw[offset : offset + size + 1]), np.uint8))
+    raw[offset + size + 1 : offset + size + 5] = struct.pack("<I", _tf_bundle.mask(crc))
+    try:
+        _tf_bundle.bundle_index(bytes(raw), "model.ckpt.index", "model.ckpt-1", None)
+    except CorruptCheckpointError as e:
+        assert "model.ckpt.index" in str(e)
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    name=st.sampled_from(["a.w", "b", "__metadata__", "new"]),
+    field=st.sampled_from(["dtype", "shape", "data_offsets", None]),
+    value=_JSON,
+    cut=st.integers(0, 100),
+)
+def test_a_safetensors_header_with_any_values_is_read_or_refused_as_corrupt(
+    tmp_path_factory, name, field, value, cut
+):
+    import struct
+
+    from safetensors.numpy import save_file
+
+    from shardsave import _safetensors
+
+    directory = tmp_path_factory.mktemp("st")
+    save_file(
+        {"a.w": np.ones((4, 3), np.float32), "b": np.arange(5, dtype=np.int64)},
+        str(directory / "m.safetensors"),
+    )
+    raw = (directory / "m.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, body = json.loads(raw[8 : 8 + n]), raw[8 + n :]
+    if field is None or not isinstance(header.get(name), dict):
+        header[name] = value
+    else:
+        header[name][field] = value
+    text = json.dumps(header).encode()
+    (directory / "f.safetensors").write_bytes(
+        struct.pack("<Q", len(text)) + text + body[: len(body) * cut // 100]
+    )
+    try:
+        _safetensors.safetensors_index(str(directory / "f.safetensors"), 10)
+    except CorruptCheckpointError as e:
+        assert "f.safetensors" in str(e)
+
+
+@pytest.mark.parametrize(
+    "weight_map",
+    [
+        None,
+        [],
+        {"a": 1},
+        {"a": "../p1.safetensors"},
+        {"a": "missing.safetensors"},
+        {"a": "p1.safetensors", "b": "p1.safetensors"},
+    ],
+    ids=["none", "list", "not-a-name", "outside", "missing", "not-in-the-file"],
+)
+def test_a_bad_safetensors_index_json_is_refused_naming_it(tmp_path, weight_map):
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.ones(3, np.float32)}, str(tmp_path / "p1.safetensors"))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    error = (
+        shardsave.errors.CheckpointNotFoundError
+        if weight_map == {"a": "missing.safetensors"}
+        else CorruptCheckpointError
+    )
+    with pytest.raises(error, match=r"safetensors"):
+        shardsave.load_safetensors(tmp_path)
