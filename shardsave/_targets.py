@@ -52,6 +52,17 @@ def _refuse_unrestorable(entries: list[Any], path: str) -> None:
         )
 
 
+def _refuse_narrowing(name: str, dtype: np.dtype, path: str) -> None:
+    """A jax target of a dtype jax would narrow (64-bit values without jax_enable_x64)."""
+    held = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+    if held != dtype:
+        raise StructureMismatchError(
+            f"leaf {name!r} of {path!r}: jax holds {dtype} as {held} unless jax_enable_x64 is set, so "
+            f"its values would be narrowed without a word; set jax.config.update('jax_enable_x64', True), "
+            f"restore it into a numpy array, or ask for {held} with cast=True"
+        )
+
+
 def requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
     devices = devices_by_id()
     requests = []
@@ -61,6 +72,7 @@ def requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Call
     for entry in entries:
         sharding = None
         if entry.kind in (_tree.KIND_ARRAY, _tree.KIND_KEY):
+            _refuse_narrowing(entry.name, entry.dtype, path)
             sharding = _format.decode_sharding(entry.sharding, devices)
             if sharding is None:
                 raise ShardingMismatchError(
@@ -219,6 +231,7 @@ def requests_for_target(
                     f"{entry.shape} {entry.dtype} as a uint32 array"
                 )
             dtype = np.dtype(dtype)
+            _refuse_narrowing(name, dtype, path)
         elif isinstance(leaf, np.ndarray):
             shape, dtype, sharding, kind = leaf.shape, leaf.dtype.newbyteorder("="), None, _tree.KIND_NUMPY
         else:

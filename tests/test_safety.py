@@ -436,3 +436,32 @@ def test_12_a_restore_racing_retention_says_the_checkpoint_was_deleted(tmp_path)
     ):
         shardsave.Saver().restore(path)
     assert retired.is_set()
+
+
+def test_64_bit_values_are_never_narrowed_into_jax_arrays_without_x64(tmp_path):
+    """jax holds int64 and float64 as 32-bit unless jax_enable_x64 is set: a restore
+    that would narrow them (values above 2**31 wrapped) is refused, naming the fix."""
+    from conftest import run_python
+
+    from shardsave.errors import StructureMismatchError
+
+    path = str(tmp_path / "m")
+    # Saved by a process with x64 on, as jax.Array leaves of 64-bit dtypes.
+    run_python(
+        "import jax; jax.config.update('jax_enable_x64', True)\n"
+        "import jax.numpy as jnp, shardsave\n"
+        f"shardsave.Saver(async_save=False).save({{'i': jnp.arange(3, dtype=jnp.int64) + 2**40, "
+        f"'f': jnp.full(2, 1 / 3, jnp.float64)}}, {path!r})\n",
+        devices=1,
+    )
+    with pytest.raises(StructureMismatchError, match=r"leaf 'f'.*float64 as float32 unless jax_enable_x64"):
+        shardsave.Saver().restore(path)  # onto the saved layout, as jax arrays
+    target = {
+        "i": jax.ShapeDtypeStruct(
+            (3,), np.int64, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )
+    }
+    with pytest.raises(StructureMismatchError, match=r"cast=True"):
+        shardsave.Saver().restore(path, target)
+    exact = shardsave.Saver().restore(path, {"i": np.zeros(3, np.int64), "f": np.zeros(2, np.float64)})
+    assert exact["i"].tolist() == [2**40, 2**40 + 1, 2**40 + 2] and exact["f"][0] == 1 / 3
