@@ -145,6 +145,11 @@ class _Proxy:
     def cut(self) -> None:
         self._alive = False
         for s in self._open:
+            # shutdown first: close() alone neither wakes a pump blocked in recv() on the
+            # socket nor tells the peer, whose pooled connection then looked alive, took
+            # the next request after restore() and never got an answer.
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 s.close()
         self._open.clear()
