@@ -201,8 +201,9 @@ def _progress(total: int, desc: str) -> Any:
 def cmd_convert(args: argparse.Namespace, out: Any) -> int:
     source = _checkpoint_path(args.src)
     reader = CheckpointReader(source)
+    variables = reader.variables()
     to = args.to or ("safetensors" if reader.index.source == "shardsave" else "shardsave")
-    total = sum(v.nbytes for v in reader.variables() if v.dtype != object)
+    total = sum(v.nbytes for v in variables if v.dtype != object)
     bar = _progress(total, f"convert to {to}")
     try:
         if to == "safetensors":
@@ -212,9 +213,9 @@ def cmd_convert(args: argparse.Namespace, out: Any) -> int:
             print(f"wrote to {args.dst}: {', '.join(os.path.basename(w) for w in written)}", file=out)
             return 0
         # Tensors no array holds (TF strings, TF2's object graph) cannot be a shardsave leaf.
-        skipped = [f"{v.name} ({v.dtype_name})" for v in reader.variables() if v.dtype == object]
+        skipped = [f"{v.name} ({v.dtype_name})" for v in variables if v.dtype == object]
         tree = {}
-        for v in reader.variables():
+        for v in variables:
             if v.dtype != object:
                 tree[v.name] = reader.get(v.name)
                 if bar is not None:

@@ -282,17 +282,16 @@ class _Fetcher:
             handles.update((id(r), span) for r in group)
         return handles
 
-    def stream(self, read: Read) -> tuple[_Span, int]:
-        """Starts one read of a streamed unit; returns its span and the bytes it holds."""
+    def stream(self, read: Read) -> _Span:
+        """Starts one read of a streamed unit (it holds _held(read, chunk) bytes)."""
         if self.chunk:
-            a, b = _span(read, self.chunk)
-            return self.issue([read])[id(read)], b - a
+            return self.issue([read])[id(read)]
         rel = read.row_start * read.row_bytes
         start = read.shard.offset + rel
         future = self.files.read(read.shard.file, start, start + read.nbytes, allocate=self.allocate)
         return _Span(
             future, start, start + read.nbytes, functools.partial(self._carry, read.shard, rel, read.nbytes)
-        ), read.nbytes
+        )
 
     def _carry(self, shard: StoredShard, rel: int, nbytes: int, data: np.ndarray) -> np.ndarray:
         """Carries a whole-shard checksum over the next bytes of the shard (see stream)."""
@@ -647,7 +646,7 @@ def _read_ahead(
     while waiting or in_flight:
         while waiting and (not in_flight or held + _held(waiting[0], fetcher.chunk) <= limit):
             read = waiting.popleft()
-            in_flight.append((read, *fetcher.stream(read)))
+            in_flight.append((read, fetcher.stream(read), _held(read, fetcher.chunk)))
             held += in_flight[-1][2]
         read, span, nbytes = in_flight.popleft()
         yield read, fetcher.verified(read, span, dtype)
@@ -656,7 +655,8 @@ def _read_ahead(
 
 
 def _held(read: Read, chunk: int) -> int:
-    """The bytes a streamed read holds (see _Fetcher.stream)."""
+    """The bytes a streamed read holds: its checksum chunks, or itself where a shard has
+    one checksum (see _Fetcher.stream)."""
     if not chunk:
         return read.nbytes
     a, b = _span(read, chunk)
@@ -735,6 +735,9 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> 
         )
     where = f"{path}{_format.INDEX_SUFFIX}"
     if _tf_bundle.is_tf_index(raw):  # a TensorFlow checkpoint: its index is a LevelDB table
-        index, _ = _tf_bundle.bundle_index(raw, where, base, directory.mtime(_format.index_key(base)))
-        return directory, base, index
+        return (
+            directory,
+            base,
+            _tf_bundle.bundle_index(raw, where, base, directory.mtime(_format.index_key(base))),
+        )
     return directory, base, _format.decode_index(raw, where)

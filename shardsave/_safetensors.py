@@ -178,8 +178,9 @@ def safetensors_index(path: str, timeout_s: float) -> tuple[Store, str, Index]:
     for k, name in enumerate(files):
         entries, end = _entries(store, name, k)
         if weight_map is not None:
-            strays = [e.name for e in entries if weight_map.get(e.name) != name]
-            missing = [t for t, f in weight_map.items() if f == name and t not in {e.name for e in entries}]
+            held = {e.name for e in entries}
+            strays = held - {t for t, f in weight_map.items() if f == name}
+            missing = [t for t, f in weight_map.items() if f == name and t not in held]
             if missing:
                 raise CorruptCheckpointError(
                     f"{join(directory, base)} maps {missing[:3]} to {name}, which does not hold them"

@@ -321,14 +321,14 @@ def decode_bundle(raw: bytes, where: str) -> Bundle:
             raise _Bad("a big-endian bundle (only little-endian ones are read)")
         num_shards = header.get(1, 1)
         variables: dict[str, TFTensor] = {}
-        by_variable: dict[str, list[tuple[bytes, TFTensor]]] = {}
+        by_variable: dict[str, list[TFTensor]] = {}  # slice entries, in key order
         for key, value in entries[1:]:
             tensor = _entry(value)
             owner = slice_key_name(key)
             if owner is None:
                 variables[key.decode()] = tensor
             else:
-                by_variable.setdefault(owner, []).append((key, tensor))
+                by_variable.setdefault(owner, []).append(tensor)
         slices: dict[str, list[TFTensor]] = {}
         for name, tensor in variables.items():
             if not tensor.slices:
@@ -340,7 +340,9 @@ def decode_bundle(raw: bytes, where: str) -> Bundle:
             order = sorted(range(len(tensor.slices)), key=lambda k: tensor.slice_order[k])
             if len(stored) != len(order):
                 raise _Bad(f"variable {name!r} has {len(order)} slices but {len(stored)} slice entries")
-            pieces = [stored[order.index(k)][1] for k in range(len(order))]
+            pieces = [stored[0]] * len(order)
+            for entry, k in zip(stored, order):
+                pieces[k] = entry
             for box, piece in zip(tensor.slices, pieces):
                 if piece.shape != tuple(b - a for a, b in box):
                     raise _Bad(f"variable {name!r}: a slice entry of shape {piece.shape} for the box {box}")
@@ -378,7 +380,7 @@ def _stored_shards(name: str, tensor: TFTensor, bundle: Bundle) -> tuple[StoredS
     )
 
 
-def bundle_index(raw: bytes, where: str, base: str, mtime: float | None) -> tuple[Index, Bundle]:
+def bundle_index(raw: bytes, where: str, base: str, mtime: float | None) -> Index:
     """A TF checkpoint as an Index: each variable a host leaf of its TF name (a
     partitioned one with a shard per slice), each tensor one whole-tensor checksum
     (crc_chunk_bytes 0). Tensors JAX cannot hold (strings, ...) are leaves of dtype
@@ -411,7 +413,7 @@ def bundle_index(raw: bytes, where: str, base: str, mtime: float | None) -> tupl
             )
         )
     structure = {"dict": [[leaf.name, i] for i, leaf in enumerate(leaves) if leaf.name != OBJECT_GRAPH]}
-    index = Index(
+    return Index(
         global_step=_step_of(base),
         created=mtime or 0.0,
         crc_chunk_bytes=0,
@@ -421,7 +423,6 @@ def bundle_index(raw: bytes, where: str, base: str, mtime: float | None) -> tupl
         format_version=0,
         source="tensorflow",
     )
-    return index, bundle
 
 
 def decode_strings(data: bytes, count: int, crc: int, where: str) -> np.ndarray:
@@ -437,7 +438,7 @@ def decode_strings(data: bytes, count: int, crc: int, where: str) -> np.ndarray:
         raise CorruptCheckpointError(f"{where}: the string lengths are unreadable ({e})") from e
     # Each length enters the checksum as a little-endian uint32 (a uint64 above 2**32-1).
     packed = b"".join(struct.pack("<I" if n <= 0xFFFFFFFF else "<Q", n) for n in lengths)
-    running = _format.checksum(np.frombuffer(packed, np.uint8)) if count else 0
+    running = _format.checksum(packed)
     stored = data[pos : pos + 4]
     if len(stored) < 4 or unmask(struct.unpack("<I", stored)[0]) != running:
         raise CorruptCheckpointError(f"{where}: crc32c mismatch in the string lengths (the data is corrupt)")
@@ -445,11 +446,11 @@ def decode_strings(data: bytes, count: int, crc: int, where: str) -> np.ndarray:
     body = data[pos:]
     if len(body) != sum(lengths):
         raise CorruptCheckpointError(f"{where}: expected {sum(lengths)} bytes of strings, found {len(body)}")
-    whole = _format.checksum(np.frombuffer(packed + stored + body, np.uint8))
-    if whole != crc:
+    if _format.checksum(body, _format.checksum(stored, running)) != crc:
         raise CorruptCheckpointError(f"{where}: crc32c mismatch (the data is corrupt)")
     out = np.empty(count, dtype=object)
+    start = 0
     for k, n in enumerate(lengths):
-        out[k], pos = body[:n], 0
-        body = body[n:]
+        out[k] = body[start : start + n]
+        start += n
     return out

@@ -221,7 +221,7 @@ def test_a_streamed_read_of_part_of_a_tensor_still_verifies_all_of_it(tmp_path):
         lambda n: np.empty(n, np.uint8),
     )
     (first_row,) = plan_reads(entry.shards, ((0, 1), (0, 4)), 4)
-    span, _ = fetcher.stream(first_row)
+    span = fetcher.stream(first_row)
     rows = fetcher.verified(first_row, span, entry.dtype)  # the first row is sound
     np.testing.assert_array_equal(rows, _value(EXPECTED["v1"]["variables"]["dense/kernel"])[:1])
     with pytest.raises(CorruptCheckpointError, match=r"'dense/kernel'\): crc32c mismatch"):
