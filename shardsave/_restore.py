@@ -54,7 +54,7 @@ from ._plan import (
     plan_reads,
     unique_target_boxes,
 )
-from ._storage import DEFAULT_STORAGE_TIMEOUT_S, Store, aligned_empty, join, mapped_empty, open_prefix
+from ._storage import DEFAULT_STORAGE_TIMEOUT_S, BufferPool, Store, aligned_empty, join, open_prefix
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 
 # One ranged read covers at most this many bytes, so the reads of one large file
@@ -115,6 +115,7 @@ class _Results:
         self.remaining = Counter(u.request for u in units)
         self.done: dict[int, Any] = {}  # request -> numpy array or jax.Array
         self.partial: dict[int, dict[jax.Device, jax.Array]] = {}  # leaves split over batches
+        self.host: dict[int, dict[Box, np.ndarray]] = {}  # their pieces so far, on CPU devices
         self.place_seconds = 0.0
 
     def place(
@@ -127,6 +128,15 @@ class _Results:
         """Puts a batch's boxes of one leaf on their devices."""
         assert req.sharding is not None
         began = time.perf_counter()
+        if _adopted(req):
+            # The pieces are the restored memory itself, not transient buffers: holding
+            # a leaf's pieces until the last batch brings the rest costs nothing, and
+            # one call then places them all.
+            held = self.host.setdefault(request, {})
+            held.update(pieces)
+            if self.remaining[request]:
+                return
+            pieces = self.host.pop(request)
         if self.remaining[request] == 0 and request not in self.partial:
             # The whole leaf is here: one call places every shard (and on CPU adopts
             # aligned host buffers as device buffers, without a copy).
@@ -223,7 +233,7 @@ class _Fetcher:
         allocate: Callable[[int], np.ndarray],
     ):
         self.directory = directory
-        self.allocate = allocate  # host buffers of reads and assembled arrays
+        self.allocate = allocate  # host buffers of reads, and of assemblies that are not results
         self.index = index
         self.chunk = index.crc_chunk_bytes
         self.names = names  # id(StoredShard) -> leaf name, for error messages
@@ -430,8 +440,9 @@ def restore_leaves(
     plan = plan_restore(requests, index.crc_chunk_bytes, budget=budget, sequential=sequential)
     names = {id(s): req.entry.name for req in requests for s in req.entry.shards}
     units, batches, budget = plan.units, plan.batches, plan.budget
-    # A capped restore needs its buffers' memory back the moment they are dropped.
-    fetcher = _Fetcher(directory, base, index, names, _capped_empty if sequential else aligned_empty)
+    # A capped restore reuses its read buffers from batch to batch, within its cap.
+    pool = BufferPool(budget * (plan.ahead + 1)) if sequential else None
+    fetcher = _Fetcher(directory, base, index, names, aligned_empty if pool is None else _capped(pool))
     times = RestoreTimes(plan_seconds=time.perf_counter() - began)
 
     results = _Results(units)
@@ -459,25 +470,41 @@ def restore_leaves(
                 "(latest_checkpoint), or keep more with a larger max_to_keep"
             ) from e
         raise
+    finally:
+        if pool is not None:
+            pool.close()
     values = results.finish(requests)
     times.place_seconds = results.place_seconds
     return values, times
 
 
-def _capped_empty(nbytes: int) -> np.ndarray:
-    """A buffer of a capped restore: a mapping of its own, whose memory goes back when
-    it is dropped; small ones from malloc, which reuses them for the next batch (a
-    mapping per small buffer cost a system call and fresh page faults each)."""
-    return aligned_empty(nbytes) if nbytes < SMALL_BUFFER_BYTES else mapped_empty(nbytes)
+def _capped(pool: BufferPool) -> Callable[[int], np.ndarray]:
+    """The read buffers of a capped restore: from the pool, whose buffers are reused
+    and never held beyond the cap; small ones from malloc, which reuses them too
+    (a mapping per small buffer cost a system call each)."""
+
+    def allocate(nbytes: int) -> np.ndarray:
+        return aligned_empty(nbytes) if nbytes < SMALL_BUFFER_BYTES else pool.take(nbytes)
+
+    return allocate
 
 
 def _host_assembly(unit: _Unit, req: LeafRequest) -> int:
     """The host bytes a unit's assembly holds beyond the result: none where a CPU
     device adopts the assembled buffer as its own (on CPU, device memory is host
     memory, and the restored arrays are not the restore's transient memory)."""
-    if req.sharding is not None and _on_cpu(req.sharding) and req.dtype == req.entry.dtype:
-        return 0
-    return unit.assembly_bytes(req.entry.dtype.itemsize)
+    return 0 if _adopted(req) else unit.assembly_bytes(req.entry.dtype.itemsize)
+
+
+def _adopted(req: LeafRequest) -> bool:
+    """Whether CPU devices adopt the buffers a restore assembles (or reads) for the
+    leaf as the restored array's own: a leaf restored as saved, in its dtype."""
+    return (
+        req.sharding is not None
+        and _on_cpu(req.sharding)
+        and req.dtype == req.entry.dtype
+        and req.shape == req.entry.shape
+    )
 
 
 def _streamed(
@@ -588,6 +615,9 @@ def _on_cpu(sharding: jax.sharding.Sharding | None) -> bool:
 
 def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int, _Span]) -> np.ndarray:
     dtype = req.entry.dtype
+    # A buffer that becomes the restored array is the result's memory, from malloc
+    # (which reuses what earlier arrays freed); the others are transient.
+    allocate = aligned_empty if _adopted(req) else fetcher.allocate
     if len(unit.reads) == 1 and unit.reads[0].fills_target:
         read = unit.reads[0]
         rows = fetcher.verified(read, spans[id(read)], dtype)
@@ -598,10 +628,10 @@ def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int,
             return rows
         # Otherwise one copy into an aligned buffer that becomes the device buffer is
         # cheaper than letting jax copy into freshly allocated device memory.
-        out = _aligned_array(rows.shape, dtype, fetcher.allocate)
+        out = _aligned_array(rows.shape, dtype, allocate)
         np.copyto(out, rows)
         return out
-    out = _aligned_array(box_shape(unit.box), dtype, fetcher.allocate)
+    out = _aligned_array(box_shape(unit.box), dtype, allocate)
     for read in unit.reads:
         out[read.dst] = fetcher.verified(read, spans[id(read)], dtype)[read.src]
     return out
@@ -673,7 +703,8 @@ def _stream_units(
         # A CPU device adopts an aligned host buffer as its own: fill the final buffers
         # in place, with the whole budget for reads in flight. Units of one leaf that
         # need the same stored rows (a group from _batches) share each read.
-        outs = [_aligned_array(box_shape(u.box), dtype, mapped_empty) for u in units]
+        allocate = aligned_empty if _adopted(req) else fetcher.allocate
+        outs = [_aligned_array(box_shape(u.box), dtype, allocate) for u in units]
         consumers: dict[tuple[int, int, int], list[tuple[int, Read]]] = {}
         for k, unit in enumerate(units):
             for read in unit.reads:

@@ -34,6 +34,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -101,17 +102,86 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 def mapped_empty(nbytes: int) -> np.ndarray:
     """A zeroed, page-aligned uint8 buffer in a mapping of its own.
 
-    Its memory goes back to the system as soon as the last view of it is dropped.
-    malloc (behind aligned_empty) keeps freed blocks of up to 32 MiB for reuse,
-    which is faster for the next batch but let a restore_sequentially run hold
-    far more than its budget (tests/test_memory.py holds it to the cap).
+    Its memory goes back to the system as soon as the last view of it is dropped,
+    where malloc (behind aligned_empty) keeps freed blocks of up to 32 MiB for
+    reuse, outside any budget (a capped restore takes its buffers from a
+    BufferPool, which reuses them within its cap).
     """
     if nbytes == 0:
         return np.empty(0, np.uint8)
+    return np.frombuffer(_mapping(nbytes), np.uint8)
+
+
+def _mapping(nbytes: int) -> mmap.mmap:
     block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if nbytes >= 4 << 20:
         block.madvise(mmap.MADV_HUGEPAGE)  # as numpy asks for its own large buffers
-    return np.frombuffer(block, np.uint8)
+    return block
+
+
+class BufferPool:
+    """Mappings that a capped restore reuses for its reads, from batch to batch.
+
+    A fresh mapping is faulted in and zeroed by the kernel on first touch, which
+    costs about as much as the read that fills it. A buffer goes back to the pool
+    when the last view of it is dropped (a weakref finalizer on the array), so a
+    buffer that anything still holds (jax copying it to a device, or a CPU device
+    that adopted it as its own) is never handed out again while in use.
+
+    The pool maps a new buffer only when none of the free ones fits, and first
+    unmaps free buffers until what it has mapped, in use and free, plus the new
+    one is within `limit` (or none is left); a buffer given back is kept only
+    within the limit. So it holds no more than `limit`, or what its caller had in
+    use at once where that is more. close() unmaps the free buffers and makes
+    buffers given back later go back to the system.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        # Reentrant: a garbage collection inside take() may drop a buffer and give it back.
+        self._lock = threading.RLock()
+        self._free: list[mmap.mmap] = []
+        self._free_bytes = 0
+        self._in_use = 0  # bytes of buffers handed out and not given back yet
+        self._closed = False
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A page-aligned uint8 buffer of nbytes, its contents undefined."""
+        if nbytes == 0:
+            return np.empty(0, np.uint8)
+        block = None
+        with self._lock:
+            # A free buffer up to twice the size asked for fits (reads are whole
+            # checksum chunks, so their sizes repeat).
+            fits = [b for b in self._free if nbytes <= len(b) <= 2 * nbytes]
+            if fits:
+                block = min(fits, key=len)
+                self._free.remove(block)
+                self._free_bytes -= len(block)
+            else:
+                self._free.sort(key=len)
+                while self._free and self._in_use + self._free_bytes + nbytes > self.limit:
+                    self._free_bytes -= len(self._free.pop())  # unmapped once unreferenced
+            self._in_use += len(block) if block is not None else nbytes
+        if block is None:
+            block = _mapping(nbytes)
+        array = np.frombuffer(block, np.uint8, count=nbytes)
+        weakref.finalize(array, self._give_back, block)
+        return array
+
+    def _give_back(self, block: mmap.mmap) -> None:
+        with self._lock:
+            self._in_use -= len(block)
+            # Kept only within the limit (a buffer given back late may not fit any more).
+            if not self._closed and self._in_use + self._free_bytes + len(block) <= self.limit:
+                self._free.append(block)
+                self._free_bytes += len(block)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._free.clear()
+            self._free_bytes = 0
 
 
 def _wait(future: ts.Future, what: str, timeout_s: float) -> Any:

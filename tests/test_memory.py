@@ -26,6 +26,9 @@ def test_restore_sequentially_holds_the_cap(tmp_path):
     assert result["transient"] < bound, (
         f"transient {result['transient'] / MIB:.0f} MiB >= {bound / MIB:.0f} MiB"
     )
+    # Nothing but the restored arrays stays resident: the reused read buffers are gone.
+    kept = result["after"] - result["before"]
+    assert kept < 512 * MIB + 32 * MIB, f"{kept / MIB:.0f} MiB resident after restoring 512 MiB"
 
 
 def test_default_restore_stays_near_the_bytes_restored(tmp_path):
@@ -35,27 +38,91 @@ def test_default_restore_stays_near_the_bytes_restored(tmp_path):
 
 
 def test_buffers_of_a_capped_restore_return_their_memory_when_dropped():
-    # restore_sequentially reads into mapped_empty buffers on the I/O threads and drops
-    # them on the caller's. Buffers from malloc (aligned_empty) stay resident after
-    # that: 64 MiB of them here, outside the restore's budget.
+    # restore_sequentially reads into a BufferPool's buffers on the I/O threads and
+    # drops them on the caller's; once the restore closes its pool nothing stays
+    # resident. Buffers from malloc (aligned_empty) would: 64 MiB of them here.
     from concurrent.futures import ThreadPoolExecutor
 
     import psutil
 
-    from shardsave._storage import mapped_empty
-
-    def filled(nbytes):
-        buffer = mapped_empty(nbytes)
-        buffer.fill(1)
-        return buffer
+    from shardsave._storage import BufferPool
 
     proc = psutil.Process()
     kept = []
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(2) as threads:
         for _ in range(6):
             base = proc.memory_info().rss
-            buffers = list(pool.map(filled, [16 * MIB] * 4))
+            pool = BufferPool(64 * MIB)
+
+            def filled(nbytes, pool=pool):
+                buffer = pool.take(nbytes)
+                buffer.fill(1)
+                return buffer
+
+            buffers = list(threads.map(filled, [16 * MIB] * 4))
             assert proc.memory_info().rss > base + 56 * MIB
             del buffers
+            pool.close()
             kept.append(proc.memory_info().rss - base)
     assert max(kept) < 8 * MIB, f"{max(kept) / MIB:.0f} MiB stayed resident after the buffers were dropped"
+
+
+def test_a_pooled_buffer_is_reused_only_once_nothing_holds_it():
+    import jax
+    import numpy as np
+
+    from shardsave._storage import BufferPool
+
+    pool = BufferPool(64 * MIB)
+    first = pool.take(16 * MIB)
+    address = first.ctypes.data
+    del first
+    again = pool.take(16 * MIB)
+    assert again.ctypes.data == address  # dropped: reused, not mapped afresh
+    view = again[MIB:]
+    del again
+    other = pool.take(16 * MIB)
+    assert other.ctypes.data != address  # a view still holds it
+    del view, other
+
+    # What jax holds (a CPU device adopting the buffer, or a copy in flight) is held too.
+    buffer = pool.take(16 * MIB)
+    values = buffer.view(np.float32)
+    values[:] = np.arange(values.size, dtype=np.float32)
+    placed = jax.device_put(values, jax.devices()[0])
+    jax.block_until_ready(placed)
+    del buffer, values
+    for _ in range(3):
+        pool.take(16 * MIB).fill(0xFF)
+    np.testing.assert_array_equal(np.asarray(placed), np.arange(4 * MIB, dtype=np.float32))
+    pool.close()
+
+
+def test_a_buffer_pool_holds_no_more_than_its_limit_and_nothing_once_closed():
+    import gc
+
+    import psutil
+
+    from shardsave._storage import BufferPool
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    pool = BufferPool(64 * MIB)
+    previous = pool.take(0)
+    # Sizes that fit no free buffer evict them; one buffer of each round is given back
+    # only after the next round's are taken (as a restore holds the batch it reads ahead).
+    for size in (16, 24, 40, 8, 16, 64, 12, 4, 32):
+        buffers = [pool.take(size * MIB) for _ in range(max(1, 48 // size))]
+        for buffer in buffers:
+            buffer.fill(1)
+        previous = buffers[-1]
+        del buffers, buffer
+        # What is given back is kept only within the limit, beside what is still in use.
+        held = proc.memory_info().rss - base
+        bound = max(64 * MIB, previous.size) + 8 * MIB
+        assert held < bound, f"{held / MIB:.0f} MiB resident after taking {size} MiB buffers"
+    del previous
+    pool.close()
+    gc.collect()
+    left = proc.memory_info().rss - base
+    assert left < 8 * MIB, f"{left / MIB:.0f} MiB stayed resident after the pool was closed"

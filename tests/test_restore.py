@@ -242,3 +242,48 @@ def test_on_accelerators_a_default_restore_streams_large_shards_in_blocks(tmp_pa
     assert io_stats.bytes_read - _index_bytes(path) == value.nbytes  # each byte read once
     blocks = [read.nbytes for reads in calls for read in reads]
     assert len(blocks) == 4 and max(blocks) <= _restore.MAX_SPAN_BYTES  # 32 MiB shards in 16 MiB blocks
+
+
+def test_a_capped_restore_places_leaves_split_over_batches_exactly(tmp_path, mesh24, io_stats, monkeypatch):
+    """Leaves larger than the one batch a 32 MiB cap holds, resharded onto 4x2, one of them
+    cast and one streamed whole: every device holds exactly its box."""
+    from shardsave import _restore
+
+    values = {
+        "a": _value((3072, 4096)),  # 48 MiB: its target boxes span two batches
+        "b": _value((4096, 3072), 1),
+        "cast": _value((2048, 4096), 2),  # 32 MiB to read, and its boxes to assemble
+        "replicated": _value((3072, 4096), 3),  # one 48 MiB box, larger than a batch: streamed
+    }
+    specs = {"a": P("data", "model"), "b": P("model"), "cast": P(None, "model"), "replicated": P("data")}
+    tree = {k: jax.device_put(v, NamedSharding(mesh24, specs[k])) for k, v in values.items()}
+    saver = shardsave.Saver(async_save=False)
+    path = saver.save(tree, str(tmp_path / "m"))
+    del tree
+    other = _mesh((4, 2))
+    target = {
+        "a": jax.ShapeDtypeStruct((3072, 4096), np.float32, sharding=NamedSharding(other, P("a", "b"))),
+        "b": jax.ShapeDtypeStruct((4096, 3072), np.float32, sharding=NamedSharding(other, P("b", "a"))),
+        "cast": jax.ShapeDtypeStruct((2048, 4096), jnp.bfloat16, sharding=NamedSharding(other, P("a"))),
+        "replicated": jax.ShapeDtypeStruct((3072, 4096), np.float32, sharding=NamedSharding(other, P())),
+    }
+    split = set()
+    place = _restore._Results.place
+
+    def spy(self, request, req, pieces, holders):
+        if self.remaining[request]:
+            split.add(req.entry.name)
+        return place(self, request, req, pieces, holders)
+
+    monkeypatch.setattr(_restore._Results, "place", spy)
+    io_stats.reset()
+    restored = saver.restore(path, target, restore_sequentially=True, max_host_bytes=32 << 20, cast=True)
+    assert {"a", "b", "cast"} <= split  # the path under test: leaves placed over several batches
+    # Only a checksum chunk that boxes in two batches share is read twice.
+    stored = sum(v.nbytes for v in values.values())
+    assert stored <= io_stats.bytes_read - _index_bytes(path) <= stored * 1.1
+    for k, v in values.items():
+        expected = v.astype(jnp.bfloat16) if k == "cast" else v
+        assert restored[k].sharding == target[k].sharding and restored[k].dtype == expected.dtype
+        for shard in restored[k].addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), expected[shard.index])
