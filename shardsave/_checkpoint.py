@@ -140,7 +140,8 @@ def write_data_file(
     return [directory.write(key, view[a:b], publish=publish) for key, a, b in zip(keys, starts, starts[1:])]
 
 
-def _into(region: np.ndarray, nbytes: int) -> np.ndarray:
+def into_region(region: np.ndarray, nbytes: int) -> np.ndarray:
+    """An `allocate` for reads that land in a given buffer: partial(into_region, buffer)."""
     return region[:nbytes]
 
 
@@ -208,7 +209,7 @@ class DataFiles:
             region = buffer[a - start : b - start]
             futures.append(
                 self.directory.read_range(
-                    keys[j], a - starts[j], b - starts[j], allocate=partial(_into, region)
+                    keys[j], a - starts[j], b - starts[j], allocate=partial(into_region, region)
                 )
             )
             regions.append(region)

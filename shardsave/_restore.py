@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _format, _gc_pause, _safetensors, _tf_bundle
-from ._checkpoint import DataFiles, Listing
+from ._checkpoint import DataFiles, Listing, into_region
 from ._format import Index, LeafEntry, StoredShard
 from ._plan import (
     Box,
@@ -240,11 +240,19 @@ class _Fetcher:
         self.files = DataFiles(directory, base, index)
         self._running: dict[int, list[Any]] = {}  # id(shard) -> [shard, bytes verified so far, their crc]
 
-    def _absolute_span(self, read: Read) -> tuple[int, int]:
+    def absolute_span(self, read: Read) -> tuple[int, int]:
         a, b = _span(read, self.chunk)
         return read.shard.offset + a, read.shard.offset + b
 
-    def _read(self, file: int, start: int, end: int, reads: list[Read]) -> _Span:
+    def _read(
+        self,
+        file: int,
+        start: int,
+        end: int,
+        reads: list[Read],
+        allocate: Callable[[int], np.ndarray] | None = None,
+    ) -> _Span:
+        allocate = allocate or self.allocate
         chunks = {}  # (shard, chunk number) of every chunk the reads touch, once each
         for read in reads:
             a, b = _span(read, self.chunk)
@@ -254,9 +262,9 @@ class _Fetcher:
         if end - start < len(chunks) * MIN_THREAD_CHECK_BYTES:
             # Many small chunks: the checking loop is Python that would hold the GIL on
             # the I/O thread while the caller waits for it; check on first use instead.
-            future = self.files.read(file, start, end, allocate=self.allocate)
+            future = self.files.read(file, start, end, allocate=allocate)
             return _Span(future, start, end, check)
-        future = self.files.read(file, start, end, check, self.allocate)
+        future = self.files.read(file, start, end, check, allocate)
         return _Span(future, start, end)
 
     def _check(self, start: int, chunks: list[tuple[StoredShard, int]], data: np.ndarray) -> np.ndarray:
@@ -269,12 +277,23 @@ class _Fetcher:
                 raise CorruptCheckpointError(f"{self._where(shard)}: {problem}")
         return data
 
-    def issue(self, reads: list[Read]) -> dict[int, _Span]:
-        """Starts the reads; returns, for each read's id, the span that holds it."""
+    def issue(self, reads: list[Read], into: dict[int, np.ndarray] | None = None) -> dict[int, _Span]:
+        """Starts the reads; returns, for each read's id, the span that holds it.
+
+        into: read id -> the bytes of its destination, where a read lands as it is
+        (see _direct_regions); a local store reads it there, without a copy.
+        """
         by_file: dict[int, list[tuple[int, int, Read]]] = {}
-        for read in reads:
-            by_file.setdefault(read.shard.file, []).append((*self._absolute_span(read), read))
         handles: dict[int, _Span] = {}
+        for read in reads:
+            region = None if into is None else into.get(id(read))
+            if region is not None:
+                a, b = self.absolute_span(read)
+                handles[id(read)] = self._read(
+                    read.shard.file, a, b, [read], functools.partial(into_region, region)
+                )
+                continue
+            by_file.setdefault(read.shard.file, []).append((*self.absolute_span(read), read))
         for file, spans in by_file.items():
             spans.sort(key=lambda s: s[0])
             group: list[Read] = []
@@ -292,13 +311,15 @@ class _Fetcher:
             handles.update((id(r), span) for r in group)
         return handles
 
-    def stream(self, read: Read) -> _Span:
-        """Starts one read of a streamed unit (it holds _held(read, chunk) bytes)."""
+    def stream(self, read: Read, into: np.ndarray | None = None) -> _Span:
+        """Starts one read of a streamed unit (it holds _held(read, chunk) bytes), into
+        its destination's bytes where given (see issue)."""
         if self.chunk:
-            return self.issue([read])[id(read)]
+            return self.issue([read], None if into is None else {id(read): into})[id(read)]
         rel = read.row_start * read.row_bytes
         start = read.shard.offset + rel
-        future = self.files.read(read.shard.file, start, start + read.nbytes, allocate=self.allocate)
+        allocate = self.allocate if into is None else functools.partial(into_region, into)
+        future = self.files.read(read.shard.file, start, start + read.nbytes, allocate=allocate)
         return _Span(
             future, start, start + read.nbytes, functools.partial(self._carry, read.shard, rel, read.nbytes)
         )
@@ -446,19 +467,19 @@ def restore_leaves(
     times = RestoreTimes(plan_seconds=time.perf_counter() - began)
 
     results = _Results(units)
-    issued: deque[tuple[list[_Unit], dict[int, _Span]]] = deque()
+    issued: deque[_Issued] = deque()
     try:
         for k, batch in enumerate(batches):
             if k in plan.streamed:
                 while issued:  # the batches in flight first: the stream has the whole budget
-                    _run_batch(*issued.popleft(), requests, fetcher, results)
+                    _run_batch(issued.popleft(), requests, fetcher, results)
                 _stream_units(batch, requests, fetcher, results, budget * (plan.ahead + 1))
                 continue
-            issued.append((batch, fetcher.issue([r for unit in batch for r in unit.reads])))
+            issued.append(_issue(batch, requests, fetcher))
             if len(issued) > plan.ahead:
-                _run_batch(*issued.popleft(), requests, fetcher, results)
+                _run_batch(issued.popleft(), requests, fetcher, results)
         while issued:
-            _run_batch(*issued.popleft(), requests, fetcher, results)
+            _run_batch(issued.popleft(), requests, fetcher, results)
         fetcher.finish()
     except CorruptCheckpointError as e:
         if isinstance(e.__cause__, FileNotFoundError) and not directory.exists(_format.index_key(base)):
@@ -613,11 +634,71 @@ def _on_cpu(sharding: jax.sharding.Sharding | None) -> bool:
     return any(d.platform == "cpu" for d in devices)
 
 
-def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int, _Span]) -> np.ndarray:
-    dtype = req.entry.dtype
-    # A buffer that becomes the restored array is the result's memory, from malloc
-    # (which reuses what earlier arrays freed); the others are transient.
+def _assembly(unit: _Unit, req: LeafRequest, fetcher: _Fetcher) -> np.ndarray:
+    """An empty buffer for the unit's box, in the stored dtype. One that becomes the
+    restored array is the result's memory, from malloc (which reuses what earlier
+    arrays freed); the others are transient."""
     allocate = aligned_empty if _adopted(req) else fetcher.allocate
+    return _aligned_array(box_shape(unit.box), req.entry.dtype, allocate)
+
+
+@dataclass
+class _Issued:
+    """A batch whose reads are in flight."""
+
+    units: list[_Unit]
+    spans: dict[int, _Span]  # id(read) -> the span that holds it
+    outs: dict[int, np.ndarray]  # id(unit) -> its assembly, where reads land in it directly
+
+
+def _issue(batch: list[_Unit], requests: list[LeafRequest], fetcher: _Fetcher) -> _Issued:
+    """Starts a batch's reads. A read that fills whole rows of its unit's box, and
+    whose checksum chunks no other read of the batch needs, lands directly in the
+    unit's assembly (allocated now), so that nothing copies it there afterwards."""
+    every = [r for u in batch for r in u.reads]
+    alone = _alone(every, fetcher)
+    outs: dict[int, np.ndarray] = {}
+    into: dict[int, np.ndarray] = {}
+    for unit in batch:
+        direct = [r for r in unit.reads if id(r) in alone and _whole_rows(r)]
+        if not direct or (len(unit.reads) == 1 and unit.reads[0].fills_target):  # the read is the array
+            continue
+        out = outs[id(unit)] = _assembly(unit, requests[unit.request], fetcher)
+        into.update((id(r), out[r.dst].reshape(-1).view(np.uint8)) for r in direct)
+    return _Issued(batch, fetcher.issue(every, into), outs)
+
+
+def _whole_rows(read: Read) -> bool:
+    """Whether the read lands, as it is, in whole consecutive rows of its box (a
+    contiguous part of it)."""
+    return bool(read.dst) and read.nbytes > 0 and all(s == slice(None) for s in (*read.src, *read.dst[1:]))
+
+
+def _alone(reads: list[Read], fetcher: _Fetcher) -> set[int]:
+    """The ids of the reads that are exactly their checksum chunks (not widened) and
+    share no byte of their file with another read of the list."""
+    spans = sorted(((r.shard.file, *fetcher.absolute_span(r), r) for r in reads), key=lambda t: (t[0], t[1]))
+    alone: set[int] = set()
+    reach: dict[int, int] = {}  # file -> the furthest end of the spans before
+    for k, (file, a, b, read) in enumerate(spans):
+        exact = b - a == read.nbytes
+        before = reach.get(file, -1) > a
+        after = k + 1 < len(spans) and spans[k + 1][0] == file and spans[k + 1][1] < b
+        if exact and not before and not after:
+            alone.add(id(read))
+        reach[file] = max(reach.get(file, -1), b)
+    return alone
+
+
+def _assemble(
+    unit: _Unit,
+    req: LeafRequest,
+    fetcher: _Fetcher,
+    spans: dict[int, _Span],
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The unit's box from its verified reads (into `out`, where _issue made it)."""
+    dtype = req.entry.dtype
     if len(unit.reads) == 1 and unit.reads[0].fills_target:
         read = unit.reads[0]
         rows = fetcher.verified(read, spans[id(read)], dtype)
@@ -628,27 +709,28 @@ def _assemble(unit: _Unit, req: LeafRequest, fetcher: _Fetcher, spans: dict[int,
             return rows
         # Otherwise one copy into an aligned buffer that becomes the device buffer is
         # cheaper than letting jax copy into freshly allocated device memory.
-        out = _aligned_array(rows.shape, dtype, allocate)
+        out = _assembly(unit, req, fetcher)
         np.copyto(out, rows)
         return out
-    out = _aligned_array(box_shape(unit.box), dtype, allocate)
+    if out is None:
+        out = _assembly(unit, req, fetcher)
     for read in unit.reads:
-        out[read.dst] = fetcher.verified(read, spans[id(read)], dtype)[read.src]
+        _land(out[read.dst], fetcher.verified(read, spans[id(read)], dtype)[read.src])
     return out
 
 
-def _run_batch(
-    batch: list[_Unit],
-    spans: dict[int, _Span],
-    requests: list[LeafRequest],
-    fetcher: _Fetcher,
-    results: _Results,
-) -> None:
+def _land(target: np.ndarray, rows: np.ndarray) -> None:
+    """Copies rows into their place, unless they were read there (a direct read)."""
+    if rows.ctypes.data != target.ctypes.data:
+        target[...] = rows
+
+
+def _run_batch(issued: _Issued, requests: list[LeafRequest], fetcher: _Fetcher, results: _Results) -> None:
     pieces: dict[int, dict[Box, np.ndarray]] = {}
     holders: dict[int, dict[Box, tuple[jax.Device, ...]]] = {}
-    for unit in batch:
+    for unit in issued.units:
         req = requests[unit.request]
-        array = _assemble(unit, req, fetcher, spans)
+        array = _assemble(unit, req, fetcher, issued.spans, issued.outs.get(id(unit)))
         if req.shape != req.entry.shape and req.box is None:
             array = array.reshape(req.shape)
         if req.dtype != req.entry.dtype:
@@ -666,17 +748,25 @@ def _run_batch(
 
 
 def _read_ahead(
-    reads: list[Read], fetcher: _Fetcher, dtype: np.dtype, limit: int
+    reads: list[Read],
+    fetcher: _Fetcher,
+    dtype: np.dtype,
+    limit: int,
+    into: dict[int, np.ndarray] | None = None,
 ) -> Iterator[tuple[Read, np.ndarray]]:
     """Each read's verified rows, in order, with the next reads in flight meanwhile:
-    as many as `limit` bytes hold (at least one), so a cold disk keeps working."""
+    as many as `limit` bytes hold (at least one), so a cold disk keeps working.
+
+    into: read id -> the bytes of its destination, where it lands directly (see issue).
+    """
     waiting = deque(reads)
     in_flight: deque[tuple[Read, _Span, int]] = deque()
     held = 0
     while waiting or in_flight:
         while waiting and (not in_flight or held + _held(waiting[0], fetcher.chunk) <= limit):
             read = waiting.popleft()
-            in_flight.append((read, fetcher.stream(read), _held(read, fetcher.chunk)))
+            span = fetcher.stream(read, None if into is None else into.get(id(read)))
+            in_flight.append((read, span, _held(read, fetcher.chunk)))
             held += in_flight[-1][2]
         read, span, nbytes = in_flight.popleft()
         yield read, fetcher.verified(read, span, dtype)
@@ -710,9 +800,16 @@ def _stream_units(
             for read in unit.reads:
                 consumers.setdefault((id(read.shard), read.row_start, read.nbytes), []).append((k, read))
         unique = [uses[0][1] for uses in consumers.values()]
-        for read, rows in _read_ahead(unique, fetcher, dtype, budget):
+        # A read that only one unit needs, of whole rows, lands in that unit's buffer.
+        alone = _alone(unique, fetcher)
+        into = {}
+        for uses in consumers.values():
+            k, read = uses[0]
+            if len(uses) == 1 and id(read) in alone and _whole_rows(read):
+                into[id(read)] = outs[k][read.dst].reshape(-1).view(np.uint8)
+        for read, rows in _read_ahead(unique, fetcher, dtype, budget, into):
             for k, use in consumers[id(read.shard), read.row_start, read.nbytes]:
-                outs[k][use.dst] = rows[use.src]
+                _land(outs[k][use.dst], rows[use.src])
         for unit, out in zip(units, outs):
             ((targets, _),) = unit.placements
             results.remaining[unit.request] -= 1

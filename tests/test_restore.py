@@ -232,7 +232,9 @@ def test_on_accelerators_a_default_restore_streams_large_shards_in_blocks(tmp_pa
     calls = []
     issue = _restore._Fetcher.issue
     monkeypatch.setattr(
-        _restore._Fetcher, "issue", lambda self, reads: calls.append(reads) or issue(self, reads)
+        _restore._Fetcher,
+        "issue",
+        lambda self, reads, *into: calls.append(reads) or issue(self, reads, *into),
     )
     monkeypatch.setattr(_restore, "_on_cpu", lambda sharding: False)
     io_stats.reset()
@@ -244,44 +246,67 @@ def test_on_accelerators_a_default_restore_streams_large_shards_in_blocks(tmp_pa
     assert len(blocks) == 4 and max(blocks) <= _restore.MAX_SPAN_BYTES  # 32 MiB shards in 16 MiB blocks
 
 
-def test_a_capped_restore_places_leaves_split_over_batches_exactly(tmp_path, mesh24, io_stats, monkeypatch):
+@pytest.mark.parametrize("store", ["local", "memory"])
+def test_a_capped_restore_places_leaves_split_over_batches_exactly(
+    tmp_path, mesh24, io_stats, monkeypatch, store
+):
     """Leaves larger than the one batch a 32 MiB cap holds, resharded onto 4x2, one of them
-    cast and one streamed whole: every device holds exactly its box."""
+    cast and one streamed whole: every device holds exactly its box. Reads of whole rows
+    of a box land in it directly from local files; other stores hand back their own
+    buffers, which are copied."""
     from shardsave import _restore
 
     values = {
         "a": _value((3072, 4096)),  # 48 MiB: its target boxes span two batches
         "b": _value((4096, 3072), 1),
         "cast": _value((2048, 4096), 2),  # 32 MiB to read, and its boxes to assemble
+        "stacked": _value((2048, 2048), 4),  # each target box is two stored shards, stacked
         "replicated": _value((3072, 4096), 3),  # one 48 MiB box, larger than a batch: streamed
     }
-    specs = {"a": P("data", "model"), "b": P("model"), "cast": P(None, "model"), "replicated": P("data")}
+    specs = {
+        "a": P("data", "model"),
+        "b": P("model"),
+        "cast": P(None, "model"),
+        "stacked": P("model"),
+        "replicated": P("data"),
+    }
     tree = {k: jax.device_put(v, NamedSharding(mesh24, specs[k])) for k, v in values.items()}
     saver = shardsave.Saver(async_save=False)
-    path = saver.save(tree, str(tmp_path / "m"))
+    path = saver.save(tree, str(tmp_path / "m") if store == "local" else f"memory://{tmp_path}/m")
     del tree
     other = _mesh((4, 2))
     target = {
         "a": jax.ShapeDtypeStruct((3072, 4096), np.float32, sharding=NamedSharding(other, P("a", "b"))),
         "b": jax.ShapeDtypeStruct((4096, 3072), np.float32, sharding=NamedSharding(other, P("b", "a"))),
         "cast": jax.ShapeDtypeStruct((2048, 4096), jnp.bfloat16, sharding=NamedSharding(other, P("a"))),
+        "stacked": jax.ShapeDtypeStruct((2048, 2048), np.float32, sharding=NamedSharding(other, P("b"))),
         "replicated": jax.ShapeDtypeStruct((3072, 4096), np.float32, sharding=NamedSharding(other, P())),
     }
-    split = set()
-    place = _restore._Results.place
+    split, landed = set(), []
+    place, land = _restore._Results.place, _restore._land
 
-    def spy(self, request, req, pieces, holders):
+    def spy_place(self, request, req, pieces, holders):
         if self.remaining[request]:
             split.add(req.entry.name)
         return place(self, request, req, pieces, holders)
 
-    monkeypatch.setattr(_restore._Results, "place", spy)
+    def spy_land(target, rows):
+        landed.append(rows.ctypes.data == target.ctypes.data)
+        return land(target, rows)
+
+    monkeypatch.setattr(_restore._Results, "place", spy_place)
+    monkeypatch.setattr(_restore, "_land", spy_land)
     io_stats.reset()
     restored = saver.restore(path, target, restore_sequentially=True, max_host_bytes=32 << 20, cast=True)
     assert {"a", "b", "cast"} <= split  # the path under test: leaves placed over several batches
-    # Only a checksum chunk that boxes in two batches share is read twice.
-    stored = sum(v.nbytes for v in values.values())
-    assert stored <= io_stats.bytes_read - _index_bytes(path) <= stored * 1.1
+    if store == "local":
+        # "stacked": 2 reads into each of 2 boxes; "replicated": 6 streamed reads of 8 MiB.
+        assert sum(landed) == 10
+        # Only a checksum chunk that boxes in two batches share is read twice.
+        stored = sum(v.nbytes for v in values.values())
+        assert stored <= io_stats.bytes_read - _index_bytes(path) <= stored * 1.1
+    else:
+        assert landed and not any(landed)
     for k, v in values.items():
         expected = v.astype(jnp.bfloat16) if k == "cast" else v
         assert restored[k].sharding == target[k].sharding and restored[k].dtype == expected.dtype
