@@ -66,6 +66,9 @@ SMALL_BUFFER_BYTES = 1 << 20  # a capped restore takes buffers below this from m
 # A span whose checksum chunks average at least this many bytes is verified by the
 # I/O thread that read it; smaller chunks are verified by the caller on first use.
 MIN_THREAD_CHECK_BYTES = 1 << 20
+# A read lands directly in its destination from this size: below it, the copy it
+# saves costs less than the bookkeeping (restores of many small leaves).
+MIN_DIRECT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -277,25 +280,24 @@ class _Fetcher:
                 raise CorruptCheckpointError(f"{self._where(shard)}: {problem}")
         return data
 
-    def issue(self, reads: list[Read], into: dict[int, np.ndarray] | None = None) -> dict[int, _Span]:
+    def issue(
+        self, reads: list[Read], destination: Callable[[Read], np.ndarray | None] | None = None
+    ) -> dict[int, _Span]:
         """Starts the reads; returns, for each read's id, the span that holds it.
 
-        into: read id -> the bytes of its destination, where a read lands as it is
-        (see _direct_regions); a local store reads it there, without a copy.
+        destination(read): the bytes the read's rows end up in, or None. A read of
+        at least MIN_DIRECT_BYTES whose span is exactly its rows (not widened to its
+        checksum chunks) and shares no byte with another read lands there as it is:
+        a local store reads it there, and nothing copies it afterwards.
         """
         by_file: dict[int, list[tuple[int, int, Read]]] = {}
         handles: dict[int, _Span] = {}
         for read in reads:
-            region = None if into is None else into.get(id(read))
-            if region is not None:
-                a, b = self.absolute_span(read)
-                handles[id(read)] = self._read(
-                    read.shard.file, a, b, [read], functools.partial(into_region, region)
-                )
-                continue
             by_file.setdefault(read.shard.file, []).append((*self.absolute_span(read), read))
         for file, spans in by_file.items():
             spans.sort(key=lambda s: s[0])
+            if destination is not None:
+                spans = self._direct(file, spans, destination, handles)
             group: list[Read] = []
             start = end = -1
             for a, b, read in spans:
@@ -307,15 +309,38 @@ class _Fetcher:
                     start, end = a, b
                 group.append(read)
                 end = max(end, b)
-            span = self._read(file, start, end, group)
-            handles.update((id(r), span) for r in group)
+            if group:  # (every read of the file may have landed directly)
+                span = self._read(file, start, end, group)
+                handles.update((id(r), span) for r in group)
         return handles
+
+    def _direct(
+        self,
+        file: int,
+        spans: list[tuple[int, int, Read]],
+        destination: Callable[[Read], np.ndarray | None],
+        handles: dict[int, _Span],
+    ) -> list[tuple[int, int, Read]]:
+        """Issues the reads of one file (spans sorted by start) that land in their
+        destination (see issue); returns the others."""
+        rest = []
+        reach = -1  # the furthest end of the spans before
+        for k, (a, b, read) in enumerate(spans):
+            alone = reach <= a and (k + 1 == len(spans) or spans[k + 1][0] >= b)
+            reach = max(reach, b)
+            if alone and b - a == read.nbytes >= MIN_DIRECT_BYTES:
+                region = destination(read)
+                if region is not None:
+                    handles[id(read)] = self._read(file, a, b, [read], functools.partial(into_region, region))
+                    continue
+            rest.append((a, b, read))
+        return rest
 
     def stream(self, read: Read, into: np.ndarray | None = None) -> _Span:
         """Starts one read of a streamed unit (it holds _held(read, chunk) bytes), into
         its destination's bytes where given (see issue)."""
         if self.chunk:
-            return self.issue([read], None if into is None else {id(read): into})[id(read)]
+            return self.issue([read], None if into is None else lambda _: into)[id(read)]
         rel = read.row_start * read.row_bytes
         start = read.shard.offset + rel
         allocate = self.allocate if into is None else functools.partial(into_region, into)
@@ -652,42 +677,28 @@ class _Issued:
 
 
 def _issue(batch: list[_Unit], requests: list[LeafRequest], fetcher: _Fetcher) -> _Issued:
-    """Starts a batch's reads. A read that fills whole rows of its unit's box, and
-    whose checksum chunks no other read of the batch needs, lands directly in the
-    unit's assembly (allocated now), so that nothing copies it there afterwards."""
-    every = [r for u in batch for r in u.reads]
-    alone = _alone(every, fetcher)
+    """Starts a batch's reads. A read of whole rows of its unit's box that lands
+    there as it is (see _Fetcher.issue) is read into the unit's assembly, allocated
+    now, so that nothing copies it there afterwards."""
+    owner = {id(r): unit for unit in batch for r in unit.reads}
     outs: dict[int, np.ndarray] = {}
-    into: dict[int, np.ndarray] = {}
-    for unit in batch:
-        direct = [r for r in unit.reads if id(r) in alone and _whole_rows(r)]
-        if not direct or (len(unit.reads) == 1 and unit.reads[0].fills_target):  # the read is the array
-            continue
-        out = outs[id(unit)] = _assembly(unit, requests[unit.request], fetcher)
-        into.update((id(r), out[r.dst].reshape(-1).view(np.uint8)) for r in direct)
-    return _Issued(batch, fetcher.issue(every, into), outs)
+
+    def destination(read: Read) -> np.ndarray | None:
+        unit = owner[id(read)]
+        if not _whole_rows(read) or (len(unit.reads) == 1 and read.fills_target):  # the read is the array
+            return None
+        if id(unit) not in outs:
+            outs[id(unit)] = _assembly(unit, requests[unit.request], fetcher)
+        return outs[id(unit)][read.dst].reshape(-1).view(np.uint8)
+
+    spans = fetcher.issue([r for unit in batch for r in unit.reads], destination)
+    return _Issued(batch, spans, outs)
 
 
 def _whole_rows(read: Read) -> bool:
     """Whether the read lands, as it is, in whole consecutive rows of its box (a
     contiguous part of it)."""
     return bool(read.dst) and read.nbytes > 0 and all(s == slice(None) for s in (*read.src, *read.dst[1:]))
-
-
-def _alone(reads: list[Read], fetcher: _Fetcher) -> set[int]:
-    """The ids of the reads that are exactly their checksum chunks (not widened) and
-    share no byte of their file with another read of the list."""
-    spans = sorted(((r.shard.file, *fetcher.absolute_span(r), r) for r in reads), key=lambda t: (t[0], t[1]))
-    alone: set[int] = set()
-    reach: dict[int, int] = {}  # file -> the furthest end of the spans before
-    for k, (file, a, b, read) in enumerate(spans):
-        exact = b - a == read.nbytes
-        before = reach.get(file, -1) > a
-        after = k + 1 < len(spans) and spans[k + 1][0] == file and spans[k + 1][1] < b
-        if exact and not before and not after:
-            alone.add(id(read))
-        reach[file] = max(reach.get(file, -1), b)
-    return alone
 
 
 def _assemble(
@@ -800,12 +811,13 @@ def _stream_units(
             for read in unit.reads:
                 consumers.setdefault((id(read.shard), read.row_start, read.nbytes), []).append((k, read))
         unique = [uses[0][1] for uses in consumers.values()]
-        # A read that only one unit needs, of whole rows, lands in that unit's buffer.
-        alone = _alone(unique, fetcher)
+        # A read that only one unit needs, of whole rows and not widened to its checksum
+        # chunks, lands in that unit's buffer (streamed reads are issued one at a time).
         into = {}
         for uses in consumers.values():
             k, read = uses[0]
-            if len(uses) == 1 and id(read) in alone and _whole_rows(read):
+            a, b = fetcher.absolute_span(read)
+            if len(uses) == 1 and b - a == read.nbytes and _whole_rows(read):
                 into[id(read)] = outs[k][read.dst].reshape(-1).view(np.uint8)
         for read, rows in _read_ahead(unique, fetcher, dtype, budget, into):
             for k, use in consumers[id(read.shard), read.row_start, read.nbytes]:
