@@ -331,7 +331,10 @@ class _Fetcher:
             if alone and b - a == read.nbytes >= MIN_DIRECT_BYTES:
                 region = destination(read)
                 if region is not None:
-                    handles[id(read)] = self._read(file, a, b, [read], functools.partial(into_region, region))
+                    span = handles[id(read)] = self._read(
+                        file, a, b, [read], functools.partial(into_region, region)
+                    )
+                    span.direct = True
                     continue
             rest.append((a, b, read))
         return rest
@@ -345,9 +348,11 @@ class _Fetcher:
         start = read.shard.offset + rel
         allocate = self.allocate if into is None else functools.partial(into_region, into)
         future = self.files.read(read.shard.file, start, start + read.nbytes, allocate=allocate)
-        return _Span(
+        span = _Span(
             future, start, start + read.nbytes, functools.partial(self._carry, read.shard, rel, read.nbytes)
         )
+        span.direct = into is not None
+        return span
 
     def _carry(self, shard: StoredShard, rel: int, nbytes: int, data: np.ndarray) -> np.ndarray:
         """Carries a whole-shard checksum over the next bytes of the shard (see stream)."""
@@ -394,6 +399,7 @@ class _Span:
         self, future: Any, start: int, end: int, check: Callable[[np.ndarray], np.ndarray] | None = None
     ):
         self.future, self.start, self.end, self.check = future, start, end, check
+        self.direct = False  # read into the bytes of its destination (_Fetcher.issue)
         self._data: np.ndarray | None = None
 
     def bytes(self, where: Callable[[], str]) -> np.ndarray:
@@ -726,7 +732,12 @@ def _assemble(
     if out is None:
         out = _assembly(unit, req, fetcher)
     for read in unit.reads:
-        _land(out[read.dst], fetcher.verified(read, spans[id(read)], dtype)[read.src])
+        span = spans[id(read)]
+        rows = fetcher.verified(read, span, dtype)[read.src]
+        if span.direct:
+            _land(out[read.dst], rows)
+        else:
+            out[read.dst] = rows
     return out
 
 
