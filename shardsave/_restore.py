@@ -11,11 +11,14 @@ each once, so target boxes that need the same stored rows (a resharded restore)
 are batched together and read them once. The next batch's reads are issued
 before the current one is placed, so the storage and Python work at the same
 time; restore_sequentially does the same with two batches of half the budget
-(with less than twice its smallest budget, one batch at a time), and its buffers
-are mappings of their own, whose memory returns to the system as soon as they
-are dropped. On CPU devices the assembled buffer (or a read that is exactly a
-target shard) becomes the device buffer without a copy: it is the restored
-array, not transient memory, and is not counted against the budget.
+(with less than twice its smallest budget, one batch at a time), reading into a
+pool of buffers reused from batch to batch and never holding more than its cap
+(BufferPool), whose memory returns to the system when the restore ends. On CPU
+devices the assembled buffer (or a read that is exactly a target shard) becomes
+the device buffer without a copy: it is the restored array, not transient
+memory, and is not counted against the budget. A read of whole rows of its box
+(a box that stacks stored shards, or a large shard read in pieces) lands in the
+assembled buffer directly, where its checksum chunks are its own.
 
 A unit whose reads do not fit a batch (restore_sequentially with a small
 max_host_bytes) is streamed, with the next reads in flight within the budget:
@@ -169,10 +172,10 @@ class _Results:
         return [self.done[i] for i in range(len(requests))]
 
 
-def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None) -> list[_Unit]:
+def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None, chunk: int) -> list[_Unit]:
     # Reads that are not a whole stored shard are cut at MAX_SPAN_BYTES too: target
     # boxes that share stored rows (a resharded restore) then ask for identical spans,
-    # which a batch reads once.
+    # which a batch reads once. Cuts fall on checksum chunks where rows allow.
     partial_read = min(max_read_bytes or MAX_SPAN_BYTES, MAX_SPAN_BYTES)
     units = []
     for i, req in enumerate(requests):
@@ -180,7 +183,7 @@ def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None) -> list
         if req.sharding is None or req.shape != entry.shape:
             # Host targets and reshapes read the whole stored array (or the box asked for) once.
             box = req.box or full_box(entry.shape)
-            unit = _Unit(i, box, plan_reads(entry.shards, box, itemsize, partial_read))
+            unit = _Unit(i, box, plan_reads(entry.shards, box, itemsize, partial_read, chunk))
             if req.sharding is not None:
                 unit.placements.extend((d, tbox) for tbox, d in unique_target_boxes(req.sharding, req.shape))
             units.append(unit)
@@ -191,11 +194,28 @@ def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None) -> list
         for tbox, devices in sorted(unique_target_boxes(req.sharding, req.shape)):
             same = stored.get((tuple(a for a, _ in tbox), tuple(b for _, b in tbox)))
             if same is not None and same.nbytes:
-                reads = exact_reads(same, itemsize, max_read_bytes)
+                reads = _exact_reads(same, itemsize, max_read_bytes, chunk)
             else:
-                reads = plan_reads(entry.shards, tbox, itemsize, partial_read)
+                reads = plan_reads(entry.shards, tbox, itemsize, partial_read, chunk)
             units.append(_Unit(i, tbox, reads, [(devices, None)]))
     return units
+
+
+def _exact_reads(shard: StoredShard, itemsize: int, max_read_bytes: int | None, chunk: int) -> list[Read]:
+    """The reads of a target box that is exactly a stored shard.
+
+    A capped restore reads it in pieces of at most max_read_bytes. A default one
+    reads a shard larger than MAX_SPAN_BYTES in such pieces too, where they can be
+    cut on its checksum chunks: each then lands in the shard's buffer directly, and
+    the pieces of one file are read in parallel (one 512 MiB read per file kept a
+    cold disk at half its speed with this machine's two I/O threads).
+    """
+    if max_read_bytes is not None:
+        return exact_reads(shard, itemsize, max_read_bytes, chunk)
+    pieces = exact_reads(shard, itemsize, MAX_SPAN_BYTES, chunk) if chunk else []
+    if len(pieces) > 1 and all(r.row_start * r.row_bytes % chunk == 0 for r in pieces):
+        return pieces
+    return exact_reads(shard, itemsize)
 
 
 def _span(read: Read, chunk: int) -> tuple[int, int]:
@@ -471,7 +491,7 @@ def plan_restore(
         restored = sum(math.prod(r.shape) * r.dtype.itemsize for r in requests)
         budget = budget or min(DEFAULT_INFLIGHT_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
         max_read = None
-    units = _plan_units(requests, max_read)
+    units = _plan_units(requests, max_read, crc_chunk_bytes)
     planned = list(_batches(units, requests, budget, sequential, crc_chunk_bytes))
     streamed = frozenset(k for k, (_, stream) in enumerate(planned) if stream)
     return RestorePlan(units, [batch for batch, _ in planned], streamed, budget, ahead)

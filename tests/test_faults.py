@@ -95,6 +95,31 @@ def test_damage_in_large_chunks_is_detected(tmp_path, mesh24):
     np.testing.assert_array_equal(np.asarray(restored["w"]), w)
 
 
+def test_damage_in_a_shard_read_in_pieces_into_its_buffer_is_detected(tmp_path):
+    # A stored shard over 16 MiB is read in chunk-aligned pieces that land in the
+    # restored buffer directly, each verified in place by the I/O thread.
+    w = np.arange(12 << 20, dtype=np.float32).reshape(6144, 2048)  # 48 MiB on one device
+    tree = {"w": jax.device_put(w, jax.devices()[0])}
+    path = shardsave.Saver(async_save=False).save(tree, str(tmp_path / "m"))
+    (file,) = _data_files(path)
+    original = Path(file).read_bytes()
+    damaged = bytearray(original)
+    damaged[(40 << 20) + 7] ^= 0x01  # in the third piece (32..48 MiB), its chunk 40..44 MiB
+    Path(file).write_bytes(bytes(damaged))
+    with pytest.raises(
+        CorruptCheckpointError, match=r"crc32c mismatch in bytes 41943040\.\.46137344"
+    ) as info:
+        shardsave.Saver().restore(path, tree)
+    assert os.path.basename(file) in str(info.value) and "leaf 'w'" in str(info.value)
+    Path(file).write_bytes(original[: 20 << 20])
+    with pytest.raises(CorruptCheckpointError, match=r"truncated") as info:
+        shardsave.Saver().restore(path, tree)
+    assert os.path.basename(file) in str(info.value) and "leaf 'w'" in str(info.value)
+    Path(file).write_bytes(original)
+    restored = shardsave.Saver().restore(path, tree)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), w)
+
+
 def _rewrite_index(path, change):
     index_doc.rewrite(path, change)
 

@@ -78,6 +78,39 @@ def test_a_read_cap_cuts_spans_into_row_ranges():
     assert (_covered(reads, ((0, 1024), (0, 256))) == 1).all()
 
 
+@pytest.mark.parametrize("cols", [256, 768])  # rows of 1 KiB, and of 3 KiB (no divisor of 4 MiB)
+def test_cuts_fall_on_checksum_chunks_where_rows_allow(cols):
+    chunk = 4 << 20
+    entry = _stored((65536, cols), rows_per_shard=65536)  # one shard of 64 or 192 MiB
+    row_bytes = cols * F32.itemsize
+    for box in (((0, 65536), (0, cols)), ((1000, 60000), (0, cols))):  # the second starts off a chunk
+        reads = plan_reads(entry.shards, box, F32.itemsize, max_read_bytes=16 << 20, align=chunk)
+        assert (_covered(reads, box) == 1).all()
+        assert all(r.nbytes <= 16 << 20 for r in reads)
+        # Every cut between two reads is on a chunk boundary of the shard.
+        assert all(r.row_start * row_bytes % chunk == 0 for r in reads[1:])
+        assert all(r.row_stop * row_bytes % chunk == 0 for r in reads[:-1])
+    # Without align, cuts fall every max_read_bytes of whole rows from the box's start.
+    reads = plan_reads(entry.shards, ((1000, 60000), (0, cols)), F32.itemsize, max_read_bytes=16 << 20)
+    assert reads[0].row_stop - reads[0].row_start == (16 << 20) // row_bytes
+
+
+def test_a_default_restore_reads_a_large_stored_shard_in_chunk_aligned_pieces(mesh24):
+    """Pieces of at most 16 MiB, each its own checksum chunks (they land in the
+    shard's buffer directly); a shard whose rows cannot be cut on chunks is read whole."""
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)), P("x"))
+    big = _stored((65536, 256), rows_per_shard=65536)  # 64 MiB
+    (unit,) = plan_restore(
+        [LeafRequest(big, big.shape, F32, sharding)], 4 << 20, budget=None, sequential=False
+    ).units
+    assert [r.nbytes for r in unit.reads] == [16 << 20] * 4
+    odd = _stored((8, (5 << 20) // 4 + 1), rows_per_shard=8)  # rows of 5 MiB + 4 bytes
+    (unit,) = plan_restore(
+        [LeafRequest(odd, odd.shape, F32, sharding)], 4 << 20, budget=None, sequential=False
+    ).units
+    assert len(unit.reads) == 1 and unit.reads[0].fills_target
+
+
 def test_a_target_laid_out_as_saved_reads_each_stored_shard_whole(mesh24):
     entry = _stored((64, 16), rows_per_shard=8)
     sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("x",)), P("x"))
