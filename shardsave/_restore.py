@@ -212,9 +212,10 @@ def _exact_reads(shard: StoredShard, itemsize: int, max_read_bytes: int | None, 
     """
     if max_read_bytes is not None:
         return exact_reads(shard, itemsize, max_read_bytes, chunk)
-    pieces = exact_reads(shard, itemsize, MAX_SPAN_BYTES, chunk) if chunk else []
-    if len(pieces) > 1 and all(r.row_start * r.row_bytes % chunk == 0 for r in pieces):
-        return pieces
+    if chunk and shard.nbytes > MAX_SPAN_BYTES:
+        pieces = exact_reads(shard, itemsize, MAX_SPAN_BYTES, chunk)
+        if all(r.row_start * r.row_bytes % chunk == 0 for r in pieces):
+            return pieces
     return exact_reads(shard, itemsize)
 
 
