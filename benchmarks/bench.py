@@ -75,6 +75,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -1083,6 +1084,51 @@ def _version(package: str) -> str | None:
         return None
 
 
+ISOLATED = "bench-case-results: "
+
+
+def run_one(
+    case: dict[str, Any], config: dict[str, Any], roots: dict[str, Path], sampler: Sampler
+) -> list[dict[str, Any]]:
+    if case["storage"] == "s3":
+        return run_s3_case(case, config, sampler)
+    if case["storage"] == "cold":
+        return run_cold_case(case, config, roots["disk"], sampler)
+    if case["storage"] == "adamw":
+        return run_adamw_case(case, config, roots["shm"], sampler)
+    if case["storage"] == "safetensors":
+        return run_safetensors_case(case, config, roots["shm"], sampler)
+    return run_case(case, config, roots[case["storage"]], sampler)
+
+
+def _wants_first(i: int, cases: list[dict[str, Any]], config: dict[str, Any]) -> bool:
+    return i == 1 and config.get("first_save", True) and cases[0]["storage"] in ("shm", "disk")
+
+
+def run_isolated(i: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Runs case i in a process of its own: what one case leaves allocated (malloc's
+    arenas, Orbax's and jax's caches) no longer counts against the next, and a
+    4 GiB cold case after seven others no longer runs this 24 GiB VM out of memory
+    (it was killed twice in one process)."""
+    argv = [
+        sys.executable,
+        __file__,
+        "--config",
+        args.config,
+        "--profile",
+        args.profile,
+        "--one-case",
+        str(i),
+    ]
+    done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(ISOLATED)]
+    if done.returncode != 0 or not lines:
+        print(f"  case {i} failed (exit status {done.returncode}); its rows are missing", file=sys.stderr)
+        return {"records": [], "first": None}
+    result: dict[str, Any] = json.loads(lines[-1][len(ISOLATED) :])
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1090,6 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(REPO / "configs" / "bench.yaml"))
     parser.add_argument("--profile", default="default")
     parser.add_argument("--out", default=None, help="output folder (default: the config's)")
+    parser.add_argument("--one-case", type=int, default=None, help=argparse.SUPPRESS)  # see run_isolated
     args = parser.parse_args(argv)
     settings = yaml.safe_load(Path(args.config).read_text())
     config = {**settings["common"], **settings["profiles"][args.profile]}
@@ -1111,24 +1158,21 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {name: _version(name) for name in ("orbax-checkpoint", "tensorstore", "crc32c")},
         "profile": args.profile,
     }
+    if args.one_case is not None:  # a child of run_isolated: one case, its results to stdout
+        i = args.one_case
+        records = run_one(cases[i - 1], config, roots, sampler)
+        first = first_save(cases[0], roots[cases[0]["storage"]]) if _wants_first(i, cases, config) else None
+        print(ISOLATED + json.dumps({"records": records, "first": first}))
+        return 0
     first = None
     for i, case in enumerate(cases, 1):
         print(
             f"[{i}/{len(cases)}] {case['storage']} {case['bytes'] // MIB} MiB, {case['leaves']} leaves",
             file=sys.stderr,
         )
-        if case["storage"] == "s3":
-            records += run_s3_case(case, config, sampler)
-        elif case["storage"] == "cold":
-            records += run_cold_case(case, config, roots["disk"], sampler)
-        elif case["storage"] == "adamw":
-            records += run_adamw_case(case, config, roots["shm"], sampler)
-        elif case["storage"] == "safetensors":
-            records += run_safetensors_case(case, config, roots["shm"], sampler)
-        else:
-            records += run_case(case, config, roots[case["storage"]], sampler)
-        if i == 1 and config.get("first_save", True) and case["storage"] in roots:
-            first = first_save(case, roots[case["storage"]])
+        done = run_isolated(i, args)
+        records += done["records"]
+        first = done["first"] or first
         # Written after every case, so a run cut short still leaves its results.
         rows = summarize(records)
         ratios(rows)
