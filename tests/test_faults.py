@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -72,46 +73,37 @@ def test_truncated_and_missing_data_files(ckpt):
         shardsave.Saver().restore(path, tree)
 
 
-def test_damage_in_large_chunks_is_detected(tmp_path, mesh24):
-    # Shards of whole 4 MiB checksum chunks are verified by the I/O threads that read
-    # them (small ones by the caller, as above): the errors must be the same.
-    w = np.arange(3 << 20, dtype=np.float32).reshape(1536, 2048)  # 12 MiB, 6 MiB per shard
-    tree = {"w": jax.device_put(w, NamedSharding(mesh24, P("data")))}
-    path = shardsave.Saver(async_save=False).save(tree, str(tmp_path / "m"))
-    file = _data_files(path)[0]
-    original = Path(file).read_bytes()
-    damaged = bytearray(original)
-    damaged[5 << 20] ^= 0x10  # in the shard's second chunk
-    Path(file).write_bytes(bytes(damaged))
-    with pytest.raises(CorruptCheckpointError, match=r"crc32c mismatch in bytes 4194304\.\.6291456") as info:
-        shardsave.Saver().restore(path, tree)
-    assert os.path.basename(file) in str(info.value) and "leaf 'w'" in str(info.value)
-    Path(file).write_bytes(original[: 5 << 20])
-    with pytest.raises(CorruptCheckpointError, match=r"truncated") as info:
-        shardsave.Saver().restore(path, tree)
-    assert os.path.basename(file) in str(info.value) and "leaf 'w'" in str(info.value)
-    Path(file).write_bytes(original)
-    restored = shardsave.Saver().restore(path, tree)
-    np.testing.assert_array_equal(np.asarray(restored["w"]), w)
+# Shards of whole 4 MiB checksum chunks are verified by the I/O threads that read them
+# (small ones by the caller, as above); a stored shard over 16 MiB is read in
+# chunk-aligned pieces that land in the restored buffer directly, each verified in
+# place. The errors must be the same. (shape, sharded over "data" or on one device,
+# byte flipped, the chunk it is in, bytes the truncated file keeps)
+LARGE_DAMAGE = {
+    # 12 MiB, 6 MiB per shard; the flip is in the shard's second chunk.
+    "large-chunks": ((1536, 2048), True, 5 << 20, (4194304, 6291456), 5 << 20),
+    # 48 MiB on one device; the flip is in the third piece (32..48 MiB), its chunk 40..44 MiB.
+    "read-in-pieces": ((6144, 2048), False, (40 << 20) + 7, (41943040, 46137344), 20 << 20),
+}
 
 
-def test_damage_in_a_shard_read_in_pieces_into_its_buffer_is_detected(tmp_path):
-    # A stored shard over 16 MiB is read in chunk-aligned pieces that land in the
-    # restored buffer directly, each verified in place by the I/O thread.
-    w = np.arange(12 << 20, dtype=np.float32).reshape(6144, 2048)  # 48 MiB on one device
-    tree = {"w": jax.device_put(w, jax.devices()[0])}
+@pytest.mark.parametrize("case", LARGE_DAMAGE)
+def test_damage_in_large_chunks_is_detected(tmp_path, mesh24, case):
+    shape, sharded, flip, (lo, hi), keep = LARGE_DAMAGE[case]
+    w = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
+    where = NamedSharding(mesh24, P("data")) if sharded else jax.devices()[0]
+    tree = {"w": jax.device_put(w, where)}
     path = shardsave.Saver(async_save=False).save(tree, str(tmp_path / "m"))
-    (file,) = _data_files(path)
+    files = _data_files(path)
+    assert sharded or len(files) == 1  # one device, one data file
+    file = files[0]
     original = Path(file).read_bytes()
     damaged = bytearray(original)
-    damaged[(40 << 20) + 7] ^= 0x01  # in the third piece (32..48 MiB), its chunk 40..44 MiB
+    damaged[flip] ^= 0x10
     Path(file).write_bytes(bytes(damaged))
-    with pytest.raises(
-        CorruptCheckpointError, match=r"crc32c mismatch in bytes 41943040\.\.46137344"
-    ) as info:
+    with pytest.raises(CorruptCheckpointError, match=rf"crc32c mismatch in bytes {lo}\.\.{hi}") as info:
         shardsave.Saver().restore(path, tree)
     assert os.path.basename(file) in str(info.value) and "leaf 'w'" in str(info.value)
-    Path(file).write_bytes(original[: 20 << 20])
+    Path(file).write_bytes(original[:keep])
     with pytest.raises(CorruptCheckpointError, match=r"truncated") as info:
         shardsave.Saver().restore(path, tree)
     assert os.path.basename(file) in str(info.value) and "leaf 'w'" in str(info.value)
