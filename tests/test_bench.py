@@ -40,12 +40,16 @@ def test_benchmark_runs_and_writes_its_outputs(tmp_path):
             "raw",
             "raw-fresh",
             "shardsave",
+            "raw-64MiB",
             "shardsave-64MiB",
+            "raw-256MiB",
             "shardsave-256MiB",
             "orbax",
             "orbax-nocomp",
         }
         assert cold == expected
+        capped = {r["tool"]: r for r in doc["rows"] if r["storage"] == "cold"}["shardsave-64MiB"]
+        assert capped["x_limit"] is not None  # against raw-64MiB, the disk with as much in flight
     else:
         assert not cold and "skipping the cold case" in done.stderr
     assert (tmp_path / "bench.png").stat().st_size > 1000

@@ -20,6 +20,7 @@ from shardsave._plan import plan_reads, plan_save
 from shardsave._restore import LeafRequest, _streamed, plan_restore
 
 F32 = np.dtype(np.float32)
+BF16 = np.dtype(jax.numpy.bfloat16)
 
 
 def _stored(shape: tuple[int, ...], rows_per_shard: int, name: str = "w", offset: int = 0) -> LeafEntry:
@@ -109,6 +110,20 @@ def test_a_default_restore_reads_a_large_stored_shard_in_chunk_aligned_pieces(me
         [LeafRequest(odd, odd.shape, F32, sharding)], 4 << 20, budget=None, sequential=False
     ).units
     assert len(unit.reads) == 1 and unit.reads[0].fills_target
+
+
+def test_a_cap_shrinks_only_the_reads_that_hold_transient_memory(mesh24):
+    """On a CPU device a shard restored as saved is read into the buffer the device
+    adopts (the restored array), so a capped restore reads it in the default's
+    16 MiB pieces; into a host (numpy) target or a cast, reads are transient and
+    a 64 MiB cap reads a quarter of half of it at a time."""
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)), P("x"))
+    big = _stored((65536, 256), rows_per_shard=65536)  # 64 MiB
+    for target, dtype, piece in ((sharding, F32, 16 << 20), (None, F32, 8 << 20), (sharding, BF16, 8 << 20)):
+        (unit,) = plan_restore(
+            [LeafRequest(big, big.shape, dtype, target)], 4 << 20, budget=64 << 20, sequential=True
+        ).units
+        assert [r.nbytes for r in unit.reads] == [piece] * ((64 << 20) // piece), (target, dtype)
 
 
 def test_a_target_laid_out_as_saved_reads_each_stored_shard_whole(mesh24):
