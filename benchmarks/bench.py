@@ -53,8 +53,8 @@ until the end, as a restore's results must be; shardsave-64MiB and -256MiB are
 restore_sequentially with those caps, and their limits raw-64MiB and -256MiB the
 parallel read with at most as many bytes in flight (8 threads, blocks of an
 eighth of the cap: the size of a capped restore's reads); every restore lands
-on the saved layout.
-A case with 1 leaf holds one leaf larger than any cap.
+on the saved layout. Every leaf is split over all devices (COLD_SPECS), none
+replicated. A case with 1 leaf holds one leaf larger than any cap.
 
 Storage "adamw" is the realistic case, on tmpfs: a decoder-only transformer's
 optax.adamw state (LEAVES layers of width 1024, a 32k vocabulary; bf16
@@ -105,6 +105,10 @@ from shardsave import _plan, _storage, _tree
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 SPECS = [P("data", "model"), P("model"), P(None, "model"), P(), P("data")]
+# The cold cases split every leaf over all devices: on CPU devices a replicated leaf
+# is a host copy per device, which no disk read involves (SPECS make a tree 3.4x its
+# bytes there, and 4 GiB in 1024 leaves, or 8 GiB, did not fit this 24 GiB VM).
+COLD_SPECS = [P("data", "model"), P(("data", "model")), P(None, ("data", "model"))]
 
 
 # ---------------------------------------------------------------- measurement
@@ -187,7 +191,7 @@ def meshes() -> tuple[Mesh, Mesh]:
     return Mesh(grid.reshape(1, -1), ("data", "model")), Mesh(grid.reshape(-1, 1), ("data", "model"))
 
 
-def build_tree(total_bytes: int, leaves: int, mesh: Mesh) -> dict[str, jax.Array]:
+def build_tree(total_bytes: int, leaves: int, mesh: Mesh, specs: list[P] = SPECS) -> dict[str, jax.Array]:
     per_leaf = total_bytes // leaves
     cols = 256 if per_leaf >= 256 * 4 * 8 else 8
     rows = max(8, per_leaf // 4 // cols // 8 * 8)
@@ -196,7 +200,7 @@ def build_tree(total_bytes: int, leaves: int, mesh: Mesh) -> dict[str, jax.Array
     for i in range(leaves):
         # Random values, as trained weights are: a compressor gains nothing on them.
         value = jax.random.normal(jax.random.fold_in(key, i), (rows, cols), jnp.float32)
-        tree[f"layer{i:05d}"] = jax.device_put(value, NamedSharding(mesh, SPECS[i % len(SPECS)]))
+        tree[f"layer{i:05d}"] = jax.device_put(value, NamedSharding(mesh, specs[i % len(specs)]))
     jax.block_until_ready(tree)
     return tree
 
@@ -648,7 +652,7 @@ def run_cold_case(
         print("  cannot drop the page cache (needs root): skipping the cold case", file=sys.stderr)
         return []
     mesh, _ = meshes()
-    tree = build_tree(case["bytes"], case["leaves"], mesh)
+    tree = build_tree(case["bytes"], case["leaves"], mesh, COLD_SPECS)
     target = abstract(tree, None)
     base = root / f"cold-{case['bytes'] // MIB}MiB-{case['leaves']}"
     shutil.rmtree(base, ignore_errors=True)

@@ -803,13 +803,13 @@ def _read_ahead(
     dtype: np.dtype,
     limit: int,
     into: dict[int, np.ndarray] | None = None,
-    results: bool = False,
+    adopted: bool = False,
 ) -> Iterator[tuple[Read, np.ndarray]]:
     """Each read's verified rows, in order, with the next reads in flight meanwhile:
     as many as `limit` bytes hold (at least one), so a cold disk keeps working.
 
     into: read id -> the bytes of its destination, where it lands directly (see issue).
-    results: those destinations are the restored arrays (a CPU device adopts them), so
+    adopted: those destinations are the restored arrays (a CPU device adopts them), so
     a read landing there holds no transient memory; DEFAULT_INFLIGHT_BYTES of them
     are in flight, as in a default restore.
     """
@@ -818,7 +818,7 @@ def _read_ahead(
     held = landing = 0
 
     def lands(read: Read) -> bool:  # as _Fetcher.issue decides
-        return results and into is not None and id(read) in into and read.nbytes >= MIN_DIRECT_BYTES
+        return adopted and into is not None and id(read) in into and read.nbytes >= MIN_DIRECT_BYTES
 
     def room(read: Read) -> bool:
         if lands(read):
@@ -829,7 +829,7 @@ def _read_ahead(
         while waiting and (not in_flight or room(waiting[0])):
             read = waiting.popleft()
             span = fetcher.stream(read, None if into is None else into.get(id(read)))
-            if results and span.direct:
+            if adopted and span.direct:
                 in_flight.append((read, span, 0, read.nbytes))
             else:
                 in_flight.append((read, span, _held(read, fetcher.chunk), 0))
@@ -876,7 +876,7 @@ def _stream_units(
             a, b = fetcher.absolute_span(read)
             if len(uses) == 1 and b - a == read.nbytes and _whole_rows(read):
                 into[id(read)] = outs[k][read.dst].reshape(-1).view(np.uint8)
-        for read, rows in _read_ahead(unique, fetcher, dtype, budget, into, results=_adopted(req)):
+        for read, rows in _read_ahead(unique, fetcher, dtype, budget, into, adopted=_adopted(req)):
             for k, use in consumers[id(read.shard), read.row_start, read.nbytes]:
                 _land(outs[k][use.dst], rows[use.src])
         for unit, out in zip(units, outs):
