@@ -19,10 +19,9 @@ the device buffer without a copy: it is the restored array, not transient
 memory, and is not counted against the budget. A read of whole rows of its box
 (a box that stacks stored shards, or a large shard read in pieces) lands in the
 assembled buffer directly, where its checksum chunks are its own. Such reads
-into an adopted buffer are not shrunk or throttled by a cap either: a capped
-restore reads a stored shard in the default restore's pieces and keeps as many
-in flight as a default restore (with a cap's 8 MiB reads and 64 MiB in flight,
-a cold 4 GiB leaf took 1.6x as long).
+into an adopted buffer hold no transient memory, so a cap does not shrink
+them: a capped restore reads a stored shard in the default restore's pieces,
+and a unit it streams keeps up to DEFAULT_INFLIGHT_BYTES of them in flight.
 
 A unit whose reads do not fit a batch (restore_sequentially with a small
 max_host_bytes) is streamed, with the next reads in flight within the budget:

@@ -213,10 +213,10 @@ class Saver:
         max_host_bytes.
       max_host_bytes: the host-memory budget of a restore: what it holds beyond the
         restored arrays (reads in flight and, on accelerators, assembly; a CPU
-        device adopts the assembled buffer as the array itself). With
-        restore_sequentially at least 32 MiB (reads are verified in whole 4 MiB
-        checksum chunks; a smaller cap is refused with that reason); None uses up
-        to 1 GiB of reads in flight.
+        device adopts the assembled buffer as the array itself, and reads that
+        land in it are not limited). With restore_sequentially at least 32 MiB
+        (reads are verified in whole 4 MiB checksum chunks; a smaller cap is
+        refused with that reason); None uses up to 1 GiB of reads in flight.
       timeout_s: with several processes (jax.distributed), how long process 0 waits
         for the others' reports before raising CoordinationTimeoutError naming the
         missing ones. Keep it below jax.distributed.initialize's
