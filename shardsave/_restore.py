@@ -210,11 +210,12 @@ def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None, chunk: 
 def _exact_reads(shard: StoredShard, itemsize: int, max_read_bytes: int | None, chunk: int) -> list[Read]:
     """The reads of a target box that is exactly a stored shard.
 
-    A capped restore reads it in pieces of at most max_read_bytes. A default one
-    reads a shard larger than MAX_SPAN_BYTES in such pieces too, where they can be
-    cut on its checksum chunks: each then lands in the shard's buffer directly, and
-    the pieces of one file are read in parallel (one 512 MiB read per file kept a
-    cold disk at half its speed with this machine's two I/O threads).
+    max_read_bytes: a capped restore's read size, for reads that hold transient
+    memory (in pieces of at most that). Otherwise a shard larger than
+    MAX_SPAN_BYTES is read in such pieces where they can be cut on its checksum
+    chunks: each then lands in the shard's buffer directly, and the pieces of one
+    file are read in parallel (one read per large file kept a cold disk well
+    below its speed: README "Performance").
     """
     if max_read_bytes is not None:
         return exact_reads(shard, itemsize, max_read_bytes, chunk)
@@ -813,6 +814,7 @@ def _read_ahead(
     are in flight, as in a default restore.
     """
     waiting = deque(reads)
+    # (read, span, its transient bytes, its bytes landing in a restored array)
     in_flight: deque[tuple[Read, _Span, int, int]] = deque()
     held = landing = 0
 
@@ -834,11 +836,11 @@ def _read_ahead(
                 in_flight.append((read, span, _held(read, fetcher.chunk), 0))
             held += in_flight[-1][2]
             landing += in_flight[-1][3]
-        read, span, nbytes, direct = in_flight.popleft()
+        read, span, transient, landed = in_flight.popleft()
         yield read, fetcher.verified(read, span, dtype)
         del span
-        held -= nbytes
-        landing -= direct
+        held -= transient
+        landing -= landed
 
 
 def _held(read: Read, chunk: int) -> int:
