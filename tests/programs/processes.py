@@ -5,7 +5,11 @@
 The process id comes from the PID environment variable (as a launcher sets it);
 with no --processes the scenario runs alone, without jax.distributed. Each
 scenario prints what the test checks (JSON lines) and leaves through os._exit,
-so that no process waits in jax's shutdown for a peer that a test killed.
+so that no process waits in jax's shutdown for a peer that a test killed. Where
+every peer lives, each process first shuts jax.distributed down as a normal exit
+would: its barrier keeps process 0, which hosts the coordination service, alive
+until the others have made their last call to it (without it a peer still
+reading the last step's reports is aborted by jax when the service goes away).
 """
 
 from __future__ import annotations
@@ -283,6 +287,9 @@ SCENARIOS: dict[str, Callable[[str], None]] = {
     "shared_reads": shared_reads,
 }
 
+# Scenarios in which a process is killed: the survivors cannot pass a shutdown barrier.
+PEER_DIES = {"killed"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -303,6 +310,8 @@ def main() -> None:
         )
     SCENARIOS[args.scenario](args.directory)
     sys.stdout.flush()
+    if args.processes and args.scenario not in PEER_DIES:
+        jax.distributed.shutdown()
     os._exit(0)
 
 
