@@ -42,7 +42,8 @@ Tools and what they measure:
 
 Storage "s3" is moto's S3 server on loopback (started by the benchmark): there
 "raw" is boto3 PUTting and GETting the same bytes in parallel, one thread per
-data file, and Orbax is not run (its s3:// paths cannot name another endpoint).
+data file, "raw-ranged" GETting them in ranges of 16 MiB (shardsave's requests),
+and Orbax is not run (its s3:// paths cannot name another endpoint).
 
 Storage "cold" (op restore_cold) restores from disk_dir with the kernel's page
 cache dropped before every restore, as a job resuming on a fresh host reads it
@@ -101,6 +102,7 @@ from jax.sharding import PartitionSpec as P
 
 import shardsave
 from shardsave import _plan, _storage, _tree
+from shardsave._restore import MAX_SPAN_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -838,6 +840,20 @@ def run_s3_case(case: dict[str, Any], config: dict[str, Any], sampler: Sampler) 
             keys = [f"{prefix}/raw.data-{k:05d}" for k in range(len(payloads))]
             return list(pool.map(lambda key: client.get_object(Bucket="bench", Key=key)["Body"].read(), keys))
 
+        def get_ranged(prefix: str) -> list[bytes]:
+            # shardsave's request pattern: each file in ranges of one span (MAX_SPAN_BYTES).
+            step = MAX_SPAN_BYTES
+            jobs = [
+                (f"{prefix}/raw.data-{k:05d}", f"bytes={a}-{min(a + step, len(payload)) - 1}")
+                for k, payload in enumerate(payloads)
+                for a in range(0, len(payload), step)
+            ]
+            return list(
+                pool.map(
+                    lambda j: client.get_object(Bucket="bench", Key=j[0], Range=j[1])["Body"].read(), jobs
+                )
+            )
+
         for rep in range(config["warmup"] + config["reps"]):
             prefix = f"rep{rep}"
             record("raw", "save", rep, *sampler.run(partial(put_all, prefix))[:2])
@@ -848,6 +864,9 @@ def run_s3_case(case: dict[str, Any], config: dict[str, Any], sampler: Sampler) 
             t, m, out = sampler.run(partial(get_all, prefix))
             del out
             record("raw", "restore", rep, t, m)
+            t, m, out = sampler.run(partial(get_ranged, prefix))
+            del out
+            record("raw-ranged", "restore", rep, t, m)
             for label, target in (("restore", same), ("restore_resharded", resharded)):
                 t, m, out = sampler.run(partial(_ready, saver.restore, path, target))
                 del out
@@ -1015,6 +1034,7 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "raw": 1,
         "raw-ts": 1.5,
         "raw-fresh": 1.6,
+        "raw-ranged": 1.7,
         "shardsave": 2,
         "shardsave-async": 3,
         "shardsave-device": 4,
