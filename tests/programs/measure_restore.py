@@ -1,16 +1,18 @@
 """Host memory of one restore, measured in a fresh process (peak RSS minus RSS after).
 
-    python tests/programs/measure_restore.py DIRECTORY TOTAL_MIB BIG_MIB SEQUENTIAL CAP
+    python tests/programs/measure_restore.py DIRECTORY TOTAL_MIB BIG_MIB SEQUENTIAL CAP [SLOW_S]
 
 Builds a checkpoint of TOTAL_MIB (one leaf of BIG_MIB stored as a single shard,
 larger than a small cap), then restores it onto another mesh while a thread
 samples RSS. The result stays alive, so "after" counts it out (on CPU, device
 memory is host memory); what remains is the transient host memory of the
-restore itself. Prints {"transient", "before", "after", "ok"} as JSON.
+restore itself. SLOW_S delays the use of every read by that many seconds.
+Prints {"transient", "before", "after", "ok"} as JSON.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import sys
@@ -31,9 +33,31 @@ import shardsave
 MIB = 1 << 20
 
 
+def trim() -> None:
+    """Gives memory that malloc keeps after free (blocks below 32 MiB) back to the
+    system, so that RSS counts only memory in use."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def slow_consumer(seconds: float) -> None:
+    """Each read's bytes are taken that much later, as on a host slower than its store:
+    reads in flight then finish before they are used, and hold their memory meanwhile."""
+    from shardsave import _restore
+
+    verified = _restore._Fetcher.verified
+
+    def slowly(self: Any, *args: Any) -> Any:
+        time.sleep(seconds)
+        return verified(self, *args)
+
+    _restore._Fetcher.verified = slowly  # type: ignore[method-assign, assignment]
+
+
 def main() -> None:
     directory, total_mib, big_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     sequential, cap = sys.argv[4] == "True", None if sys.argv[5] == "None" else int(sys.argv[5])
+    if len(sys.argv) > 6:
+        slow_consumer(float(sys.argv[6]))
     devices = np.array(jax.devices())
     mesh = Mesh(devices.reshape(2, 4), ("d", "m"))
     other = Mesh(devices.reshape(4, 2), ("d", "m"))
@@ -56,6 +80,7 @@ def main() -> None:
     expected = {k: float(v[-1, -1]) for k, v in tree.items()}
     del tree
     gc.collect()
+    trim()  # the saved tree's memory: the restore must not hide its own in it
     restored, measured = measure(
         lambda: shardsave.Saver().restore(path, target, restore_sequentially=sequential, max_host_bytes=cap)
     )
@@ -82,6 +107,7 @@ def measure(restore: Callable[[], Any]) -> tuple[Any, dict[str, int]]:
     stop.set()
     thread.join()
     gc.collect()
+    trim()  # what the restore freed into malloc is not the result
     after = proc.memory_info().rss
     return restored, {"transient": peak[0] - after, "before": before, "after": after}
 
