@@ -55,7 +55,9 @@ restore_sequentially with those caps, and their limits raw-64MiB and -256MiB the
 parallel read with at most as many bytes in flight (8 threads, blocks of an
 eighth of the cap: the size of a capped restore's reads); every restore lands
 on the saved layout. Every leaf is split over all devices (COLD_SPECS), none
-replicated. A case with 1 leaf holds one leaf larger than any cap.
+replicated. A case with 1 leaf holds one leaf larger than any cap. Before each
+restore the benchmark touches and frees twice the case's bytes (touch_free_memory),
+so that every tool's new memory is memory the VM's host backs.
 
 Storage "adamw" is the realistic case, on tmpfs: a decoder-only transformer's
 optax.adamw state (LEAVES layers of width 1024, a 32k vocabulary; bf16
@@ -76,6 +78,7 @@ import concurrent.futures
 import contextlib
 import gc
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -617,6 +620,28 @@ def drop_page_cache() -> bool:
         return False
 
 
+def touch_free_memory(nbytes: int) -> None:
+    """Touches nbytes of new memory and frees it, so that the allocations right after
+    find memory the host backs.
+
+    A VM with free page reporting (virtio-balloon; this project's Firecracker VMs)
+    hands memory that is free when the reporting runs (every few seconds) back to
+    its host, and faulting it in again costs the guest many times what memory
+    freed just before does (benchmarks/fresh_memory.py; README "Performance"). Without this, a restore's time
+    depended on how long before it the previous one had freed its results: on the
+    order of the rows, not on the tool.
+    """
+    nbytes = max(0, min(nbytes, psutil.virtual_memory().available - (2 << 30)))
+    if nbytes == 0:
+        return
+    block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block.madvise(mmap.MADV_HUGEPAGE)  # as the restores' own large buffers
+    pages = np.frombuffer(block, np.uint8)
+    pages[::4096] = 1
+    del pages
+    block.close()
+
+
 def parallel_read(files: list[Path], fresh: bool = False, threads: int = 8, block: int = 16 * MIB) -> Any:
     """The raw limits of a cold restore: every byte of the files read in 16 MiB blocks
     by 8 threads, into one reused buffer per thread (as parallel `dd bs=16M
@@ -698,6 +723,7 @@ def run_cold_case(
         for tool, fn in restores.items():  # interleaved, tool by tool
             gc.collect()
             drop_page_cache()
+            touch_free_memory(2 * case["bytes"])  # the results and the page cache's pages
             t, m, out = sampler.run(fn, warm=False)
             del out
             if rep >= config["warmup"]:

@@ -66,7 +66,11 @@ from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageErro
 # One ranged read covers at most this many bytes, so the reads of one large file
 # run in parallel and each can be released on its own.
 MAX_SPAN_BYTES = 16 << 20
-DEFAULT_INFLIGHT_BYTES = 1 << 30  # the most host bytes a default restore holds at once
+# A default restore's batches hold at most this many bytes, and two are in flight at
+# once. Larger batches read a cold disk more slowly (README "Performance") and hold
+# more transient memory on accelerators.
+DEFAULT_BATCH_BYTES = 256 << 20
+DEFAULT_INFLIGHT_BYTES = 2 * DEFAULT_BATCH_BYTES  # the most bytes a default restore reads ahead
 MIN_SEQUENTIAL_BYTES = 32 << 20
 SMALL_BUFFER_BYTES = 1 << 20  # a capped restore takes buffers below this from malloc
 # A span whose checksum chunks average at least this many bytes is verified by the
@@ -494,10 +498,10 @@ def plan_restore(
     else:
         # The next batch is read while this one is verified and placed, and a batch's
         # host buffers live until jax has copied them to the devices: two batches
-        # overlap. A quarter of the bytes being restored per batch keeps transient
-        # memory near half of them.
+        # overlap. A quarter of the bytes being restored per batch (up to
+        # DEFAULT_BATCH_BYTES) keeps transient memory near half of them at most.
         restored = sum(math.prod(r.shape) * r.dtype.itemsize for r in requests)
-        budget = budget or min(DEFAULT_INFLIGHT_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
+        budget = budget or min(DEFAULT_BATCH_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
         max_read = None
     units = _plan_units(requests, max_read, crc_chunk_bytes)
     planned = list(_batches(units, requests, budget, sequential, crc_chunk_bytes))

@@ -216,7 +216,7 @@ class Saver:
         device adopts the assembled buffer as the array itself, and reads that
         land in it are not limited). With restore_sequentially at least 32 MiB
         (reads are verified in whole 4 MiB checksum chunks; a smaller cap is
-        refused with that reason); None uses up to 1 GiB of reads in flight.
+        refused with that reason); None reads ahead up to 512 MiB.
       timeout_s: with several processes (jax.distributed), how long process 0 waits
         for the others' reports before raising CoordinationTimeoutError naming the
         missing ones. Keep it below jax.distributed.initialize's

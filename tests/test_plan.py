@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 from shardsave import _format, _tree
 from shardsave._format import LeafEntry, StoredShard
 from shardsave._plan import plan_reads, plan_save
-from shardsave._restore import LeafRequest, _streamed, plan_restore
+from shardsave._restore import DEFAULT_BATCH_BYTES, LeafRequest, _streamed, plan_restore
 
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(jax.numpy.bfloat16)
@@ -132,6 +132,18 @@ def test_a_target_laid_out_as_saved_reads_each_stored_shard_whole(mesh24):
     plan = plan_restore([LeafRequest(entry, (64, 16), F32, sharding)], 4 << 20, budget=None, sequential=False)
     assert len(plan.units) == 8
     assert all(len(u.reads) == 1 and u.reads[0].fills_target for u in plan.units)
+
+
+def test_a_default_restore_of_a_large_tree_reads_in_batches_of_at_most_256_mib(mesh24):
+    """Two batches are in flight at once; 1 GiB batches read a cold disk more slowly
+    than 256 MiB ones (README "Performance")."""
+    sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("x",)), P("x"))
+    entries = [_stored((65536, 256), 8192, f"l{i}", offset=i << 23) for i in range(64)]  # 4 GiB
+    requests = [LeafRequest(e, e.shape, F32, sharding) for e in entries]
+    plan = plan_restore(requests, 4 << 20, budget=None, sequential=False)
+    assert plan.budget == DEFAULT_BATCH_BYTES == 256 << 20 and plan.ahead == 1
+    assert all(sum(u.read_bytes() for u in batch) <= plan.budget for batch in plan.batches)
+    assert sum(len(b) for b in plan.batches) == len(plan.units) == 64 * 8
 
 
 @pytest.mark.parametrize("on_devices", [True, False], ids=["cpu-devices", "host-arrays"])
