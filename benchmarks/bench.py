@@ -627,9 +627,9 @@ def touch_free_memory(nbytes: int) -> None:
     A VM with free page reporting (virtio-balloon; this project's Firecracker VMs)
     hands memory that is free when the reporting runs (every few seconds) back to
     its host, and faulting it in again costs the guest many times what memory
-    freed just before does (benchmarks/fresh_memory.py; README "Performance"). Without this, a restore's time
-    depended on how long before it the previous one had freed its results: on the
-    order of the rows, not on the tool.
+    freed just before does (benchmarks/fresh_memory.py; README "Performance").
+    Without this, a restore's time depended on how long before it the previous
+    one had freed its results: on the order of the rows, not on the tool.
     """
     nbytes = max(0, min(nbytes, psutil.virtual_memory().available - (2 << 30)))
     if nbytes == 0:

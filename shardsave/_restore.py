@@ -498,8 +498,8 @@ def plan_restore(
     else:
         # The next batch is read while this one is verified and placed, and a batch's
         # host buffers live until jax has copied them to the devices: two batches
-        # overlap. A quarter of the bytes being restored per batch (up to
-        # DEFAULT_BATCH_BYTES) keeps transient memory near half of them at most.
+        # overlap. Batches of a quarter of the bytes being restored, and of at most
+        # DEFAULT_BATCH_BYTES, keep transient memory below about half of them.
         restored = sum(math.prod(r.shape) * r.dtype.itemsize for r in requests)
         budget = budget or min(DEFAULT_BATCH_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
         max_read = None
