@@ -78,7 +78,6 @@ import concurrent.futures
 import contextlib
 import gc
 import json
-import mmap
 import os
 import platform
 import shutil
@@ -95,6 +94,7 @@ from typing import Any
 if "jax" not in sys.modules:
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+import fresh_memory  # benchmarks/, beside this file
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -632,14 +632,8 @@ def touch_free_memory(nbytes: int) -> None:
     one had freed its results: on the order of the rows, not on the tool.
     """
     nbytes = max(0, min(nbytes, psutil.virtual_memory().available - (2 << 30)))
-    if nbytes == 0:
-        return
-    block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    block.madvise(mmap.MADV_HUGEPAGE)  # as the restores' own large buffers
-    pages = np.frombuffer(block, np.uint8)
-    pages[::4096] = 1
-    del pages
-    block.close()
+    if nbytes:
+        fresh_memory.touch(nbytes)
 
 
 def parallel_read(files: list[Path], fresh: bool = False, threads: int = 8, block: int = 16 * MIB) -> Any:
