@@ -1100,6 +1100,18 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
     return lines
 
 
+# Breakdowns of an operation and the stall of a thread beside a save: in the table,
+# not in the chart's bars of whole operations.
+CHART_LEAVES_OUT = {
+    "save_stage",
+    "save_commit",
+    "save_stall",
+    "restore_index",
+    "restore_plan",
+    "restore_place",
+}
+
+
 def chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -1107,16 +1119,19 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = sorted({(r["storage"], r["bytes"], r["leaves"]) for r in rows})
-    ops = ["save_blocking", "save", "restore", "restore_resharded"]
-    tools = ["d2h", "raw", "shardsave", "shardsave-async", "shardsave-device", "orbax", "orbax-nocomp"]
     fig, axes = plt.subplots(len(cases), 2, figsize=(14, 3.2 * len(cases)), squeeze=False)
     index = {(r["storage"], r["bytes"], r["leaves"], r["op"], r["tool"]): r for r in rows}
     for row, case in enumerate(cases):
+        # Each case's own operations and tools (a cold case has only restore_cold, and
+        # tools of its own), in the order measured; not the breakdowns of an operation.
+        mine = [r for r in rows if (r["storage"], r["bytes"], r["leaves"]) == case]
+        ops = [op for op in dict.fromkeys(r["op"] for r in mine) if op not in CHART_LEAVES_OUT]
+        tools = list(dict.fromkeys(r["tool"] for r in mine if r["op"] in ops))
+        width = 0.8 / max(1, len(tools))
         for col, (metric, label) in enumerate(
             (("median_s", "seconds"), ("median_transient_bytes", "transient MiB"))
         ):
             ax = axes[row][col]
-            width = 0.13
             for t, tool in enumerate(tools):
                 values = []
                 for op in ops:
@@ -1124,10 +1139,10 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
                     v = r[metric] if r else 0.0
                     values.append(v / MIB if metric != "median_s" else v)
                 ax.bar([i + t * width for i in range(len(ops))], values, width, label=tool)
-            ax.set_xticks([i + 2.5 * width for i in range(len(ops))], ops)
+            ax.set_xticks([i + (len(tools) - 1) * width / 2 for i in range(len(ops))], ops, fontsize=8)
             ax.set_ylabel(label)
             ax.set_title(f"{case[0]}, {case[1] // MIB} MiB, {case[2]} leaves")
-    axes[0][0].legend(fontsize=7)
+            ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
