@@ -23,6 +23,7 @@ from typing import Any
 import jax
 
 from ._format import StoredShard
+from ._storage import DIRECT_IO_ALIGNMENT, MIN_UNCACHED_READ_BYTES
 from ._tree import LeafSpec
 
 Box = tuple[tuple[int, int], ...]  # per dimension [start, stop)
@@ -125,7 +126,10 @@ def plan_save(leaves: list[LeafSpec], sharded: bool, all_devices: list[jax.Devic
                 process_index=device.process_index if sharded and device is not None else 0,
             )
         f = files[key]
-        offset = -(-f.nbytes // SHARD_ALIGNMENT) * SHARD_ALIGNMENT if shard.nbytes else f.nbytes
+        # A shard large enough to be read past the page cache (O_DIRECT, see _storage)
+        # starts where such a read may begin.
+        alignment = DIRECT_IO_ALIGNMENT if shard.nbytes >= MIN_UNCACHED_READ_BYTES else SHARD_ALIGNMENT
+        offset = -(-f.nbytes // alignment) * alignment if shard.nbytes else f.nbytes
         f.shards.append(PlannedShard(shard.leaf, shard.box, shard.nbytes, shard.writer, offset))
         f.nbytes = offset + shard.nbytes
     ordered = [files[k] for k in sorted(files, key=lambda k: -1 if k is None else k)]

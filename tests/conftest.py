@@ -151,3 +151,16 @@ def gcs_bucket(endpoint: str) -> str:
     )
     urllib.request.urlopen(request, timeout=10).read()
     return bucket
+
+
+def evict(path) -> None:
+    """Drops a file's pages from the page cache, as on a host that has not read it yet;
+    skips where that cannot be done (tmpfs keeps its pages: they are the file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if not _storage._uncached(fd, 0, os.fstat(fd).st_size):
+            pytest.skip(f"{path}: its pages stay in the page cache (tmpfs, or no cachestat before Linux 6.5)")
+    finally:
+        os.close(fd)

@@ -12,6 +12,7 @@ import index_doc
 import jax
 import numpy as np
 import pytest
+from conftest import evict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
@@ -86,8 +87,11 @@ LARGE_DAMAGE = {
 }
 
 
+@pytest.mark.parametrize("cold", [False, True], ids=["cached", "cold"])
 @pytest.mark.parametrize("case", LARGE_DAMAGE)
-def test_damage_in_large_chunks_is_detected(tmp_path, mesh24, case):
+def test_damage_in_large_chunks_is_detected(tmp_path, mesh24, case, cold, io_stats):
+    # cold: no page of the data file is cached, so its large reads come past the page
+    # cache (O_DIRECT), as on a host resuming a job; the checks must be the same.
     shape, sharded, flip, (lo, hi), keep = LARGE_DAMAGE[case]
     w = np.arange(math.prod(shape), dtype=np.float32).reshape(shape)
     where = NamedSharding(mesh24, P("data")) if sharded else jax.devices()[0]
@@ -96,20 +100,31 @@ def test_damage_in_large_chunks_is_detected(tmp_path, mesh24, case):
     files = _data_files(path)
     assert sharded or len(files) == 1  # one device, one data file
     file = files[0]
+
+    def write(data: bytes) -> None:
+        Path(file).write_bytes(data)
+        if cold:
+            evict(file)
+
     original = Path(file).read_bytes()
     damaged = bytearray(original)
     damaged[flip] ^= 0x10
-    Path(file).write_bytes(bytes(damaged))
+    write(bytes(damaged))
     with pytest.raises(CorruptCheckpointError, match=rf"crc32c mismatch in bytes {lo}\.\.{hi}") as info:
         shardsave.Saver().restore(path, tree)
     assert os.path.basename(file) in str(info.value) and "leaf 'w'" in str(info.value)
-    Path(file).write_bytes(original[:keep])
+    write(original[:keep])
     with pytest.raises(CorruptCheckpointError, match=r"truncated") as info:
         shardsave.Saver().restore(path, tree)
     assert os.path.basename(file) in str(info.value) and "leaf 'w'" in str(info.value)
-    Path(file).write_bytes(original)
+    write(original)
+    io_stats.reset()
     restored = shardsave.Saver().restore(path, tree)
     np.testing.assert_array_equal(np.asarray(restored["w"]), w)
+    if cold:  # every byte of the file is in reads of whole pages of 1 MiB or more
+        assert io_stats.bytes_read_uncached == len(original)
+    else:
+        assert io_stats.bytes_read_uncached == 0
 
 
 def _rewrite_index(path, change):

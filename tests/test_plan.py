@@ -56,6 +56,20 @@ def test_a_replicated_leaf_is_written_once_and_writers_are_balanced(mesh24):
     assert all(s.offset % 64 == 0 for s in shards)
 
 
+def test_a_shard_of_1_mib_or_more_starts_on_a_page_and_smaller_ones_pack_at_64_bytes():
+    # A page-aligned shard can be read from a cold disk with O_DIRECT; padding smaller
+    # ones as well would cost up to 4 KiB each for no read that could use it.
+    specs = [
+        _tree.LeafSpec("a", (10,), F32, _tree.KIND_NUMPY, None),
+        _tree.LeafSpec("b", (256, 1024), F32, _tree.KIND_NUMPY, None),  # 1 MiB
+        _tree.LeafSpec("c", (3,), F32, _tree.KIND_NUMPY, None),
+        _tree.LeafSpec("d", (20,), F32, _tree.KIND_NUMPY, None),
+    ]
+    (file,) = plan_save(specs, False, jax.devices()).files
+    offsets = [s.offset for s in sorted(file.shards, key=lambda s: s.leaf)]
+    assert offsets == [0, 4096, 4096 + (1 << 20), 4096 + (1 << 20) + 64]
+
+
 def test_reads_of_a_resharded_target_cover_it_exactly_once():
     entry = _stored((32, 8), rows_per_shard=8)
     box = ((5, 27), (2, 6))  # crosses three stored shards, part of their columns

@@ -11,7 +11,7 @@ import uuid
 
 import numpy as np
 import pytest
-from conftest import gcs_bucket, s3_bucket
+from conftest import evict, gcs_bucket, s3_bucket
 
 from shardsave import _storage
 from shardsave.errors import StorageError
@@ -111,3 +111,48 @@ def test_a_hung_local_file_system_raises_within_the_deadline(tmp_path):
     threading.Thread(
         target=lambda: open(tmp_path / "hung", "wb").close(), daemon=True
     ).start()  # free the I/O thread
+
+
+def test_a_file_no_page_cache_holds_is_read_past_it_and_a_cached_one_through_it(tmp_path, io_stats):
+    data = np.random.default_rng(0).integers(0, 256, (5 << 20) + 100, dtype=np.uint8)
+    (tmp_path / "f").write_bytes(data.tobytes())
+    local = _storage.open_store(str(tmp_path))
+    evict(tmp_path / "f")
+    # Page-aligned from its start: all but the last partial page comes past the cache.
+    got = local.read_range("f", 4096, data.size).result()
+    np.testing.assert_array_equal(got, data[4096:])
+    assert io_stats.bytes_read_uncached == (data.size - 4096) // 4096 * 4096
+    assert got.ctypes.data % 4096 == 0
+    # Past the end: what there is, as a buffered read gives it.
+    evict(tmp_path / "f")
+    np.testing.assert_array_equal(local.read_range("f", 4 << 20, 8 << 20).result(), data[4 << 20 :])
+    # A range the page cache holds (read once through it), and one that does not start
+    # on a page, are read through the cache.
+    io_stats.reset()
+    (tmp_path / "f").read_bytes()
+    np.testing.assert_array_equal(local.read_range("f", 0, 3 << 20).result(), data[: 3 << 20])
+    evict(tmp_path / "f")
+    np.testing.assert_array_equal(local.read_range("f", 64, 3 << 20).result(), data[64 : 3 << 20])
+    assert io_stats.bytes_read_uncached == 0
+
+
+def test_a_file_system_that_refuses_o_direct_is_read_through_the_page_cache(tmp_path, io_stats, monkeypatch):
+    import os
+
+    monkeypatch.setattr(_storage, "_no_uncached_reads", set())
+    data = np.arange(2 << 20, dtype=np.uint8)
+    (tmp_path / "f").write_bytes(data.tobytes())
+    evict(tmp_path / "f")
+    # Memory off every block boundary is what each file system refuses an O_DIRECT read
+    # into (EINVAL), as some refuse O_DIRECT altogether: the read gives nothing, and the
+    # file system is marked so that later reads do not try again.
+    buffer = _storage.mapped_empty((2 << 20) + 4096)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert _storage._read_uncached(fd, buffer[1 : 1 + (1 << 20)], 0) == 0
+    finally:
+        os.close(fd)
+    assert _storage._no_uncached_reads == {os.stat(tmp_path / "f").st_dev}
+    got = _storage.open_store(str(tmp_path)).read_range("f", 0, data.size).result()
+    np.testing.assert_array_equal(got, data)
+    assert io_stats.bytes_read_uncached == 0
