@@ -89,7 +89,7 @@ _SYNC = Pool("shardsave-sync", 8)
 
 # A local read of at least this many bytes that the page cache holds none of is read
 # with O_DIRECT, straight from the disk into its buffer, where offset, length and
-# buffer allow (README "Performance": a cold restore's system time fell to a third).
+# buffer allow: no CPU copies it out of the page cache (README "Storage").
 MIN_UNCACHED_READ_BYTES = 1 << 20
 DIRECT_IO_ALIGNMENT = 4096  # what O_DIRECT asks of offsets, lengths and memory on common file systems
 
@@ -891,7 +891,7 @@ class _Cachestat(ctypes.Structure):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_CACHESTAT = 451  # the system call's number on every Linux architecture (6.5 and later)
+_CACHESTAT = 451  # the system call's number (Linux 6.5 and later) on x86-64 and arm64 alike
 _no_uncached_reads: set[int] = set()  # st_dev of file systems where they failed or cannot be told
 
 
@@ -908,7 +908,7 @@ def _uncached(fd: int, start: int, nbytes: int) -> bool:
         return False
     stats = _Cachestat()
     if _libc.syscall(_CACHESTAT, fd, ctypes.byref(_CachestatRange(start, nbytes)), ctypes.byref(stats), 0):
-        _no_uncached_reads.add(device)  # ENOSYS: an older kernel
+        _no_uncached_reads.add(device)  # ENOSYS before 6.5; EPERM under a seccomp filter
         return False
     return stats.nr_cache == 0
 
