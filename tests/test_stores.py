@@ -125,7 +125,9 @@ def test_a_file_no_page_cache_holds_is_read_past_it_and_a_cached_one_through_it(
     assert got.ctypes.data % 4096 == 0
     # Past the end: what there is, as a buffered read gives it.
     evict(tmp_path / "f")
+    io_stats.reset()
     np.testing.assert_array_equal(local.read_range("f", 4 << 20, 8 << 20).result(), data[4 << 20 :])
+    assert io_stats.bytes_read_uncached == data.size - (4 << 20)
     # A range the page cache holds (read once through it), and one that does not start
     # on a page, are read through the cache.
     io_stats.reset()
