@@ -892,23 +892,39 @@ class _Cachestat(ctypes.Structure):
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _CACHESTAT = 451  # the system call's number (Linux 6.5 and later) on x86-64 and arm64 alike
-_no_uncached_reads: set[int] = set()  # st_dev of file systems where they failed or cannot be told
+# File systems whose files keep pages of their own in the page cache (which cachestat
+# reports) and read with O_DIRECT: ext2/3/4, XFS, btrfs. Others read through the page
+# cache as before: overlayfs (a container's root), whose pages belong to the files
+# beneath, so cachestat reports none even of a file just read; ZFS, whose cache is
+# not the page cache; network and cluster file systems, whose O_DIRECT was not measured.
+_DIRECT_FILE_SYSTEMS = {0xEF53, 0x58465342, 0x9123683E}
+_direct_devices: dict[int, bool] = {}  # st_dev -> whether reads there may go past the page cache
+
+
+def _direct_device(fd: int) -> bool:
+    device = os.fstat(fd).st_dev
+    verdict = _direct_devices.get(device)
+    if verdict is None:
+        statfs = ctypes.create_string_buffer(512)  # struct statfs; f_type is its first word
+        verdict = bool(
+            _libc.fstatfs(fd, statfs) == 0 and ctypes.c_long.from_buffer(statfs).value in _DIRECT_FILE_SYSTEMS
+        )
+        _direct_devices[device] = verdict
+    return verdict
 
 
 def _uncached(fd: int, start: int, nbytes: int) -> bool:
-    """Whether the page cache holds no page of the range (cachestat(2)).
+    """Whether the page cache holds no page of the range (cachestat(2)), on a file
+    system whose reads may go past it (_DIRECT_FILE_SYSTEMS).
 
     A cached range is read from memory, as it always was (a checkpoint just written,
     tmpfs); on kernels before 6.5 or other systems every read is.
     """
-    if sys.platform != "linux":
-        return False
-    device = os.fstat(fd).st_dev
-    if device in _no_uncached_reads:
+    if sys.platform != "linux" or not _direct_device(fd):
         return False
     stats = _Cachestat()
     if _libc.syscall(_CACHESTAT, fd, ctypes.byref(_CachestatRange(start, nbytes)), ctypes.byref(stats), 0):
-        _no_uncached_reads.add(device)  # ENOSYS before 6.5; EPERM under a seccomp filter
+        _direct_devices[os.fstat(fd).st_dev] = False  # ENOSYS before 6.5; EPERM under a seccomp filter
         return False
     return stats.nr_cache == 0
 
@@ -927,7 +943,7 @@ def _read_uncached(fd: int, out: np.ndarray, start: int) -> int:
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
-        _no_uncached_reads.add(os.fstat(fd).st_dev)
+        _direct_devices[os.fstat(fd).st_dev] = False
         return 0
     try:
         while done < out.size:
@@ -938,7 +954,7 @@ def _read_uncached(fd: int, out: np.ndarray, start: int) -> int:
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
-        _no_uncached_reads.add(os.fstat(fd).st_dev)
+        _direct_devices[os.fstat(fd).st_dev] = False
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     with _stats_lock:
