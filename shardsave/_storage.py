@@ -918,7 +918,8 @@ def _uncached(fd: int, start: int, nbytes: int) -> bool:
     system whose reads may go past it (_DIRECT_FILE_SYSTEMS).
 
     A cached range is read from memory, as it always was (a checkpoint just written,
-    tmpfs); on kernels before 6.5 or other systems every read is.
+    tmpfs); on other file systems, kernels before 6.5 and other operating systems,
+    every read is.
     """
     if sys.platform != "linux" or not _direct_device(fd):
         return False
