@@ -480,8 +480,9 @@ class LocalStore:
 
     Not through tensorstore's Python binding, which copies every value while
     holding the GIL and hands every read back as a new bytes object (README
-    "Storage"). Reads land with preadv straight in an aligned buffer; a write goes
-    to a temporary file that is fsync'd and renamed into place.
+    "Storage"). Reads land with preadv straight in an aligned buffer, from the disk
+    itself (O_DIRECT) where the page cache holds none of a large one (_uncached); a
+    write goes to a temporary file that is fsync'd and renamed into place.
     """
 
     is_local = True
