@@ -7,8 +7,9 @@ again after gaps of 0 to 10 s, printing the wall and system time of each touch.
 On a VM whose balloon reports free pages to its host (virtio-balloon free page
 reporting, as this project's Firecracker VMs have), memory that is free when
 the reporting runs (every few seconds) goes back to the host, and touching it
-again costs many times more; on bare metal every touch costs about the same. Every restore's results are new
-memory, so this decides what a restore costs after a pause (README "Performance").
+again costs many times more; on bare metal every touch costs about the same.
+Every restore's results are new memory, so this decides what a restore costs
+after a pause (README "Performance").
 """
 
 from __future__ import annotations

@@ -914,6 +914,11 @@ def _direct_device(fd: int) -> bool:
     return verdict
 
 
+def _no_direct_reads(fd: int) -> None:
+    """Every later read on fd's file system goes through the page cache."""
+    _direct_devices[os.fstat(fd).st_dev] = False
+
+
 def _uncached(fd: int, start: int, nbytes: int) -> bool:
     """Whether the page cache holds no page of the range (cachestat(2)), on a file
     system whose reads may go past it (_DIRECT_FILE_SYSTEMS).
@@ -926,7 +931,7 @@ def _uncached(fd: int, start: int, nbytes: int) -> bool:
         return False
     stats = _Cachestat()
     if _libc.syscall(_CACHESTAT, fd, ctypes.byref(_CachestatRange(start, nbytes)), ctypes.byref(stats), 0):
-        _direct_devices[os.fstat(fd).st_dev] = False  # ENOSYS before 6.5; EPERM under a seccomp filter
+        _no_direct_reads(fd)  # ENOSYS before 6.5; EPERM under a seccomp filter
         return False
     return stats.nr_cache == 0
 
@@ -945,7 +950,7 @@ def _read_uncached(fd: int, out: np.ndarray, start: int) -> int:
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
-        _direct_devices[os.fstat(fd).st_dev] = False
+        _no_direct_reads(fd)
         return 0
     try:
         while done < out.size:
@@ -956,7 +961,7 @@ def _read_uncached(fd: int, out: np.ndarray, start: int) -> int:
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
-        _direct_devices[os.fstat(fd).st_dev] = False
+        _no_direct_reads(fd)
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     with _stats_lock:

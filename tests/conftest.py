@@ -155,12 +155,17 @@ def gcs_bucket(endpoint: str) -> str:
 
 def evict(path) -> None:
     """Drops a file's pages from the page cache, as on a host that has not read it yet;
-    skips where that cannot be done (tmpfs keeps its pages: they are the file)."""
+    skips where shardsave never reads past the page cache, so there is nothing cold
+    to test: tmpfs (its pages are the file), file systems other than ext2/3/4, XFS
+    and btrfs, kernels before 6.5 (no cachestat)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         if not _storage._uncached(fd, 0, os.fstat(fd).st_size):
-            pytest.skip(f"{path}: its pages stay in the page cache (tmpfs, or no cachestat before Linux 6.5)")
+            pytest.skip(
+                f"{path}: shardsave reads it through the page cache here (tmpfs or another file "
+                "system than ext2/3/4, XFS and btrfs, or a kernel before 6.5 without cachestat)"
+            )
     finally:
         os.close(fd)

@@ -173,7 +173,7 @@ def test_overlayfs_and_tmpfs_files_are_read_through_the_page_cache(tmp_path, io_
     options = f"lowerdir={layers['lower']},upperdir={layers['upper']},workdir={layers['work']}"
     mounted = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(layers["merged"])])
     if mounted.returncode != 0:
-        pytest.skip("cannot mount an overlay file system here (needs root)")
+        pytest.skip("cannot mount an overlay file system here (needs root and the overlay module)")
     try:
         data = np.random.default_rng(1).integers(0, 256, 4 << 20, dtype=np.uint8)
         for directory in (layers["merged"], "/dev/shm"):
