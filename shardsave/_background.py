@@ -58,6 +58,13 @@ class BackgroundCommits:
         if error is not None:
             raise SaveFailedError(f"saving {self._describe} failed: {error}") from error
 
+    def join(self) -> None:
+        """Blocks until the pending commit ends, leaving its outcome for wait() to report."""
+        with self._lock:
+            pending = self._pending
+        if pending is not None:
+            pending.exception()
+
     def close(self) -> None:
         try:
             self.wait()

@@ -37,6 +37,7 @@ def build_index(
     part_bytes: int,
     metrics: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    recorded: bool = True,
 ) -> Index:
     """The index of a saved plan: each planned shard with its file, offset and checksums."""
     shards: list[list[StoredShard]] = [[] for _ in plan.leaves]
@@ -61,7 +62,9 @@ def build_index(
         DataFile(f.nbytes, f.device_id, f.process_index, _format.split_parts(f.nbytes, part_bytes))
         for f in plan.files
     )
-    return Index(step, created, chunk, files, structure, leaves, metrics=metrics, metadata=metadata)
+    return Index(
+        step, created, chunk, files, structure, leaves, metrics=metrics, metadata=metadata, recorded=recorded
+    )
 
 
 def encode_checked(index: Index, where: str) -> bytes:

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import _format
+from . import _format, _tree
 from ._checkpoint import Listing
 from ._reader import CheckpointReader
 from ._safetensors import INDEX_NAME, SINGLE_NAME, is_safetensors, save_safetensors
@@ -52,7 +52,7 @@ def _table(rows: list[list[str]], out: Any) -> None:
 def cmd_ls(args: argparse.Namespace, out: Any) -> int:
     args.dir = location(args.dir)
     directory = open_store(args.dir)
-    if directory.is_local and not os.path.isdir(args.dir):
+    if directory.is_local and not os.path.isdir(directory.local_path("")):
         raise _Usage(f"{args.dir}: no such directory")
     listing = Listing.of(directory)
     bases = {base: listing.data.get(base, []) for base in listing.checkpoints()}
@@ -74,7 +74,7 @@ def cmd_ls(args: argparse.Namespace, out: Any) -> int:
                 (index.created, index.global_step, _size(index.nbytes), str(len(index.files)), state, base)
             )
         else:
-            local = [os.path.join(args.dir, k) for k in data_keys] if directory.is_local else []
+            local = [directory.local_path(k) for k in data_keys] if directory.is_local else []
             size = _size(sum(os.path.getsize(p) for p in local)) if local else "?"
             mtime = max((os.path.getmtime(p) for p in local), default=None)
             entries.append((mtime, step, size, str(len(data_keys)), "UNCOMMITTED (no index)", base))
@@ -97,12 +97,11 @@ def _checkpoint_path(path: str) -> str:
         return path
     if path.endswith(_format.INDEX_SUFFIX):
         return path[: -len(_format.INDEX_SUFFIX)]
-    if os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in (INDEX_NAME, SINGLE_NAME)):
+    directory = open_store(path)  # if path is a directory (a prefix lists as empty)
+    keys = directory.list()
+    if INDEX_NAME in keys or SINGLE_NAME in keys:
         return resolve_safetensors(path)
-    directory = open_store(path)
-    if (directory.is_local and os.path.isdir(path)) or (
-        not directory.is_local and STATE_FILENAME in directory.list()
-    ):
+    if (directory.is_local and os.path.isdir(directory.local_path(""))) or STATE_FILENAME in keys:
         latest = latest_checkpoint(path)
         if latest is None:
             raise _Usage(
@@ -198,6 +197,18 @@ def _progress(total: int, desc: str) -> Any:
     return tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False)
 
 
+_LEFT_OUT = object()  # a leaf convert cannot store
+
+
+def _pruned(node: Any) -> Any:
+    """A tree rebuilt by decode_structure (dicts, lists, tuples, None) without _LEFT_OUT leaves."""
+    if isinstance(node, dict):
+        return {k: _pruned(v) for k, v in node.items() if v is not _LEFT_OUT}
+    if isinstance(node, (list, tuple)):
+        return type(node)(_pruned(v) for v in node if v is not _LEFT_OUT)
+    return node
+
+
 def cmd_convert(args: argparse.Namespace, out: Any) -> int:
     source = _checkpoint_path(args.src)
     reader = CheckpointReader(source)
@@ -214,14 +225,16 @@ def cmd_convert(args: argparse.Namespace, out: Any) -> int:
             return 0
         # Tensors no array holds (TF strings, TF2's object graph) cannot be a shardsave leaf.
         skipped = [f"{v.name} ({v.dtype_name})" for v in variables if v.dtype == object]
-        tree = {}
+        values: list[Any] = []
         for v in variables:
-            if v.dtype != object:
-                tree[v.name] = reader.get(v.name)
-                if bar is not None:
-                    bar.update(v.nbytes)
+            values.append(_LEFT_OUT if v.dtype == object else reader.get(v.name))
+            if bar is not None and v.dtype != object:
+                bar.update(v.nbytes)
+        # The source's own tree (safetensors' names nest along their "." parts, as
+        # load_safetensors reads them), so the checkpoint restores into the same targets.
+        tree = _pruned(_tree.decode_structure(reader.index.structure, values))
         saved = Saver(async_save=False).save(tree, args.dst, global_step=reader.global_step)
-        print(f"wrote {saved} ({len(tree)} leaves, {_size(total)})", file=out)
+        print(f"wrote {saved} ({len(variables) - len(skipped)} leaves, {_size(total)})", file=out)
         if skipped:
             print(f"left out, as no array can hold them: {', '.join(skipped)}", file=out)
         return 0

@@ -125,6 +125,11 @@ def step_of(name: str) -> int | None:
     return int(m[1]) if m else None
 
 
+def stem_of(name: str) -> str:
+    """The save path's name of a checkpoint: "model" for "model-1000" (and for "model")."""
+    return _STEP_RE.sub("", name)
+
+
 @functools.cache
 def names_of_save_path(stem: str) -> re.Pattern[str]:
     """The names of one save path's checkpoints: stem itself, or stem-STEP."""
@@ -223,6 +228,7 @@ class LeafEntry:
     shards: tuple[StoredShard, ...]
     key_impl: str | None = None  # kind "key": the PRNG implementation of the stored key data
     stored_dtype: str | None = None  # a foreign format's dtype name (TensorFlow's "string", ...)
+    stored_name: str | None = None  # a foreign format's own name, where it is not the tree path
 
     @property
     def nbytes(self) -> int:
@@ -252,6 +258,9 @@ class Index:
     # "tensorflow" or "safetensors": another format read through this index (_tf_bundle,
     # _safetensors); safetensors has no checksums, so only its lengths are checked.
     source: str = "shardsave"
+    # False for save(write_state=False): committed, but never to be recorded in a state
+    # file, adopted by retention or returned by latest_checkpoint (absent in older indexes).
+    recorded: bool = True
 
     @property
     def has_checksums(self) -> bool:
@@ -396,6 +405,8 @@ def encode_index(index: Index) -> bytes:
         doc["metrics"] = index.metrics
     if index.metadata is not None:
         doc["metadata"] = index.metadata
+    if not index.recorded:
+        doc["recorded"] = False
     body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     return b"".join((_ENVELOPE_HEAD, b"%08x" % checksum(body), _ENVELOPE_MID, body, b"}"))
 
@@ -533,6 +544,9 @@ def _decode(doc: dict[str, Any], version: int) -> Index:
         if value is not None and (not isinstance(value, dict) or not all(isinstance(k, str) for k in value)):
             raise ValueError(f"{name} must be an object")
         documents[name] = value
+    recorded = doc.get("recorded", True)
+    if not isinstance(recorded, bool):
+        raise ValueError(f"recorded must be true or false, found {recorded!r:.60}")
     return Index(
         global_step=step,
         created=float(created),
@@ -543,6 +557,7 @@ def _decode(doc: dict[str, Any], version: int) -> Index:
         format_version=version,
         metrics=documents["metrics"],
         metadata=documents["metadata"],
+        recorded=recorded,
     )
 
 

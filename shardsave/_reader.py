@@ -97,6 +97,8 @@ class CheckpointReader:
     def __init__(self, path: str):
         self.path = location(path)
         self._directory, self._base, self.index = open_checkpoint(self.path)
+        # A foreign format's own names ("model.embed" in safetensors) also find their leaf.
+        self._aliases = {e.stored_name: e for e in self.index.leaves if e.stored_name is not None}
         self._leaves = {leaf.name: leaf for leaf in self.index.leaves}
 
     def __enter__(self) -> CheckpointReader:
@@ -140,10 +142,13 @@ class CheckpointReader:
     def get(self, name: str, index: Any = None) -> np.ndarray:
         """A leaf (or index of it: integers and slices) as a numpy array.
 
+        name is the leaf's tree path as variables() lists it; for safetensors the
+        file's own name ("model.embed" for model/embed) finds it too.
+
         Only the stored bytes that the index touches are read (in whole rows of
         each stored shard, widened to its checksum chunks).
         """
-        entry = self._leaves.get(name)
+        entry = self._leaves.get(name) or self._aliases.get(name)
         if entry is None:
             raise _tree.missing_leaves_error([name], list(self._leaves), self.path)
         if entry.stored_dtype == "string":

@@ -481,11 +481,15 @@ def plan_restore(
         # of its budget: below two chunks per quarter a budget cannot be kept.
         least = max(MIN_SEQUENTIAL_BYTES, 8 * crc_chunk_bytes)
         if budget is not None and budget < least:
+            unit = (
+                f"whole {crc_chunk_bytes >> 20} MiB checksum chunks"
+                if crc_chunk_bytes
+                else "whole tensors (this checkpoint has one checksum per tensor)"
+            )
             raise ValueError(
                 f"max_host_bytes={budget} is below the {least >> 20} MiB that restore_sequentially needs "
-                f"for this checkpoint: every read is verified in whole {crc_chunk_bytes >> 20} MiB "
-                "checksum chunks, and a batch holds a quarter of the budget in reads; pass at least "
-                f"max_host_bytes={least}"
+                f"for this checkpoint: every read is verified in {unit}, and a batch holds a quarter "
+                f"of the budget in reads; pass at least max_host_bytes={least}"
             )
         budget = budget or least
         ahead = 0

@@ -11,8 +11,12 @@ its dtype and shape, no two tensors overlapping) and the file's length.
 Read here as an Index (source "safetensors"): each tensor a host leaf with one
 stored shard at its byte offset, so a restore reads only the byte ranges each
 device needs, under max_host_bytes, exactly as it reads a shardsave checkpoint.
-Names stay the file's ("model.layers.0.weight"); a target's paths
-("model/layers/0/weight") map onto them with "/" read as ".".
+One naming rule, both ways (path_to_name, name_to_path): a safetensors name is a
+tree path with "/" written as "." ("model.layers.0.weight" is the leaf at
+model/layers/0/weight). Reading, the index names each leaf by that path and nests
+the structure along it, so load_safetensors, Saver.restore, inspect and convert
+all see the tree that save_safetensors was given; a name that cannot nest (it is
+also another name's container, or has an empty part) stays one key at the top.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import math
 import os
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -33,7 +37,7 @@ import numpy as np
 
 from . import _format, _tree
 from ._format import DataFile, Index, LeafEntry, StoredShard
-from ._storage import Store, join, location, open_store, split_prefix
+from ._storage import Store, join, location, open_store, split_prefix, sync_directory
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -71,6 +75,48 @@ def is_safetensors(path: str) -> bool:
 def path_to_name(path: str) -> str:
     """A pytree path ("model/layers/0/weight") as a safetensors name ("model.layers.0.weight")."""
     return path.replace("/", ".")
+
+
+def name_to_path(name: str) -> str:
+    """A safetensors name ("model.layers.0.weight") as a pytree path ("model/layers/0/weight")."""
+    return name.replace(".", "/")
+
+
+def _nested(paths: list[str]) -> tuple[Any, list[int]]:
+    """The structure of leaves named by these paths, and the order it visits them in.
+
+    Dicts nest along each path's parts where they can; a path with an empty part, or
+    one under another path's leaf ("a/b" beside "a"), is one whole key at the top.
+    """
+    every = set(paths)
+    root: dict[str, Any] = {}
+    flat: list[tuple[str, int]] = []
+    for i, path in enumerate(paths):
+        parts = path.split("/")
+        if "" in parts or any("/".join(parts[:n]) in every for n in range(1, len(parts))):
+            flat.append((path, i))
+            continue
+        node = root
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = i
+    order: list[int] = []
+
+    def encode(node: dict[str, Any]) -> Any:
+        items = []
+        for key, value in node.items():
+            if isinstance(value, int):
+                items.append([key, len(order)])
+                order.append(value)
+            else:
+                items.append([key, encode(value)])
+        return {"dict": items}
+
+    structure = encode(root)
+    for path, i in flat:
+        structure["dict"].append([path, len(order)])
+        order.append(i)
+    return structure, order
 
 
 def _header(store: Store, key: str) -> tuple[dict[str, Any], int]:
@@ -191,12 +237,23 @@ def safetensors_index(path: str, timeout_s: float) -> tuple[Store, str, Index]:
     names = [leaf.name for leaf in leaves]
     if len(set(names)) != len(names):
         raise CorruptCheckpointError(f"{join(directory, base)}: a tensor is stored in two files")
+    # Each leaf is named by its tree path; the file's own name stays beside it.
+    by_path: dict[str, str] = {}
+    for name in names:
+        other = by_path.setdefault(name_to_path(name), name)
+        if other != name:
+            raise CorruptCheckpointError(
+                f"{join(directory, base)}: tensors {other!r} and {name!r} are both the tree path "
+                f"{name_to_path(name)!r} ('.' read as '/'), so shardsave cannot tell them apart"
+            )
+    structure, order = _nested([name_to_path(name) for name in names])
+    leaves = [replace(leaves[i], name=name_to_path(leaves[i].name), stored_name=leaves[i].name) for i in order]
     index = Index(
         global_step=None,
         created=store.mtime(files[0] if files else base) or 0.0,
         crc_chunk_bytes=READ_CHUNK_BYTES,
         files=tuple(data_files),
-        structure={"dict": [[leaf.name, i] for i, leaf in enumerate(leaves)]},
+        structure=structure,
         leaves=tuple(leaves),
         format_version=0,
         source="safetensors",
@@ -246,14 +303,14 @@ def load_safetensors(
 
 
 def resolve(path: str) -> str:
-    """A directory as the set or file in it."""
+    """A directory (any location) as the set or file in it."""
     path = location(path)
-    if is_safetensors(path) or "://" in path:
+    if is_safetensors(path):
         return path
-    if os.path.isfile(os.path.join(path, INDEX_NAME)):
-        return os.path.join(path, INDEX_NAME)
-    if os.path.isfile(os.path.join(path, SINGLE_NAME)):
-        return os.path.join(path, SINGLE_NAME)
+    store = open_store(path)
+    for name in (INDEX_NAME, SINGLE_NAME):
+        if store.exists(name):
+            return join(path, name)
     raise CheckpointNotFoundError(
         f"{path} is neither a .safetensors file nor a directory holding {SINGLE_NAME} or {INDEX_NAME}"
     )
@@ -347,8 +404,8 @@ def save_safetensors(
     sharded set (model-00001-of-0000N.safetensors, ...) and its index.json; a
     file exceeds max_shard_bytes only to hold a single larger tensor. Tensors are
     written a block of rows at a time, so host memory holds one block, not the
-    model. Each file is written under a temporary name and renamed when whole,
-    the index.json last.
+    model. Each file is written under a temporary name and renamed when whole
+    (on an object store, one PUT each), the index.json last.
 
     Under jax.distributed, saving a tree is collective: every process calls it
     alike and writes the shards it holds (each replicated box once) into files
@@ -358,7 +415,9 @@ def save_safetensors(
     Args:
       source: a pytree of jax or numpy arrays, or the path of a checkpoint
         (shardsave's, TensorFlow's or safetensors).
-      directory: a local directory; created if needed.
+      directory: where the files go: a local directory (created if needed), or
+        any location a Saver saves to (memory://, s3://, gs://, a kvstore spec),
+        where each file is one write held in host memory while it is sent.
       max_shard_bytes: the most tensor bytes per file.
       names: the safetensors name of each leaf path; by default "/" becomes ".".
       metadata: strings for the header's __metadata__ (e.g. {"format": "pt"}).
@@ -388,10 +447,10 @@ def save_safetensors(
             size = 0
         groups[-1].append(tensor)
         size += tensor.nbytes
-    os.makedirs(directory, exist_ok=True)
+    directory = location(directory)
+    store = open_store(directory, timeout_s)
     n = len(groups)
     file_names = [SINGLE_NAME] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    paths = [os.path.join(directory, name) for name in file_names]
     headers = [_header_bytes(group, metadata) for group in groups]
     index_doc = None
     if n > 1:
@@ -399,14 +458,30 @@ def save_safetensors(
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},
             "weight_map": {t.name: file_names[k] for k, group in enumerate(groups) for t in group},
         }
-    if from_tree and jax.process_count() > 1:
-        _write_distributed(paths, headers, groups, index_doc, directory, progress, timeout_s)
+    index_raw = None if index_doc is None else (json.dumps(index_doc, indent=2, sort_keys=True) + "\n").encode()
+    if store.is_local:
+        os.makedirs(store.local_path(""), exist_ok=True)
+        paths = [store.local_path(name) for name in file_names]
+        if from_tree and jax.process_count() > 1:
+            _write_distributed(paths, headers, groups, index_raw, store, progress, timeout_s)
+        else:
+            for path, header, group in zip(paths, headers, groups):
+                _write_file(path, header, group, progress)
+            sync_directory(store)  # the renames are durable before index.json names the files
+            if index_raw is not None:
+                store.write(INDEX_NAME, index_raw).result()
     else:
-        for path, header, group in zip(paths, headers, groups):
-            _write_file(path, header, group, progress)
-        if index_doc is not None:
-            _write_index(directory, index_doc)
-    return paths + ([os.path.join(directory, INDEX_NAME)] if index_doc is not None else [])
+        if from_tree and jax.process_count() > 1:
+            raise ValueError(
+                f"save_safetensors to {directory}: under jax.distributed every process writes its "
+                "shards into files on a file system they all see; an object store has no such "
+                "files. Save to a shared file system, or call it from one process on gathered arrays"
+            )
+        for name, header, group in zip(file_names, headers, groups):
+            store.write(name, _file_bytes(header, group, progress)).result()
+        if index_raw is not None:
+            store.write(INDEX_NAME, index_raw).result()
+    return [join(directory, name) for name in file_names] + ([join(directory, INDEX_NAME)] if index_raw else [])
 
 
 def _header_bytes(tensors: list[_Tensor], metadata: dict[str, str] | None) -> bytes:
@@ -427,6 +502,28 @@ def _header_bytes(tensors: list[_Tensor], metadata: dict[str, str] | None) -> by
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _tensor_bytes(tensors: list[_Tensor], progress: Callable[[int], None] | None) -> Iterator[memoryview]:
+    """The tensors' bytes in file order, a bounded block at a time."""
+    for t in tensors:
+        written = 0
+        for block in t.blocks():
+            data = np.ascontiguousarray(block, dtype=t.dtype).view(np.uint8).reshape(-1)
+            yield data.data
+            written += data.size
+            if progress is not None:
+                progress(data.size)
+        if written != t.nbytes:
+            raise RuntimeError(f"{t.name!r}: wrote {written} bytes, expected {t.nbytes}")
+
+
+def _file_bytes(header: bytes, tensors: list[_Tensor], progress: Callable[[int], None] | None) -> bytes:
+    """A whole file in memory: for a store whose writes are whole values (one PUT)."""
+    out = bytearray(header)
+    for data in _tensor_bytes(tensors, progress):
+        out += data
+    return bytes(out)
+
+
 def _write_file(
     path: str, header: bytes, tensors: list[_Tensor], progress: Callable[[int], None] | None
 ) -> None:
@@ -434,16 +531,8 @@ def _write_file(
     try:
         with open(temporary, "wb") as f:
             f.write(header)
-            for t in tensors:
-                written = 0
-                for block in t.blocks():
-                    data = np.ascontiguousarray(block, dtype=t.dtype).view(np.uint8).reshape(-1)
-                    f.write(data.data)
-                    written += data.size
-                    if progress is not None:
-                        progress(data.size)
-                if written != t.nbytes:
-                    raise RuntimeError(f"{t.name!r}: wrote {written} bytes, expected {t.nbytes}")
+            for data in _tensor_bytes(tensors, progress):
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -453,16 +542,6 @@ def _write_file(
         raise
 
 
-def _write_index(directory: str, doc: dict[str, Any]) -> None:
-    path = os.path.join(directory, INDEX_NAME)
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        f.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-
-
 _distributed_calls = itertools.count()  # every process calls save_safetensors alike (it is collective)
 
 
@@ -470,8 +549,8 @@ def _write_distributed(
     paths: list[str],
     headers: list[bytes],
     groups: list[list[_Tensor]],
-    index_doc: dict[str, Any] | None,
-    directory: str,
+    index_raw: bytes | None,
+    store: Store,
     progress: Callable[[int], None] | None,
     timeout_s: float,
 ) -> None:
@@ -493,7 +572,7 @@ def _write_distributed(
         except Exception as e:
             error = e
         coordinator.publish(f"{key}/{n}/{me}", "" if error is None else f"{type(error).__name__}: {error}")
-        reports = coordinator.gather(f"{key}/{n}", f"save_safetensors to {directory}: {what}")
+        reports = coordinator.gather(f"{key}/{n}", f"save_safetensors to {store.path}: {what}")
         failed = {pid: report for pid, report in reports.items() if report}
         if failed:
             if me == 0:
@@ -501,7 +580,7 @@ def _write_distributed(
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(temporary)
             raise SaveFailedError(
-                f"save_safetensors to {directory} failed while {what}: "
+                f"save_safetensors to {store.path} failed while {what}: "
                 + "; ".join(f"process {pid}: {report}" for pid, report in sorted(failed.items()))
             ) from error
 
@@ -531,15 +610,16 @@ def _write_distributed(
         if me == 0:
             for temporary, path in zip(temporaries, paths):
                 os.replace(temporary, path)
-            if index_doc is not None:
-                _write_index(directory, index_doc)
+            sync_directory(store)
+            if index_raw is not None:
+                store.write(INDEX_NAME, index_raw).result()
 
     step(0, "creating the files", create)
     step(1, "writing each process's shards", write_mine)
     step(2, "renaming the files into place", commit)
     # No process returns while another still awaits the last reports: process 0 hosts
     # jax.distributed's key-value store, and its exit would fail their reads.
-    coordinator.barrier(f"{key}/done", f"save_safetensors to {directory}: finishing")
+    coordinator.barrier(f"{key}/done", f"save_safetensors to {store.path}: finishing")
 
 
 def _local_blocks(leaf: Any, me: int) -> Iterator[tuple[tuple[int, ...], np.ndarray]]:

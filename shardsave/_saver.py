@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _format, _gc_pause, _safetensors, _tree
+from . import _format, _gc_pause, _tree
 from ._background import BackgroundCommits
 from ._checkpoint import Listing, build_index, encode_checked, write_data_file
 from ._distributed import Coordinator, decode_reports, encode_report
@@ -509,9 +509,11 @@ class Saver:
             raise ValueError(
                 f"latest_filename must be a file name without directories, found {latest_filename!r}"
             )
+        structure = self._structure(tree, treedef)
+        taken = None
         if self._coordinator.process_index == 0:
             try:
-                self._lock(directory, stem)
+                taken = self._lock(directory, stem)
             except OSError as e:
                 raise SaveFailedError(
                     f"saving {prefix} failed: cannot write in {directory.path!r}: {e}"
@@ -520,13 +522,18 @@ class Saver:
         replace_local = False
         try:
             committed = directory.exists(index_key)
-        except StorageError as e:
-            raise SaveFailedError(f"saving {prefix} failed: {e}") from e
-        if committed:
-            if not overwrite:
+            if committed and not overwrite:
                 raise CheckpointExistsError(
                     f"a committed checkpoint exists at {prefix!r}; pass overwrite=True to replace it"
                 )
+        except (StorageError, CheckpointExistsError) as e:
+            if taken is not None:  # refused before writing: leave nothing behind, the lock included
+                taken.release()
+                del self._locks[directory.path, stem]
+            if isinstance(e, CheckpointExistsError):
+                raise
+            raise SaveFailedError(f"saving {prefix} failed: {e}") from e
+        if committed:
             if directory.is_local and key is None:
                 replace_local = True  # the old index goes only once the new files are durable
             else:
@@ -562,7 +569,7 @@ class Saver:
             prefix=prefix,
             plan=plan,
             staged=staged,
-            structure=self._structure(tree, treedef),
+            structure=structure,
             step=step,
             timestamp=self._clock(),
             key=key,
@@ -593,12 +600,27 @@ class Saver:
                 raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         return prefix
 
-    def _lock(self, directory: Store, stem: str) -> None:
-        """Holds the save path for this Saver's life (see Store.lock)."""
-        if (directory.path, stem) not in self._locks:
-            lock = directory.lock(stem)
-            if lock is not None:
-                self._locks[directory.path, stem] = lock
+    def _lock(self, directory: Store, stem: str) -> WriterLock | None:
+        """Holds the save path for this Saver's life (see Store.lock).
+
+        Returns the claim if this call took it (so that a save refused before it
+        writes can let it go again), None if the Saver held it already.
+
+        Raises:
+          ConcurrentSaveError: another process holds the path, or a newer Saver in
+            this process took it over.
+        """
+        held = self._locks.get((directory.path, stem))
+        if held is not None:
+            if held.held:
+                return None
+            held.check()  # a newer Saver holds it; else it let go (closed), and it is ours again
+        # A Saver made later in this process takes the path over once this one's
+        # pending save has committed: the new claim waits on it (settle).
+        lock = directory.lock(stem, self._commits.join)
+        if lock is not None:
+            self._locks[directory.path, stem] = lock
+        return lock
 
     def should_save(self, step: int) -> bool:
         """Whether the training loop should save at this step, by the Saver's save policy.
@@ -788,6 +810,7 @@ class Saver:
             self.part_bytes,
             save.metrics,
             save.metadata,
+            recorded=save.state_file is not None,
         )
         return encode_checked(index, f"{save.prefix}{_format.INDEX_SUFFIX}")
 
@@ -922,12 +945,6 @@ class Saver:
         if target is None:
             requests, finish = requests_for_saved(index, save_path)
         else:
-            if index.source == "safetensors":  # "model/embed" is stored as "model.embed"
-                if names is None:
-                    names = _safetensors.path_to_name
-                elif isinstance(names, dict):
-                    mapped = names
-                    names = lambda path: mapped.get(path, _safetensors.path_to_name(path))  # noqa: E731
             requests, finish = requests_for_target(index, target, reshape, cast, save_path, names)
         # Sharing pays where reading is dear (an object store); from a local file system,
         # reading the page cache again is cheaper than the collective (the commit that

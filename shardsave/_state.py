@@ -313,7 +313,9 @@ def unrecorded_commits(
     file (or writing the first one) leaves a committed checkpoint that the state
     file does not name. Only those newer than every recorded one count, so a
     checkpoint that keep_checkpoint_every_n_hours preserved (and the state file
-    dropped) never does; with stem, only checkpoints named stem or stem-STEP.
+    dropped) never does; with stem, only checkpoints named stem or stem-STEP. A
+    checkpoint saved with write_state=False (its index says it is not to be
+    recorded) never counts: it was kept out of the state file on purpose.
     """
     newest = max((t for _, t in kept), default=float("-inf"))
     recorded = {b for b, _ in kept}
@@ -324,10 +326,11 @@ def unrecorded_commits(
             continue
         key = _format.index_key(base)
         try:
-            created = _format.decode_index(directory.read_all(key) or b"", key).created
+            index = _format.decode_index(directory.read_all(key) or b"", key)
         except ShardsaveError:
             continue  # not ours to judge, and never ours to delete
-        if created > newest:
+        created = index.created
+        if index.recorded and created > newest:
             found.append((base, created))
     return sorted(found, key=lambda bt: bt[1])
 
@@ -335,11 +338,13 @@ def unrecorded_commits(
 def latest_checkpoint(checkpoint_dir: str, latest_filename: str | None = None) -> str | None:
     """The prefix of the newest committed checkpoint the state file names.
 
-    A checkpoint committed after the state file's last update (its saving process
-    died in between) is newer than anything the state file names, and is returned
-    instead, so a restarted job neither loses it nor collides with its name. With
-    no state file at all (a kill before the first was written) or an unreadable
-    one, the newest committed checkpoint in the directory is returned.
+    A checkpoint of the state file's own save path committed after the file's last
+    update (its saving process died in between) is newer than anything the file
+    names, and is returned instead, so a restarted job neither loses it nor
+    collides with its name. With no state file at all (a kill before the first was
+    written) or an unreadable one, the newest committed checkpoint in the directory
+    is returned. A checkpoint saved with write_state=False is never returned, as in
+    TensorFlow.
 
     Args:
       checkpoint_dir: the directory holding the checkpoints (a path or URL).
@@ -365,7 +370,10 @@ def latest_checkpoint(checkpoint_dir: str, latest_filename: str | None = None) -
         (split_prefix(p)[1], t)
         for p, t in zip(state.all_model_checkpoint_paths, state.all_model_checkpoint_timestamps)
     ]
-    missed = unrecorded_commits(directory, kept)
+    # Only the state file's own save path: another save path's commit (an export, a
+    # `best` beside `model`) is not what this file was tracking.
+    stem = _format.stem_of(split_prefix(state.model_checkpoint_path)[1])
+    missed = unrecorded_commits(directory, kept, stem)
     if missed:
         return join(directory.path, missed[-1][0])
     # Newest first; the index is the commit marker, so never name a prefix without it.

@@ -436,7 +436,13 @@ class Store(Protocol):
 
     def check_parent(self, prefix: str) -> None: ...
 
-    def lock(self, stem: str) -> WriterLock | None: ...
+    def lock(self, stem: str, settle: Callable[[], None] | None = None) -> WriterLock | None:
+        """Claims the save path `stem` (local stores; None where the store has no locks).
+
+        settle waits for the claimant's pending work, before a later claim in this
+        process takes the path over (see WriterLock).
+        """
+        ...
 
 
 class _Local(Generic[T_co]):
@@ -574,16 +580,17 @@ class LocalStore:
                 "choose a save path inside a directory"
             )
 
-    def lock(self, stem: str) -> WriterLock | None:
-        """Takes this process's exclusive claim on the save path `stem`.
+    def lock(self, stem: str, settle: Callable[[], None] | None = None) -> WriterLock | None:
+        """Takes an exclusive claim on the save path `stem`.
 
         Two writers of one save path delete each other's files in flight (each
         removes the other's uncommitted data as leftovers) and interleave their
         retention. An flock on `.STEM.lock` excludes a second writer, in this
         process or another, and the kernel releases it when its holder dies, so a
-        killed job never blocks the next one.
+        killed job never blocks the next one. Inside one process a later claim takes
+        the path over once settle() returns (WriterLock).
         """
-        return _take_lock(self.local_path(f".{stem}{LOCK_SUFFIX}"), join(self.path, stem))
+        return _take_lock(self.local_path(f".{stem}{LOCK_SUFFIX}"), join(self.path, stem), settle)
 
 
 class TensorstoreStore:
@@ -676,7 +683,7 @@ class TensorstoreStore:
     def check_parent(self, prefix: str) -> None:
         return None  # an object store has no parents that can be files
 
-    def lock(self, stem: str) -> WriterLock | None:
+    def lock(self, stem: str, settle: Callable[[], None] | None = None) -> WriterLock | None:
         return None
 
 
@@ -707,10 +714,21 @@ def open_store(location: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> S
     return store
 
 
-def _take_lock(path: str, what: str) -> WriterLock:
+def _take_lock(path: str, what: str, settle: Callable[[], None] | None) -> WriterLock:
+    """Claims the save path `what` through the lock file at path (see WriterLock)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = os.path.realpath(path)
+    with _holds_lock:
+        hold = _holds.get(path)
+        earlier = hold.claim() if hold is not None else None
+    if earlier is not None:
+        earlier.settle()  # outside the registry's lock: it waits for a commit in flight
+    with _holds_lock:
+        hold = _holds.get(path)
+        if hold is not None:  # held by this process: taken over
+            return WriterLock(hold, what, settle)
     while True:
-        handle = open(path, "a+")  # noqa: SIM115 (held open for the Saver's life)
+        handle = open(path, "a+")  # noqa: SIM115 (held open for the owner's life)
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -744,27 +762,60 @@ def _take_lock(path: str, what: str) -> WriterLock:
     handle.truncate()
     handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}) + "\n")
     handle.flush()
-    return WriterLock(handle, path)
+    hold = _Hold(path, handle)
+    with _holds_lock:
+        _holds[path] = hold
+    return WriterLock(hold, what, settle)
 
 
 LOCK_SUFFIX = ".lock"
 
 
 class WriterLock:
-    """A held flock; released by release(), or when the object or its process goes.
+    """One owner's claim on a save path: this process's flock, held for that owner.
 
+    Across processes the flock decides: a second writer is refused. Inside one
+    process, a later claim of the same lock file (a Saver made again in a notebook
+    cell, or tf.train.Saver's idiom of a fresh Saver beside the old ones) takes the
+    flock over from the earlier claim once the earlier owner's pending work has
+    settled; the earlier claim is then superseded, and check() says so. A claim that
+    is released, or garbage-collected with its owner, lets the flock go, and
     release() removes the lock file too (a killed holder leaves it, harmless and
     reused by the next writer).
     """
 
-    def __init__(self, handle: Any, path: str):
-        self._handle, self._path = handle, path
+    def __init__(self, hold: _Hold, what: str, settle: Callable[[], None] | None):
+        self._hold, self._what, self._settle = hold, what, settle
+        hold.claim = weakref.ref(self)
+
+    @property
+    def held(self) -> bool:
+        """Whether this claim still holds the save path (not released, not taken over)."""
+        hold = self._hold
+        return _holds.get(hold.path) is hold and hold.claim() is self
+
+    def check(self) -> None:
+        """Raises ConcurrentSaveError if a newer claim in this process holds the path now."""
+        hold = _holds.get(self._hold.path)
+        current = hold.claim() if hold is not None else None
+        if current is not None and current is not self:
+            raise ConcurrentSaveError(
+                f"a newer Saver in this process holds the save path {self._what!r} (lock file "
+                f"{self._hold.path}): it took the path over when it first saved there, after this "
+                "Saver's pending saves had committed. Save with the newer Saver, or close() it first"
+            )
+
+    def settle(self) -> None:
+        """Waits for the owner's pending work on the path (before a takeover)."""
+        if self._settle is not None:
+            self._settle()
 
     def release(self) -> None:
-        if not self._handle.closed:
-            with contextlib.suppress(OSError):
-                os.unlink(self._path)  # while still held: a waiter re-checks the name
-            self._handle.close()  # closing the descriptor releases the flock
+        with _holds_lock:
+            if not self.held:
+                return  # taken over or released already: the flock is someone else's now
+            del _holds[self._hold.path]
+        self._hold.close()
 
     def __del__(self) -> None:
         # Not contextlib.suppress: at interpreter exit module globals may be gone.
@@ -772,6 +823,28 @@ class WriterLock:
             self.release()
         except Exception:
             pass
+
+
+@dataclass
+class _Hold:
+    """A flock this process holds on a lock file, and the claim it is held for."""
+
+    path: str  # the lock file's real path
+    handle: Any
+    claim: Callable[[], WriterLock | None] = lambda: None  # a weak reference to the claim
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)  # while still held: a waiter re-checks the name
+            self.handle.close()  # closing the descriptor releases the flock
+
+
+# The flocks this process holds, by lock file. A flock belongs to an open file
+# description, so a second open of the same file in this process would be refused
+# like another process: a claim inside the process is handed over here instead.
+_holds: dict[str, _Hold] = {}
+_holds_lock = threading.Lock()
 
 
 @dataclass

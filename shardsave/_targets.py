@@ -189,7 +189,9 @@ def requests_for_target(
 ) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
     target_names, leaves, treedef = _tree.flatten(target)
     names = stored_names(target_names, mapping)
-    by_name = {e.name: e for e in index.leaves}
+    # A foreign format's own names ("model.embed" in safetensors) also find their leaf.
+    by_name = {e.stored_name: e for e in index.leaves if e.stored_name is not None}
+    by_name.update((e.name, e) for e in index.leaves)
     missing = [n for n in names if n not in by_name]
     if missing:
         raise _tree.missing_leaves_error(missing, list(by_name), path)

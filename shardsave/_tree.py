@@ -130,17 +130,34 @@ def _json_key(key: Any) -> str | int:
     return _key_name(key)
 
 
+# The most containers nested in one another that a checkpoint holds (FORMAT.md): the
+# index is JSON, and a reader's JSON parser has a depth limit of its own; a writer
+# refuses a deeper tree before anything is written rather than commit what a reader
+# might refuse.
+MAX_STRUCTURE_DEPTH = 100
+
+
 def encode_structure(tree: Any) -> Any:
-    """The JSON form of a tree; leaves become their index in flatten() order."""
+    """The JSON form of a tree; leaves become their index in flatten() order.
+
+    Raises:
+      ValueError: containers are nested more than MAX_STRUCTURE_DEPTH deep.
+    """
     counter = iter(range(1 << 62))
 
-    def enc(node: Any) -> Any:
+    def enc(node: Any, path: tuple[str, ...] = ()) -> Any:
         if node is None:
             return {"none": None}
         children = _children(node)
         if children is None:
             return next(counter)
-        kids = [(k, enc(c)) for k, c in children]
+        if len(path) >= MAX_STRUCTURE_DEPTH:
+            raise ValueError(
+                f"the tree nests containers more than {MAX_STRUCTURE_DEPTH} deep (at "
+                f"{'/'.join(path[:3])}/.../{path[-1]}), more than a checkpoint holds (FORMAT.md): "
+                "flatten part of it, for example into a dict keyed by 'a/b/c' paths"
+            )
+        kids = [(k, enc(c, (*path, _key_name(k)))) for k, c in children]
         if type(node) is dict:
             return {"dict": [[_json_key(k), c] for k, c in kids]}
         if type(node) is list:

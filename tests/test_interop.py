@@ -285,17 +285,28 @@ def _safetensors_set(directory: Path) -> dict[str, np.ndarray]:
     return {t: v for tensors in files.values() for t, v in tensors.items()}
 
 
+def _by_path(tree):
+    """{"a/b": leaf} of a nested tree: its leaves by key path joined with "/"."""
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
 def test_load_safetensors_of_a_sharded_set_lists_and_restores_every_tensor(tmp_path):
     values = _safetensors_set(tmp_path)
     everything = shardsave.load_safetensors(tmp_path)  # the directory: its index.json
-    assert sorted(everything) == sorted(values)
+    # One naming rule: "model.layers.0.mlp.weight" is the leaf at model/layers/0/mlp/weight.
+    assert everything["model"]["layers"]["0"]["mlp"]["weight"].shape == (16, 32)
+    loaded = _by_path(everything)
+    assert sorted(loaded) == sorted(name.replace(".", "/") for name in values)
     for name, value in values.items():
-        np.testing.assert_array_equal(everything[name], value)
-        assert everything[name].dtype == value.dtype
+        np.testing.assert_array_equal(loaded[name.replace(".", "/")], value)
+        assert loaded[name.replace(".", "/")].dtype == value.dtype
     with shardsave.CheckpointReader(str(tmp_path / "model.safetensors.index.json")) as reader:
         listed = {v.name: (v.dtype_name, v.shape) for v in reader.variables()}
-        assert listed["model.layers.0.mlp.weight"] == ("F16", (16, 32))
-        assert listed["model.mask"] == ("BOOL", (8, 4))
+        assert listed["model/layers/0/mlp/weight"] == ("F16", (16, 32))
+        assert listed["model/mask"] == ("BOOL", (8, 4))
         np.testing.assert_array_equal(
             reader.get("model.embed_tokens.weight", (slice(3, 5),)), values["model.embed_tokens.weight"][3:5]
         )
@@ -434,8 +445,8 @@ def test_save_safetensors_is_read_back_equal_by_the_safetensors_package(tmp_path
     np.testing.assert_array_equal(np.asarray(loaded["step"]), np.asarray(9, np.int32))
     with safe_open(written[0], framework="flax") as f:
         assert f.metadata() == {"format": "flax"}
-    back = shardsave.load_safetensors(str(tmp_path / "out"))
-    np.testing.assert_array_equal(back["blocks.0.w"], np.asarray(tree["blocks"][0]["w"]))
+    back = shardsave.load_safetensors(str(tmp_path / "out"))  # "blocks.0.w" is blocks/0/w again
+    np.testing.assert_array_equal(back["blocks"]["0"]["w"], np.asarray(tree["blocks"][0]["w"]))
     np.testing.assert_array_equal(back["fp8"], tree["fp8"])
 
 
@@ -462,13 +473,13 @@ def test_save_safetensors_from_a_checkpoint_and_the_convert_command(tmp_path, me
         )  # TensorFlow -> shardsave
         assert main(["inspect", str(tmp_path / "st")]) == 0
     np.testing.assert_array_equal(load_file(str(tmp_path / "st" / "model.safetensors"))["layer.w"], value)
-    np.testing.assert_array_equal(shardsave.Saver().restore(str(tmp_path / "back" / "m"))["layer.w"], value)
+    np.testing.assert_array_equal(shardsave.Saver().restore(str(tmp_path / "back" / "m"))["layer"]["w"], value)
     from_tf = shardsave.Saver().restore(str(tmp_path / "tf" / "model-7"))
     np.testing.assert_array_equal(from_tf["part"], _value(EXPECTED["v1"]["variables"]["part"]))
     text = out.getvalue()
     assert f"wrote to {tmp_path / 'st'}: model.safetensors" in text
     assert "left out, as no array can hold them: words (string)" in text
-    assert "layer.w  F32" in text
+    assert "layer/w  F32" in text  # the tree path, as every command names leaves
 
 
 # ---------------------------------------------------------------- damaged headers, fuzzed

@@ -274,17 +274,30 @@ def test_6_an_overwrite_with_fewer_data_files_removes_the_old_ones(tmp_path, mes
 WRITER = Path(__file__).parent / "programs" / "writer.py"
 
 
-def test_7_a_second_writer_of_a_save_path_is_refused_naming_the_first(tmp_path):
-    first = shardsave.Saver(async_save=False)
+def test_7_a_newer_saver_in_the_process_takes_the_save_path_over_from_the_first(tmp_path):
+    first = shardsave.Saver(max_to_keep=2)  # asynchronous: its save is in flight at the takeover
     first.save({"w": np.ones(2)}, str(tmp_path / "model"), global_step=1)
-    second = shardsave.Saver(async_save=False)
-    with pytest.raises(ConcurrentSaveError, match=rf"pid\": {os.getpid()}.*model"):
-        second.save({"w": np.ones(2)}, str(tmp_path / "model"), global_step=2)
-    assert _committed(tmp_path) == ["model-1"]
-    second.save({"w": np.ones(2)}, str(tmp_path / "other"), global_step=2)  # another save path is fine
-    first.close()  # a writer that is done lets go
-    second.save({"w": np.ones(2)}, str(tmp_path / "model"), global_step=2)
-    assert _committed(tmp_path) == ["model-1", "model-2", "other-2"]
+    second = shardsave.Saver(max_to_keep=2, async_save=False)
+    second.save({"w": np.ones(2)}, str(tmp_path / "model"), global_step=2)  # after model-1 committed
+    with pytest.raises(ConcurrentSaveError, match=r"a newer Saver in this process holds the save path"):
+        first.save({"w": np.ones(2)}, str(tmp_path / "model"), global_step=3)
+    assert _committed(tmp_path) == ["model-1", "model-2"]
+    first.save({"w": np.ones(2)}, str(tmp_path / "other"), global_step=3)  # another save path is fine
+    first.wait_until_finished()
+    second.close()  # the newer one is done: the path is free again, for the first too
+    first.save({"w": np.ones(2)}, str(tmp_path / "model"), global_step=4)
+    first.wait_until_finished()
+    assert _committed(tmp_path) == ["model-2", "model-4", "other-3"]  # max_to_keep=2 went on
+
+
+def test_7_a_saver_that_is_garbage_collected_lets_its_save_paths_go(tmp_path):
+    import gc
+
+    shardsave.Saver(async_save=False).save({"w": np.ones(2)}, str(tmp_path / "model"), global_step=1)
+    gc.collect()
+    assert not (tmp_path / ".model.lock").exists()  # released, and its file removed
+    shardsave.Saver(async_save=False).save({"w": np.ones(2)}, str(tmp_path / "model"), global_step=2)
+    assert _committed(tmp_path) == ["model-1", "model-2"]
 
 
 def test_7_two_processes_writing_one_save_path(tmp_path):
