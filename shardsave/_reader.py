@@ -86,7 +86,7 @@ class CheckpointReader:
     Args:
       path: a checkpoint prefix such as "ckpt/model-1000".
 
-    Example:
+    Examples:
       >>> import numpy as np, shardsave, tempfile
       >>> p = shardsave.Saver(async_save=False).save({"w": np.arange(6.0).reshape(2, 3)}, tempfile.mkdtemp() + "/m")
       >>> with shardsave.CheckpointReader(p) as reader:
@@ -112,6 +112,7 @@ class CheckpointReader:
 
     @property
     def global_step(self) -> int | None:
+        """The step saved with the checkpoint (save(global_step=...)), or None."""
         return self.index.global_step
 
     @property

@@ -283,7 +283,7 @@ def load_safetensors(
         "/" read as "." ({"model": {"embed": x}} is "model.embed").
       max_host_bytes: a host-memory cap for the restore (at least 32 MiB).
 
-    Example:
+    Examples:
       >>> import numpy as np, shardsave, tempfile
       >>> from safetensors.numpy import save_file
       >>> d = tempfile.mkdtemp()
@@ -427,6 +427,15 @@ def save_safetensors(
 
     Returns:
       The paths written, the index.json (if any) last.
+
+    Examples:
+      >>> import numpy as np, shardsave, tempfile
+      >>> from safetensors.numpy import load_file
+      >>> d = tempfile.mkdtemp()
+      >>> [p.rsplit("/", 1)[1] for p in shardsave.save_safetensors({"layer": {"w": np.ones((2, 3))}}, d)]
+      ['model.safetensors']
+      >>> sorted(load_file(d + "/model.safetensors"))
+      ['layer.w']
     """
     from_tree = not isinstance(source, (str, os.PathLike))
     tensors = _from_tree(source, names) if from_tree else _from_checkpoint(os.fspath(source), names)

@@ -109,6 +109,9 @@ class SaveInfo:
 class RestoreInfo:
     """Timings of a restore, for logs and reports.
 
+    The rest of `seconds` (less the three parts below) is reading, verifying and
+    assembling.
+
     Attributes:
       path: the checkpoint prefix.
       nbytes: bytes of the leaves restored (in their target dtype).
@@ -116,7 +119,6 @@ class RestoreInfo:
       index_seconds: reading and validating the index.
       plan_seconds: matching the target's leaves and planning the reads.
       place_seconds: creating the arrays on their devices (jax's own calls).
-      The rest (seconds minus the three) is reading, verifying and assembling.
     """
 
     path: str
@@ -251,7 +253,7 @@ class Saver:
         and share them through jax's collectives, instead of once per process.
         None (the default) shares on object stores and not from local paths.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, shardsave, tempfile
       >>> saver = shardsave.Saver(max_to_keep=2)
       >>> d = tempfile.mkdtemp()
@@ -461,9 +463,11 @@ class Saver:
           write_state: record the checkpoint in the state file and in retention
             (max_to_keep); with False it is committed and left alone, as in
             tf.train.Saver.
-          metrics, metadata: dicts with string keys and JSON values (numpy and jax
-            scalars count as numbers), stored in the index and so committed with
-            the checkpoint; CheckpointReader(path).metrics / .metadata read them.
+          metrics: a dict with string keys and JSON values (numpy and jax scalars
+            count as numbers), stored in the index and so committed with the
+            checkpoint; CheckpointReader(path).metrics reads it, and keep_best ranks by it.
+          metadata: the same for anything else (a data loader's position);
+            CheckpointReader(path).metadata reads it.
 
         Returns:
           The checkpoint's prefix, or None for an empty tree with allow_empty.
@@ -632,7 +636,7 @@ class Saver:
         unconditional. With several processes every process gets the same answer
         for the same step: process 0's clock decides the time-based part.
 
-        Example:
+        Examples:
           >>> import shardsave
           >>> saver = shardsave.Saver(save_interval_steps=100)
           >>> [s for s in range(0, 301, 50) if saver.should_save(s)]
@@ -978,7 +982,7 @@ def load_structure(path: str) -> Any:
     Args:
       path: a checkpoint prefix.
 
-    Example:
+    Examples:
       >>> import numpy as np, shardsave, tempfile
       >>> p = shardsave.Saver(async_save=False).save({"b": np.zeros(3)}, tempfile.mkdtemp() + "/m")
       >>> shardsave.load_structure(p)["b"].shape

@@ -277,7 +277,7 @@ def get_checkpoint_state(checkpoint_dir: str, latest_filename: str | None = None
     Returns:
       The state, or None when the directory has no state file.
 
-    Example:
+    Examples:
       >>> import shardsave, tempfile
       >>> shardsave.get_checkpoint_state(tempfile.mkdtemp()) is None
       True
@@ -353,7 +353,7 @@ def latest_checkpoint(checkpoint_dir: str, latest_filename: str | None = None) -
     Returns:
       A prefix such as "ckpt/model-1000", or None if there is none.
 
-    Example:
+    Examples:
       >>> import shardsave, tempfile
       >>> shardsave.latest_checkpoint(tempfile.mkdtemp()) is None
       True
@@ -548,7 +548,7 @@ def remove_uncommitted(directory: Store, stem: str, listing: Listing | None = No
 def checkpoint_exists(checkpoint_prefix: str) -> bool:
     """Whether a committed checkpoint (its index) exists at the prefix, as tf.train.checkpoint_exists.
 
-    Example:
+    Examples:
       >>> import shardsave, tempfile
       >>> shardsave.checkpoint_exists(tempfile.mkdtemp() + "/model-1")
       False
@@ -562,7 +562,7 @@ def get_checkpoint_mtimes(checkpoint_prefixes: Iterable[str]) -> list[float]:
     A checkpoint's time is its index's (the commit). Prefixes without a
     committed checkpoint are left out, so the list may be shorter.
 
-    Example:
+    Examples:
       >>> import shardsave, tempfile
       >>> shardsave.get_checkpoint_mtimes([tempfile.mkdtemp() + "/model-1"])
       []
@@ -583,7 +583,7 @@ def remove_checkpoint(checkpoint_prefix: str) -> None:
 
     It does not touch the state file: a state file naming it treats it as absent.
 
-    Example:
+    Examples:
       >>> import numpy as np, shardsave, tempfile
       >>> p = shardsave.Saver(async_save=False).save({"a": np.ones(2)}, tempfile.mkdtemp() + "/m")
       >>> shardsave.remove_checkpoint(p); shardsave.checkpoint_exists(p)

@@ -598,3 +598,83 @@ def test_a_bad_safetensors_index_json_is_refused_naming_it(tmp_path, weight_map)
     )
     with pytest.raises(error, match=r"safetensors"):
         shardsave.load_safetensors(tmp_path)
+
+
+# ---------------------------------------------------------------- one naming rule, both ways
+
+
+def test_a_converted_safetensors_file_restores_into_the_target_load_safetensors_takes(tmp_path, mesh24):
+    """Written by the safetensors package; converted; restored into load_safetensors' nested target."""
+    from safetensors.numpy import save_file
+
+    from shardsave._cli import main
+
+    values = {
+        "model.layers.0.w": np.arange(64 * 8, dtype=np.float32).reshape(64, 8),
+        "model.layers.1.w": np.ones((64, 8), np.float32),
+        "model.embed": np.arange(16, dtype=np.int32),
+        "lm_head": np.full((4, 4), 2.0, np.float32),
+    }
+    save_file(values, str(tmp_path / "model.safetensors"))
+    sharded = NamedSharding(mesh24, P("data", "model"))
+    target = {
+        "model": {
+            "layers": {str(i): {"w": jax.ShapeDtypeStruct((64, 8), np.float32, sharding=sharded)} for i in (0, 1)},
+            "embed": np.zeros(16, np.int32),
+        },
+        "lm_head": np.zeros((4, 4), np.float32),
+    }
+    loaded = shardsave.load_safetensors(str(tmp_path / "model.safetensors"), target)
+    assert main(["convert", str(tmp_path / "model.safetensors"), str(tmp_path / "ck" / "model")]) == 0
+    restored = shardsave.Saver().restore(str(tmp_path / "ck" / "model"), target)
+    for name, value in values.items():
+        path = name.split(".")
+        got, want = restored, loaded
+        for part in path:
+            got, want = got[part], want[part]
+        np.testing.assert_array_equal(np.asarray(got), value)
+        np.testing.assert_array_equal(np.asarray(want), value)
+    assert restored["model"]["layers"]["0"]["w"].sharding == sharded
+    # The stored names are the tree paths, as every command shows them.
+    with shardsave.CheckpointReader(str(tmp_path / "ck" / "model")) as reader:
+        assert sorted(v.name for v in reader.variables()) == sorted(n.replace(".", "/") for n in values)
+
+
+def test_save_safetensors_then_convert_back_is_the_same_tree(tmp_path):
+    from shardsave._cli import main
+
+    tree = {
+        "encoder": {"attn": {"q": np.ones((4, 2), np.float32), "k": np.zeros((4, 2), np.float32)}},
+        "head": {"bias": np.arange(3, dtype=np.int64)},
+        "scale": np.float32(0.5),
+    }
+    shardsave.save_safetensors(tree, str(tmp_path / "st"))
+    assert main(["convert", str(tmp_path / "st"), str(tmp_path / "ck" / "m")]) == 0
+    back = shardsave.Saver().restore(str(tmp_path / "ck" / "m"))
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(
+        jax.tree_util.tree_map(np.asarray, tree)
+    )
+    for got, want in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tree)):
+        np.testing.assert_array_equal(got, np.asarray(want).reshape(np.shape(got)))
+        assert np.asarray(got).dtype == np.asarray(want).dtype
+
+
+def test_names_that_cannot_nest_stay_whole_and_still_map_back(tmp_path):
+    """"a" beside "a.b", and an empty part: each stays one key; "/" read as "." still finds it."""
+    from safetensors.numpy import load_file, save_file
+
+    values = {"a": np.ones(2, np.float32), "a.b": np.zeros(2, np.float32), "x..y": np.full(2, 3.0, np.float32)}
+    save_file(values, str(tmp_path / "model.safetensors"))
+    loaded = shardsave.load_safetensors(str(tmp_path / "model.safetensors"))
+    assert sorted(loaded) == ["a", "a/b", "x//y"]
+    shardsave.save_safetensors(loaded, str(tmp_path / "again"))
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert sorted(again) == sorted(values)
+    for name, value in values.items():
+        np.testing.assert_array_equal(again[name], value)
+
+
+def test_a_capped_restore_of_a_tensorflow_checkpoint_below_the_floor_names_whole_tensors():
+    target = {"part": np.zeros((10, 4), np.float32)}
+    with pytest.raises(ValueError, match=r"verified in whole tensors \(this checkpoint has one checksum per tensor\)"):
+        shardsave.Saver().restore(_prefix("v1"), target, restore_sequentially=True, max_host_bytes=1 << 20)

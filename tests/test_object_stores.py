@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import socket
 import tempfile
 import threading
@@ -353,3 +354,52 @@ def test_tensorflow_checkpoints_and_safetensors_restore_from_every_store(locatio
     store.write("model.safetensors", raw[:-100]).result()  # cut short: the store reads fewer bytes
     with pytest.raises(CorruptCheckpointError, match=r"model\.safetensors.*(truncated|cannot read)"):
         shardsave.load_safetensors(f"{location}/model.safetensors", st_target)
+
+
+# ---------------------------------------------------------------- every command, every location form
+
+FORMS = ["path", "file-url", "memory", "s3", "gs", "kvstore-json"]
+
+
+def _form(request, tmp_path, form: str):
+    """How a user names a location under the root in this form: sub -> the argument."""
+    if form == "path":
+        return lambda sub: str(tmp_path / sub)
+    if form == "file-url":
+        return lambda sub: f"file://{tmp_path / sub}"
+    if form == "memory":
+        root = f"memory://{uuid.uuid4().hex}"
+        return lambda sub: f"{root}/{sub}"
+    if form == "kvstore-json":
+        return lambda sub: json.dumps({"driver": "file", "path": str(tmp_path / sub)})
+    if form == "s3":
+        root = f"s3://{s3_bucket(request.getfixturevalue('s3_env'))}"
+        return lambda sub: f"{root}/{sub}"
+    root = f"gs://{gcs_bucket(request.getfixturevalue('gcs_server'))}"
+    return lambda sub: f"{root}/{sub}"
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_command_takes_every_location_form(request, tmp_path, mesh24, form):
+    at = _form(request, tmp_path, form)
+    tree = _tree(mesh24, 3)
+    path = shardsave.Saver(async_save=False).save(tree, at("ckpt/model"), global_step=3)
+    status, listing = _cli("ls", at("ckpt"))
+    assert status == 0 and "model-3" in listing and "committed (latest)" in listing, listing
+    for where in (at("ckpt/model-3"), at("ckpt")):  # a prefix, or a directory for its latest
+        status, shown = _cli("inspect", where)
+        assert status == 0 and "w" in shown and "3 leaves" in shown, shown
+    status, verified = _cli("verify", at("ckpt/model-3"))
+    assert status == 0 and verified.startswith("OK"), verified
+    # convert, both ends in this form: to safetensors and back to a checkpoint.
+    status, out = _cli("convert", at("ckpt/model-3"), at("st"))
+    assert status == 0 and "model.safetensors" in out, out
+    status, out = _cli("inspect", at("st"))
+    assert status == 0 and re.search(r"^w +F32 +\(64, 32\)", out, re.M), out
+    status, out = _cli("convert", at("st"), at("back/model"))
+    assert status == 0 and "3 leaves" in out, out
+    back = shardsave.Saver().restore(shardsave.latest_checkpoint(at("back")) or at("back/model"), tree)
+    np.testing.assert_array_equal(np.asarray(back["w"]), np.asarray(tree["w"]))
+    np.testing.assert_array_equal(np.asarray(back["b"]), np.asarray(tree["b"]))
+    assert int(back["step"]) == 3
+    assert shardsave.checkpoint_exists(path)

@@ -478,3 +478,18 @@ def test_64_bit_values_are_never_narrowed_into_jax_arrays_without_x64(tmp_path):
         shardsave.Saver().restore(path, target)
     exact = shardsave.Saver().restore(path, {"i": np.zeros(3, np.int64), "f": np.zeros(2, np.float64)})
     assert exact["i"].tolist() == [2**40, 2**40 + 1, 2**40 + 2] and exact["f"][0] == 1 / 3
+
+
+def test_a_save_refused_before_it_writes_leaves_nothing_in_the_directory(tmp_path):
+    """A tree nested deeper than a checkpoint holds; a committed prefix without overwrite."""
+    deep: dict = {"w": np.ones(2)}
+    for _ in range(330):
+        deep = {"x": deep}
+    with pytest.raises(ValueError, match="nests containers more than 100 deep"):
+        shardsave.Saver().save(deep, str(tmp_path / "m"))
+    assert list(tmp_path.iterdir()) == []  # no data, no index, no lock file
+    path = shardsave.Saver(async_save=False).save({"w": np.ones(2)}, str(tmp_path / "a" / "m"))
+    before = sorted(p.name for p in (tmp_path / "a").iterdir())
+    with pytest.raises(shardsave.errors.CheckpointExistsError):
+        shardsave.Saver(async_save=False).save({"w": np.ones(2)}, path)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before

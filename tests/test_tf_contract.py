@@ -247,11 +247,11 @@ def test_save_to_nonexisting_path(tmp_path):
 def test_max_to_keep_non_sharded(tmp_path):
     """MaxToKeepTest.testNonSharded (and testSharded: with sharded=True the same holds).
 
-    Two differences: a shardsave Saver holds the save paths it writes until close(),
-    so each helper is closed before the next one writes the same names (TensorFlow's
-    test interleaves three live helpers, which shardsave refuses: two live writers
-    of one save path delete each other's files in flight); and saving over a
-    committed checkpoint takes overwrite=True.
+    As TensorFlow's test, three helpers live at once in one process and each writes
+    the same save paths in turn: a Saver made later takes a save path over from the
+    earlier one when it first saves there (test_safety's test_7 has what the earlier
+    one may do then). One difference: saving over a committed checkpoint takes
+    overwrite=True.
     """
     for sharded, save_dir in ((False, tmp_path / "non_sharded"), (True, tmp_path / "sharded")):
         save = shardsave.Saver(max_to_keep=2, sharded=sharded, async_save=False)
@@ -282,7 +282,6 @@ def test_max_to_keep_non_sharded(tmp_path):
         assert save.last_checkpoints == [s2, s1]
         assert not shardsave.checkpoint_exists(s3) and shardsave.checkpoint_exists(s2)
         _assert_checkpoint_state(save_dir, s1, [s2, s1])
-        save.close()
 
         # The second helper.
         s2 = save2.save(TREE, str(save_dir / "s2"), overwrite=True)
@@ -294,7 +293,6 @@ def test_max_to_keep_non_sharded(tmp_path):
         assert save2.last_checkpoints == [s2, s1]
         assert shardsave.checkpoint_exists(s2) and shardsave.checkpoint_exists(s1)
         _assert_checkpoint_state(save_dir, s1, [s2, s1])
-        save2.close()
 
         # The third helper: unaware of the previous s2.
         s2 = save3.save(TREE, str(save_dir / "s2"), overwrite=True)
@@ -306,7 +304,8 @@ def test_max_to_keep_non_sharded(tmp_path):
         assert save3.last_checkpoints == [s2, s1]
         assert shardsave.checkpoint_exists(s2) and shardsave.checkpoint_exists(s1)
         _assert_checkpoint_state(save_dir, s1, [s2, s1])
-        save3.close()
+        for helper in (save, save2, save3):
+            helper.close()
 
 
 @pytest.mark.parametrize("keep", [None, 0])
@@ -389,6 +388,56 @@ def test_write_state_false_commits_without_recording(tmp_path):
     assert shardsave.latest_checkpoint(str(tmp_path), latest_filename="other_state") == s3
     with pytest.raises(ValueError, match="latest_filename"):
         save.save(TREE, str(tmp_path / "m"), global_step=4, latest_filename="sub/x")
+
+
+def test_write_state_false_is_never_the_latest_checkpoint(tmp_path):
+    """tf.train.Saver.save(write_state=False), as TensorFlow's checkpoint_management reads it.
+
+    In TensorFlow, saver.save(sess, path, write_state=False) is how an export or an
+    evaluation copy stays out of latest_checkpoint: the state file keeps naming
+    model-1, and latest_checkpoint returns it.
+    """
+    save = shardsave.Saver(max_to_keep=1, async_save=False)
+    s1 = save.save(TREE, str(tmp_path / "model"), global_step=1)
+    other = save.save(TREE, str(tmp_path / "saver0.ckpt"), write_state=False)  # another save path
+    own = save.save(TREE, str(tmp_path / "model"), global_step=2, write_state=False)  # the same one
+    assert shardsave.latest_checkpoint(str(tmp_path)) == s1
+    state = shardsave.get_checkpoint_state(str(tmp_path))
+    assert state.model_checkpoint_path == s1 and state.all_model_checkpoint_paths == (s1,)
+    # Restorable, and never retention's to delete (max_to_keep=1 after two more saves).
+    s3 = save.save(TREE, str(tmp_path / "model"), global_step=3)
+    save.save(TREE, str(tmp_path / "model"), global_step=4)
+    assert shardsave.checkpoint_exists(own) and shardsave.checkpoint_exists(other)
+    assert not shardsave.checkpoint_exists(s3)
+    np.testing.assert_array_equal(save.restore(own)["v"], TREE["v"])
+    save.close()
+    # A restarted Saver does not adopt it into retention either.
+    restarted = shardsave.Saver(max_to_keep=1, async_save=False)
+    restarted.save(TREE, str(tmp_path / "model"), global_step=5)
+    assert shardsave.checkpoint_exists(own) and shardsave.latest_checkpoint(str(tmp_path)).endswith("model-5")
+
+
+def test_write_state_false_without_any_state_file(tmp_path):
+    """No state file at all (TensorFlow: latest_checkpoint is None): not made the latest."""
+    save = shardsave.Saver(async_save=False)
+    path = save.save(TREE, str(tmp_path / "model"), global_step=1, write_state=False)
+    assert not (tmp_path / "checkpoint").exists()
+    assert shardsave.latest_checkpoint(str(tmp_path)) is None
+    assert shardsave.get_checkpoint_state(str(tmp_path)) is None
+    assert shardsave.checkpoint_exists(path)
+
+
+def test_a_commit_the_state_file_missed_is_still_recovered_beside_write_state_false(tmp_path):
+    """A kill between a commit and its state file still finds the commit; an unrecorded one is not."""
+    save = shardsave.Saver(async_save=False)
+    save.save(TREE, str(tmp_path / "model"), global_step=1)
+    state = (tmp_path / "checkpoint").read_bytes()
+    missed = save.save(TREE, str(tmp_path / "model"), global_step=2)
+    (tmp_path / "checkpoint").write_bytes(state)  # as if killed before the state file was written
+    save.save(TREE, str(tmp_path / "model"), global_step=3, write_state=False)
+    save.save(TREE, str(tmp_path / "export"), global_step=9)  # records itself in the same state file
+    (tmp_path / "checkpoint").write_bytes(state)
+    assert shardsave.latest_checkpoint(str(tmp_path)) == missed
 
 
 def test_save_returns_what_last_checkpoints_holds(tmp_path, monkeypatch):
