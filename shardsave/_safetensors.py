@@ -247,7 +247,9 @@ def safetensors_index(path: str, timeout_s: float) -> tuple[Store, str, Index]:
                 f"{name_to_path(name)!r} ('.' read as '/'), so shardsave cannot tell them apart"
             )
     structure, order = _nested([name_to_path(name) for name in names])
-    leaves = [replace(leaves[i], name=name_to_path(leaves[i].name), stored_name=leaves[i].name) for i in order]
+    leaves = [
+        replace(leaves[i], name=name_to_path(leaves[i].name), stored_name=leaves[i].name) for i in order
+    ]
     index = Index(
         global_step=None,
         created=store.mtime(files[0] if files else base) or 0.0,
@@ -467,7 +469,9 @@ def save_safetensors(
             "metadata": {"total_size": sum(t.nbytes for t in tensors)},
             "weight_map": {t.name: file_names[k] for k, group in enumerate(groups) for t in group},
         }
-    index_raw = None if index_doc is None else (json.dumps(index_doc, indent=2, sort_keys=True) + "\n").encode()
+    index_raw = (
+        None if index_doc is None else (json.dumps(index_doc, indent=2, sort_keys=True) + "\n").encode()
+    )
     if store.is_local:
         os.makedirs(store.local_path(""), exist_ok=True)
         paths = [store.local_path(name) for name in file_names]
@@ -490,7 +494,9 @@ def save_safetensors(
             store.write(name, _file_bytes(header, group, progress)).result()
         if index_raw is not None:
             store.write(INDEX_NAME, index_raw).result()
-    return [join(directory, name) for name in file_names] + ([join(directory, INDEX_NAME)] if index_raw else [])
+    return [join(directory, name) for name in file_names] + (
+        [join(directory, INDEX_NAME)] if index_raw else []
+    )
 
 
 def _header_bytes(tensors: list[_Tensor], metadata: dict[str, str] | None) -> bytes:

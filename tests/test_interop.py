@@ -473,7 +473,9 @@ def test_save_safetensors_from_a_checkpoint_and_the_convert_command(tmp_path, me
         )  # TensorFlow -> shardsave
         assert main(["inspect", str(tmp_path / "st")]) == 0
     np.testing.assert_array_equal(load_file(str(tmp_path / "st" / "model.safetensors"))["layer.w"], value)
-    np.testing.assert_array_equal(shardsave.Saver().restore(str(tmp_path / "back" / "m"))["layer"]["w"], value)
+    np.testing.assert_array_equal(
+        shardsave.Saver().restore(str(tmp_path / "back" / "m"))["layer"]["w"], value
+    )
     from_tf = shardsave.Saver().restore(str(tmp_path / "tf" / "model-7"))
     np.testing.assert_array_equal(from_tf["part"], _value(EXPECTED["v1"]["variables"]["part"]))
     text = out.getvalue()
@@ -619,7 +621,9 @@ def test_a_converted_safetensors_file_restores_into_the_target_load_safetensors_
     sharded = NamedSharding(mesh24, P("data", "model"))
     target = {
         "model": {
-            "layers": {str(i): {"w": jax.ShapeDtypeStruct((64, 8), np.float32, sharding=sharded)} for i in (0, 1)},
+            "layers": {
+                str(i): {"w": jax.ShapeDtypeStruct((64, 8), np.float32, sharding=sharded)} for i in (0, 1)
+            },
             "embed": np.zeros(16, np.int32),
         },
         "lm_head": np.zeros((4, 4), np.float32),
@@ -660,10 +664,14 @@ def test_save_safetensors_then_convert_back_is_the_same_tree(tmp_path):
 
 
 def test_names_that_cannot_nest_stay_whole_and_still_map_back(tmp_path):
-    """"a" beside "a.b", and an empty part: each stays one key; "/" read as "." still finds it."""
+    """ "a" beside "a.b", and an empty part: each stays one key; "/" read as "." still finds it."""
     from safetensors.numpy import load_file, save_file
 
-    values = {"a": np.ones(2, np.float32), "a.b": np.zeros(2, np.float32), "x..y": np.full(2, 3.0, np.float32)}
+    values = {
+        "a": np.ones(2, np.float32),
+        "a.b": np.zeros(2, np.float32),
+        "x..y": np.full(2, 3.0, np.float32),
+    }
     save_file(values, str(tmp_path / "model.safetensors"))
     loaded = shardsave.load_safetensors(str(tmp_path / "model.safetensors"))
     assert sorted(loaded) == ["a", "a/b", "x//y"]
@@ -676,5 +684,7 @@ def test_names_that_cannot_nest_stay_whole_and_still_map_back(tmp_path):
 
 def test_a_capped_restore_of_a_tensorflow_checkpoint_below_the_floor_names_whole_tensors():
     target = {"part": np.zeros((10, 4), np.float32)}
-    with pytest.raises(ValueError, match=r"verified in whole tensors \(this checkpoint has one checksum per tensor\)"):
+    with pytest.raises(
+        ValueError, match=r"verified in whole tensors \(this checkpoint has one checksum per tensor\)"
+    ):
         shardsave.Saver().restore(_prefix("v1"), target, restore_sequentially=True, max_host_bytes=1 << 20)
