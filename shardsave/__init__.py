@@ -9,22 +9,22 @@ TensorFlow checkpoints and Hugging Face safetensors restore the same way
 (Saver.restore, load_safetensors); save_safetensors writes the latter.
 """
 
-from . import errors as errors
-from ._format import FORMAT_VERSION as FORMAT_VERSION
-from ._reader import CheckpointReader as CheckpointReader
-from ._reader import VariableInfo as VariableInfo
-from ._safetensors import load_safetensors as load_safetensors
-from ._safetensors import save_safetensors as save_safetensors
-from ._saver import RestoreInfo as RestoreInfo
-from ._saver import SaveInfo as SaveInfo
-from ._saver import Saver as Saver
-from ._saver import load_structure as load_structure
-from ._state import CheckpointState as CheckpointState
-from ._state import checkpoint_exists as checkpoint_exists
-from ._state import get_checkpoint_mtimes as get_checkpoint_mtimes
-from ._state import get_checkpoint_state as get_checkpoint_state
-from ._state import latest_checkpoint as latest_checkpoint
-from ._state import remove_checkpoint as remove_checkpoint
+from shardsave import errors as errors
+from shardsave.export.safetensors import load_safetensors as load_safetensors
+from shardsave.export.safetensors import save_safetensors as save_safetensors
+from shardsave.formats.shardsave import FORMAT_VERSION as FORMAT_VERSION
+from shardsave.lifecycle.state import CheckpointState as CheckpointState
+from shardsave.lifecycle.state import checkpoint_exists as checkpoint_exists
+from shardsave.lifecycle.state import get_checkpoint_mtimes as get_checkpoint_mtimes
+from shardsave.lifecycle.state import get_checkpoint_state as get_checkpoint_state
+from shardsave.lifecycle.state import latest_checkpoint as latest_checkpoint
+from shardsave.lifecycle.state import remove_checkpoint as remove_checkpoint
+from shardsave.reader import CheckpointReader as CheckpointReader
+from shardsave.reader import VariableInfo as VariableInfo
+from shardsave.saver import RestoreInfo as RestoreInfo
+from shardsave.saver import SaveInfo as SaveInfo
+from shardsave.saver import Saver as Saver
+from shardsave.saver import load_structure as load_structure
 
 __version__ = "0.1.0"
 

@@ -21,7 +21,9 @@ import jax
 import numpy as np
 import pytest
 
-from shardsave import _storage
+import shardsave
+import shardsave.storage
+import shardsave.storage.local
 
 
 @pytest.fixture
@@ -31,8 +33,8 @@ def mesh24():
 
 @pytest.fixture
 def io_stats():
-    _storage.STATS.reset()
-    return _storage.STATS
+    shardsave.storage.STATS.reset()
+    return shardsave.storage.STATS
 
 
 def run_python(code: str, devices: int = 8, timeout: float = 300, env: dict | None = None) -> str:
@@ -162,7 +164,7 @@ def evict(path) -> None:
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if not _storage._uncached(fd, 0, os.fstat(fd).st_size):
+        if not shardsave.storage.local._uncached(fd, 0, os.fstat(fd).st_size):
             pytest.skip(
                 f"{path}: shardsave reads it through the page cache here (tmpfs or another file "
                 "system than ext2/3/4, XFS and btrfs, or a kernel before 6.5 without cachestat)"

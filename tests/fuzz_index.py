@@ -16,14 +16,16 @@ import ml_dtypes  # noqa: F401
 import numpy  # noqa: F401
 import tensorstore  # noqa: F401
 
+import shardsave.formats.shardsave
+
 with atheris.instrument_imports(include=["shardsave"]):
-    from shardsave import _format
+    import shardsave
     from shardsave.errors import ShardsaveError
 
 
 def test_one_input(data: bytes) -> None:
     try:
-        index = _format.decode_index(data, "fuzz")
+        index = shardsave.formats.shardsave.decode_index(data, "fuzz")
     except ShardsaveError:
         return
     for leaf in index.leaves:

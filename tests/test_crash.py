@@ -22,7 +22,8 @@ import pytest
 from programs.store_faults import FullDisk
 
 import shardsave
-from shardsave import _format, _storage
+import shardsave.formats.shardsave
+import shardsave.storage
 from shardsave.errors import SaveFailedError, StateFileWarning
 
 CHILD = Path(__file__).parent / "programs" / "crash_child.py"
@@ -97,7 +98,7 @@ def test_sigkill_at_every_phase_of_async_saves(tmp_path):
         last_phase = next((line.split()[1] for line in reversed(seen) if line.startswith("phase")), "start")
         phases_hit.add(last_phase)
         if pause_at.startswith("fsync"):  # killed before the rename: the value is not visible
-            assert any(_storage.temp_target(p.name) for p in directory.iterdir())
+            assert any(shardsave.storage.temp_target(p.name) for p in directory.iterdir())
         _check_latest_restores(directory)
         committed_now = _committed(directory)
         # A committed checkpoint disappears only through retention: three newer ones exist.
@@ -116,13 +117,16 @@ def test_sigkill_at_every_phase_of_async_saves(tmp_path):
     leftovers = [
         p.name
         for p in directory.iterdir()
-        if (parsed := _format.parse_data_key(p.name)) and not (directory / f"{parsed[0]}.index").exists()
+        if (parsed := shardsave.formats.shardsave.parse_data_key(p.name))
+        and not (directory / f"{parsed[0]}.index").exists()
     ]
     assert leftovers == []
     # Interrupted writes leave temporary files; those of checkpoints are removed too (a
     # state file's may stay: another Saver of the directory could be writing it now).
     temporary = [
-        p.name for p in directory.iterdir() if _storage.temp_target(p.name) not in (None, "checkpoint")
+        p.name
+        for p in directory.iterdir()
+        if shardsave.storage.temp_target(p.name) not in (None, "checkpoint")
     ]
     assert temporary == []
     assert len(_committed(directory)) == 3
@@ -195,7 +199,7 @@ def test_full_disk_on_a_small_tmpfs(tmp_path, async_save):
 def test_full_disk_injected(tmp_path, async_save):
     """The storage layer fails writes with ENOSPC once 64 KiB have been written."""
     budget = [64 << 10]
-    with _storage.wrapping_stores(lambda store: FullDisk(store, budget)):
+    with shardsave.storage.wrapping_stores(lambda store: FullDisk(store, budget)):
         saver = shardsave.Saver(max_to_keep=1, async_save=async_save)
         _full_disk_checks(
             tmp_path, saver, {"w": np.ones(1 << 16, np.float32)}, {"w": np.arange(10.0)}, async_save

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
-from shardsave import _format
+import shardsave.formats.shardsave
 from shardsave.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -230,7 +230,7 @@ def test_fuzzed_index_decodes_or_raises_a_shardsave_error(ckpt, data):
         )
         mutated = index_doc.envelope(doc)
     try:
-        index = _format.decode_index(mutated, "fuzz")
+        index = shardsave.formats.shardsave.decode_index(mutated, "fuzz")
     except ShardsaveError:
         return
     for leaf in index.leaves:  # whatever decodes is internally consistent

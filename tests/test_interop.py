@@ -24,6 +24,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
+import shardsave.formats.safetensors
+import shardsave.formats.tf_bundle
+import shardsave.index
+import shardsave.restore.engine
 from shardsave.errors import CorruptCheckpointError, StructureMismatchError
 
 TF = Path(__file__).parent / "fixtures" / "tf"
@@ -165,7 +169,7 @@ def _flip(prefix: str, name: str) -> None:
 def test_a_flipped_byte_is_caught_by_tensorflows_checksum_and_the_rest_restores(
     tmp_path, monkeypatch, streamed
 ):
-    from shardsave import _restore
+    import shardsave
 
     prefix = _copy("v1", tmp_path)
     _flip(prefix, "dense/kernel")
@@ -176,16 +180,16 @@ def test_a_flipped_byte_is_caught_by_tensorflows_checksum_and_the_rest_restores(
         # The fixtures are bytes, not megabytes: a cap far below the smallest one a
         # restore accepts makes every tensor larger than 16 bytes stream, its
         # checksum carried from read to read.
-        monkeypatch.setattr(_restore, "MIN_SEQUENTIAL_BYTES", 16)
-        carry = _restore._Fetcher._carry
+        monkeypatch.setattr(shardsave.restore.engine, "MIN_SEQUENTIAL_BYTES", 16)
+        carry = shardsave.restore.engine._Fetcher._carry
         monkeypatch.setattr(
-            _restore._Fetcher,
+            shardsave.restore.engine._Fetcher,
             "_carry",
             lambda self, shard, *a: carried.append(shard) or carry(self, shard, *a),
         )
         kwargs = {"restore_sequentially": True, "max_host_bytes": 16}
     if streamed == "accelerator":  # its own path: blocks written into device buffers (CPU devices here)
-        monkeypatch.setattr(_restore, "_on_cpu", lambda sharding: False)
+        monkeypatch.setattr(shardsave.restore.engine, "_on_cpu", lambda sharding: False)
     with pytest.raises(
         CorruptCheckpointError, match=r"model.ckpt-7.data-00000-of-00001 \(leaf 'dense/kernel'\).*crc32c"
     ):
@@ -202,8 +206,8 @@ def test_a_flipped_byte_is_caught_by_tensorflows_checksum_and_the_rest_restores(
 def test_a_streamed_read_of_part_of_a_tensor_still_verifies_all_of_it(tmp_path):
     """Streamed reads carry a tensor's checksum; where they do not cover the tensor
     (another process restores the rest), finish() reads what they skipped."""
-    from shardsave import _restore
-    from shardsave._plan import plan_reads
+    import shardsave
+    from shardsave.restore.reads import plan_reads
 
     prefix = _copy("v1", tmp_path)
     reader = shardsave.CheckpointReader(prefix)
@@ -213,7 +217,7 @@ def test_a_streamed_read_of_part_of_a_tensor_still_verifies_all_of_it(tmp_path):
     data = bytearray(data_file.read_bytes())
     data[shard.offset + shard.nbytes - 1] ^= 0x01  # the last row's last byte
     data_file.write_bytes(bytes(data))
-    fetcher = _restore._Fetcher(
+    fetcher = shardsave.restore.engine._Fetcher(
         reader._directory,
         reader._base,
         reader.index,
@@ -244,7 +248,7 @@ def test_inspect_and_verify_show_a_tensorflow_checkpoint():
     import contextlib
     import io
 
-    from shardsave._cli import main
+    from shardsave.cli import main
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -456,7 +460,7 @@ def test_save_safetensors_from_a_checkpoint_and_the_convert_command(tmp_path, me
 
     from safetensors.numpy import load_file
 
-    from shardsave._cli import main
+    from shardsave.cli import main
 
     value = np.arange(4096, dtype=np.float32).reshape(64, 64)
     path = shardsave.Saver(async_save=False).save(
@@ -489,17 +493,17 @@ def test_save_safetensors_from_a_checkpoint_and_the_convert_command(tmp_path, me
 
 def _data_blocks(raw: bytes) -> list[tuple[int, int]]:
     """The (offset, size) of each data block of a TF index (read through its index block)."""
-    from shardsave import _tf_bundle
+    import shardsave
 
-    footer = raw[-_tf_bundle.FOOTER_BYTES :]
-    _, pos = _tf_bundle._varint(footer, 0)
-    _, pos = _tf_bundle._varint(footer, pos)
-    offset, pos = _tf_bundle._varint(footer, pos)
-    size, _ = _tf_bundle._varint(footer, pos)
+    footer = raw[-shardsave.formats.tf_bundle.FOOTER_BYTES :]
+    _, pos = shardsave.formats.tf_bundle._varint(footer, 0)
+    _, pos = shardsave.formats.tf_bundle._varint(footer, pos)
+    offset, pos = shardsave.formats.tf_bundle._varint(footer, pos)
+    size, _ = shardsave.formats.tf_bundle._varint(footer, pos)
     blocks = []
-    for _, handle in _tf_bundle._block(raw, offset, size):
-        o, p = _tf_bundle._varint(handle, 0)
-        blocks.append((o, _tf_bundle._varint(handle, p)[0]))
+    for _, handle in shardsave.formats.tf_bundle._block(raw, offset, size):
+        o, p = shardsave.formats.tf_bundle._varint(handle, 0)
+        blocks.append((o, shardsave.formats.tf_bundle._varint(handle, p)[0]))
     return blocks
 
 
@@ -510,16 +514,16 @@ def test_a_tf_index_with_any_entry_bytes_is_read_or_refused_as_corrupt(kind, dat
     (so the parser, not the checksum, meets them): read, or CorruptCheckpointError."""
     import struct
 
-    from shardsave import _format, _tf_bundle
+    import shardsave
 
     raw = bytearray(Path(_prefix(kind) + ".index").read_bytes())
     offset, size = data.draw(st.sampled_from(_data_blocks(bytes(raw))))
     for _ in range(data.draw(st.integers(1, 3))):
         raw[offset + data.draw(st.integers(0, size - 1))] = data.draw(st.integers(0, 255))
-    crc = _format.checksum(np.frombuffer(bytes(raw[offset : offset + size + 1]), np.uint8))
-    raw[offset + size + 1 : offset + size + 5] = struct.pack("<I", _tf_bundle.mask(crc))
+    crc = shardsave.index.checksum(np.frombuffer(bytes(raw[offset : offset + size + 1]), np.uint8))
+    raw[offset + size + 1 : offset + size + 5] = struct.pack("<I", shardsave.formats.tf_bundle.mask(crc))
     try:
-        _tf_bundle.bundle_index(bytes(raw), "model.ckpt.index", "model.ckpt-1", None)
+        shardsave.formats.tf_bundle.bundle_index(bytes(raw), "model.ckpt.index", "model.ckpt-1", None)
     except CorruptCheckpointError as e:
         assert "model.ckpt.index" in str(e)
 
@@ -551,7 +555,7 @@ def test_a_safetensors_header_with_any_values_is_read_or_refused_as_corrupt(
 
     from safetensors.numpy import save_file
 
-    from shardsave import _safetensors
+    import shardsave
 
     directory = tmp_path_factory.mktemp("st")
     save_file(
@@ -570,7 +574,7 @@ def test_a_safetensors_header_with_any_values_is_read_or_refused_as_corrupt(
         struct.pack("<Q", len(text)) + text + body[: len(body) * cut // 100]
     )
     try:
-        _safetensors.safetensors_index(str(directory / "f.safetensors"), 10)
+        shardsave.formats.safetensors.safetensors_index(str(directory / "f.safetensors"), 10)
     except CorruptCheckpointError as e:
         assert "f.safetensors" in str(e)
 
@@ -609,7 +613,7 @@ def test_a_converted_safetensors_file_restores_into_the_target_load_safetensors_
     """Written by the safetensors package; converted; restored into load_safetensors' nested target."""
     from safetensors.numpy import save_file
 
-    from shardsave._cli import main
+    from shardsave.cli import main
 
     values = {
         "model.layers.0.w": np.arange(64 * 8, dtype=np.float32).reshape(64, 8),
@@ -645,7 +649,7 @@ def test_a_converted_safetensors_file_restores_into_the_target_load_safetensors_
 
 
 def test_save_safetensors_then_convert_back_is_the_same_tree(tmp_path):
-    from shardsave._cli import main
+    from shardsave.cli import main
 
     tree = {
         "encoder": {"attn": {"q": np.ones((4, 2), np.float32), "k": np.zeros((4, 2), np.float32)}},

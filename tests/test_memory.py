@@ -61,7 +61,7 @@ def test_buffers_of_a_capped_restore_return_their_memory_when_dropped():
 
     import psutil
 
-    from shardsave._storage import BufferPool
+    from shardsave.storage import BufferPool
 
     proc = psutil.Process()
     kept = []
@@ -87,7 +87,7 @@ def test_a_pooled_buffer_is_reused_only_once_nothing_holds_it():
     import jax
     import numpy as np
 
-    from shardsave._storage import BufferPool
+    from shardsave.storage import BufferPool
 
     pool = BufferPool(64 * MIB)
     first = pool.take(16 * MIB)
@@ -119,7 +119,7 @@ def test_a_buffer_pool_holds_no_more_than_its_limit_and_nothing_once_closed():
 
     import psutil
 
-    from shardsave._storage import BufferPool
+    from shardsave.storage import BufferPool
 
     proc = psutil.Process()
     base = proc.memory_info().rss

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import shardsave
-from shardsave._cli import main
+from shardsave.cli import main
 
 
 def test_metrics_and_metadata_round_trip_exactly(tmp_path, io_stats):

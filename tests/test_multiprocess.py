@@ -248,7 +248,7 @@ def test_when_process_0_dies_jax_ends_the_others_and_the_last_checkpoint_stays(t
 
 
 def test_a_timeout_not_below_jaxs_heartbeat_is_warned_about_once():
-    from shardsave._distributed import Coordinator
+    from shardsave.save.coordination import Coordinator
 
     coordinator = Coordinator(timeout_s=300)
     with pytest.warns(RuntimeWarning, match="not below jax.distributed's default heartbeat timeout"):

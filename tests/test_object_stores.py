@@ -30,7 +30,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
-from shardsave._cli import main
+import shardsave.storage
+from shardsave.cli import main
 from shardsave.errors import CorruptCheckpointError, SaveFailedError, StorageError
 
 
@@ -97,7 +98,7 @@ def test_the_store_contract(location, mesh24):
 def test_a_damaged_object_is_detected(location, mesh24):
     path = shardsave.Saver(async_save=False, storage_timeout_s=60).save(_tree(mesh24, 1), f"{location}/model")
     directory, base = path.rsplit("/", 1)
-    store = shardsave._storage.open_store(directory)
+    store = shardsave.storage.open_store(directory)
     key = next(k for k in store.list() if k.startswith(base + ".data-"))
     raw = bytearray(store.read_all(key) or b"")
     raw[len(raw) // 2] ^= 0x10
@@ -222,7 +223,7 @@ def test_a_stalled_endpoint_raises_within_the_deadline(monkeypatch):
             )
         assert time.monotonic() - began < 10
         with pytest.raises(StorageError, match="did not answer"):
-            shardsave._storage.open_store("s3://stalled/ckpt", timeout_s=1).list()
+            shardsave.storage.open_store("s3://stalled/ckpt", timeout_s=1).list()
     finally:
         listener.close()
 
@@ -233,7 +234,7 @@ def test_data_beyond_the_part_size_is_split_into_parts(location, mesh24):
     first = saver.save(_tree(mesh24, 1), f"{location}/model", global_step=1)
     path = saver.save(_tree(mesh24, 2), f"{location}/model", global_step=2)
     saver.wait_until_finished()
-    store = shardsave._storage.open_store(location)
+    store = shardsave.storage.open_store(location)
     keys = store.list()
     parts = [k for k in keys if ".part-" in k]
     assert parts and all(k.startswith("model-2.") for k in parts)  # retention removed model-1's parts
@@ -317,7 +318,7 @@ def test_tensorflow_checkpoints_and_safetensors_restore_from_every_store(locatio
     into the store as they are, restore from it onto the mesh, damage still caught."""
     from safetensors.numpy import save_file
 
-    from shardsave._storage import open_store
+    from shardsave.storage import open_store
 
     fixtures = Path(__file__).parent / "fixtures" / "tf"
     expected = json.loads((fixtures / "expected.json").read_text())["v1"]["variables"]

@@ -14,10 +14,14 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardsave import _format, _tree
-from shardsave._format import LeafEntry, StoredShard
-from shardsave._plan import plan_reads, plan_save
-from shardsave._restore import DEFAULT_BATCH_BYTES, LeafRequest, _streamed, plan_restore
+import shardsave
+import shardsave.formats.shardsave
+import shardsave.index
+import shardsave.tree
+from shardsave.index import LeafEntry, StoredShard
+from shardsave.restore.engine import DEFAULT_BATCH_BYTES, LeafRequest, _streamed, plan_restore
+from shardsave.restore.reads import plan_reads
+from shardsave.save.plan import plan_save
 
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(jax.numpy.bfloat16)
@@ -30,10 +34,12 @@ def _stored(shape: tuple[int, ...], rows_per_shard: int, name: str = "w", offset
     for k, start in enumerate(range(0, shape[0], rows_per_shard)):
         stop = min(start + rows_per_shard, shape[0])
         nbytes = (stop - start) * math.prod(shape[1:]) * F32.itemsize
-        crcs = tuple(0 for _ in range(_format.crc_chunks(nbytes, _format.CRC_CHUNK_BYTES)))
+        crcs = tuple(
+            0 for _ in range(shardsave.index.crc_chunks(nbytes, shardsave.formats.shardsave.CRC_CHUNK_BYTES))
+        )
         start_at = (start, *[0] * (len(shape) - 1))
         shards.append(StoredShard(k, offset, nbytes, start_at, (stop, *shape[1:]), crcs))
-    return LeafEntry(name, F32, shape, _tree.KIND_ARRAY, None, tuple(shards))
+    return LeafEntry(name, F32, shape, shardsave.tree.KIND_ARRAY, None, tuple(shards))
 
 
 def _covered(reads, box) -> np.ndarray:
@@ -46,8 +52,9 @@ def _covered(reads, box) -> np.ndarray:
 
 def test_a_replicated_leaf_is_written_once_and_writers_are_balanced(mesh24):
     specs = [
-        _tree.LeafSpec(f"r{i}", (64, 64), F32, _tree.KIND_ARRAY, NamedSharding(mesh24, P())) for i in range(8)
-    ] + [_tree.LeafSpec("host", (10,), F32, _tree.KIND_NUMPY, None)]
+        shardsave.tree.LeafSpec(f"r{i}", (64, 64), F32, shardsave.tree.KIND_ARRAY, NamedSharding(mesh24, P()))
+        for i in range(8)
+    ] + [shardsave.tree.LeafSpec("host", (10,), F32, shardsave.tree.KIND_NUMPY, None)]
     plan = plan_save(specs, True, jax.devices())
     shards = [s for f in plan.files for s in f.shards]
     assert sorted(s.leaf for s in shards) == list(range(9))  # each leaf stored exactly once
@@ -60,10 +67,10 @@ def test_a_shard_of_1_mib_or_more_starts_on_a_page_and_smaller_ones_pack_at_64_b
     # A page-aligned shard can be read from a cold disk with O_DIRECT; padding smaller
     # ones as well would cost up to 4 KiB each for no read that could use it.
     specs = [
-        _tree.LeafSpec("a", (10,), F32, _tree.KIND_NUMPY, None),
-        _tree.LeafSpec("b", (256, 1024), F32, _tree.KIND_NUMPY, None),  # 1 MiB
-        _tree.LeafSpec("c", (3,), F32, _tree.KIND_NUMPY, None),
-        _tree.LeafSpec("d", (20,), F32, _tree.KIND_NUMPY, None),
+        shardsave.tree.LeafSpec("a", (10,), F32, shardsave.tree.KIND_NUMPY, None),
+        shardsave.tree.LeafSpec("b", (256, 1024), F32, shardsave.tree.KIND_NUMPY, None),  # 1 MiB
+        shardsave.tree.LeafSpec("c", (3,), F32, shardsave.tree.KIND_NUMPY, None),
+        shardsave.tree.LeafSpec("d", (20,), F32, shardsave.tree.KIND_NUMPY, None),
     ]
     (file,) = plan_save(specs, False, jax.devices()).files
     offsets = [s.offset for s in sorted(file.shards, key=lambda s: s.leaf)]
@@ -229,8 +236,7 @@ def test_a_budget_a_capped_restore_cannot_keep_is_refused_before_reading():
 
 
 def test_a_listing_groups_a_directorys_keys_by_checkpoint():
-    from shardsave._checkpoint import Listing
-    from shardsave._format import names_of_save_path
+    from shardsave.formats.shardsave import Listing, names_of_save_path
 
     listing = Listing(
         [

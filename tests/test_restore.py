@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
+import shardsave.restore.engine
 from shardsave.errors import StructureMismatchError
 
 
@@ -222,7 +223,7 @@ def test_on_accelerators_a_default_restore_streams_large_shards_in_blocks(tmp_pa
     """A shard larger than half a batch is streamed into its device buffer, in blocks,
     so each block's copy to the device overlaps the next reads. CI has no accelerator:
     the CPU devices are taken for accelerators here (the path is the same jax calls)."""
-    from shardsave import _restore
+    import shardsave
 
     value = _value((4096, 4096))  # 64 MiB: over half the default batch of a 64 MiB restore
     sharding = NamedSharding(_mesh((2,), ("a",)), P("a"))
@@ -230,20 +231,22 @@ def test_on_accelerators_a_default_restore_streams_large_shards_in_blocks(tmp_pa
     path = saver.save({"w": jax.device_put(value, sharding)}, str(tmp_path / "big"))
     target = {"w": jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)}
     calls = []
-    issue = _restore._Fetcher.issue
+    issue = shardsave.restore.engine._Fetcher.issue
     monkeypatch.setattr(
-        _restore._Fetcher,
+        shardsave.restore.engine._Fetcher,
         "issue",
         lambda self, reads, *into: calls.append(reads) or issue(self, reads, *into),
     )
-    monkeypatch.setattr(_restore, "_on_cpu", lambda sharding: False)
+    monkeypatch.setattr(shardsave.restore.engine, "_on_cpu", lambda sharding: False)
     io_stats.reset()
     restored = saver.restore(path, target)
     np.testing.assert_array_equal(np.asarray(restored["w"]), value)
     assert restored["w"].sharding == sharding
     assert io_stats.bytes_read - _index_bytes(path) == value.nbytes  # each byte read once
     blocks = [read.nbytes for reads in calls for read in reads]
-    assert len(blocks) == 4 and max(blocks) <= _restore.MAX_SPAN_BYTES  # 32 MiB shards in 16 MiB blocks
+    assert (
+        len(blocks) == 4 and max(blocks) <= shardsave.restore.engine.MAX_SPAN_BYTES
+    )  # 32 MiB shards in 16 MiB blocks
 
 
 @pytest.mark.parametrize("store", ["local", "memory"])
@@ -254,7 +257,7 @@ def test_a_capped_restore_places_leaves_split_over_batches_exactly(
     cast and one streamed whole: every device holds exactly its box. Reads of whole rows
     of a box land in it directly from local files; other stores hand back their own
     buffers, which are copied."""
-    from shardsave import _restore
+    import shardsave
 
     values = {
         "a": _value((3072, 4096)),  # 48 MiB: its target boxes span two batches
@@ -283,7 +286,7 @@ def test_a_capped_restore_places_leaves_split_over_batches_exactly(
         "replicated": jax.ShapeDtypeStruct((3072, 4096), np.float32, sharding=NamedSharding(other, P())),
     }
     split, landed = set(), []
-    place, land = _restore._Results.place, _restore._land
+    place, land = shardsave.restore.engine._Results.place, shardsave.restore.engine._land
 
     def spy_place(self, request, req, pieces, holders):
         if self.remaining[request]:
@@ -294,8 +297,8 @@ def test_a_capped_restore_places_leaves_split_over_batches_exactly(
         landed.append(rows.ctypes.data == target.ctypes.data)
         return land(target, rows)
 
-    monkeypatch.setattr(_restore._Results, "place", spy_place)
-    monkeypatch.setattr(_restore, "_land", spy_land)
+    monkeypatch.setattr(shardsave.restore.engine._Results, "place", spy_place)
+    monkeypatch.setattr(shardsave.restore.engine, "_land", spy_land)
     io_stats.reset()
     restored = saver.restore(path, target, restore_sequentially=True, max_host_bytes=32 << 20, cast=True)
     assert {"a", "b", "cast"} <= split  # the path under test: leaves placed over several batches

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
-from shardsave import _format
+import shardsave.index
 
 DTYPES = [
     np.bool_,
@@ -189,5 +189,5 @@ def test_sharding_round_trips_through_the_index(mesh24):
         NamedSharding(mesh24, P(None, ("data", "model"))),
         SingleDeviceSharding(jax.devices()[3]),
     ]:
-        desc = _format.encode_sharding(s)
-        assert _format.decode_sharding(desc, {d.id: d for d in jax.devices()}) == s
+        desc = shardsave.index.encode_sharding(s)
+        assert shardsave.index.decode_sharding(desc, {d.id: d for d in jax.devices()}) == s

@@ -29,8 +29,8 @@ from jax.sharding import PartitionSpec as P
 from programs.store_faults import BeforeFirstRead
 
 import shardsave
-from shardsave import _storage
-from shardsave._cli import main
+import shardsave.storage
+from shardsave.cli import main
 from shardsave.errors import (
     CheckpointNotFoundError,
     ConcurrentSaveError,
@@ -252,7 +252,7 @@ def test_6_a_failed_overwrite_on_a_full_disk_leaves_the_old_checkpoint(tmp_path)
             )
         np.testing.assert_array_equal(saver.restore(path)["w"], old["w"])
         assert shardsave.latest_checkpoint(str(mount)) == path
-        assert not [p for p in mount.iterdir() if _storage.temp_target(p.name)]
+        assert not [p for p in mount.iterdir() if shardsave.storage.temp_target(p.name)]
         # A successful overwrite replaces it.
         new = {"w": np.arange(10, dtype=np.float32)}
         saver.save(new, str(mount / "m"), global_step=1, overwrite=True)
@@ -444,7 +444,7 @@ def test_12_a_restore_racing_retention_says_the_checkpoint_was_deleted(tmp_path)
         saver.save({"a": np.ones(1000)}, str(tmp_path / "m"), global_step=2)
 
     with (
-        _storage.wrapping_stores(lambda store: BeforeFirstRead(store, next_save, retired)),
+        shardsave.storage.wrapping_stores(lambda store: BeforeFirstRead(store, next_save, retired)),
         pytest.raises(CheckpointNotFoundError, match="was deleted while it was being read"),
     ):
         shardsave.Saver().restore(path)

@@ -19,7 +19,8 @@ from jax.sharding import PartitionSpec as P
 from programs.store_faults import GatedWrites
 
 import shardsave
-from shardsave import _storage
+import shardsave._gc_pause
+import shardsave.storage
 from shardsave.errors import CheckpointExistsError, CheckpointNotFoundError, SaveFailedError
 
 
@@ -87,7 +88,7 @@ def gate_writes():
         def make(fail: Exception | None = None) -> _Gate:
             gate = _Gate()
             stack.enter_context(
-                _storage.wrapping_stores(
+                shardsave.storage.wrapping_stores(
                     lambda store: GatedWrites(store, gate.started, gate.release, fail, gate.lifted)
                 )
             )
@@ -206,7 +207,7 @@ def test_a_bad_leaf_with_overwrite_leaves_the_old_checkpoint_committed(tmp_path)
 def test_the_garbage_collector_is_paused_only_inside_shardsave(tmp_path):
     import gc
 
-    from shardsave import _gc_pause
+    import shardsave
 
     saver = shardsave.Saver(async_save=True)
     path = saver.save({"a": np.ones(4)}, str(tmp_path / "m"))
@@ -216,8 +217,8 @@ def test_the_garbage_collector_is_paused_only_inside_shardsave(tmp_path):
     assert gc.isenabled()
     # Nested and concurrent users (the caller and the commit thread): enabled again
     # only when the last one leaves, and never if the user had it disabled.
-    with _gc_pause.paused():
-        with _gc_pause.paused():
+    with shardsave._gc_pause.paused():
+        with shardsave._gc_pause.paused():
             assert not gc.isenabled()
         assert not gc.isenabled()
     assert gc.isenabled()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import shardsave
-from shardsave._state import parse_state_text
 from shardsave.errors import StateFileWarning
+from shardsave.lifecycle.state import parse_state_text
 
 
 class Clock:

@@ -1,7 +1,7 @@
 """The Store contract, held over every store: local files, memory://, S3 and GCS.
 
 As zarr-python's StoreTests do, one suite of tests runs against each
-implementation of shardsave's Store protocol (shardsave/_storage.py), with the
+implementation of shardsave's Store protocol (shardsave/shardsave.storage.py), with the
 object stores served by real servers on loopback (see conftest.py).
 """
 
@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 from conftest import evict, gcs_bucket, s3_bucket
 
-from shardsave import _storage
+import shardsave
+import shardsave.storage
+import shardsave.storage.local
 from shardsave.errors import StorageError
 
 
 @pytest.fixture(params=["local", "memory", "s3", "gcs"])
-def store(request, tmp_path) -> _storage.Store:
+def store(request, tmp_path) -> shardsave.storage.Store:
     if request.param == "local":
         location = str(tmp_path / "store")
     elif request.param == "memory":
@@ -27,7 +29,7 @@ def store(request, tmp_path) -> _storage.Store:
         location = f"s3://{s3_bucket(request.getfixturevalue('s3_env'))}/store"
     else:
         location = f"gs://{gcs_bucket(request.getfixturevalue('gcs_server'))}/store"
-    return _storage.open_store(location, timeout_s=30)
+    return shardsave.storage.open_store(location, timeout_s=30)
 
 
 def test_a_missing_key(store):
@@ -104,7 +106,7 @@ def test_a_hung_local_file_system_raises_within_the_deadline(tmp_path):
     import os
     import threading
 
-    local = _storage.open_store(str(tmp_path), timeout_s=1)
+    local = shardsave.storage.open_store(str(tmp_path), timeout_s=1)
     os.mkfifo(tmp_path / "hung")
     with pytest.raises(StorageError, match="did not finish within 1 s"):
         local.read_range("hung", 0, 10).result()  # opening a FIFO to read blocks until a writer comes
@@ -116,7 +118,7 @@ def test_a_hung_local_file_system_raises_within_the_deadline(tmp_path):
 def test_a_file_no_page_cache_holds_is_read_past_it_and_a_cached_one_through_it(tmp_path, io_stats):
     data = np.random.default_rng(0).integers(0, 256, (5 << 20) + 100, dtype=np.uint8)
     (tmp_path / "f").write_bytes(data.tobytes())
-    local = _storage.open_store(str(tmp_path))
+    local = shardsave.storage.open_store(str(tmp_path))
     evict(tmp_path / "f")
     # Page-aligned from its start: all but the last partial page comes past the cache.
     got = local.read_range("f", 4096, data.size).result()
@@ -141,21 +143,21 @@ def test_a_file_no_page_cache_holds_is_read_past_it_and_a_cached_one_through_it(
 def test_a_file_system_that_refuses_o_direct_is_read_through_the_page_cache(tmp_path, io_stats, monkeypatch):
     import os
 
-    monkeypatch.setattr(_storage, "_direct_devices", {})
+    monkeypatch.setattr(shardsave.storage.local, "_direct_devices", {})
     data = np.arange(2 << 20, dtype=np.uint8)
     (tmp_path / "f").write_bytes(data.tobytes())
     evict(tmp_path / "f")
     # Memory off every block boundary is what each file system refuses an O_DIRECT read
     # into (EINVAL), as some refuse O_DIRECT altogether: the read gives nothing, and the
     # file system is marked so that later reads do not try again.
-    buffer = _storage.mapped_empty((2 << 20) + 4096)
+    buffer = shardsave.storage.mapped_empty((2 << 20) + 4096)
     fd = os.open(tmp_path / "f", os.O_RDONLY)
     try:
-        assert _storage._read_uncached(fd, buffer[1 : 1 + (1 << 20)], 0) == 0
+        assert shardsave.storage.local._read_uncached(fd, buffer[1 : 1 + (1 << 20)], 0) == 0
     finally:
         os.close(fd)
-    assert _storage._direct_devices == {os.stat(tmp_path / "f").st_dev: False}
-    got = _storage.open_store(str(tmp_path)).read_range("f", 0, data.size).result()
+    assert shardsave.storage.local._direct_devices == {os.stat(tmp_path / "f").st_dev: False}
+    got = shardsave.storage.open_store(str(tmp_path)).read_range("f", 0, data.size).result()
     np.testing.assert_array_equal(got, data)
     assert io_stats.bytes_read_uncached == 0
 
@@ -181,7 +183,9 @@ def test_overlayfs_and_tmpfs_files_are_read_through_the_page_cache(tmp_path, io_
             with open(path, "wb") as f:
                 f.write(data.tobytes())
             try:
-                got = _storage.open_store(str(directory)).read_range(os.path.basename(path), 0, data.size)
+                got = shardsave.storage.open_store(str(directory)).read_range(
+                    os.path.basename(path), 0, data.size
+                )
                 np.testing.assert_array_equal(got.result(), data)
             finally:
                 os.remove(path)

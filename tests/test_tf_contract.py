@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shardsave
-from shardsave._state import CheckpointState, format_state_text, parse_state_text
 from shardsave.errors import StateFileWarning
+from shardsave.lifecycle.state import CheckpointState, format_state_text, parse_state_text
 
 TF_GOLDEN = Path(__file__).parent / "golden" / "tf"
 TREE = {"v": np.array([10.0], np.float32)}

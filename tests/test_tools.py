@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
-from shardsave._cli import main
+from shardsave.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ def test_reader_lists_and_reads_only_what_is_asked(ckpt_dir, io_stats):
 
 
 def test_reader_reads_whole_checksum_chunks_not_whole_shards(tmp_path, io_stats):
-    from shardsave._format import CRC_CHUNK_BYTES
+    from shardsave.formats.shardsave import CRC_CHUNK_BYTES
 
     rows, cols = 4 * CRC_CHUNK_BYTES // 4096, 1024  # 16 MiB of float32 in one stored shard
     value = np.arange(rows * cols, dtype=np.float32).reshape(rows, cols)
@@ -230,7 +230,7 @@ def test_demo_runs_from_an_installed_wheel(tmp_path):
     assert (
         str(site / "shardsave" / "demo.yaml")
         in subprocess.run(
-            [sys.executable, "-c", "import shardsave._demo as d; print(d.DEFAULT_CONFIG)"],
+            [sys.executable, "-c", "import shardsave.demo as d; print(d.DEFAULT_CONFIG)"],
             cwd=tmp_path,
             env=env,
             capture_output=True,

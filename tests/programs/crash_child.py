@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from store_faults import Hooked
 
 import shardsave
-from shardsave import _storage
+import shardsave.storage
 
 _counts: dict[str, int] = {}
 _lock = threading.Lock()
@@ -59,7 +59,7 @@ def _announce_phases(pause_at: str) -> contextlib.AbstractContextManager[None]:
     # The fsync of a written temporary file happens inside the local store; it is
     # announced by wrapping os.fsync (announcing only: no fault is injected this way).
     os.fsync = marked_fsync
-    return _storage.wrapping_stores(
+    return shardsave.storage.wrapping_stores(
         lambda store: Hooked(store, on_write, lambda key: _mark("delete", pause_at))
     )
 

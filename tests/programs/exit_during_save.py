@@ -13,11 +13,11 @@ import numpy as np
 from store_faults import SlowWrites
 
 import shardsave
-from shardsave import _storage
+import shardsave.storage
 
 if __name__ == "__main__":
     # Writes wait half a second: the interpreter is already exiting when the commit happens.
-    with _storage.wrapping_stores(lambda store: SlowWrites(store, 0.5)):
+    with shardsave.storage.wrapping_stores(lambda store: SlowWrites(store, 0.5)):
         shardsave.Saver().save({"a": np.arange(1000)}, sys.argv[1], global_step=1)
         print("returned", flush=True)
         sys.exit(0)

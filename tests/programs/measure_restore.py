@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
+import shardsave.restore.engine
 
 MIB = 1 << 20
 
@@ -42,15 +43,15 @@ def trim() -> None:
 def slow_consumer(seconds: float) -> None:
     """Each read's bytes are taken that much later, as on a host slower than its store:
     reads in flight then finish before they are used, and hold their memory meanwhile."""
-    from shardsave import _restore
+    import shardsave
 
-    verified = _restore._Fetcher.verified
+    verified = shardsave.restore.engine._Fetcher.verified
 
     def slowly(self: Any, *args: Any) -> Any:
         time.sleep(seconds)
         return verified(self, *args)
 
-    _restore._Fetcher.verified = slowly  # type: ignore[method-assign, assignment]
+    shardsave.restore.engine._Fetcher.verified = slowly  # type: ignore[method-assign, assignment]
 
 
 def main() -> None:

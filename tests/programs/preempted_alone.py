@@ -20,7 +20,7 @@ import numpy as np
 from store_faults import Hooked
 
 import shardsave
-from shardsave import _storage
+import shardsave.storage
 
 
 def emit(**record: Any) -> None:
@@ -44,7 +44,7 @@ def main(directory: str) -> None:
             while saver.preemption_notices < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
 
-    with _storage.wrapping_stores(lambda store: Hooked(store, on_write, lambda key: None)):
+    with shardsave.storage.wrapping_stores(lambda store: Hooked(store, on_write, lambda key: None)):
         for step in range(1, 100_000):
             time.sleep(0.005)
             emit(step=step)

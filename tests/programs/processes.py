@@ -109,7 +109,6 @@ def restore_only(directory: str) -> None:
 def killed(directory: str) -> None:
     """Saves step 1; then process VICTIM dies in the middle of writing step 2."""
     import shardsave
-    from shardsave import _storage
     from shardsave.errors import SaveFailedError
 
     tree = make_tree()
@@ -122,7 +121,7 @@ def killed(directory: str) -> None:
         def die(key: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
-        dying = _storage.wrapping_stores(lambda store: Hooked(store, die, lambda key: None))
+        dying = shardsave.storage.wrapping_stores(lambda store: Hooked(store, die, lambda key: None))
     began = time.monotonic()
     with dying:  # the store is opened by save(): the victim dies writing step 2
         saver.save(tree, directory + "/model", global_step=2)
@@ -140,7 +139,6 @@ def shared_reads(directory: str) -> None:
     from jax.sharding import PartitionSpec as P
 
     import shardsave
-    from shardsave import _storage
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
     big = np.arange(2048 * 4096, dtype=np.float32).reshape(2048, 4096)
@@ -151,13 +149,13 @@ def shared_reads(directory: str) -> None:
     path = shardsave.Saver(async_save=False).save(tree, directory + "/model", global_step=1)
     assert path is not None
     for share in (True, False):
-        _storage.STATS.reset()
+        shardsave.storage.STATS.reset()
         began = time.perf_counter()
         restored = shardsave.Saver(share_reads=share).restore(path, tree)
         check(restored["big"], big)
         check(restored["w"], VALUES["w"])
         assert restored["big"].sharding == tree["big"].sharding
-        emit(share=share, read=_storage.STATS.bytes_read, seconds=time.perf_counter() - began)
+        emit(share=share, read=shardsave.storage.STATS.bytes_read, seconds=time.perf_counter() - began)
     multihost_utils.sync_global_devices("done")  # process 0 hosts jax's service: it leaves last
 
 

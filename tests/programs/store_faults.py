@@ -2,7 +2,7 @@
 
 Used by the tests (as programs.store_faults) and by the programs beside it.
 
-    with _storage.wrapping_stores(lambda store: FullDisk(store, budget=64 << 10)):
+    with shardsave.storage.wrapping_stores(lambda store: FullDisk(store, budget=64 << 10)):
         ...  # every store shardsave opens now runs out of space after 64 KiB
 
 A wrapper delegates every Store method to the store it wraps and overrides the
@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shardsave._storage import Pending, Store
+from shardsave.storage import Pending, Store
 
 
 class WrappedStore:

@@ -16,9 +16,10 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from .errors import SaveFailedError
+from shardsave.errors import SaveFailedError
 
 log = logging.getLogger("shardsave")
+
 
 _live: weakref.WeakSet[BackgroundCommits] = weakref.WeakSet()
 

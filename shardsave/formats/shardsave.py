@@ -1,10 +1,8 @@
-"""The on-disk format: names, the index as dataclasses, encode/decode/validate.
+"""shardsave's own format: names, the index file's encoding and its validation.
 
 FORMAT.md is the specification; this module is its reference implementation.
-Everything read from an index is validated here before any other module sees it,
-so the rest of the package may trust an Index object: offsets lie inside their
-files, shard boxes lie inside their arrays and cover them exactly once, dtypes
-come from a fixed list, and file names are derived from the prefix, never read.
+Everything read from an index is validated here before any other module sees
+it, and file names are derived from the prefix, never read.
 """
 
 from __future__ import annotations
@@ -13,98 +11,62 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
-import crc32c
-import jax
-import ml_dtypes
-import numpy as np
-
-from . import _gc_pause, _tree
-from .errors import CorruptCheckpointError, UnsupportedFormatError
+from shardsave import _gc_pause
+from shardsave import tree as _tree
+from shardsave.errors import CorruptCheckpointError, UnsupportedFormatError
+from shardsave.index import (
+    DTYPES,
+    MAX_BYTES,
+    MAX_NDIM,
+    MAX_SHARDS_PER_LEAF,
+    DataFile,
+    Index,
+    LeafEntry,
+    StoredShard,
+    checksum,
+    crc_chunks,
+    dtype_name,
+)
+from shardsave.storage.base import Store, temp_target
 
 FORMAT_NAME = "shardsave"
+
+
 FORMAT_VERSION = 2
+
+
 # Version 2 wraps the index in an envelope that carries the CRC-32C of its body.
 # The envelope's bytes before the body are fixed, so a reader finds the body by
 # position and checks its checksum without re-encoding anything:
 #   {"format":"shardsave","format_version":2,"crc32c":"XXXXXXXX","index":BODY}
 _ENVELOPE_HEAD = b'{"format":"shardsave","format_version":2,"crc32c":"'
+
+
 _ENVELOPE_MID = b'","index":'
+
+
 _ENVELOPE_BODY_AT = len(_ENVELOPE_HEAD) + 8 + len(_ENVELOPE_MID)
+
+
 # Stored shards carry one crc32c per chunk of this many bytes, so a reader that
 # needs only part of a shard can verify what it reads without reading it all.
 CRC_CHUNK_BYTES = 4 << 20
 
 
-def checksum(data: Any, value: int = 0) -> int:
-    """The CRC-32C (Castagnoli) of a buffer (bytes, memoryview, contiguous numpy array),
-    continuing from `value` (the checksum of the bytes before it).
-
-    The crc32c package releases the GIL while it computes. google-crc32c 1.9 holds
-    it (googleapis/google-cloud-python#16923), so an async commit's checksums
-    would stall the training thread; README "Storage" has the measurement.
-    """
-    return int(crc32c.crc32c(data, value))
-
-
 INDEX_SUFFIX = ".index"
+
+
 _DATA_RE = re.compile(r"^(?P<base>.+)\.data-(?P<k>\d{5})-of-(?P<n>\d{5})(?:\.part-(?P<j>\d{5}))?$")
+
+
 # No stored object is larger than this by default: a single PUT to AWS S3 is limited
 # to 5 GiB, so a device's data beyond it is split into numbered parts.
 DEFAULT_PART_BYTES = 4 << 30
+
+
 MAX_PARTS = 99_999  # part numbers have five digits
-
-# Limits that keep a hostile index from making a reader allocate or loop without bound.
-MAX_NDIM = 64
-MAX_BYTES = 1 << 50  # 1 PiB per array or per data file
-MAX_SHARDS_PER_LEAF = 1 << 20
-
-_DTYPE_NAMES = [
-    "bool",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "uint16",
-    "uint32",
-    "uint64",
-    "float16",
-    "float32",
-    "float64",
-    "complex64",
-    "complex128",
-]
-_ML_DTYPE_NAMES = [
-    "bfloat16",
-    "float8_e4m3fn",
-    "float8_e4m3fnuz",
-    "float8_e4m3b11fnuz",
-    "float8_e5m2",
-    "float8_e5m2fnuz",
-    "float8_e3m4",
-    "float8_e4m3",
-    "float8_e8m0fnu",
-    "float4_e2m1fn",
-    "float6_e2m3fn",
-    "float6_e3m2fn",
-    "int2",
-    "int4",
-    "uint2",
-    "uint4",
-]
-DTYPES: dict[str, np.dtype] = {n: np.dtype(n) for n in _DTYPE_NAMES}
-DTYPES.update({n: np.dtype(getattr(ml_dtypes, n)) for n in _ML_DTYPE_NAMES if hasattr(ml_dtypes, n)})
-
-
-@functools.cache  # every leaf of every save asks; trees have few dtypes
-def dtype_name(dtype: np.dtype) -> str:
-    name = np.dtype(dtype).name
-    if name not in DTYPES:
-        raise TypeError(f"dtype {name} cannot be stored (supported: {', '.join(DTYPES)})")
-    return name
 
 
 # Checkpoint names: the save path's name (the stem), then "-STEP" when saved with a
@@ -172,206 +134,6 @@ def split_parts(nbytes: int, part_bytes: int) -> tuple[int, ...] | None:
     return parts
 
 
-def crc_chunks(nbytes: int, chunk: int) -> int:
-    return -(-nbytes // chunk)
-
-
-def shard_checksums(data: np.ndarray, offset: int, nbytes: int, chunk: int) -> tuple[int, ...]:
-    """The chunk checksums of the shard stored at data[offset : offset + nbytes]."""
-    end = offset + nbytes
-    return tuple(checksum(data[o : min(o + chunk, end)]) for o in range(offset, end, chunk))
-
-
-def chunk_problem(
-    data: np.ndarray, data_start: int, shard: StoredShard, j: int, chunk: int, verify_crc: bool = True
-) -> str | None:
-    """What is wrong with checksum chunk j of a shard, in data read from data_start; None if sound.
-
-    The one vocabulary of damage, for restores and for verify: a short read is
-    truncation, a checksum mismatch is corruption, both naming the byte range.
-    """
-    lo = shard.offset + j * chunk
-    hi = min(lo + chunk, shard.offset + shard.nbytes)
-    if hi - data_start > data.size:
-        found = max(0, data.size - (lo - data_start))
-        return f"expected {hi - lo} bytes at offset {lo}, found {found} (the file is truncated)"
-    if verify_crc and checksum(data[lo - data_start : hi - data_start]) != shard.crc32c[j]:
-        return f"crc32c mismatch in bytes {lo}..{hi} (the data is corrupt)"
-    return None
-
-
-@dataclass(frozen=True)
-class StoredShard:
-    """One stored box of one array: where its bytes are and their checksums."""
-
-    file: int
-    offset: int
-    nbytes: int
-    start: tuple[int, ...]
-    stop: tuple[int, ...]
-    crc32c: tuple[int, ...]  # one per CRC chunk, in order
-    shape: tuple[int, ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        # Computed here: functools.cached_property takes a lock shared by every
-        # instance on each first access (Python 3.11), which cost 20 us per shard.
-        object.__setattr__(self, "shape", tuple(b - a for a, b in zip(self.start, self.stop)))
-
-
-@dataclass(frozen=True)
-class LeafEntry:
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    kind: str
-    sharding: dict[str, Any] | None  # JSON form; see encode_sharding
-    shards: tuple[StoredShard, ...]
-    key_impl: str | None = None  # kind "key": the PRNG implementation of the stored key data
-    stored_dtype: str | None = None  # a foreign format's dtype name (TensorFlow's "string", ...)
-    stored_name: str | None = None  # a foreign format's own name, where it is not the tree path
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class DataFile:
-    nbytes: int
-    device_id: int | None  # the device whose shards the file holds (sharded=True)
-    process_index: int  # the process that wrote it
-    parts: tuple[int, ...] | None = None  # sizes of its numbered parts, when split (version 2)
-    key: str | None = None  # a foreign format's file name (safetensors), where it is not data_key's
-
-
-@dataclass(frozen=True)
-class Index:
-    global_step: int | None
-    created: float
-    crc_chunk_bytes: int
-    files: tuple[DataFile, ...]
-    structure: Any
-    leaves: tuple[LeafEntry, ...]
-    format_version: int = FORMAT_VERSION
-    metrics: dict[str, Any] | None = None  # save(metrics=...): JSON, committed with the checkpoint
-    metadata: dict[str, Any] | None = None  # save(metadata=...)
-    # "tensorflow" or "safetensors": another format read through this index (_tf_bundle,
-    # _safetensors); safetensors has no checksums, so only its lengths are checked.
-    source: str = "shardsave"
-    # False for save(write_state=False): committed, but never to be recorded in a state
-    # file, adopted by retention or returned by latest_checkpoint (absent in older indexes).
-    recorded: bool = True
-
-    @property
-    def has_checksums(self) -> bool:
-        return self.source != "safetensors"
-
-    @property
-    def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.files)
-
-
-def json_document(value: Any, what: str) -> dict[str, Any] | None:
-    """value as a JSON object (string keys, JSON values), numpy and jax scalars as numbers.
-
-    Raises TypeError naming the offending key path: metrics and metadata are
-    checked before anything is written, so that a save either stores them or
-    refuses at once.
-    """
-    if value is None:
-        return None
-
-    def convert(x: Any, path: str) -> Any:
-        if x is None or isinstance(x, (bool, str)):
-            return x
-        if isinstance(x, (int, float)):
-            if isinstance(x, float) and not math.isfinite(x):
-                raise TypeError(f"{what}{path} is {x}, which JSON cannot hold; store None or a string")
-            return x
-        if isinstance(x, dict):
-            out = {}
-            for k, v in x.items():
-                if not isinstance(k, str):
-                    raise TypeError(f"{what}{path} has the key {k!r}; keys must be strings")
-                out[k] = convert(v, f"{path}[{k!r}]")
-            return out
-        if isinstance(x, (list, tuple)):
-            return [convert(v, f"{path}[{i}]") for i, v in enumerate(x)]
-        if getattr(x, "shape", None) == () and getattr(x, "dtype", None) is not None:  # numpy/jax scalars
-            kind = np.dtype(x.dtype).kind
-            if kind in "iub":
-                return bool(x) if kind == "b" else int(x)
-            if kind == "f":
-                return convert(float(x), path)
-        raise TypeError(
-            f"{what}{path} is a {type(x).__name__}, which JSON cannot hold; metrics and metadata take "
-            "strings, numbers, booleans, None, lists and dicts with string keys (store arrays in the tree)"
-        )
-
-    if not isinstance(value, dict):
-        raise TypeError(f"{what} must be a dict with string keys, found {type(value).__name__}")
-    return convert(value, "")
-
-
-# ---------------------------------------------------------------- shardings
-
-
-def device_ids(devices: Any) -> list[int]:
-    """Sorted ids of a collection of jax devices."""
-    return sorted(d.id for d in devices)
-
-
-def encode_sharding(sharding: jax.sharding.Sharding) -> dict[str, Any]:
-    if isinstance(sharding, jax.sharding.SingleDeviceSharding):
-        (device,) = device_ids(sharding.device_set)
-        return {"type": "single", "device": device}
-    if isinstance(sharding, jax.sharding.NamedSharding):
-        mesh = sharding.mesh
-        spec: list[Any] = []
-        for entry in sharding.spec:
-            if entry is None or isinstance(entry, str):
-                spec.append(entry)
-            elif isinstance(entry, tuple) and all(isinstance(a, str) for a in entry):
-                spec.append(list(entry))
-            else:  # UNCONSTRAINED and friends cannot be rebuilt
-                return {"type": "other", "devices": device_ids(sharding.device_set)}
-        return {
-            "type": "named",
-            "axis_names": list(mesh.axis_names),
-            "mesh_shape": list(mesh.devices.shape),
-            "devices": [d.id for d in mesh.devices.flat],
-            "spec": spec,
-        }
-    return {"type": "other", "devices": device_ids(sharding.device_set)}
-
-
-def decode_sharding(
-    desc: dict[str, Any] | None, devices_by_id: dict[int, jax.Device]
-) -> jax.sharding.Sharding | None:
-    """The sharding a leaf was saved with, or None when it cannot be rebuilt here."""
-    if desc is None:
-        return None
-    try:
-        kind = desc["type"]
-        if kind == "single":
-            device = devices_by_id.get(desc["device"])
-            return None if device is None else jax.sharding.SingleDeviceSharding(device)
-        if kind == "named":
-            ids = desc["devices"]
-            if not all(i in devices_by_id for i in ids):
-                return None
-            devices = np.array([devices_by_id[i] for i in ids], dtype=object)
-            mesh = jax.sharding.Mesh(devices.reshape(desc["mesh_shape"]), tuple(desc["axis_names"]))
-            spec = [tuple(e) if isinstance(e, list) else e for e in desc["spec"]]
-            return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-        return None
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptCheckpointError(f"the index holds a malformed sharding {desc!r:.200}: {e}") from e
-
-
-# ---------------------------------------------------------------- encode
-
-
 @_gc_pause.pausing
 def encode_index(index: Index) -> bytes:
     """The index file's bytes (the current format version: the checksummed envelope)."""
@@ -409,9 +171,6 @@ def encode_index(index: Index) -> bytes:
         doc["recorded"] = False
     body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     return b"".join((_ENVELOPE_HEAD, b"%08x" % checksum(body), _ENVELOPE_MID, body, b"}"))
-
-
-# ---------------------------------------------------------------- decode
 
 
 def _int(value: Any, what: str, lo: int = 0, hi: int = MAX_BYTES) -> int:
@@ -653,3 +412,54 @@ def _check_grid(name: str, shape: tuple[int, ...], shards: list[StoredShard]) ->
     for s in shards:
         if any(next_cut[d][a] != b for d, (a, b) in enumerate(zip(s.start, s.stop))):
             raise ValueError(f"leaf {name!r}: stored shard {s.start}..{s.stop} is not a grid cell")
+
+
+class Listing:
+    """A directory's keys grouped by the checkpoint they belong to: the one place that reads names.
+
+    Attributes:
+      keys: every key, sorted.
+      committed: checkpoint names with an index (committed checkpoints).
+      data: checkpoint name -> its data objects (files and parts), whether committed or not.
+      temps: checkpoint name -> temporary files of interrupted writes of its index or data.
+    """
+
+    def __init__(self, keys: list[str]):
+        self.keys = keys
+        self.committed: set[str] = set()
+        self.data: dict[str, list[str]] = {}
+        self.temps: dict[str, list[str]] = {}
+        for key in keys:
+            written = temp_target(key)
+            if written is not None:
+                parsed = parse_data_key(written)
+                base = parsed[0] if parsed else written.removesuffix(INDEX_SUFFIX)
+                if base != written:  # a data file's or an index's, not another file's
+                    self.temps.setdefault(base, []).append(key)
+            elif (parsed := parse_data_key(key)) is not None:
+                self.data.setdefault(parsed[0], []).append(key)
+            elif key.endswith(INDEX_SUFFIX):
+                self.committed.add(key[: -len(INDEX_SUFFIX)])
+
+    @classmethod
+    def of(cls, store: Store) -> Listing:
+        return cls(store.list())
+
+    def checkpoints(self) -> list[str]:
+        """Every checkpoint name that has an index or data objects, sorted."""
+        return sorted(self.committed | set(self.data))
+
+    def files_of(self, base: str) -> list[str]:
+        """Every data object and temporary file of checkpoint base (not its index)."""
+        return self.data.get(base, []) + self.temps.get(base, [])
+
+    def leftovers(self, names: re.Pattern[str]) -> list[str]:
+        """Data objects of uncommitted checkpoints whose names match, and temporary files of any."""
+        out = [
+            k
+            for base, keys in self.data.items()
+            if base not in self.committed and names.fullmatch(base)
+            for k in keys
+        ]
+        out += [k for base, keys in self.temps.items() if names.fullmatch(base) for k in keys]
+        return sorted(out)

@@ -31,10 +31,14 @@ from typing import Any
 
 import jax
 
-from .errors import CoordinationTimeoutError, SaveFailedError
+from shardsave.errors import CoordinationTimeoutError, SaveFailedError
 
 _saver_ids = itertools.count()
+
+
 _POLL_S = 0.02  # how often process 0 looks for reports while it gathers them
+
+
 _MARGIN_S = 10.0  # at least this long past process 0's deadline for its outcome
 
 

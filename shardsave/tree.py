@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from .errors import LeafNotFoundError
+from shardsave.errors import LeafNotFoundError
 
 __all__ = [
     "LeafSpec",
@@ -28,15 +28,32 @@ __all__ = [
     "leaf_kind",
 ]
 
+
 # What kind of Python object a leaf was, so that target=None gives back the same kind.
 KIND_ARRAY = "jax"  # jax.Array
+
+
 KIND_NUMPY = "numpy"  # np.ndarray
+
+
 KIND_NUMPY_SCALAR = "numpy_scalar"  # np.generic
+
+
 KIND_INT = "int"
+
+
 KIND_FLOAT = "float"
+
+
 KIND_BOOL = "bool"
+
+
 KIND_COMPLEX = "complex"
+
+
 KIND_KEY = "key"  # a typed PRNG key array (jax.random.key), stored as its key data
+
+
 KINDS = frozenset(
     {KIND_ARRAY, KIND_NUMPY, KIND_NUMPY_SCALAR, KIND_INT, KIND_FLOAT, KIND_BOOL, KIND_COMPLEX, KIND_KEY}
 )

@@ -17,10 +17,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _format, _tree
-from ._format import Index
-from ._restore import LeafRequest
-from .errors import ShardingMismatchError, StructureMismatchError
+from shardsave import tree as _tree
+from shardsave.errors import ShardingMismatchError, StructureMismatchError
+from shardsave.index import Index, decode_sharding
+from shardsave.restore.engine import LeafRequest
 
 
 def devices_by_id() -> dict[int, jax.Device]:
@@ -73,7 +73,7 @@ def requests_for_saved(index: Index, path: str) -> tuple[list[LeafRequest], Call
         sharding = None
         if entry.kind in (_tree.KIND_ARRAY, _tree.KIND_KEY):
             _refuse_narrowing(entry.name, entry.dtype, path)
-            sharding = _format.decode_sharding(entry.sharding, devices)
+            sharding = decode_sharding(entry.sharding, devices)
             if sharding is None:
                 raise ShardingMismatchError(
                     f"leaf {entry.name!r} of {path!r} was saved with a sharding over devices that do "
@@ -206,9 +206,9 @@ def requests_for_target(
             shape, dtype = tuple(leaf.shape), leaf.dtype
             sharding = leaf.sharding
             if sharding is None:  # a ShapeDtypeStruct without one: the saved layout, else device 0
-                sharding = _format.decode_sharding(
-                    entry.sharding, devices
-                ) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+                sharding = decode_sharding(entry.sharding, devices) or jax.sharding.SingleDeviceSharding(
+                    jax.devices()[0]
+                )
             sharding = _concrete(sharding, name)
             kind = _tree.KIND_ARRAY
             if _tree.is_key_dtype(dtype):

@@ -35,15 +35,24 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from . import _format, _tree
-from ._format import DataFile, Index, LeafEntry, StoredShard
-from .errors import CorruptCheckpointError
+from shardsave import tree as _tree
+from shardsave.errors import CorruptCheckpointError
+from shardsave.index import DataFile, Index, LeafEntry, StoredShard, checksum
 
 MAGIC = struct.pack("<Q", 0xDB4775248B80FB57)
+
+
 FOOTER_BYTES = 48
+
+
 BLOCK_TRAILER_BYTES = 5
+
+
 MASK_DELTA = 0xA282EAD8
+
+
 OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"  # TF2's object graph: metadata, not a variable
+
 
 # TensorFlow's DataType enum (types.proto) -> (name, numpy dtype or None where JAX cannot hold it)
 DTYPES: dict[int, tuple[str, np.dtype | None]] = {
@@ -138,10 +147,20 @@ def _fields(buf: bytes, ints: frozenset[int], blobs: frozenset[int]) -> list[tup
 
 
 _HEADER = (frozenset({1, 2}), frozenset({3}))  # BundleHeaderProto: num_shards, endianness, version
+
+
 _ENTRY = (frozenset({1, 3, 4, 5, 6}), frozenset({2, 7}))  # BundleEntryProto
+
+
 _SHAPE = (frozenset({3}), frozenset({2}))  # TensorShapeProto: dim, unknown_rank
+
+
 _DIM = (frozenset({1}), frozenset({2}))  # TensorShapeProto.Dim: size, name
+
+
 _SLICE: tuple[frozenset[int], frozenset[int]] = (frozenset(), frozenset({1}))  # TensorSliceProto: extent
+
+
 _EXTENT: tuple[frozenset[int], frozenset[int]] = (
     frozenset({1, 2}),
     frozenset(),
@@ -191,7 +210,7 @@ def _block(raw: bytes, offset: int, size: int) -> list[tuple[bytes, bytes]]:
     if size < 4 or end + BLOCK_TRAILER_BYTES > len(raw) - FOOTER_BYTES:
         raise _Bad(f"a block handle ({offset}, {size}) outside the file")
     kind, stored = raw[end], struct.unpack_from("<I", raw, end + 1)[0]
-    if _format.checksum(np.frombuffer(raw[offset : end + 1], np.uint8)) != unmask(stored):
+    if checksum(np.frombuffer(raw[offset : end + 1], np.uint8)) != unmask(stored):
         raise _Bad(f"crc32c mismatch in the table block at bytes {offset}..{end}")
     if kind != 0:
         raise _Bad(f"a table block compressed with method {kind} (TensorFlow's bundles are uncompressed)")
@@ -438,7 +457,7 @@ def decode_strings(data: bytes, count: int, crc: int, where: str) -> np.ndarray:
         raise CorruptCheckpointError(f"{where}: the string lengths are unreadable ({e})") from e
     # Each length enters the checksum as a little-endian uint32 (a uint64 above 2**32-1).
     packed = b"".join(struct.pack("<I" if n <= 0xFFFFFFFF else "<Q", n) for n in lengths)
-    running = _format.checksum(packed)
+    running = checksum(packed)
     stored = data[pos : pos + 4]
     if len(stored) < 4 or unmask(struct.unpack("<I", stored)[0]) != running:
         raise CorruptCheckpointError(f"{where}: crc32c mismatch in the string lengths (the data is corrupt)")
@@ -446,7 +465,7 @@ def decode_strings(data: bytes, count: int, crc: int, where: str) -> np.ndarray:
     body = data[pos:]
     if len(body) != sum(lengths):
         raise CorruptCheckpointError(f"{where}: expected {sum(lengths)} bytes of strings, found {len(body)}")
-    if _format.checksum(body, _format.checksum(stored, running)) != crc:
+    if checksum(body, checksum(stored, running)) != crc:
         raise CorruptCheckpointError(f"{where}: crc32c mismatch (the data is corrupt)")
     out = np.empty(count, dtype=object)
     start = 0

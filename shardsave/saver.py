@@ -22,43 +22,44 @@ from typing import Any
 import jax
 import numpy as np
 
-from . import _format, _gc_pause, _tree
-from ._background import BackgroundCommits
-from ._checkpoint import Listing, build_index, encode_checked, write_data_file
-from ._distributed import Coordinator, decode_reports, encode_report
-from ._plan import SavePlan, plan_save
-from ._preemption import HANDLER, Preemption
-from ._restore import open_checkpoint, restore_leaves
-from ._shared_reads import lay_out, plan_shared_reads
-from ._stage import StagingBuffer, snapshot_on_device, stage
-from ._state import (
-    STATE_FILENAME,
+from shardsave import _gc_pause
+from shardsave import tree as _tree
+from shardsave.errors import CheckpointExistsError, SaveFailedError, ShardsaveError, StorageError
+from shardsave.formats import open_checkpoint
+from shardsave.formats.shardsave import (
+    CRC_CHUNK_BYTES,
+    DEFAULT_PART_BYTES,
+    INDEX_SUFFIX,
+    Listing,
+    checkpoint_name,
+    data_keys,
+    index_key,
+    split_parts,
+)
+from shardsave.index import decode_sharding, dtype_name, json_document, shard_checksums
+from shardsave.lifecycle.preemption import HANDLER, Preemption
+from shardsave.lifecycle.retention import (
     Retention,
     adopt_retention,
-    delete_checkpoint,
     recovered,
     remove_uncommitted,
-    write_state,
 )
-from ._storage import (
-    DEFAULT_STORAGE_TIMEOUT_S,
-    PendingFile,
-    Store,
-    WriterLock,
-    location,
-    open_prefix,
-    split_prefix,
-    sync_directory,
-)
-from ._targets import devices_by_id, requests_for_saved, requests_for_target
-from .errors import (
-    CheckpointExistsError,
-    SaveFailedError,
-    ShardsaveError,
-    StorageError,
-)
+from shardsave.lifecycle.state import STATE_FILENAME, delete_checkpoint, write_state
+from shardsave.restore.engine import restore_leaves
+from shardsave.restore.shared import lay_out, plan_shared_reads
+from shardsave.restore.targets import devices_by_id, requests_for_saved, requests_for_target
+from shardsave.save.background import BackgroundCommits
+from shardsave.save.commit import build_index, encode_checked, write_data_file
+from shardsave.save.coordination import Coordinator, decode_reports, encode_report
+from shardsave.save.plan import SavePlan, plan_save
+from shardsave.save.stage import StagingBuffer, snapshot_on_device, stage
+from shardsave.storage import open_prefix
+from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Lock, PendingFile, Store, location, split_prefix
+from shardsave.storage.local import sync_directory
 
 _PLAN_CACHE_SIZE = 8
+
+
 # Below the default of jax.distributed.initialize(heartbeat_timeout_seconds=...), a
 # setting, not a measurement: when a peer dies, jax aborts the survivors once that
 # passes, so shardsave must have named it by then (Coordinator.check_timeout).
@@ -155,7 +156,7 @@ def _leaf_spec(name: str, leaf: Any) -> tuple[_tree.LeafSpec, Any]:
             raise ValueError(f"leaf {name!r}: {e}") from e
         shape, dtype, sharding = array.shape, array.dtype.newbyteorder("="), None
     try:
-        _format.dtype_name(dtype)
+        dtype_name(dtype)
     except TypeError as e:
         raise TypeError(f"leaf {name!r}: {e}") from None
     return _tree.LeafSpec(name, shape, dtype, kind, sharding, key_impl), leaf
@@ -187,7 +188,7 @@ def _step_number(global_step: Any) -> int:
 
 def _checksums(data: bytes, plan_file: Any, chunk: int) -> list[tuple[int, ...]]:
     view = np.frombuffer(data, dtype=np.uint8)
-    return [_format.shard_checksums(view, s.offset, s.nbytes, chunk) for s in plan_file.shards]
+    return [shard_checksums(view, s.offset, s.nbytes, chunk) for s in plan_file.shards]
 
 
 class Saver:
@@ -280,7 +281,7 @@ class Saver:
         storage_timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S,
         snapshot_on_device: bool = False,
         clock: Callable[[], float] = time.time,
-        part_bytes: int = _format.DEFAULT_PART_BYTES,
+        part_bytes: int = DEFAULT_PART_BYTES,
         share_reads: bool | None = None,
         save_interval_steps: int | None = None,
         save_interval_secs: float | None = None,
@@ -338,7 +339,7 @@ class Saver:
         # Host buffers of the last plan saved, refilled by the next save of that plan.
         self._staging: tuple[SavePlan | None, dict[int, StagingBuffer]] = (None, {})
         self._retention: dict[str, Retention] = {}
-        self._locks: dict[tuple[str, str], WriterLock] = {}
+        self._locks: dict[tuple[str, str], Lock] = {}
         self._last_directory: str | None = None
         self._last_save: SaveInfo | None = None
         # For should_save: the newest step saved or restored, and when the last save began.
@@ -487,9 +488,9 @@ class Saver:
                 return None
             raise ValueError("the tree to save has no leaves; pass allow_empty=True to Saver to allow it")
         save_path = location(save_path)
-        documents = _format.json_document(metrics, "metrics"), _format.json_document(metadata, "metadata")
+        documents = json_document(metrics, "metrics"), json_document(metadata, "metadata")
         step = None if global_step is None else _step_number(global_step)
-        prefix = _format.checkpoint_name(save_path, step, self.pad_step_number)
+        prefix = checkpoint_name(save_path, step, self.pad_step_number)
         # Validate every leaf before anything on disk changes.
         stored = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
         specs, leaves = [spec for spec, _ in stored], [leaf for _, leaf in stored]
@@ -522,10 +523,10 @@ class Saver:
                 raise SaveFailedError(
                     f"saving {prefix} failed: cannot write in {directory.path!r}: {e}"
                 ) from e
-        index_key = _format.index_key(base)
+        committed_key = index_key(base)
         replace_local = False
         try:
-            committed = directory.exists(index_key)
+            committed = directory.exists(committed_key)
             if committed and not overwrite:
                 raise CheckpointExistsError(
                     f"a committed checkpoint exists at {prefix!r}; pass overwrite=True to replace it"
@@ -546,7 +547,7 @@ class Saver:
                 # leaves an index over mixed data (FORMAT.md).
                 if self._coordinator.process_index == 0:
                     try:
-                        directory.delete(index_key).result()
+                        directory.delete(committed_key).result()
                     except Exception as e:
                         raise SaveFailedError(
                             f"overwriting {prefix} failed: cannot delete its index: {e}"
@@ -604,7 +605,7 @@ class Saver:
                 raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         return prefix
 
-    def _lock(self, directory: Store, stem: str) -> WriterLock | None:
+    def _lock(self, directory: Store, stem: str) -> Lock | None:
         """Holds the save path for this Saver's life (see Store.lock).
 
         Returns the claim if this call took it (so that a save refused before it
@@ -739,7 +740,7 @@ class Saver:
     def _commit(self, save: _PendingSave) -> None:
         """Writes this process's data files, then commits (alone, or with the others)."""
         directory, plan = save.directory, save.plan
-        chunk = _format.CRC_CHUNK_BYTES
+        chunk = CRC_CHUNK_BYTES
         coordinator = self._coordinator
         what = f"saving {save.prefix}"
         keys: dict[str, None] = {}  # the objects this save writes, in order
@@ -747,8 +748,8 @@ class Saver:
         try:
             staged = save.staged() if callable(save.staged) else save.staged
             n = len(plan.files)
-            parts = {k: _format.split_parts(len(data), self.part_bytes) for k, data in staged.items()}
-            keys = {key: None for k in staged for key in _format.data_keys(save.base, k, n, parts[k])}
+            parts = {k: split_parts(len(data), self.part_bytes) for k, data in staged.items()}
+            keys = {key: None for k in staged for key in data_keys(save.base, k, n, parts[k])}
             publish = not save.replace_local
             writes = [
                 future
@@ -763,7 +764,7 @@ class Saver:
                 if save.replace_local:
                     self._replace(save, pending, raw)
                 else:
-                    directory.write(_format.index_key(save.base), raw).result()
+                    directory.write(index_key(save.base), raw).result()
             else:
                 coordinator.publish(f"{save.key}/files/{coordinator.process_index}", encode_report(crcs))
         except BaseException as e:
@@ -786,7 +787,7 @@ class Saver:
                 coordinator.publish(f"{save.key}/gathering", "1")
                 all_crcs = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
                 raw = self._encoded_index(plan, all_crcs, save, chunk)
-                directory.write(_format.index_key(save.base), raw).result()
+                directory.write(index_key(save.base), raw).result()
                 self._after_commit(save)
             except BaseException as e:
                 with contextlib.suppress(Exception):
@@ -816,7 +817,7 @@ class Saver:
             save.metadata,
             recorded=save.state_file is not None,
         )
-        return encode_checked(index, f"{save.prefix}{_format.INDEX_SUFFIX}")
+        return encode_checked(index, f"{save.prefix}{INDEX_SUFFIX}")
 
     @staticmethod
     def _replace(save: _PendingSave, pending: list[PendingFile], raw: bytes) -> None:
@@ -829,10 +830,10 @@ class Saver:
         checkpoint at this prefix, but never a mix of old and new.
         """
         directory = save.directory
-        index = directory.write(_format.index_key(save.base), raw, publish=False).result()
+        index = directory.write(index_key(save.base), raw, publish=False).result()
         pending.append(index)
         with contextlib.suppress(FileNotFoundError):  # gone already: nothing to uncommit
-            os.unlink(directory.local_path(_format.index_key(save.base)))
+            os.unlink(directory.local_path(index_key(save.base)))
         for file in pending[:-1]:
             file.publish()
         sync_directory(directory)
@@ -857,7 +858,7 @@ class Saver:
             # anywhere in between leaves either a named-but-uncommitted checkpoint, which
             # readers skip, or index-less data, which the next commit removes: never an
             # unnamed commit.
-            for future in [directory.delete(_format.index_key(old)) for old in doomed]:
+            for future in [directory.delete(index_key(old)) for old in doomed]:
                 future.result()
             if save.state_file is not None:
                 absolute = None
@@ -877,7 +878,7 @@ class Saver:
             self._last_directory = directory.path
 
     def _retention_for(self, directory: Store, stem: str, state_file: str) -> Retention:
-        """This Saver's retention in a directory (see _state.adopt_retention), made once."""
+        """This Saver's retention in a directory (see adopt_retention), made once."""
         retention = self._retention.get(directory.path)
         if retention is None:
             retention = self._retention[directory.path] = adopt_retention(
@@ -991,7 +992,7 @@ def load_structure(path: str) -> Any:
     _, _, index = open_checkpoint(location(path))
     devices = devices_by_id()
     leaves = [
-        jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=_format.decode_sharding(e.sharding, devices))
+        jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=decode_sharding(e.sharding, devices))
         for e in index.leaves
     ]
     return _tree.decode_structure(index.structure, leaves)

@@ -29,6 +29,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shardsave.formats.shardsave import step_of
+from shardsave.lifecycle.state import latest_checkpoint
+from shardsave.reader import CheckpointReader
+from shardsave.storage import open_store
+
 DEFAULT_CONFIG = Path(__file__).parent / "demo.yaml"  # package data: found in a wheel too
 
 
@@ -60,9 +65,6 @@ def make_run_folder(parent: str) -> str:
             continue
         return run
     raise FileExistsError(f"no free run-N folder name in {parent}")
-
-
-# ---------------------------------------------------------------- the child processes
 
 
 def _worker(role: str, config: dict[str, Any]) -> None:
@@ -186,9 +188,6 @@ def _worker(role: str, config: dict[str, Any]) -> None:
     saver.close()
 
 
-# ---------------------------------------------------------------- the parent
-
-
 def _spawn(role: str, config: dict[str, Any], devices: int) -> subprocess.Popen[str]:
     env = {
         **os.environ,
@@ -196,7 +195,7 @@ def _spawn(role: str, config: dict[str, Any], devices: int) -> subprocess.Popen[
         "JAX_PLATFORMS": "cpu",
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "shardsave._demo", role, json.dumps(config)],
+        [sys.executable, "-m", "shardsave.demo", role, json.dumps(config)],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -227,10 +226,6 @@ def _records(
 
 def run_demo(config: dict[str, Any], out: Any) -> int:
     """Runs the demo; prints a report to out; returns 0 when the resumed runs match."""
-    from . import _format, _storage
-    from ._reader import CheckpointReader
-    from ._state import latest_checkpoint
-
     if not 0 < config["preempt_at"] < config["crash_at"] < config["steps"]:
         raise ValueError(
             f"the demo needs 0 < preempt_at < crash_at < steps, found preempt_at={config['preempt_at']}, "
@@ -317,7 +312,7 @@ def run_demo(config: dict[str, Any], out: Any) -> int:
     blocking = [s["blocking"] for s in saves]
     commits = [s["previous_commit"] for s in saves if s["previous_commit"] is not None]
     restores = [next(r for r in runs[role] if r.get("event") == "restored")["seconds"] for role in runs]
-    kept = [k[: -len(".index")] for k in _storage.open_store(directory).list() if k.endswith(".index")]
+    kept = [k[: -len(".index")] for k in open_store(directory).list() if k.endswith(".index")]
 
     def lost(role: str, resumed_by: str) -> str:
         n = last_trained[role] - restored_step(resumed_by)
@@ -342,7 +337,7 @@ def run_demo(config: dict[str, Any], out: Any) -> int:
             else "- (no save finished before the next)",
         ),
         ("restore onto new mesh", " and ".join(f"{t * 1e3:.1f} ms" for t in restores)),
-        ("checkpoints kept", ", ".join(sorted(kept, key=lambda k: _format.step_of(k) or 0))),
+        ("checkpoints kept", ", ".join(sorted(kept, key=lambda k: step_of(k) or 0))),
         ("latest", os.path.basename(latest) if latest else "-"),
         (
             "resumed losses",

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._plan import SavePlan
-from ._threads import Pool
+from shardsave._threads import Pool
+from shardsave.save.plan import SavePlan
 
 
 def host_array(leaf: Any, dtype: np.dtype) -> np.ndarray:

@@ -47,35 +47,50 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _format, _gc_pause, _safetensors, _tf_bundle
-from ._checkpoint import DataFiles, Listing, into_region
-from ._format import Index, LeafEntry, StoredShard
-from ._plan import (
+from shardsave import _gc_pause
+from shardsave.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from shardsave.formats.shardsave import index_key
+from shardsave.index import (
     Box,
-    Read,
+    Index,
+    LeafEntry,
+    StoredShard,
     box_shape,
-    exact_reads,
+    checksum,
+    chunk_problem,
     full_box,
     index_box,
-    plan_reads,
-    unique_target_boxes,
 )
-from ._storage import DEFAULT_STORAGE_TIMEOUT_S, BufferPool, Store, aligned_empty, join, open_prefix
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from shardsave.restore.files import DataFiles, into_region
+from shardsave.restore.reads import Read, exact_reads, plan_reads, unique_target_boxes
+from shardsave.storage.base import Store, join
+from shardsave.storage.buffers import BufferPool, aligned_empty
 
 # One ranged read covers at most this many bytes, so the reads of one large file
 # run in parallel and each can be released on its own.
 MAX_SPAN_BYTES = 16 << 20
+
+
 # A default restore's batches hold at most this many bytes, and two are in flight at
 # once. Larger batches read a cold disk more slowly (README "Performance") and hold
 # more transient memory on accelerators.
 DEFAULT_BATCH_BYTES = 256 << 20
+
+
 DEFAULT_INFLIGHT_BYTES = 2 * DEFAULT_BATCH_BYTES  # the most bytes a default restore reads ahead
+
+
 MIN_SEQUENTIAL_BYTES = 32 << 20
+
+
 SMALL_BUFFER_BYTES = 1 << 20  # a capped restore takes buffers below this from malloc
+
+
 # A span whose checksum chunks average at least this many bytes is verified by the
 # I/O thread that read it; smaller chunks are verified by the caller on first use.
 MIN_THREAD_CHECK_BYTES = 1 << 20
+
+
 # A read lands directly in its destination from this size: below it, the copy it
 # saves costs less than the bookkeeping (restores of many small leaves).
 MIN_DIRECT_BYTES = 1 << 20
@@ -305,7 +320,7 @@ class _Fetcher:
     def _check(self, start: int, chunks: list[tuple[StoredShard, int]], data: np.ndarray) -> np.ndarray:
         """Verifies the length and crc32c of each chunk in a span's data (read from `start`)."""
         for shard, j in chunks:
-            problem = _format.chunk_problem(
+            problem = chunk_problem(
                 data, start, shard, j, self.chunk or shard.nbytes, self.index.has_checksums
             )
             if problem is not None:
@@ -392,7 +407,7 @@ class _Fetcher:
             raise CorruptCheckpointError(f"{self._where(shard)}: the file is truncated")
         state = self._running.setdefault(id(shard), [shard, 0, 0])
         if rel <= state[1] < rel + data.size:  # new bytes follow the verified ones
-            state[2] = _format.checksum(data[state[1] - rel :], state[2])
+            state[2] = checksum(data[state[1] - rel :], state[2])
             state[1] = rel + data.size
         return data
 
@@ -405,7 +420,7 @@ class _Fetcher:
                 data = self.files.read(shard.file, shard.offset + lo, shard.offset + hi).result()
                 if data.size < hi - lo:
                     raise CorruptCheckpointError(f"{self._where(shard)}: the file is truncated")
-                crc = _format.checksum(data, crc)
+                crc = checksum(data, crc)
             if crc != shard.crc32c[0]:
                 raise CorruptCheckpointError(f"{self._where(shard)}: crc32c mismatch (the data is corrupt)")
         self._running.clear()
@@ -549,7 +564,7 @@ def restore_leaves(
             _run_batch(issued.popleft(), requests, fetcher, results)
         fetcher.finish()
     except CorruptCheckpointError as e:
-        if isinstance(e.__cause__, FileNotFoundError) and not directory.exists(_format.index_key(base)):
+        if isinstance(e.__cause__, FileNotFoundError) and not directory.exists(index_key(base)):
             # The index was there when the restore began: a Saver's retention deleted
             # this checkpoint while it was being read (an evaluator trailing a trainer).
             raise CheckpointNotFoundError(
@@ -920,30 +935,3 @@ def _stream_units(
         jax.block_until_ready(list(buffers.values()))
         results.remaining[unit.request] -= 1
         results.partial.setdefault(unit.request, {}).update(buffers)
-
-
-def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tuple[Store, str, Index]:
-    """The directory, base name and validated index of a committed checkpoint (or of
-    a TensorFlow checkpoint, or of safetensors: a .safetensors file or index.json)."""
-    if _safetensors.is_safetensors(path):
-        return _safetensors.safetensors_index(path, timeout_s)
-    directory, base = open_prefix(path, timeout_s)
-    raw = directory.read_all(_format.index_key(base))
-    if raw is None:
-        leftovers = Listing.of(directory).data.get(base, [])
-        hint = (
-            f" ({len(leftovers)} data files exist without it: a save that never committed)"
-            if leftovers
-            else ""
-        )
-        raise CheckpointNotFoundError(
-            f"no committed checkpoint at {path!r}: {path}{_format.INDEX_SUFFIX} does not exist{hint}"
-        )
-    where = f"{path}{_format.INDEX_SUFFIX}"
-    if _tf_bundle.is_tf_index(raw):  # a TensorFlow checkpoint: its index is a LevelDB table
-        return (
-            directory,
-            base,
-            _tf_bundle.bundle_index(raw, where, base, directory.mtime(_format.index_key(base))),
-        )
-    return directory, base, _format.decode_index(raw, where)

@@ -9,12 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _format, _tf_bundle, _tree
-from ._checkpoint import DataFiles
-from ._plan import Box
-from ._restore import LeafRequest, open_checkpoint, restore_leaves
-from ._storage import join, location
-from .errors import CorruptCheckpointError
+from shardsave import tree as _tree
+from shardsave.errors import CorruptCheckpointError
+from shardsave.formats import open_checkpoint
+from shardsave.formats import tf_bundle as _tf_bundle
+from shardsave.index import Box, checksum, chunk_problem
+from shardsave.restore.engine import LeafRequest, restore_leaves
+from shardsave.restore.files import DataFiles
+from shardsave.storage.base import join, location
 
 _VERIFY_READ_BYTES = 64 << 20
 
@@ -224,7 +226,7 @@ class CheckpointReader:
                             problem
                             for j in range(lo // chunk, math.ceil(hi / chunk))
                             if (
-                                problem := _format.chunk_problem(
+                                problem := chunk_problem(
                                     data, shard.offset + lo, shard, j, chunk, self.index.has_checksums
                                 )
                             )
@@ -253,7 +255,7 @@ class CheckpointReader:
                 return f"unreadable: {str(e).splitlines()[0]}"
             if data.size < hi - lo:
                 return f"expected {shard.nbytes} bytes at offset {shard.offset} (the file is truncated)"
-            crc = _format.checksum(data, crc)
+            crc = checksum(data, crc)
             if progress is not None:
                 progress(hi - lo)
         if crc != shard.crc32c[0]:

@@ -13,17 +13,23 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import _format, _tree
-from ._checkpoint import Listing
-from ._reader import CheckpointReader
-from ._safetensors import INDEX_NAME, SINGLE_NAME, is_safetensors, save_safetensors
-from ._safetensors import resolve as resolve_safetensors
-from ._saver import Saver
-from ._state import STATE_FILENAME, latest_checkpoint
-from ._storage import join, location, open_store
-from .errors import CheckpointNotFoundError, ShardsaveError
+from shardsave import __version__
+from shardsave import tree as _tree
+from shardsave.demo import load_config, run_demo
+from shardsave.errors import CheckpointNotFoundError, ShardsaveError
+from shardsave.export.safetensors import save_safetensors
+from shardsave.formats.safetensors import INDEX_NAME, SINGLE_NAME, is_safetensors
+from shardsave.formats.safetensors import resolve as resolve_safetensors
+from shardsave.formats.shardsave import INDEX_SUFFIX, Listing, step_of
+from shardsave.lifecycle.state import STATE_FILENAME, latest_checkpoint
+from shardsave.reader import CheckpointReader
+from shardsave.saver import Saver
+from shardsave.storage import open_store
+from shardsave.storage.base import join, location
 
 EXIT_BAD = 1  # a checkpoint is damaged
+
+
 EXIT_USAGE = 2  # bad usage or a missing path
 
 
@@ -62,7 +68,7 @@ def cmd_ls(args: argparse.Namespace, out: Any) -> int:
     latest_base = latest.rsplit("/", 1)[-1] if latest else None
     entries: list[tuple[float | None, int | None, str, str, str, str]] = []
     for base, data_keys in bases.items():
-        step = _format.step_of(base)
+        step = step_of(base)
         if base in listing.committed:
             try:
                 index = CheckpointReader(join(args.dir, base)).index
@@ -95,8 +101,8 @@ def _checkpoint_path(path: str) -> str:
     path = location(path)
     if is_safetensors(path):
         return path
-    if path.endswith(_format.INDEX_SUFFIX):
-        return path[: -len(_format.INDEX_SUFFIX)]
+    if path.endswith(INDEX_SUFFIX):
+        return path[: -len(INDEX_SUFFIX)]
     directory = open_store(path)  # if path is a directory (a prefix lists as empty)
     keys = directory.list()
     if INDEX_NAME in keys or SINGLE_NAME in keys:
@@ -244,8 +250,6 @@ def cmd_convert(args: argparse.Namespace, out: Any) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, out: Any) -> int:
-    from ._demo import load_config, run_demo
-
     overrides = {
         k: v
         for k, v in {
@@ -266,6 +270,8 @@ _LOCATIONS = (
     'honoured), gs://bucket/path, or a tensorstore kvstore spec as JSON (\'{"driver": "s3", '
     '"bucket": ..., "path": ..., "endpoint": ...}\')'
 )
+
+
 _CHECKPOINT = (
     f"a checkpoint prefix such as ckpt/model-1000 (or its .index file, or a directory for its latest "
     f"checkpoint); {_LOCATIONS}"
@@ -273,8 +279,6 @@ _CHECKPOINT = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="shardsave",
         description="Look inside checkpoints (shardsave's, TensorFlow's, safetensors), and convert them.",

@@ -38,7 +38,7 @@ import signal
 import threading
 from typing import Any
 
-from ._distributed import Coordinator, _client
+from shardsave.save.coordination import Coordinator, _client
 
 _SIG_DFL, _SIG_IGN = 0, 1
 

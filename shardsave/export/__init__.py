@@ -1,0 +1,1 @@
+"""Other formats written from trees and checkpoints: safetensors."""

@@ -1,0 +1,1 @@
+"""What happens around commits: the `checkpoint` state file, retention, save policies, preemption."""

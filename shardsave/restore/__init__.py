@@ -1,0 +1,1 @@
+"""The restore path: targets, reads (pure), the engine that fetches, verifies and places, shared reads."""

@@ -1,0 +1,186 @@
+"""Any tensorstore key-value store (memory://, s3://, gs://, ...) as a Store, with deadlines."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+import tensorstore as ts
+
+from shardsave.errors import StorageError
+from shardsave.storage.base import (
+    _CONTEXT,
+    _KVSTORE_SCHEME,
+    _KVSTORES,
+    _REMOTE_CONTEXT,
+    DEFAULT_STORAGE_TIMEOUT_S,
+    STATS,
+    Pending,
+    _count_read,
+    _spec,
+    _stats_lock,
+    join,
+)
+from shardsave.storage.buffers import aligned_empty
+from shardsave.storage.local import WriterLock
+
+
+def _wait(future: ts.Future, what: str, timeout_s: float) -> Any:
+    """A tensorstore future's result within the deadline; StorageError naming `what` otherwise."""
+    try:
+        return future.result(timeout=timeout_s)
+    except TimeoutError:
+        future.cancel()
+        raise StorageError(
+            f"{what}: the store did not answer within {timeout_s:g} s (is the endpoint reachable? "
+            "Saver(storage_timeout_s=...) sets the deadline)"
+        ) from None
+    except ValueError as e:
+        if "OUT_OF_RANGE" in str(e):  # a ranged read past the end: the caller reports truncation
+            raise
+        raise StorageError(f"{what}: {e}") from e
+
+
+class _StoreFuture:
+    """A tensorstore future with a deadline, whose result() raises StorageError naming the location."""
+
+    def __init__(self, future: ts.Future, what: str, timeout_s: float):
+        self._future, self._what, self._timeout_s = future, what, timeout_s
+
+    def result(self) -> Any:
+        return _wait(self._future, self._what, self._timeout_s)
+
+
+class _ReadResult:
+    """A tensorstore read seen as a future of a uint8 array (FileNotFoundError if missing).
+
+    A range past the end of the value gives what there is (an empty array when it
+    starts past the end), as a short local read does: tensorstore refuses such a
+    range, so the rest of the value is read instead.
+    """
+
+    def __init__(
+        self,
+        kv: ts.KvStore,
+        key: str,
+        start: int,
+        stop: int,
+        then: Callable[[np.ndarray], np.ndarray] | None,
+        where: str,
+        timeout_s: float,
+    ):
+        self._kv, self._key, self._start, self._then = kv, key, start, then
+        self._where, self._timeout_s = where, timeout_s
+        self._future = kv.read(key, byte_range=slice(start, stop))
+
+    def result(self) -> np.ndarray:
+        what = f"reading {self._where}"
+        try:
+            result = _wait(self._future, what, self._timeout_s)
+        except ValueError:  # OUT_OF_RANGE: the value is shorter than the range
+            whole = _wait(self._kv.read(self._key), what, self._timeout_s)
+            if whole.state != "value":
+                raise FileNotFoundError(self._key) from None
+            data = np.frombuffer(whole.value, dtype=np.uint8)[self._start :]
+        else:
+            if result.state != "value":
+                raise FileNotFoundError(self._key)
+            data = np.frombuffer(result.value, dtype=np.uint8)
+        return data if self._then is None else self._then(data)
+
+
+class TensorstoreStore:
+    """Any tensorstore key-value store (memory://, s3://, gs://, ...), with deadlines.
+
+    Object stores have no rename and no lock (FORMAT.md): publish=False and
+    lock() are not available.
+    """
+
+    is_local = False
+    _open: ClassVar[dict[str, ts.KvStore]] = {}
+    _open_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, directory: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S):
+        self.path = directory
+        self.timeout_s = timeout_s
+        if directory.startswith(_KVSTORE_SCHEME):  # a KvStore given as a location
+            number, _, path = directory[len(_KVSTORE_SCHEME) :].partition("://")
+            self._kv = _KVSTORES[int(number)].copy()
+            self._kv.path = path.strip("/") + "/" if path.strip("/") else ""
+            return
+        spec = _spec(directory)
+        # Keyed by the whole spec, endpoint and region included (and tensorstore's GCS
+        # endpoint variable): a changed environment opens a new store rather than
+        # reusing one that points elsewhere.
+        key = repr(spec) + (
+            os.environ.get("TENSORSTORE_GCS_HTTP_URL", "") if directory.startswith("gs://") else ""
+        )
+        with TensorstoreStore._open_lock:
+            store = TensorstoreStore._open.get(key)
+        if store is None:
+            shared = isinstance(spec, str) and spec.startswith("memory://")
+            context = _CONTEXT if shared else ts.Context(_REMOTE_CONTEXT)
+            store = _wait(ts.KvStore.open(spec, context=context), f"opening {directory}", timeout_s)
+            with TensorstoreStore._open_lock:
+                store = TensorstoreStore._open.setdefault(key, store)
+        self._kv = store
+
+    def _where(self, key: str) -> str:
+        return join(self.path, key)
+
+    def local_path(self, key: str) -> str:
+        raise ValueError(f"{self.path} is not a local directory")
+
+    def read_range(
+        self,
+        key: str,
+        start: int,
+        stop: int,
+        then: Callable[[np.ndarray], np.ndarray] | None = None,
+        allocate: Callable[[int], np.ndarray] = aligned_empty,
+    ) -> Pending[np.ndarray]:
+        _count_read(stop - start)
+        return _ReadResult(self._kv, key, start, stop, then, self._where(key), self.timeout_s)
+
+    def read_all(self, key: str) -> bytes | None:
+        result = _wait(self._kv.read(key), f"reading {self._where(key)}", self.timeout_s)
+        if result.state != "value":
+            return None
+        _count_read(len(result.value))
+        return bytes(result.value)
+
+    def write(self, key: str, data: bytes | memoryview, *, publish: bool = True) -> Pending[Any]:
+        if not publish:
+            raise ValueError("publish=False needs a local directory")
+        with _stats_lock:
+            STATS.bytes_written += len(data)
+        value = data if isinstance(data, bytes) else bytes(data)  # tensorstore takes bytes only
+        return _StoreFuture(self._kv.write(key, value), f"writing {self._where(key)}", self.timeout_s)
+
+    def _stat(self, key: str) -> Any:
+        return _wait(
+            self._kv.read(key, byte_range=slice(0, 0)), f"reading {self._where(key)}", self.timeout_s
+        )
+
+    def exists(self, key: str) -> bool:
+        return bool(self._stat(key).state == "value")
+
+    def mtime(self, key: str) -> float | None:
+        result = self._stat(key)
+        return float(result.stamp.time) if result.state == "value" else None
+
+    def list(self) -> list[str]:
+        keys = _wait(self._kv.list(), f"listing {self.path}", self.timeout_s)
+        return sorted(k.decode() for k in keys if b"/" not in k)
+
+    def delete(self, key: str) -> Pending[None]:
+        return _StoreFuture(self._kv.write(key, None), f"deleting {self._where(key)}", self.timeout_s)
+
+    def check_parent(self, prefix: str) -> None:
+        return None  # an object store has no parents that can be files
+
+    def lock(self, stem: str, settle: Callable[[], None] | None = None) -> WriterLock | None:
+        return None
