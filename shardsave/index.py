@@ -165,7 +165,10 @@ class DataFile:
     device_id: int | None  # the device whose shards the file holds (sharded=True)
     process_index: int  # the process that wrote it
     parts: tuple[int, ...] | None = None  # sizes of its numbered parts, when split (version 2)
-    key: str | None = None  # a foreign format's file name (safetensors), where it is not data_key's
+    # Where its bytes are, as the format's reader names them (left unset by a writer): the
+    # file's name in its directory, and the objects holding its parts in order, if split.
+    key: str | None = None
+    part_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,10 @@ class Index:
     # False for save(write_state=False): committed, but never to be recorded in a state
     # file, adopted by retention or returned by latest_checkpoint (absent in older indexes).
     recorded: bool = True
+    # The object whose absence means the checkpoint is gone (its index file), as the
+    # format's reader names it: a restore that loses a data file checks it to tell a
+    # checkpoint deleted under it from a damaged one.
+    commit_key: str | None = None
 
     @property
     def has_checksums(self) -> bool:

@@ -298,6 +298,14 @@ def test_7_a_saver_that_is_garbage_collected_lets_its_save_paths_go(tmp_path):
     assert not (tmp_path / ".model.lock").exists()  # released, and its file removed
     shardsave.Saver(async_save=False).save({"w": np.ones(2)}, str(tmp_path / "model"), global_step=2)
     assert _committed(tmp_path) == ["model-1", "model-2"]
+    # A Saver in a reference cycle is freed by the cyclic collector, which clears weak
+    # references before __del__ runs: its claim must still let the flock go.
+    saver = shardsave.Saver(async_save=False)
+    saver.cycle = [saver]  # type: ignore[attr-defined]
+    saver.save({"w": np.ones(2)}, str(tmp_path / "model"), global_step=3)
+    del saver
+    gc.collect()
+    assert not (tmp_path / ".model.lock").exists()
 
 
 def test_7_two_processes_writing_one_save_path(tmp_path):

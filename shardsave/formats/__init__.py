@@ -1,43 +1,86 @@
 """One reader per format, each turning a location into index records; a registry picks one.
 
-shardsave's own checkpoints, TensorFlow's tensor bundles and safetensors. The
-rest of the package asks open_checkpoint(path) for a (Store, base, Index) and
-never which format it got.
+A reader recognises its checkpoints either by their location's name (a
+safetensors file) or by the bytes of the prefix's `.index` file (TensorFlow's is
+a LevelDB table, shardsave's is JSON), and returns the same records: a Store, the
+checkpoint's base name and a validated Index whose data files are named
+(DataFile.key). The rest of the package asks open_checkpoint(path) and never
+which format it got. A new format is one module here and one FormatReader in
+READERS, in the manner of fsspec's registry; a format that lives in a directory
+of its own (Orbax's, DCP's) recognises it by name (a marker file in it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from shardsave.errors import CheckpointNotFoundError
+from shardsave.formats import safetensors as _safetensors
+from shardsave.formats import shardsave as _shardsave
 from shardsave.formats import tf_bundle as _tf_bundle
-from shardsave.formats.safetensors import is_safetensors, safetensors_index
-from shardsave.formats.shardsave import INDEX_SUFFIX, Listing, decode_index, index_key
 from shardsave.index import Index
 from shardsave.storage import open_prefix
 from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Store
 
 
+@dataclass(frozen=True)
+class FormatReader:
+    """How one format is recognised and read.
+
+    Attributes:
+      name: the format's name, as Index.source records it.
+      claims: recognises the format from a location alone (no I/O beyond a stat).
+      open: reads a location that claims() recognised: (store, base, index).
+      claims_index: recognises the format from the bytes of the prefix's `.index` file.
+      from_index: reads the index from those bytes: (raw, where, base, mtime) -> Index.
+    """
+
+    name: str
+    claims: Callable[[str], bool] | None = None
+    open: Callable[[str, float], tuple[Store, str, Index]] | None = None
+    claims_index: Callable[[bytes], bool] | None = None
+    from_index: Callable[[bytes, str, str, float | None], Index] | None = None
+
+
+def _shardsave_index(raw: bytes, where: str, base: str, mtime: float | None) -> Index:
+    return _shardsave.located(_shardsave.decode_index(raw, where), base)
+
+
+# Tried in order; shardsave's own format last, as the one that takes any other `.index`.
+READERS: list[FormatReader] = [
+    FormatReader("safetensors", claims=_safetensors.is_safetensors, open=_safetensors.safetensors_index),
+    FormatReader("tensorflow", claims_index=_tf_bundle.is_tf_index, from_index=_tf_bundle.bundle_index),
+    FormatReader("shardsave", claims_index=lambda raw: True, from_index=_shardsave_index),
+]
+
+
 def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tuple[Store, str, Index]:
-    """The directory, base name and validated index of a committed checkpoint (or of
-    a TensorFlow checkpoint, or of safetensors: a .safetensors file or index.json)."""
-    if is_safetensors(path):
-        return safetensors_index(path, timeout_s)
+    """The directory, base name and validated index of the checkpoint at path, in any format read.
+
+    Raises:
+      CheckpointNotFoundError: nothing committed is at path.
+      CorruptCheckpointError: what is there is damaged (the message names the file).
+    """
+    for reader in READERS:
+        if reader.claims is not None and reader.open is not None and reader.claims(path):
+            return reader.open(path, timeout_s)
     directory, base = open_prefix(path, timeout_s)
-    raw = directory.read_all(index_key(base))
+    key = _shardsave.index_key(base)
+    raw = directory.read_all(key)
     if raw is None:
-        leftovers = Listing.of(directory).data.get(base, [])
+        leftovers = _shardsave.Listing.of(directory).data.get(base, [])
         hint = (
             f" ({len(leftovers)} data files exist without it: a save that never committed)"
             if leftovers
             else ""
         )
         raise CheckpointNotFoundError(
-            f"no committed checkpoint at {path!r}: {path}{INDEX_SUFFIX} does not exist{hint}"
+            f"no committed checkpoint at {path!r}: {path}{_shardsave.INDEX_SUFFIX} does not exist{hint}"
         )
-    where = f"{path}{INDEX_SUFFIX}"
-    if _tf_bundle.is_tf_index(raw):  # a TensorFlow checkpoint: its index is a LevelDB table
-        return (
-            directory,
-            base,
-            _tf_bundle.bundle_index(raw, where, base, directory.mtime(index_key(base))),
-        )
-    return directory, base, decode_index(raw, where)
+    where = f"{path}{_shardsave.INDEX_SUFFIX}"
+    for reader in READERS:
+        if reader.claims_index is not None and reader.from_index is not None and reader.claims_index(raw):
+            mtime = directory.mtime(key)
+            return directory, base, reader.from_index(raw, where, base, mtime)
+    raise AssertionError("shardsave's own reader takes every index")  # unreachable: it is last

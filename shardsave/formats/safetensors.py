@@ -266,6 +266,7 @@ def safetensors_index(path: str, timeout_s: float) -> tuple[Store, str, Index]:
         leaves=tuple(leaves),
         format_version=0,
         source="safetensors",
+        commit_key=base,
     )
     return store, base, index
 

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import re
+from dataclasses import replace
 from typing import Any
 
 from shardsave import _gc_pause
@@ -115,6 +116,20 @@ def data_keys(base: str, k: int, n: int, parts: tuple[int, ...] | None) -> list[
     if parts is None:
         return [data_key(base, k, n)]
     return [part_key(base, k, n, j) for j in range(len(parts))]
+
+
+def located(index: Index, base: str) -> Index:
+    """The index of checkpoint `base` with its files' object names filled in (DataFile.key)."""
+    n = len(index.files)
+    files = tuple(
+        replace(
+            f,
+            key=data_key(base, k, n),
+            part_keys=tuple(data_keys(base, k, n, f.parts)) if f.parts else (),
+        )
+        for k, f in enumerate(index.files)
+    )
+    return replace(index, files=files, commit_key=index_key(base))
 
 
 def parse_data_key(key: str) -> tuple[str, int, int] | None:

@@ -27,7 +27,6 @@ named. The format's details were checked against checkpoints TensorFlow wrote
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +36,7 @@ import numpy as np
 
 from shardsave import tree as _tree
 from shardsave.errors import CorruptCheckpointError
+from shardsave.formats.shardsave import data_key, index_key, step_of
 from shardsave.index import DataFile, Index, LeafEntry, StoredShard, checksum
 
 MAGIC = struct.pack("<Q", 0xDB4775248B80FB57)
@@ -315,11 +315,6 @@ def slice_key_name(key: bytes) -> str | None:
     return name.decode()
 
 
-def _step_of(base: str) -> int | None:
-    found = re.search(r"-(\d+)$", base)
-    return int(found.group(1)) if found else None
-
-
 @dataclass(frozen=True)
 class Bundle:
     """A TF checkpoint's index, decoded: its variables (slices folded in) and data files."""
@@ -433,14 +428,15 @@ def bundle_index(raw: bytes, where: str, base: str, mtime: float | None) -> Inde
         )
     structure = {"dict": [[leaf.name, i] for i, leaf in enumerate(leaves) if leaf.name != OBJECT_GRAPH]}
     return Index(
-        global_step=_step_of(base),
+        global_step=step_of(base),  # "model.ckpt-7", as save() names it (negative steps too)
         created=mtime or 0.0,
         crc_chunk_bytes=0,
-        files=tuple(DataFile(n, None, 0) for n in ends),
+        files=tuple(DataFile(n, None, 0, key=data_key(base, k, len(ends))) for k, n in enumerate(ends)),
         structure=structure,
         leaves=tuple(leaves),
         format_version=0,
         source="tensorflow",
+        commit_key=index_key(base),
     )
 
 

@@ -49,7 +49,6 @@ import numpy as np
 
 from shardsave import _gc_pause
 from shardsave.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
-from shardsave.formats.shardsave import index_key
 from shardsave.index import (
     Box,
     Index,
@@ -564,7 +563,8 @@ def restore_leaves(
             _run_batch(issued.popleft(), requests, fetcher, results)
         fetcher.finish()
     except CorruptCheckpointError as e:
-        if isinstance(e.__cause__, FileNotFoundError) and not directory.exists(index_key(base)):
+        gone = index.commit_key is not None and not directory.exists(index.commit_key)
+        if isinstance(e.__cause__, FileNotFoundError) and gone:
             # The index was there when the restore began: a Saver's retention deleted
             # this checkpoint while it was being read (an evaluator trailing a trainer).
             raise CheckpointNotFoundError(

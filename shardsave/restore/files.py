@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from shardsave.formats.shardsave import data_key, data_keys
 from shardsave.index import Index
 from shardsave.storage.base import Store
 from shardsave.storage.buffers import aligned_empty
@@ -51,11 +50,11 @@ class DataFiles:
 
     def __init__(self, directory: Store, base: str, index: Index):
         self.directory = directory
-        n = len(index.files)
-        self._keys = [[f.key] if f.key else data_keys(base, k, n, f.parts) for k, f in enumerate(index.files)]
+        if any(f.key is None for f in index.files):
+            raise ValueError(f"{base}: the index names no data files; open it with formats.open_checkpoint")
+        self._keys = [list(f.part_keys) if f.part_keys else [str(f.key)] for f in index.files]
         self._starts = [[0, *accumulate(f.parts)] if f.parts else [0] for f in index.files]
-        # For messages: the file names, a foreign format's own (safetensors) where it has them.
-        self.names = [f.key or data_key(base, k, n) for k, f in enumerate(index.files)]
+        self.names = [str(f.key) for f in index.files]  # for messages
 
     def read(
         self,

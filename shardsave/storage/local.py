@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import json
 import os
 import secrets
@@ -245,19 +246,22 @@ class WriterLock:
 
     def __init__(self, hold: _Hold, what: str, settle: Callable[[], None] | None):
         self._hold, self._what, self._settle = hold, what, settle
-        hold.claim = weakref.ref(self)
+        # The claim is told apart by a serial, not by the weak reference: the cyclic
+        # collector clears weak references before it runs __del__, and release() there
+        # must still find that this claim is the one holding the flock.
+        self._serial = next(_serials)
+        hold.claim, hold.serial = weakref.ref(self), self._serial
 
     @property
     def held(self) -> bool:
         """Whether this claim still holds the save path (not released, not taken over)."""
         hold = self._hold
-        return _holds.get(hold.path) is hold and hold.claim() is self
+        return _holds.get(hold.path) is hold and hold.serial == self._serial
 
     def check(self) -> None:
         """Raises ConcurrentSaveError if a newer claim in this process holds the path now."""
         hold = _holds.get(self._hold.path)
-        current = hold.claim() if hold is not None else None
-        if current is not None and current is not self:
+        if hold is not None and hold.serial != self._serial and hold.claim() is not None:
             raise ConcurrentSaveError(
                 f"a newer Saver in this process holds the save path {self._what!r} (lock file "
                 f"{self._hold.path}): it took the path over when it first saved there, after this "
@@ -291,6 +295,7 @@ class _Hold:
     path: str  # the lock file's real path
     handle: Any
     claim: Callable[[], WriterLock | None] = lambda: None  # a weak reference to the claim
+    serial: int = 0  # the claim's (WriterLock._serial)
 
     def close(self) -> None:
         if not self.handle.closed:
@@ -306,6 +311,7 @@ _holds: dict[str, _Hold] = {}
 
 
 _holds_lock = threading.Lock()
+_serials = itertools.count(1)
 
 
 def sync_directory(directory: Store) -> None:
