@@ -21,10 +21,10 @@ from shardsave.lifecycle.state import latest_checkpoint as latest_checkpoint
 from shardsave.lifecycle.state import remove_checkpoint as remove_checkpoint
 from shardsave.reader import CheckpointReader as CheckpointReader
 from shardsave.reader import VariableInfo as VariableInfo
+from shardsave.reader import load_structure as load_structure
 from shardsave.saver import RestoreInfo as RestoreInfo
 from shardsave.saver import SaveInfo as SaveInfo
 from shardsave.saver import Saver as Saver
-from shardsave.saver import load_structure as load_structure
 
 __version__ = "0.1.0"
 

@@ -7,15 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 
 from shardsave import tree as _tree
 from shardsave.errors import CorruptCheckpointError
 from shardsave.formats import open_checkpoint
 from shardsave.formats import tf_bundle as _tf_bundle
-from shardsave.index import Box, checksum, chunk_problem
+from shardsave.index import Box, checksum, chunk_problem, decode_sharding
 from shardsave.restore.engine import LeafRequest, restore_leaves
 from shardsave.restore.files import DataFiles
+from shardsave.restore.targets import devices_by_id
 from shardsave.storage.base import join, location
 
 _VERIFY_READ_BYTES = 64 << 20
@@ -261,3 +263,28 @@ class CheckpointReader:
         if crc != shard.crc32c[0]:
             return f"crc32c mismatch in bytes {shard.offset}..{shard.offset + shard.nbytes} (the data is corrupt)"
         return None
+
+
+def load_structure(path: str) -> Any:
+    """The saved tree with jax.ShapeDtypeStruct leaves, read from the index alone.
+
+    Each leaf carries the saved sharding when its devices exist in this process,
+    and no sharding otherwise. Pass the result (with shardings filled in where
+    needed) as a restore target.
+
+    Args:
+      path: a checkpoint prefix.
+
+    Examples:
+      >>> import numpy as np, shardsave, tempfile
+      >>> p = shardsave.Saver(async_save=False).save({"b": np.zeros(3)}, tempfile.mkdtemp() + "/m")
+      >>> shardsave.load_structure(p)["b"].shape
+      (3,)
+    """
+    _, _, index = open_checkpoint(location(path))
+    devices = devices_by_id()
+    leaves = [
+        jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=decode_sharding(e.sharding, devices))
+        for e in index.leaves
+    ]
+    return _tree.decode_structure(index.structure, leaves)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import operator
 import os
 import time
 from collections.abc import Callable
@@ -20,42 +19,36 @@ from functools import partial
 from typing import Any
 
 import jax
-import numpy as np
 
 from shardsave import _gc_pause
 from shardsave import tree as _tree
 from shardsave.errors import CheckpointExistsError, SaveFailedError, ShardsaveError, StorageError
 from shardsave.formats import open_checkpoint
 from shardsave.formats.shardsave import (
-    CRC_CHUNK_BYTES,
     DEFAULT_PART_BYTES,
-    INDEX_SUFFIX,
-    Listing,
     checkpoint_name,
-    data_keys,
     index_key,
-    split_parts,
 )
-from shardsave.index import decode_sharding, dtype_name, json_document, shard_checksums
+from shardsave.index import json_document
+from shardsave.lifecycle.policies import SavePolicy
 from shardsave.lifecycle.preemption import HANDLER, Preemption
 from shardsave.lifecycle.retention import (
     Retention,
     adopt_retention,
+    finish_commit,
     recovered,
-    remove_uncommitted,
 )
-from shardsave.lifecycle.state import STATE_FILENAME, delete_checkpoint, write_state
+from shardsave.lifecycle.state import STATE_FILENAME
 from shardsave.restore.engine import restore_leaves
 from shardsave.restore.shared import lay_out, plan_shared_reads
-from shardsave.restore.targets import devices_by_id, requests_for_saved, requests_for_target
+from shardsave.restore.targets import requests_for_saved, requests_for_target
 from shardsave.save.background import BackgroundCommits
-from shardsave.save.commit import build_index, encode_checked, write_data_file
-from shardsave.save.coordination import Coordinator, decode_reports, encode_report
-from shardsave.save.plan import SavePlan, plan_save
+from shardsave.save.commit import PendingSave, commit, prepare_overwrite
+from shardsave.save.coordination import Coordinator
+from shardsave.save.plan import PlanCache, SavePlan, leaf_spec, step_number
 from shardsave.save.stage import StagingBuffer, snapshot_on_device, stage
 from shardsave.storage import open_prefix
-from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Lock, PendingFile, Store, location, split_prefix
-from shardsave.storage.local import sync_directory
+from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Lock, Store, location, split_prefix
 
 _PLAN_CACHE_SIZE = 8
 
@@ -64,28 +57,6 @@ _PLAN_CACHE_SIZE = 8
 # setting, not a measurement: when a peer dies, jax aborts the survivors once that
 # passes, so shardsave must have named it by then (Coordinator.check_timeout).
 DEFAULT_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class _PendingSave:
-    """Everything the background half of one save needs."""
-
-    directory: Store
-    base: str  # the checkpoint's name in its directory ("model-1000")
-    stem: str  # the save path's name ("model"): retention manages stem-STEP
-    prefix: str
-    plan: SavePlan
-    staged: dict[int, bytes] | Callable[[], dict[int, bytes]]  # or how to stage it (on-device snapshot)
-    structure: Any
-    step: int | None
-    timestamp: float
-    key: str | None  # the coordination key when several processes save together
-    # Replacing a committed checkpoint in a local directory, alone: the new files are
-    # made durable under temporary names before the old index goes.
-    replace_local: bool = False
-    state_file: str | None = STATE_FILENAME  # None: write_state=False (not recorded, not retained)
-    metrics: dict[str, Any] | None = None
-    metadata: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,67 +99,6 @@ class RestoreInfo:
     index_seconds: float
     plan_seconds: float
     place_seconds: float
-
-
-def _leaf_spec(name: str, leaf: Any) -> tuple[_tree.LeafSpec, Any]:
-    """What the planner needs of a leaf, and the leaf as it is stored."""
-    try:
-        kind = _tree.leaf_kind(leaf)
-    except TypeError:
-        raise TypeError(
-            f"leaf {name!r} is a {type(leaf).__name__}, which shardsave cannot store; "
-            "leaves must be jax.Array, numpy arrays or numbers"
-        ) from None
-    key_impl = None
-    if kind in (_tree.KIND_ARRAY, _tree.KIND_KEY) and leaf.is_deleted():
-        raise ValueError(f"leaf {name!r} is a deleted jax.Array (was it donated?)")
-    if kind == _tree.KIND_KEY:
-        # A typed PRNG key array is stored as its key data (uint32, the key shape
-        # appended) with the implementation's name, and rebuilt from them.
-        key_impl = str(jax.random.key_impl(leaf))
-        leaf = jax.random.key_data(leaf)
-    if kind in (_tree.KIND_ARRAY, _tree.KIND_KEY):
-        shape, dtype, sharding = tuple(leaf.shape), np.dtype(leaf.dtype), leaf.sharding
-    else:
-        try:
-            array = np.asarray(leaf)
-        except OverflowError as e:
-            raise ValueError(f"leaf {name!r}: {e}") from e
-        shape, dtype, sharding = array.shape, array.dtype.newbyteorder("="), None
-    try:
-        dtype_name(dtype)
-    except TypeError as e:
-        raise TypeError(f"leaf {name!r}: {e}") from None
-    return _tree.LeafSpec(name, shape, dtype, kind, sharding, key_impl), leaf
-
-
-# The index holds steps in this range (FORMAT.md): a larger one is refused before
-# anything is written, never committed into an index that its reader refuses.
-MAX_STEP = 1 << 62
-
-
-def _step_number(global_step: Any) -> int:
-    """global_step as an int: a Python int or a numpy/jax integer scalar, nothing else."""
-    dtype = getattr(global_step, "dtype", None)
-    if isinstance(global_step, bool) or (dtype is not None and not np.issubdtype(dtype, np.integer)):
-        raise TypeError(
-            f"global_step must be an integer, found {global_step!r} ({type(global_step).__name__})"
-        )
-    try:
-        step = operator.index(global_step)
-    except TypeError:
-        raise TypeError(
-            f"global_step must be an integer (a Python int or a numpy/jax integer scalar), found "
-            f"{global_step!r} ({type(global_step).__name__}); a float step would be truncated"
-        ) from None
-    if not -MAX_STEP <= step <= MAX_STEP:
-        raise ValueError(f"global_step {step} is outside what the index holds (-2**62 .. 2**62)")
-    return step
-
-
-def _checksums(data: bytes, plan_file: Any, chunk: int) -> list[tuple[int, ...]]:
-    view = np.frombuffer(data, dtype=np.uint8)
-    return [shard_checksums(view, s.offset, s.nbytes, chunk) for s in plan_file.shards]
 
 
 class Saver:
@@ -334,19 +244,22 @@ class Saver:
         self._created = clock()
         self._commits = BackgroundCommits()
         self._coordinator = Coordinator(timeout_s)
-        self._plans: dict[Any, SavePlan] = {}
-        self._structures: dict[Any, Any] = {}
+        self._plans = PlanCache(_PLAN_CACHE_SIZE)
         # Host buffers of the last plan saved, refilled by the next save of that plan.
         self._staging: tuple[SavePlan | None, dict[int, StagingBuffer]] = (None, {})
         self._retention: dict[str, Retention] = {}
         self._locks: dict[tuple[str, str], Lock] = {}
         self._last_directory: str | None = None
         self._last_save: SaveInfo | None = None
-        # For should_save: the newest step saved or restored, and when the last save began.
-        self._newest_step: int | None = None
-        self._last_save_began = self._created
         self._last_restore: RestoreInfo | None = None
-        self._preemption = Preemption(self._coordinator) if save_on_preemption else None
+        self._policy = SavePolicy(
+            save_interval_steps,
+            save_interval_secs,
+            clock,
+            self._coordinator,
+            Preemption(self._coordinator) if save_on_preemption else None,
+            started=self._created,
+        )
 
     # ------------------------------------------------------------ save
 
@@ -489,10 +402,10 @@ class Saver:
             raise ValueError("the tree to save has no leaves; pass allow_empty=True to Saver to allow it")
         save_path = location(save_path)
         documents = json_document(metrics, "metrics"), json_document(metadata, "metadata")
-        step = None if global_step is None else _step_number(global_step)
+        step = None if global_step is None else step_number(global_step)
         prefix = checkpoint_name(save_path, step, self.pad_step_number)
         # Validate every leaf before anything on disk changes.
-        stored = [_leaf_spec(n, x) for n, x in zip(names, leaves)]
+        stored = [leaf_spec(n, x) for n, x in zip(names, leaves)]
         specs, leaves = [spec for spec, _ in stored], [leaf for _, leaf in stored]
         try:
             directory, base = open_prefix(prefix, self.storage_timeout_s)
@@ -502,7 +415,7 @@ class Saver:
         key = None
         if self._coordinator.active:
             self._coordinator.check_timeout()
-            key = self._coordinator.next_key()
+            key = self._coordinator.key_for_save(prefix)
         if key is not None and not self.sharded:
             raise ValueError(
                 "sharded=False writes one file from one process; use sharded=True across processes"
@@ -514,7 +427,7 @@ class Saver:
             raise ValueError(
                 f"latest_filename must be a file name without directories, found {latest_filename!r}"
             )
-        structure = self._structure(tree, treedef)
+        structure = self._plans.structure(tree, treedef)
         taken = None
         if self._coordinator.process_index == 0:
             try:
@@ -539,23 +452,9 @@ class Saver:
                 raise
             raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         if committed:
-            if directory.is_local and key is None:
-                replace_local = True  # the old index goes only once the new files are durable
-            else:
-                # Object stores have no rename, and several processes would need another
-                # round of agreement: uncommit first, so that a crash while rewriting never
-                # leaves an index over mixed data (FORMAT.md).
-                if self._coordinator.process_index == 0:
-                    try:
-                        directory.delete(committed_key).result()
-                    except Exception as e:
-                        raise SaveFailedError(
-                            f"overwriting {prefix} failed: cannot delete its index: {e}"
-                        ) from e
-                if key is not None:
-                    self._coordinator.barrier(f"{key}/uncommitted", f"overwriting {prefix}")
+            replace_local = prepare_overwrite(directory, base, prefix, key, self._coordinator)
 
-        plan = self._plan(specs)
+        plan = self._plans.plan(specs, self.sharded)
         if self._staging[0] is not plan:
             self._staging = (plan, {})
         buffers, pid = self._staging[1], jax.process_index()
@@ -567,7 +466,7 @@ class Saver:
         else:
             staged = stage(plan, leaves, pid, buffers)
         nbytes = sum(f.nbytes for f in plan.files if f.process_index == pid)
-        pending = _PendingSave(
+        pending = PendingSave(
             directory=directory,
             base=base,
             stem=stem,
@@ -584,21 +483,25 @@ class Saver:
             metadata=documents[1],
         )
         info = SaveInfo(prefix, nbytes, time.perf_counter() - began)
-        self._last_save_began = began_on_clock  # a save is made: the time-based policy starts over
-        if step is not None:
-            self._newest_step = step if self._newest_step is None else max(self._newest_step, step)
+        self._policy.saved(step, began_on_clock)
         self._last_save = info
 
-        def commit() -> None:
+        def background() -> None:
             started = time.perf_counter()
-            self._commit(pending)
+            commit(
+                pending,
+                self._coordinator,
+                self.part_bytes,
+                partial(self._after_commit, pending),
+                partial(self._after_peer_commit, pending),
+            )
             self._last_save = replace(info, commit_seconds=time.perf_counter() - started)
 
         if self.async_save:
-            self._commits.submit(commit, prefix)
+            self._commits.submit(background, prefix)
         else:
             try:
-                commit()
+                background()
             except SaveFailedError:
                 raise
             except Exception as e:
@@ -643,21 +546,7 @@ class Saver:
           >>> [s for s in range(0, 301, 50) if saver.should_save(s)]
           [0, 100, 200, 300]
         """
-        step = _step_number(step)
-        # Asked first, every step: under several processes each call takes part in agreeing.
-        preempted = self.reached_preemption(step)
-        if self._newest_step is not None and step <= self._newest_step:
-            return False
-        if preempted:
-            return True
-        if self.save_interval_steps is not None and step % self.save_interval_steps == 0:
-            return True
-        if self.save_interval_secs is None:
-            return False
-        due = self._clock() - self._last_save_began >= self.save_interval_secs
-        if self._coordinator.active:
-            due = self._coordinator.agree(f"should_save/{step}", due)
-        return due
+        return self._policy.should_save(step_number(step))
 
     def reached_preemption(self, step: int) -> bool:
         """Whether the job is being preempted and this is the step to save at (or past it).
@@ -680,9 +569,7 @@ class Saver:
         Raises:
           CoordinationTimeoutError: a process did not propose within timeout_s.
         """
-        if self._preemption is None:
-            return False
-        return self._preemption.reached(_step_number(step))
+        return self._policy.reached_preemption(step_number(step))
 
     @property
     def preemption_notices(self) -> int:
@@ -706,8 +593,7 @@ class Saver:
             self._commits.close()
         finally:
             self._staging = (None, {})
-            if self._preemption is not None:
-                self._preemption.close()
+            self._policy.close()
             for lock in self._locks.values():
                 lock.release()
             self._locks.clear()
@@ -718,164 +604,25 @@ class Saver:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _structure(self, tree: Any, treedef: Any) -> Any:
-        # The structure depends on the treedef alone; walking a tree of thousands of
-        # leaves every save would sit on the blocking path.
-        structure = self._structures.get(treedef)
-        if structure is None:
-            if len(self._structures) >= _PLAN_CACHE_SIZE:
-                self._structures.pop(next(iter(self._structures)))
-            structure = self._structures[treedef] = _tree.encode_structure(tree)
-        return structure
-
-    def _plan(self, specs: list[_tree.LeafSpec]) -> SavePlan:
-        key = (self.sharded, tuple((s.name, s.shape, s.dtype, s.kind, s.sharding, s.key_impl) for s in specs))
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) >= _PLAN_CACHE_SIZE:
-                self._plans.pop(next(iter(self._plans)))
-            plan = self._plans[key] = plan_save(specs, self.sharded, jax.devices())
-        return plan
-
-    def _commit(self, save: _PendingSave) -> None:
-        """Writes this process's data files, then commits (alone, or with the others)."""
-        directory, plan = save.directory, save.plan
-        chunk = CRC_CHUNK_BYTES
-        coordinator = self._coordinator
-        what = f"saving {save.prefix}"
-        keys: dict[str, None] = {}  # the objects this save writes, in order
-        pending: list[PendingFile] = []
-        try:
-            staged = save.staged() if callable(save.staged) else save.staged
-            n = len(plan.files)
-            parts = {k: split_parts(len(data), self.part_bytes) for k, data in staged.items()}
-            keys = {key: None for k in staged for key in data_keys(save.base, k, n, parts[k])}
-            publish = not save.replace_local
-            writes = [
-                future
-                for k, data in staged.items()
-                for future in write_data_file(directory, save.base, k, n, data, parts[k], publish)
-            ]
-            crcs = {k: _checksums(data, plan.files[k], chunk) for k, data in staged.items()}
-            results = [w.result() for w in writes]
-            pending = [r for r in results if isinstance(r, PendingFile)]
-            if save.key is None:
-                raw = self._encoded_index(plan, crcs, save, chunk)
-                if save.replace_local:
-                    self._replace(save, pending, raw)
-                else:
-                    directory.write(index_key(save.base), raw).result()
-            else:
-                coordinator.publish(f"{save.key}/files/{coordinator.process_index}", encode_report(crcs))
-        except BaseException as e:
-            if save.key is not None:  # let process 0 fail fast instead of timing out
-                with contextlib.suppress(Exception):
-                    coordinator.publish(
-                        f"{save.key}/files/{coordinator.process_index}", encode_report(None, repr(e))
-                    )
-            for file in pending:
-                file.discard()
-            if not save.replace_local:  # the names are this save's alone (the Saver holds the lock)
-                for future in [directory.delete(key) for key in keys]:
-                    with contextlib.suppress(Exception):  # the original error matters more
-                        future.result()
-            raise
-        if save.key is None:
-            self._after_commit(save)
-        elif coordinator.process_index == 0:
-            try:
-                coordinator.publish(f"{save.key}/gathering", "1")
-                all_crcs = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
-                raw = self._encoded_index(plan, all_crcs, save, chunk)
-                directory.write(index_key(save.base), raw).result()
-                self._after_commit(save)
-            except BaseException as e:
-                with contextlib.suppress(Exception):
-                    coordinator.publish_outcome(f"{save.key}/done", e)
-                raise
-            coordinator.publish_outcome(f"{save.key}/done", None)
-        else:
-            coordinator.wait_for_outcome(save.key, what)
-            if save.state_file is not None:
-                self._retention_for(directory, save.stem, save.state_file).add(
-                    save.prefix, save.timestamp, self._metric(save.metrics)
-                )
-                self._last_directory = directory.path
-
-    def _encoded_index(
-        self, plan: SavePlan, crcs: dict[int, list[tuple[int, ...]]], save: _PendingSave, chunk: int
-    ) -> bytes:
-        index = build_index(
-            plan,
-            crcs,
-            save.step,
-            save.timestamp,
-            save.structure,
-            chunk,
-            self.part_bytes,
-            save.metrics,
-            save.metadata,
-            recorded=save.state_file is not None,
-        )
-        return encode_checked(index, f"{save.prefix}{INDEX_SUFFIX}")
-
-    @staticmethod
-    def _replace(save: _PendingSave, pending: list[PendingFile], raw: bytes) -> None:
-        """Replaces a committed local checkpoint once every new file is durable.
-
-        The new index is made durable under a temporary name too; then the old index
-        goes (the old checkpoint is uncommitted), the new data files take their names,
-        and the new index takes its name (the commit). A failure before that keeps the
-        old checkpoint whole; a crash inside that window of renames leaves no
-        checkpoint at this prefix, but never a mix of old and new.
-        """
-        directory = save.directory
-        index = directory.write(index_key(save.base), raw, publish=False).result()
-        pending.append(index)
-        with contextlib.suppress(FileNotFoundError):  # gone already: nothing to uncommit
-            os.unlink(directory.local_path(index_key(save.base)))
-        for file in pending[:-1]:
-            file.publish()
-        sync_directory(directory)
-        index.publish()
-        sync_directory(directory)
-        # The old checkpoint may have had more data files than the new one.
-        ours = {os.path.basename(file.path) for file in pending}
-        for key in Listing.of(directory).data.get(save.base, []):
-            if key not in ours:
-                directory.delete(key).result()
-
-    def _after_commit(self, save: _PendingSave) -> None:
-        directory = save.directory
-        try:
-            doomed: list[str] = []
-            if save.state_file is not None:
-                retention = self._retention_for(directory, save.stem, save.state_file)
-                metric = self._metric(save.metrics)
-                doomed = [split_prefix(p)[1] for p in retention.add(save.prefix, save.timestamp, metric)]
-            # Uncommit the doomed checkpoints (their index goes first), then stop naming
-            # them, then remove their files and any data left without an index. A kill
-            # anywhere in between leaves either a named-but-uncommitted checkpoint, which
-            # readers skip, or index-less data, which the next commit removes: never an
-            # unnamed commit.
-            for future in [directory.delete(index_key(old)) for old in doomed]:
-                future.result()
-            if save.state_file is not None:
-                absolute = None
-                if not self.save_relative_paths:
-                    absolute = os.path.abspath(directory.path) if directory.is_local else directory.path
-                write_state(directory, retention.state(save.base, save.timestamp, absolute), save.state_file)
-            listing = Listing.of(directory)
-            for old in doomed:
-                delete_checkpoint(directory, old, listing)
-            remove_uncommitted(directory, save.stem, listing)
-        except Exception as e:
-            raise SaveFailedError(
-                f"{save.prefix} is committed and restorable, but what follows a commit (the state "
-                f"file, deleting old checkpoints) failed: {e}"
-            ) from e
+    def _after_commit(self, save: PendingSave) -> None:
+        """Retention and the state file, once this process (alone, or as process 0) committed."""
+        retention = None
         if save.state_file is not None:
-            self._last_directory = directory.path
+            retention = self._retention_for(save.directory, save.stem, save.state_file)
+        absolute = None
+        if not self.save_relative_paths:
+            directory = save.directory
+            absolute = os.path.abspath(directory.path) if directory.is_local else directory.path
+        finish_commit(save, retention, self._metric(save.metrics), absolute)
+        if save.state_file is not None:
+            self._last_directory = save.directory.path
+
+    def _after_peer_commit(self, save: PendingSave) -> None:
+        """Process 0 committed: this process's retention records the checkpoint too."""
+        if save.state_file is not None:
+            retention = self._retention_for(save.directory, save.stem, save.state_file)
+            retention.add(save.prefix, save.timestamp, self._metric(save.metrics))
+            self._last_directory = save.directory.path
 
     def _retention_for(self, directory: Store, stem: str, state_file: str) -> Retention:
         """This Saver's retention in a directory (see adopt_retention), made once."""
@@ -959,9 +706,7 @@ class Saver:
         matched = time.perf_counter()
         values, times = restore_leaves(directory, base, index, shared, budget=budget, sequential=sequential)
         restored = finish(lay_out(values, requests, moved))
-        if index.global_step is not None:  # a resumed run does not save this step again
-            step = index.global_step
-            self._newest_step = step if self._newest_step is None else max(self._newest_step, step)
+        self._policy.restored(index.global_step)  # a resumed run does not save this step again
         self._last_restore = RestoreInfo(
             path=save_path,
             nbytes=sum(math.prod(r.shape) * r.dtype.itemsize for r in requests),
@@ -971,28 +716,3 @@ class Saver:
             place_seconds=times.place_seconds,
         )
         return restored
-
-
-def load_structure(path: str) -> Any:
-    """The saved tree with jax.ShapeDtypeStruct leaves, read from the index alone.
-
-    Each leaf carries the saved sharding when its devices exist in this process,
-    and no sharding otherwise. Pass the result (with shardings filled in where
-    needed) as a restore target.
-
-    Args:
-      path: a checkpoint prefix.
-
-    Examples:
-      >>> import numpy as np, shardsave, tempfile
-      >>> p = shardsave.Saver(async_save=False).save({"b": np.zeros(3)}, tempfile.mkdtemp() + "/m")
-      >>> shardsave.load_structure(p)["b"].shape
-      (3,)
-    """
-    _, _, index = open_checkpoint(location(path))
-    devices = devices_by_id()
-    leaves = [
-        jax.ShapeDtypeStruct(e.shape, e.dtype, sharding=decode_sharding(e.sharding, devices))
-        for e in index.leaves
-    ]
-    return _tree.decode_structure(index.structure, leaves)

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from programs.store_faults import FullDisk
 
 import shardsave
 import shardsave.formats.shardsave
 import shardsave.storage
 from shardsave.errors import SaveFailedError, StateFileWarning
+from shardsave.storage.testing import FullDisk
 
 CHILD = Path(__file__).parent / "programs" / "crash_child.py"
 

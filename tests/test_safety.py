@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from programs.store_faults import BeforeFirstRead
 
 import shardsave
 import shardsave.storage
@@ -39,6 +38,7 @@ from shardsave.errors import (
     StateFileWarning,
     StructureMismatchError,
 )
+from shardsave.storage.testing import BeforeFirstRead
 
 
 def _files(directory: Path) -> list[str]:

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from programs.store_faults import GatedWrites
 
 import shardsave
 import shardsave._gc_pause
 import shardsave.storage
 from shardsave.errors import CheckpointExistsError, CheckpointNotFoundError, SaveFailedError
+from shardsave.storage.testing import GatedWrites
 
 
 def _data_files(directory, base):

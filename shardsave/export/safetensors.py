@@ -7,7 +7,6 @@ tools read; load_safetensors restores safetensors onto shardings.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from shardsave import tree as _tree
 from shardsave.errors import SaveFailedError
 from shardsave.formats.safetensors import INDEX_NAME, NAMES, SINGLE_NAME, path_to_name, resolve
 from shardsave.reader import CheckpointReader
-from shardsave.save.coordination import Coordinator
+from shardsave.save.coordination import Coordinator, shared_key
 from shardsave.saver import Saver
 from shardsave.storage import open_store
 from shardsave.storage.base import Store, join, location
@@ -305,9 +304,6 @@ def _write_file(
         raise
 
 
-_distributed_calls = itertools.count()  # every process calls save_safetensors alike (it is collective)
-
-
 def _write_distributed(
     paths: list[str],
     headers: list[bytes],
@@ -321,7 +317,7 @@ def _write_distributed(
     process 0 created at their full size; once every process has reported its
     bytes durable, process 0 renames the files into place and writes index.json."""
     coordinator = Coordinator(timeout_s)
-    key = f"shardsave/safetensors/{next(_distributed_calls)}"
+    key = shared_key("safetensors", store.path)
     me = jax.process_index()
     temporaries = [f"{path}.tmp-shardsave" for path in paths]
 

@@ -7,13 +7,17 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from shardsave.formats.shardsave import Listing, names_of_save_path, step_of
+from shardsave.errors import SaveFailedError
+from shardsave.formats.shardsave import Listing, index_key, names_of_save_path, step_of
 from shardsave.lifecycle.state import (
     CheckpointState,
+    delete_checkpoint,
     get_checkpoint_mtimes,
     read_state,
     unrecorded_commits,
+    write_state,
 )
+from shardsave.save.commit import PendingSave
 from shardsave.storage.base import Store, join, location, split_prefix
 
 
@@ -180,3 +184,44 @@ def recovered(paths: Iterable[str]) -> list[tuple[str, float]]:
         if mtimes:  # deleted by hand, or by another process meanwhile: dropped, as TF does
             found.append((location(path), mtimes[0]))
     return found
+
+
+def finish_commit(
+    save: PendingSave, retention: Retention | None, metric: float | None, absolute_directory: str | None
+) -> None:
+    """What follows a commit: retention's deletions and the state file.
+
+    Args:
+      save: the save just committed.
+      retention: the Saver's retention in the directory; None for write_state=False
+        (not recorded, nothing deleted).
+      metric: the save's metric for keep_best.
+      absolute_directory: write absolute paths in the state file under it (None: relative).
+
+    Raises:
+      SaveFailedError: saying the checkpoint is committed, and what failed after it.
+    """
+    directory = save.directory
+    try:
+        doomed: list[str] = []
+        if retention is not None:
+            doomed = [split_prefix(p)[1] for p in retention.add(save.prefix, save.timestamp, metric)]
+        # Uncommit the doomed checkpoints (their index goes first), then stop naming
+        # them, then remove their files and any data left without an index. A kill
+        # anywhere in between leaves either a named-but-uncommitted checkpoint, which
+        # readers skip, or index-less data, which the next commit removes: never an
+        # unnamed commit.
+        for future in [directory.delete(index_key(old)) for old in doomed]:
+            future.result()
+        if retention is not None and save.state_file is not None:
+            state = retention.state(save.base, save.timestamp, absolute_directory)
+            write_state(directory, state, save.state_file)
+        listing = Listing.of(directory)
+        for old in doomed:
+            delete_checkpoint(directory, old, listing)
+        remove_uncommitted(directory, save.stem, listing)
+    except Exception as e:
+        raise SaveFailedError(
+            f"{save.prefix} is committed and restorable, but what follows a commit (the state "
+            f"file, deleting old checkpoints) failed: {e}"
+        ) from e

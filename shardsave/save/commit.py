@@ -8,22 +8,34 @@ consecutive byte ranges (FORMAT.md).
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
+
+import numpy as np
 
 from shardsave import _gc_pause
 from shardsave.errors import CorruptCheckpointError, SaveFailedError
 from shardsave.formats.shardsave import (
+    CRC_CHUNK_BYTES,
     FORMAT_VERSION,
+    INDEX_SUFFIX,
+    Listing,
     data_key,
     data_keys,
     decode_index,
     encode_index,
+    index_key,
     split_parts,
 )
-from shardsave.index import DataFile, Index, LeafEntry, StoredShard, encode_sharding
+from shardsave.index import DataFile, Index, LeafEntry, StoredShard, encode_sharding, shard_checksums
+from shardsave.save.coordination import Coordinator, decode_reports, encode_report
 from shardsave.save.plan import SavePlan
-from shardsave.storage.base import Store
+from shardsave.storage.base import PendingFile, Store
+from shardsave.storage.local import sync_directory
 
 
 @_gc_pause.pausing
@@ -99,3 +111,173 @@ def write_data_file(
     keys = data_keys(base, k, n, parts)
     starts = [0, *accumulate(parts)]
     return [directory.write(key, view[a:b], publish=publish) for key, a, b in zip(keys, starts, starts[1:])]
+
+
+@dataclass(frozen=True)
+class PendingSave:
+    """Everything the background half of one save needs."""
+
+    directory: Store
+    base: str  # the checkpoint's name in its directory ("model-1000")
+    stem: str  # the save path's name ("model"): retention manages stem-STEP
+    prefix: str
+    plan: SavePlan
+    staged: dict[int, bytes] | Callable[[], dict[int, bytes]]  # or how to stage it (on-device snapshot)
+    structure: Any
+    step: int | None
+    timestamp: float
+    key: str | None  # the coordination key when several processes save together
+    # Replacing a committed checkpoint in a local directory, alone: the new files are
+    # made durable under temporary names before the old index goes.
+    replace_local: bool = False
+    state_file: str | None = None  # the state file recording it; None: write_state=False
+    metrics: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+
+
+def checksums_of(data: bytes, plan_file: Any, chunk: int) -> list[tuple[int, ...]]:
+    """The chunk checksums of each of a planned file's shards in its staged bytes."""
+    view = np.frombuffer(data, dtype=np.uint8)
+    return [shard_checksums(view, s.offset, s.nbytes, chunk) for s in plan_file.shards]
+
+
+def commit(
+    save: PendingSave,
+    coordinator: Coordinator,
+    part_bytes: int,
+    after_commit: Callable[[], None],
+    after_peer_commit: Callable[[], None],
+) -> None:
+    """Writes this process's data files, then commits the checkpoint (alone, or with the others).
+
+    Alone: the index follows the data files (or replaces a local checkpoint, see
+    replace_local_checkpoint), then after_commit runs. With several processes each
+    reports its files' checksums; process 0 gathers them, writes the index, runs
+    after_commit and tells the others the outcome, who then run after_peer_commit.
+    A failure before the commit removes what this save wrote (the Saver holds the
+    save path, so the names are its own).
+    """
+    directory, plan = save.directory, save.plan
+    chunk = CRC_CHUNK_BYTES
+    what = f"saving {save.prefix}"
+    keys: dict[str, None] = {}  # the objects this save writes, in order
+    pending: list[PendingFile] = []
+    try:
+        staged = save.staged() if callable(save.staged) else save.staged
+        n = len(plan.files)
+        parts = {k: split_parts(len(data), part_bytes) for k, data in staged.items()}
+        keys = {key: None for k in staged for key in data_keys(save.base, k, n, parts[k])}
+        publish = not save.replace_local
+        writes = [
+            future
+            for k, data in staged.items()
+            for future in write_data_file(directory, save.base, k, n, data, parts[k], publish)
+        ]
+        crcs = {k: checksums_of(data, plan.files[k], chunk) for k, data in staged.items()}
+        results = [w.result() for w in writes]
+        pending = [r for r in results if isinstance(r, PendingFile)]
+        if save.key is None:
+            raw = encoded_index(save, crcs, chunk, part_bytes)
+            if save.replace_local:
+                replace_local_checkpoint(save, pending, raw)
+            else:
+                directory.write(index_key(save.base), raw).result()
+        else:
+            coordinator.publish(f"{save.key}/files/{coordinator.process_index}", encode_report(crcs))
+    except BaseException as e:
+        if save.key is not None:  # let process 0 fail fast instead of timing out
+            with contextlib.suppress(Exception):
+                coordinator.publish(
+                    f"{save.key}/files/{coordinator.process_index}", encode_report(None, repr(e))
+                )
+        for file in pending:
+            file.discard()
+        if not save.replace_local:  # the names are this save's alone (the Saver holds the lock)
+            for future in [directory.delete(key) for key in keys]:
+                with contextlib.suppress(Exception):  # the original error matters more
+                    future.result()
+        raise
+    if save.key is None:
+        after_commit()
+    elif coordinator.process_index == 0:
+        try:
+            coordinator.publish(f"{save.key}/gathering", "1")
+            all_crcs = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
+            raw = encoded_index(save, all_crcs, chunk, part_bytes)
+            directory.write(index_key(save.base), raw).result()
+            after_commit()
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                coordinator.publish_outcome(f"{save.key}/done", e)
+            raise
+        coordinator.publish_outcome(f"{save.key}/done", None)
+    else:
+        coordinator.wait_for_outcome(save.key, what)
+        after_peer_commit()
+
+
+def encoded_index(
+    save: PendingSave, crcs: dict[int, list[tuple[int, ...]]], chunk: int, part_bytes: int
+) -> bytes:
+    """The index of a save with these checksums, encoded and checked by the reader's validation."""
+    index = build_index(
+        save.plan,
+        crcs,
+        save.step,
+        save.timestamp,
+        save.structure,
+        chunk,
+        part_bytes,
+        save.metrics,
+        save.metadata,
+        recorded=save.state_file is not None,
+    )
+    return encode_checked(index, f"{save.prefix}{INDEX_SUFFIX}")
+
+
+def replace_local_checkpoint(save: PendingSave, pending: list[PendingFile], raw: bytes) -> None:
+    """Replaces a committed local checkpoint once every new file is durable.
+
+    The new index is made durable under a temporary name too; then the old index
+    goes (the old checkpoint is uncommitted), the new data files take their names,
+    and the new index takes its name (the commit). A failure before that keeps the
+    old checkpoint whole; a crash inside that window of renames leaves no
+    checkpoint at this prefix, but never a mix of old and new.
+    """
+    directory = save.directory
+    index = directory.write(index_key(save.base), raw, publish=False).result()
+    pending.append(index)
+    with contextlib.suppress(FileNotFoundError):  # gone already: nothing to uncommit
+        os.unlink(directory.local_path(index_key(save.base)))
+    for file in pending[:-1]:
+        file.publish()
+    sync_directory(directory)
+    index.publish()
+    sync_directory(directory)
+    # The old checkpoint may have had more data files than the new one.
+    ours = {os.path.basename(file.path) for file in pending}
+    for key in Listing.of(directory).data.get(save.base, []):
+        if key not in ours:
+            directory.delete(key).result()
+
+
+def prepare_overwrite(
+    directory: Store, base: str, prefix: str, key: str | None, coordinator: Coordinator
+) -> bool:
+    """Readies the replacement of the committed checkpoint at prefix; True: replace it in place.
+
+    A lone process on a local file system replaces it once the new files are durable
+    (replace_local_checkpoint). Object stores have no rename, and several processes
+    would need another round of agreement: there the old index is deleted first, so
+    that a crash while rewriting never leaves an index over mixed data (FORMAT.md).
+    """
+    if directory.is_local and key is None:
+        return True
+    if coordinator.process_index == 0:
+        try:
+            directory.delete(index_key(base)).result()
+        except Exception as e:
+            raise SaveFailedError(f"overwriting {prefix} failed: cannot delete its index: {e}") from e
+    if key is not None:
+        coordinator.barrier(f"{key}/uncommitted", f"overwriting {prefix}")
+    return False

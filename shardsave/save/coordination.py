@@ -22,10 +22,13 @@ The protocol of one save, keyed by a name every process derives the same way
 
 from __future__ import annotations
 
+import collections
 import inspect
 import itertools
 import json
+import threading
 import time
+import urllib.parse
 import warnings
 from typing import Any
 
@@ -34,6 +37,22 @@ import jax
 from shardsave.errors import CoordinationTimeoutError, SaveFailedError
 
 _saver_ids = itertools.count()
+
+# Keys in jax's key-value store are named by what every process shares: the collective
+# operation's subject (a checkpoint's prefix, a question's name) and how many times this
+# process has done it before. Every process saves the same prefixes and asks the same
+# questions in the same order, whichever Savers it created first.
+_rounds: collections.Counter[str] = collections.Counter()
+_rounds_lock = threading.Lock()
+
+
+def shared_key(kind: str, subject: str) -> str:
+    """A fresh key for the next collective `kind` operation on `subject`, the same in every process."""
+    name = f"{kind}/{urllib.parse.quote(subject, safe='')}"
+    with _rounds_lock:
+        n = _rounds[name]
+        _rounds[name] += 1
+    return f"shardsave/{name}/{n}"
 
 
 _POLL_S = 0.02  # how often process 0 looks for reports while it gathers them
@@ -57,7 +76,6 @@ class Coordinator:
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
         self.saver_id = next(_saver_ids)
-        self._saves = itertools.count()
         self._checked = False
 
     @property
@@ -93,8 +111,9 @@ class Coordinator:
                 stacklevel=4,
             )
 
-    def next_key(self) -> str:
-        return f"shardsave/{self.saver_id}/{next(self._saves)}"
+    def key_for_save(self, prefix: str) -> str:
+        """The key of a collective save of checkpoint `prefix`."""
+        return shared_key("save", prefix)
 
     def publish(self, key: str, value: str) -> None:
         _client().key_value_set(key, value)
@@ -140,7 +159,7 @@ class Coordinator:
 
     def agree(self, name: str, mine: bool) -> bool:
         """Process 0's answer to a yes/no question every process asks (its own elsewhere)."""
-        key = f"shardsave/{self.saver_id}/{name}"
+        key = shared_key("agree", name)
         if self.process_index == 0:
             try:
                 self.publish(key, "1" if mine else "0")

@@ -10,12 +10,15 @@ shardings, so the Saver caches it across saves.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import numpy as np
 
-from shardsave.index import Box, box_shape, device_boxes, full_box
+from shardsave import tree as _tree
+from shardsave.index import Box, box_shape, device_boxes, dtype_name, full_box
 from shardsave.storage.buffers import DIRECT_IO_ALIGNMENT, MIN_UNCACHED_READ_BYTES
 from shardsave.tree import LeafSpec
 
@@ -100,3 +103,92 @@ def plan_save(leaves: list[LeafSpec], sharded: bool, all_devices: list[jax.Devic
         f.nbytes = offset + shard.nbytes
     ordered = [files[k] for k in sorted(files, key=lambda k: -1 if k is None else k)]
     return SavePlan(tuple(leaves), tuple(ordered))
+
+
+def leaf_spec(name: str, leaf: Any) -> tuple[_tree.LeafSpec, Any]:
+    """What the planner needs of a leaf, and the leaf as it is stored."""
+    try:
+        kind = _tree.leaf_kind(leaf)
+    except TypeError:
+        raise TypeError(
+            f"leaf {name!r} is a {type(leaf).__name__}, which shardsave cannot store; "
+            "leaves must be jax.Array, numpy arrays or numbers"
+        ) from None
+    key_impl = None
+    if kind in (_tree.KIND_ARRAY, _tree.KIND_KEY) and leaf.is_deleted():
+        raise ValueError(f"leaf {name!r} is a deleted jax.Array (was it donated?)")
+    if kind == _tree.KIND_KEY:
+        # A typed PRNG key array is stored as its key data (uint32, the key shape
+        # appended) with the implementation's name, and rebuilt from them.
+        key_impl = str(jax.random.key_impl(leaf))
+        leaf = jax.random.key_data(leaf)
+    if kind in (_tree.KIND_ARRAY, _tree.KIND_KEY):
+        shape, dtype, sharding = tuple(leaf.shape), np.dtype(leaf.dtype), leaf.sharding
+    else:
+        try:
+            array = np.asarray(leaf)
+        except OverflowError as e:
+            raise ValueError(f"leaf {name!r}: {e}") from e
+        shape, dtype, sharding = array.shape, array.dtype.newbyteorder("="), None
+    try:
+        dtype_name(dtype)
+    except TypeError as e:
+        raise TypeError(f"leaf {name!r}: {e}") from None
+    return _tree.LeafSpec(name, shape, dtype, kind, sharding, key_impl), leaf
+
+
+# The index holds steps in this range (FORMAT.md): a larger one is refused before
+# anything is written, never committed into an index that its reader refuses.
+MAX_STEP = 1 << 62
+
+
+def step_number(global_step: Any) -> int:
+    """global_step as an int: a Python int or a numpy/jax integer scalar, nothing else."""
+    dtype = getattr(global_step, "dtype", None)
+    if isinstance(global_step, bool) or (dtype is not None and not np.issubdtype(dtype, np.integer)):
+        raise TypeError(
+            f"global_step must be an integer, found {global_step!r} ({type(global_step).__name__})"
+        )
+    try:
+        step = operator.index(global_step)
+    except TypeError:
+        raise TypeError(
+            f"global_step must be an integer (a Python int or a numpy/jax integer scalar), found "
+            f"{global_step!r} ({type(global_step).__name__}); a float step would be truncated"
+        ) from None
+    if not -MAX_STEP <= step <= MAX_STEP:
+        raise ValueError(f"global_step {step} is outside what the index holds (-2**62 .. 2**62)")
+    return step
+
+
+class PlanCache:
+    """Plans and structures of the trees a Saver saves, kept across saves.
+
+    Both depend only on the tree's structure and its leaves' shapes, dtypes and
+    shardings; building them again for each save of a tree of thousands of leaves
+    would sit on the blocking path.
+    """
+
+    def __init__(self, size: int = 8):
+        self._size = size
+        self._plans: dict[Any, SavePlan] = {}
+        self._structures: dict[Any, Any] = {}
+
+    def structure(self, tree: Any, treedef: Any) -> Any:
+        """tree's JSON structure (tree.encode_structure), by its treedef."""
+        structure = self._structures.get(treedef)
+        if structure is None:
+            if len(self._structures) >= self._size:
+                self._structures.pop(next(iter(self._structures)))
+            structure = self._structures[treedef] = _tree.encode_structure(tree)
+        return structure
+
+    def plan(self, specs: list[LeafSpec], sharded: bool) -> SavePlan:
+        """plan_save's plan of these leaves over this process's view of every device."""
+        key = (sharded, tuple((s.name, s.shape, s.dtype, s.kind, s.sharding, s.key_impl) for s in specs))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self._size:
+                self._plans.pop(next(iter(self._plans)))
+            plan = self._plans[key] = plan_save(specs, sharded, jax.devices())
+        return plan

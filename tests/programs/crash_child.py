@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from store_faults import Hooked
 
 import shardsave
 import shardsave.storage
+from shardsave.storage.testing import Hooked
 
 _counts: dict[str, int] = {}
 _lock = threading.Lock()

@@ -10,10 +10,10 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from store_faults import SlowWrites
 
 import shardsave
 import shardsave.storage
+from shardsave.storage.testing import SlowWrites
 
 if __name__ == "__main__":
     # Writes wait half a second: the interpreter is already exiting when the commit happens.

@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 import numpy as np
-from store_faults import Hooked
 
 import shardsave
 import shardsave.storage
+from shardsave.storage.testing import Hooked
 
 
 def emit(**record: Any) -> None:

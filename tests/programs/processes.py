@@ -26,7 +26,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from store_faults import Hooked
+
+from shardsave.storage.testing import Hooked
 
 VALUES: dict[str, np.ndarray] = {
     "w": np.arange(32 * 16, dtype=np.float32).reshape(32, 16),
