@@ -291,6 +291,10 @@ def test_a_kvstore_spec_is_a_location(s3_server, monkeypatch, mesh24, tmp_path):
     assert shardsave.latest_checkpoint(kvstore) == saved
     with pytest.raises(ValueError, match="cannot use the kvstore spec"):
         shardsave.latest_checkpoint({"driver": "no-such-driver"})
+    # Another endpoint for the same bucket would redirect the stores above: refused.
+    with pytest.raises(ValueError, match=rf"bucket '{bucket}'.*earlier location.*two endpoints"):
+        shardsave.latest_checkpoint({**directory, "endpoint": "http://127.0.0.1:9"})
+    assert shardsave.latest_checkpoint(directory) == path  # the first endpoint still applies
     saver.close()
 
 

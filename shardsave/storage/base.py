@@ -146,8 +146,18 @@ def location(place: Any) -> str:
     if driver in ("s3", "gcs") and isinstance(place.get("bucket"), str):
         if driver == "s3":
             options = {k: place[k] for k in _S3_OPTIONS if k in place}
+            bucket = place["bucket"]
+            known = _S3_BUCKETS.get(bucket)
+            if options and known is not None and known != options:
+                # The URL s3://bucket/... names both: a second endpoint would silently
+                # redirect every store of the first one.
+                raise ValueError(
+                    f"the kvstore spec gives s3 bucket {bucket!r} the options {options}, but an "
+                    f"earlier location in this process gave it {known}; s3://{bucket}/... cannot "
+                    "name two endpoints: give each bucket one endpoint in a process"
+                )
             if options:
-                _S3_BUCKETS[place["bucket"]] = options
+                _S3_BUCKETS[bucket] = options
         scheme = "s3" if driver == "s3" else "gs"
         return f"{scheme}://{place['bucket']}/{path}" if path else f"{scheme}://{place['bucket']}"
     try:
