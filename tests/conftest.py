@@ -37,6 +37,32 @@ def io_stats():
     return shardsave.storage.STATS
 
 
+@pytest.fixture
+def engine_restore():
+    """restore(path, target, **options): what Saver().restore(path, target) does in one
+    process, through shardsave.restore.engine.restore_leaves itself, which takes what
+    Saver.restore does not: placement, observer, min_sequential_bytes.
+
+    Options: restore_sequentially, max_host_bytes and cast as Saver.restore takes
+    them; the others go to restore_leaves.
+    """
+    from shardsave.formats import open_checkpoint
+    from shardsave.restore.engine import restore_leaves
+    from shardsave.restore.targets import requests_for_target
+    from shardsave.storage.base import location
+
+    def restore(path, target, *, restore_sequentially=False, max_host_bytes=None, cast=False, **engine):
+        path = location(path)
+        directory, base, index = open_checkpoint(path)
+        requests, finish = requests_for_target(index, target, False, cast, path)
+        values, _ = restore_leaves(
+            directory, base, index, requests, budget=max_host_bytes, sequential=restore_sequentially, **engine
+        )
+        return finish(values)
+
+    return restore
+
+
 def run_python(code: str, devices: int = 8, timeout: float = 300, env: dict | None = None) -> str:
     """Runs code in a fresh interpreter with `devices` simulated CPU devices; returns stdout.
 

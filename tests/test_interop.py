@@ -163,42 +163,49 @@ def _flip(prefix: str, name: str) -> None:
     Path(path).write_bytes(bytes(data))
 
 
+class _StreamedReads(shardsave.restore.engine.RestoreObserver):
+    """Records the stored shards whose reads were streamed."""
+
+    def __init__(self):
+        self.shards = []
+
+    def on_read(self, reads, streamed):
+        if streamed:
+            self.shards.extend(read.shard for read in reads)
+
+
 @pytest.mark.parametrize(
     "streamed", ["", "cpu", "accelerator"], ids=["batched", "streamed", "streamed-onto-accelerators"]
 )
 def test_a_flipped_byte_is_caught_by_tensorflows_checksum_and_the_rest_restores(
-    tmp_path, monkeypatch, streamed
+    tmp_path, engine_restore, streamed
 ):
     import shardsave
+    from shardsave.restore.engine import Placement
 
     prefix = _copy("v1", tmp_path)
     _flip(prefix, "dense/kernel")
     target, values = _targets(Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b")))
-    kwargs = {}
-    carried = []
+    observer = _StreamedReads()
+    kwargs: dict[str, Any] = {"observer": observer}
     if streamed:
         # The fixtures are bytes, not megabytes: a cap far below the smallest one a
         # restore accepts makes every tensor larger than 16 bytes stream, its
-        # checksum carried from read to read.
-        monkeypatch.setattr(shardsave.restore.engine, "MIN_SEQUENTIAL_BYTES", 16)
-        carry = shardsave.restore.engine._Fetcher._carry
-        monkeypatch.setattr(
-            shardsave.restore.engine._Fetcher,
-            "_carry",
-            lambda self, shard, *a: carried.append(shard) or carry(self, shard, *a),
-        )
-        kwargs = {"restore_sequentially": True, "max_host_bytes": 16}
+        # checksum carried from read to read (a TF tensor has one checksum).
+        kwargs.update(restore_sequentially=True, max_host_bytes=16, min_sequential_bytes=16)
     if streamed == "accelerator":  # its own path: blocks written into device buffers (CPU devices here)
-        monkeypatch.setattr(shardsave.restore.engine, "_on_cpu", lambda sharding: False)
+        kwargs["placement"] = Placement.ACCELERATOR
     with pytest.raises(
         CorruptCheckpointError, match=r"model.ckpt-7.data-00000-of-00001 \(leaf 'dense/kernel'\).*crc32c"
     ):
-        shardsave.Saver().restore(prefix, target, **kwargs)
+        engine_restore(prefix, target, **kwargs)
     del target["dense"]["kernel"]
-    restored = shardsave.Saver().restore(prefix, target, **kwargs)
+    restored = engine_restore(prefix, target, **kwargs)
     np.testing.assert_array_equal(np.asarray(restored["dense"]["bias"]), values["dense/bias"])
     np.testing.assert_array_equal(np.asarray(restored["part"]), values["part"])
-    assert bool(carried) == bool(streamed)
+    # A TF tensor has one checksum: each streamed read carried it on to the next.
+    assert shardsave.CheckpointReader(prefix).index.crc_chunk_bytes == 0
+    assert bool(observer.shards) == bool(streamed)
     problems = shardsave.CheckpointReader(prefix).verify()
     assert len(problems) == 1 and "'dense/kernel'" in problems[0]
 
@@ -217,7 +224,7 @@ def test_a_streamed_read_of_part_of_a_tensor_still_verifies_all_of_it(tmp_path):
     data = bytearray(data_file.read_bytes())
     data[shard.offset + shard.nbytes - 1] ^= 0x01  # the last row's last byte
     data_file.write_bytes(bytes(data))
-    fetcher = shardsave.restore.engine._Fetcher(
+    fetcher = shardsave.restore.engine.Fetcher(
         reader._directory,
         reader._base,
         reader.index,

@@ -219,39 +219,60 @@ def test_restore_from_one_device_onto_eight(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(64, dtype=np.float32).reshape(8, 8))
 
 
-def test_on_accelerators_a_default_restore_streams_large_shards_in_blocks(tmp_path, io_stats, monkeypatch):
+class _Reads(shardsave.restore.engine.RestoreObserver):
+    """Records every group of reads a restore starts, and whether it was streamed."""
+
+    def __init__(self):
+        self.calls = []
+
+    def on_read(self, reads, streamed):
+        self.calls.append((reads, streamed))
+
+
+def test_on_accelerators_a_default_restore_streams_large_shards_in_blocks(tmp_path, io_stats, engine_restore):
     """A shard larger than half a batch is streamed into its device buffer, in blocks,
     so each block's copy to the device overlaps the next reads. CI has no accelerator:
     the CPU devices are taken for accelerators here (the path is the same jax calls)."""
     import shardsave
+    from shardsave.restore.engine import Placement
 
     value = _value((4096, 4096))  # 64 MiB: over half the default batch of a 64 MiB restore
     sharding = NamedSharding(_mesh((2,), ("a",)), P("a"))
     saver = shardsave.Saver(async_save=False)
     path = saver.save({"w": jax.device_put(value, sharding)}, str(tmp_path / "big"))
     target = {"w": jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)}
-    calls = []
-    issue = shardsave.restore.engine._Fetcher.issue
-    monkeypatch.setattr(
-        shardsave.restore.engine._Fetcher,
-        "issue",
-        lambda self, reads, *into: calls.append(reads) or issue(self, reads, *into),
-    )
-    monkeypatch.setattr(shardsave.restore.engine, "_on_cpu", lambda sharding: False)
+    observer = _Reads()
     io_stats.reset()
-    restored = saver.restore(path, target)
+    restored = engine_restore(path, target, placement=Placement.ACCELERATOR, observer=observer)
     np.testing.assert_array_equal(np.asarray(restored["w"]), value)
     assert restored["w"].sharding == sharding
     assert io_stats.bytes_read - _index_bytes(path) == value.nbytes  # each byte read once
-    blocks = [read.nbytes for reads in calls for read in reads]
+    blocks = [read.nbytes for reads, _ in observer.calls for read in reads]
+    # Streamed: CPU devices (Placement.BY_PLATFORM) read the same blocks in batches.
+    assert all(streamed for _, streamed in observer.calls)
     assert (
         len(blocks) == 4 and max(blocks) <= shardsave.restore.engine.MAX_SPAN_BYTES
     )  # 32 MiB shards in 16 MiB blocks
 
 
+class _Placements(shardsave.restore.engine.RestoreObserver):
+    """Records the leaves placed over several batches, and whether each landing read
+    its rows into place."""
+
+    def __init__(self):
+        self.split, self.landed = set(), []
+
+    def on_place(self, request, last):
+        if not last:
+            self.split.add(request.entry.name)
+
+    def on_land(self, read, in_place):
+        self.landed.append(in_place)
+
+
 @pytest.mark.parametrize("store", ["local", "memory"])
 def test_a_capped_restore_places_leaves_split_over_batches_exactly(
-    tmp_path, mesh24, io_stats, monkeypatch, store
+    tmp_path, mesh24, io_stats, engine_restore, store
 ):
     """Leaves larger than the one batch a 32 MiB cap holds, resharded onto 4x2, one of them
     cast and one streamed whole: every device holds exactly its box. Reads of whole rows
@@ -285,22 +306,12 @@ def test_a_capped_restore_places_leaves_split_over_batches_exactly(
         "stacked": jax.ShapeDtypeStruct((2048, 2048), np.float32, sharding=NamedSharding(other, P("b"))),
         "replicated": jax.ShapeDtypeStruct((3072, 4096), np.float32, sharding=NamedSharding(other, P())),
     }
-    split, landed = set(), []
-    place, land = shardsave.restore.engine._Results.place, shardsave.restore.engine._land
-
-    def spy_place(self, request, req, pieces, holders):
-        if self.remaining[request]:
-            split.add(req.entry.name)
-        return place(self, request, req, pieces, holders)
-
-    def spy_land(target, rows):
-        landed.append(rows.ctypes.data == target.ctypes.data)
-        return land(target, rows)
-
-    monkeypatch.setattr(shardsave.restore.engine._Results, "place", spy_place)
-    monkeypatch.setattr(shardsave.restore.engine, "_land", spy_land)
+    observer = _Placements()
     io_stats.reset()
-    restored = saver.restore(path, target, restore_sequentially=True, max_host_bytes=32 << 20, cast=True)
+    restored = engine_restore(
+        path, target, restore_sequentially=True, max_host_bytes=32 << 20, cast=True, observer=observer
+    )
+    split, landed = observer.split, observer.landed
     assert {"a", "b", "cast"} <= split  # the path under test: leaves placed over several batches
     if store == "local":
         # "stacked": 2 reads into each of 2 boxes; "replicated": 6 streamed reads of 8 MiB.

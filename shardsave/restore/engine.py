@@ -31,15 +31,22 @@ on accelerators into its device buffer, filled in place row range by row range.
 Host memory never holds it whole beyond the result. On accelerators a default
 restore streams a unit larger than half a batch as well: each block's copy to
 the device then overlaps the next reads.
+
+restore_leaves takes what Saver.restore does not: a Placement (the accelerator
+path can be taken on CPU devices), a RestoreObserver told of reads, placements
+and landings as they happen, and min_sequential_bytes (the smallest cap a
+sequential restore accepts). With their defaults the engine does what it always
+did, and asks nothing more of each leaf.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +86,8 @@ DEFAULT_BATCH_BYTES = 256 << 20
 DEFAULT_INFLIGHT_BYTES = 2 * DEFAULT_BATCH_BYTES  # the most bytes a default restore reads ahead
 
 
+# The smallest max_host_bytes restore_sequentially accepts (plan_restore's
+# min_sequential_bytes), and the smallest batch of a default restore.
 MIN_SEQUENTIAL_BYTES = 32 << 20
 
 
@@ -104,6 +113,104 @@ class LeafRequest:
     dtype: np.dtype
     sharding: jax.sharding.Sharding | None  # None: return a numpy array
     box: Box | None = None  # host requests only: read just this box of the stored array
+
+
+# Whether a leaf with this sharding takes the CPU path (see Placement).
+_OnCpu = Callable[[jax.sharding.Sharding | None], bool]
+
+
+class Placement(enum.Enum):
+    """Which of the restore's two paths onto devices each leaf takes.
+
+    On the CPU path, the host buffer a restore assembles (or reads) for a leaf
+    restored as saved becomes its device buffer without a copy, and is not
+    counted against the budget. On the accelerator path, host buffers are copied
+    to the devices, and a unit larger than half a batch is streamed into its
+    device buffer block by block, each block's copy overlapping the next reads.
+
+    Attributes:
+      BY_PLATFORM: the default. Leaves on CPU devices take the CPU path, all
+        others the accelerator path.
+      ACCELERATOR: every leaf takes the accelerator path, on CPU devices too.
+        Its jax calls run on any device, so this exercises it where there is no
+        accelerator (tests, CI); on CPU devices it costs the copies the CPU path
+        avoids.
+    """
+
+    BY_PLATFORM = "by_platform"
+    ACCELERATOR = "accelerator"
+
+    def on_accelerator_path(self, sharding: jax.sharding.Sharding) -> bool:
+        """Whether a leaf with this sharding takes the accelerator path.
+
+        Args:
+          sharding: the leaf's target sharding.
+        """
+        return not _cpu_path(self)(sharding)
+
+
+@functools.lru_cache(maxsize=256)
+def _on_cpu(sharding: jax.sharding.Sharding | None) -> bool:
+    devices: Any = sharding.device_set if sharding is not None else ()
+    return any(d.platform == "cpu" for d in devices)
+
+
+def _never_on_cpu(sharding: jax.sharding.Sharding | None) -> bool:
+    return False
+
+
+def _cpu_path(placement: Placement) -> _OnCpu:
+    """Whether a leaf takes the CPU path, as the placement decides: the predicate the
+    engine asks of each leaf, resolved once per restore so that asking costs what
+    the default always cost."""
+    return _on_cpu if placement is Placement.BY_PLATFORM else _never_on_cpu
+
+
+class RestoreObserver:
+    """Hears what restore_leaves does, as it does it: reads, placements, landings.
+
+    Subclass it, override the events wanted (each does nothing here) and pass an
+    instance as restore_leaves(observer=...): for instrumentation, and for tests
+    that check which path a restore took. The events run on the restoring
+    thread between its steps, so a slow one slows the restore. Without an
+    observer (the default) the engine calls none of them.
+    """
+
+    def on_read(self, reads: Sequence[Read], streamed: bool) -> None:
+        """Reads were started together, before any of their bytes arrived.
+
+        Args:
+          reads: the reads, each of rows of one stored shard (a batch's reads
+            are coalesced into fewer ranged reads of the files afterwards).
+          streamed: the read of a streamed unit (one read at a time, with the
+            next ones in flight), rather than a batch's reads.
+        """
+
+    def on_place(self, request: LeafRequest, last: bool) -> None:
+        """Boxes of a leaf, from one batch or one streamed unit, go to their devices.
+
+        On the CPU path, adopted buffers wait for the leaf's last boxes, and one
+        call then places them all.
+
+        Args:
+          request: the leaf.
+          last: no box of the leaf is left to read. A leaf with last=False on
+            some call is placed over several batches.
+        """
+
+    def on_land(self, read: Read, in_place: bool) -> None:
+        """A read's rows reached the host buffer of the box they were read for.
+
+        Called for reads issued into that buffer (direct reads) and for the
+        streamed reads of units on the CPU path, once for each box a read fills.
+
+        Args:
+          read: the read.
+          in_place: the rows were read into the buffer itself (a local store
+            reads into the memory it is given), so nothing copied them; otherwise
+            they were copied there (a store that hands back buffers of its own,
+            or a read that several boxes share).
+        """
 
 
 @dataclass
@@ -138,7 +245,14 @@ class RestoreTimes:
 class _Results:
     """What the batches produce, and the leaves still waiting for more of them."""
 
-    def __init__(self, units: list[_Unit]):
+    def __init__(
+        self,
+        units: list[_Unit],
+        on_cpu: _OnCpu,
+        observer: RestoreObserver | None,
+    ):
+        self.on_cpu = on_cpu  # whether a leaf takes the CPU path (_cpu_path)
+        self.observer = observer
         self.remaining = Counter(u.request for u in units)
         self.done: dict[int, Any] = {}  # request -> numpy array or jax.Array
         self.partial: dict[int, dict[jax.Device, jax.Array]] = {}  # leaves split over batches
@@ -154,8 +268,10 @@ class _Results:
     ) -> None:
         """Puts a batch's boxes of one leaf on their devices."""
         assert req.sharding is not None
+        if self.observer is not None:
+            self.observer.on_place(req, last=self.remaining[request] == 0)
         began = time.perf_counter()
-        if _adopted(req):
+        if _adopted(req, self.on_cpu):
             # The pieces are the restored memory itself, not transient buffers: holding
             # a leaf's pieces until the last batch brings the rest costs nothing, and
             # one call then places them all.
@@ -193,7 +309,12 @@ class _Results:
         return [self.done[i] for i in range(len(requests))]
 
 
-def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None, chunk: int) -> list[_Unit]:
+def _plan_units(
+    requests: list[LeafRequest],
+    max_read_bytes: int | None,
+    chunk: int,
+    on_cpu: _OnCpu,
+) -> list[_Unit]:
     # Reads that are not a whole stored shard are cut at MAX_SPAN_BYTES too: target
     # boxes that share stored rows (a resharded restore) then ask for identical spans,
     # which a batch reads once. Cuts fall on checksum chunks where rows allow.
@@ -217,7 +338,7 @@ def _plan_units(requests: list[LeafRequest], max_read_bytes: int | None, chunk: 
             if same is not None and same.nbytes:
                 # Reads that land in a buffer a CPU device adopts are the restored
                 # array, not transient memory: a cap does not shrink them.
-                exact = None if _adopted(req) else max_read_bytes
+                exact = None if _adopted(req, on_cpu) else max_read_bytes
                 reads = _exact_reads(same, itemsize, exact, chunk)
             else:
                 reads = plan_reads(entry.shards, tbox, itemsize, partial_read, chunk)
@@ -256,8 +377,11 @@ def _span(read: Read, chunk: int) -> tuple[int, int]:
     return rel0 // chunk * chunk, min(-(-rel1 // chunk) * chunk, read.shard.nbytes)
 
 
-class _Fetcher:
-    """Issues reads and verifies what comes back against the index.
+class Fetcher:
+    """Issues reads of a checkpoint's data files and verifies what comes back against its index.
+
+    restore_leaves makes one per restore; a test makes its own to read and verify
+    chosen reads (issue or stream, then verified, then finish).
 
     Reads of a batch are coalesced: spans of the same file that touch or overlap
     are fetched with one ranged read (a restore onto the saved layout reads each
@@ -271,6 +395,16 @@ class _Fetcher:
     streamed read is not widened to it: the streamed reads of a shard come in
     order, and their checksum is carried from one to the next (`stream`); what a
     restore did not read of such a shard is read at the end (`finish`) to verify it.
+
+    Args:
+      directory: the store holding the checkpoint.
+      base: the checkpoint's base name in it.
+      index: the checkpoint's index.
+      names: id(StoredShard) -> the name of its leaf, for error messages.
+      allocate: host buffers (uint8, of the size asked) for reads, and for
+        assemblies that are not results.
+      observer: told of each group of reads as it is started (on_read); and,
+        by the engine's other steps, of placements and landings.
     """
 
     def __init__(
@@ -280,8 +414,10 @@ class _Fetcher:
         index: Index,
         names: dict[int, str],
         allocate: Callable[[int], np.ndarray],
+        observer: RestoreObserver | None = None,
     ):
         self.directory = directory
+        self.observer = observer
         self.allocate = allocate  # host buffers of reads, and of assemblies that are not results
         self.index = index
         self.chunk = index.crc_chunk_bytes
@@ -336,6 +472,14 @@ class _Fetcher:
         checksum chunks) and shares no byte with another read lands there as it is:
         a local store reads it there, and nothing copies it afterwards.
         """
+        if self.observer is not None:
+            self.observer.on_read(reads, streamed=False)
+        return self._start_reads(reads, destination)
+
+    def _start_reads(
+        self, reads: list[Read], destination: Callable[[Read], np.ndarray | None] | None = None
+    ) -> dict[int, _Span]:
+        """issue, without telling the observer (stream tells it itself)."""
         by_file: dict[int, list[tuple[int, int, Read]]] = {}
         handles: dict[int, _Span] = {}
         for read in reads:
@@ -388,8 +532,10 @@ class _Fetcher:
     def stream(self, read: Read, into: np.ndarray | None = None) -> _Span:
         """Starts one read of a streamed unit (it holds _held(read, chunk) bytes), into
         its destination's bytes where given (see issue)."""
+        if self.observer is not None:
+            self.observer.on_read((read,), streamed=True)
         if self.chunk:
-            return self.issue([read], None if into is None else lambda _: into)[id(read)]
+            return self._start_reads([read], None if into is None else lambda _: into)[id(read)]
         rel = read.row_start * read.row_bytes
         start = read.shard.offset + rel
         allocate = self.allocate if into is None else functools.partial(into_region, into)
@@ -435,6 +581,11 @@ class _Fetcher:
         return rows.view(dtype.newbyteorder("<")).reshape(read.rows_shape)
 
 
+# The name tests/programs/measure_restore.py reaches for (it slows Fetcher.verified);
+# the engine itself uses Fetcher.
+_Fetcher = Fetcher
+
+
 class _Span:
     """One ranged read of a data file, resolved once into a uint8 array.
 
@@ -445,7 +596,7 @@ class _Span:
         self, future: Any, start: int, end: int, check: Callable[[np.ndarray], np.ndarray] | None = None
     ):
         self.future, self.start, self.end, self.check = future, start, end, check
-        self.direct = False  # read into the bytes of its destination (_Fetcher.issue)
+        self.direct = False  # read into the bytes of its destination (Fetcher.issue)
         self._data: np.ndarray | None = None
 
     def bytes(self, where: Callable[[], str]) -> np.ndarray:
@@ -482,18 +633,36 @@ class RestorePlan:
 
 
 def plan_restore(
-    requests: list[LeafRequest], crc_chunk_bytes: int, *, budget: int | None, sequential: bool
+    requests: list[LeafRequest],
+    crc_chunk_bytes: int,
+    *,
+    budget: int | None,
+    sequential: bool,
+    placement: Placement = Placement.BY_PLATFORM,
+    min_sequential_bytes: int = MIN_SEQUENTIAL_BYTES,
 ) -> RestorePlan:
     """Plans a restore: the reads of every unit and their batches under the budget. No I/O.
+
+    Args:
+      requests: the leaves to restore.
+      crc_chunk_bytes: the checkpoint's checksum chunk (0: one checksum per shard).
+      budget: the host bytes the restore may hold (max_host_bytes); None: the default.
+      sequential: restore_sequentially: keep host memory within the budget.
+      placement: the path each leaf takes onto its devices.
+      min_sequential_bytes: the smallest budget a sequential restore accepts (at
+        least 8 checksum chunks, too), and its budget where none is given. Tests
+        of tiny checkpoints lower it; below the default, reads and batches are
+        small enough to make a real restore slow.
 
     Raises:
       ValueError: restore_sequentially with a budget it cannot keep.
     """
+    on_cpu = _cpu_path(placement)
     ahead = 1
     if sequential:
         # A read covers whole checksum chunks, and a batch holds reads of up to a quarter
         # of its budget: below two chunks per quarter a budget cannot be kept.
-        least = max(MIN_SEQUENTIAL_BYTES, 8 * crc_chunk_bytes)
+        least = max(min_sequential_bytes, 8 * crc_chunk_bytes)
         if budget is not None and budget < least:
             unit = (
                 f"whole {crc_chunk_bytes >> 20} MiB checksum chunks"
@@ -521,8 +690,8 @@ def plan_restore(
         restored = sum(math.prod(r.shape) * r.dtype.itemsize for r in requests)
         budget = budget or min(DEFAULT_BATCH_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
         max_read = None
-    units = _plan_units(requests, max_read, crc_chunk_bytes)
-    planned = list(_batches(units, requests, budget, sequential, crc_chunk_bytes))
+    units = _plan_units(requests, max_read, crc_chunk_bytes, on_cpu)
+    planned = list(_batches(units, requests, budget, sequential, crc_chunk_bytes, on_cpu))
     streamed = frozenset(k for k, (_, stream) in enumerate(planned) if stream)
     return RestorePlan(units, [batch for batch, _ in planned], streamed, budget, ahead)
 
@@ -536,18 +705,48 @@ def restore_leaves(
     *,
     budget: int | None,
     sequential: bool,
+    placement: Placement = Placement.BY_PLATFORM,
+    observer: RestoreObserver | None = None,
+    min_sequential_bytes: int = MIN_SEQUENTIAL_BYTES,
 ) -> tuple[list[Any], RestoreTimes]:
-    """Restores each request: a jax.Array or numpy array per request, and the timings."""
+    """Restores each request: a jax.Array or numpy array per request, and the timings.
+
+    Args:
+      directory: the store holding the checkpoint.
+      base: the checkpoint's base name in it.
+      index: the checkpoint's index.
+      requests: the leaves to restore.
+      budget: the host bytes the restore may hold (max_host_bytes); None: the default.
+      sequential: restore_sequentially: keep host memory within the budget.
+      placement: the path each leaf takes onto its devices (see Placement).
+      observer: told of the restore's reads, placements and landings as they
+        happen (see RestoreObserver); None: nothing is told.
+      min_sequential_bytes: see plan_restore.
+
+    Raises:
+      ValueError: restore_sequentially with a budget it cannot keep.
+      CorruptCheckpointError: stored bytes disagree with the index.
+      CheckpointNotFoundError: the checkpoint was deleted while it was read.
+    """
     began = time.perf_counter()
-    plan = plan_restore(requests, index.crc_chunk_bytes, budget=budget, sequential=sequential)
+    plan = plan_restore(
+        requests,
+        index.crc_chunk_bytes,
+        budget=budget,
+        sequential=sequential,
+        placement=placement,
+        min_sequential_bytes=min_sequential_bytes,
+    )
+    on_cpu = _cpu_path(placement)
     names = {id(s): req.entry.name for req in requests for s in req.entry.shards}
     units, batches, budget = plan.units, plan.batches, plan.budget
     # A capped restore reuses its read buffers from batch to batch, within its cap.
     pool = BufferPool(budget * (plan.ahead + 1)) if sequential else None
-    fetcher = _Fetcher(directory, base, index, names, aligned_empty if pool is None else _capped(pool))
+    allocate = aligned_empty if pool is None else _capped(pool)
+    fetcher = Fetcher(directory, base, index, names, allocate, observer)
     times = RestoreTimes(plan_seconds=time.perf_counter() - began)
 
-    results = _Results(units)
+    results = _Results(units, on_cpu, observer)
     issued: deque[_Issued] = deque()
     try:
         for k, batch in enumerate(batches):
@@ -556,7 +755,7 @@ def restore_leaves(
                     _run_batch(issued.popleft(), requests, fetcher, results)
                 _stream_units(batch, requests, fetcher, results, budget * (plan.ahead + 1))
                 continue
-            issued.append(_issue(batch, requests, fetcher))
+            issued.append(_issue(batch, requests, fetcher, on_cpu))
             if len(issued) > plan.ahead:
                 _run_batch(issued.popleft(), requests, fetcher, results)
         while issued:
@@ -592,19 +791,19 @@ def _capped(pool: BufferPool) -> Callable[[int], np.ndarray]:
     return allocate
 
 
-def _host_assembly(unit: _Unit, req: LeafRequest) -> int:
+def _host_assembly(unit: _Unit, req: LeafRequest, on_cpu: _OnCpu) -> int:
     """The host bytes a unit's assembly holds beyond the result: none where a CPU
     device adopts the assembled buffer as its own (on CPU, device memory is host
     memory, and the restored arrays are not the restore's transient memory)."""
-    return 0 if _adopted(req) else unit.assembly_bytes(req.entry.dtype.itemsize)
+    return 0 if _adopted(req, on_cpu) else unit.assembly_bytes(req.entry.dtype.itemsize)
 
 
-def _adopted(req: LeafRequest) -> bool:
+def _adopted(req: LeafRequest, on_cpu: _OnCpu) -> bool:
     """Whether CPU devices adopt the buffers a restore assembles (or reads) for the
     leaf as the restored array's own: a leaf restored as saved, in its dtype."""
     return (
         req.sharding is not None
-        and _on_cpu(req.sharding)
+        and on_cpu(req.sharding)
         and req.dtype == req.entry.dtype
         and req.shape == req.entry.shape
     )
@@ -617,6 +816,7 @@ def _streamed(
     sequential: bool,
     chunk: int,
     chunks: dict[tuple[int, int], int] | None = None,
+    on_cpu: _OnCpu = _on_cpu,
 ) -> bool:
     """Whether the restore streams the unit through its device buffers, read by read.
 
@@ -626,11 +826,12 @@ def _streamed(
     it (3x slower for a 1 GiB leaf on an H200, measured by benchmarks/gpu_check.py).
 
     chunks: the unit's _chunks, where the caller has them already.
+    on_cpu: whether a leaf takes the CPU path (_cpu_path of the restore's placement).
     """
     req = requests[unit.request]
     if req.sharding is None or req.shape != req.entry.shape:
         return False
-    if _on_cpu(req.sharding):
+    if on_cpu(req.sharding):
         return sequential and sum((_chunks(unit, chunk) if chunks is None else chunks).values()) > budget
     # One checksum per shard (chunk 0): a batch would read whole shards.
     read = unit.read_bytes() if chunk else sum((_chunks(unit, chunk) if chunks is None else chunks).values())
@@ -653,7 +854,12 @@ def _chunks(unit: _Unit, chunk: int) -> dict[tuple[int, int], int]:
 
 
 def _batches(
-    units: list[_Unit], requests: list[LeafRequest], budget: int, sequential: bool, chunk: int
+    units: list[_Unit],
+    requests: list[LeafRequest],
+    budget: int,
+    sequential: bool,
+    chunk: int,
+    on_cpu: _OnCpu,
 ) -> Iterator[tuple[list[_Unit], bool]]:
     """Consecutive units whose host bytes fit the budget: what they read, each chunk
     counted once (units that share stored rows read them once), and their assembly;
@@ -670,14 +876,14 @@ def _batches(
     streamed_chunks: set[tuple[int, int]] = set()
     for unit in units:
         chunks = _chunks(unit, chunk)
-        if _streamed(unit, requests, budget, sequential, chunk, chunks):
+        if _streamed(unit, requests, budget, sequential, chunk, chunks, on_cpu):
             if batch:
                 yield batch, False
                 batch, held, used = [], {}, 0
             joins = (
                 streaming
                 and streaming[0].request == unit.request
-                and _on_cpu(requests[unit.request].sharding)
+                and on_cpu(requests[unit.request].sharding)
                 and not streamed_chunks.isdisjoint(chunks)
             )
             if streaming and not joins:
@@ -689,7 +895,7 @@ def _batches(
         if streaming:
             yield streaming, True
             streaming, streamed_chunks = [], set()
-        assembly = _host_assembly(unit, requests[unit.request])
+        assembly = _host_assembly(unit, requests[unit.request], on_cpu)
         cost = assembly + sum(n for key, n in chunks.items() if key not in held)
         if batch and cost and used + cost > budget:  # a unit that adds nothing always joins
             yield batch, False
@@ -710,17 +916,11 @@ def _aligned_array(
     return allocate(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
 
 
-@functools.lru_cache(maxsize=256)
-def _on_cpu(sharding: jax.sharding.Sharding | None) -> bool:
-    devices: Any = sharding.device_set if sharding is not None else ()
-    return any(d.platform == "cpu" for d in devices)
-
-
-def _assembly(unit: _Unit, req: LeafRequest, fetcher: _Fetcher) -> np.ndarray:
+def _assembly(unit: _Unit, req: LeafRequest, fetcher: Fetcher, on_cpu: _OnCpu) -> np.ndarray:
     """An empty buffer for the unit's box, in the stored dtype. One that becomes the
     restored array is the result's memory, from malloc (which reuses what earlier
     arrays freed); the others are transient."""
-    allocate = aligned_empty if _adopted(req) else fetcher.allocate
+    allocate = aligned_empty if _adopted(req, on_cpu) else fetcher.allocate
     return _aligned_array(box_shape(unit.box), req.entry.dtype, allocate)
 
 
@@ -733,9 +933,9 @@ class _Issued:
     outs: dict[int, np.ndarray]  # id(unit) -> its assembly, where reads land in it directly
 
 
-def _issue(batch: list[_Unit], requests: list[LeafRequest], fetcher: _Fetcher) -> _Issued:
+def _issue(batch: list[_Unit], requests: list[LeafRequest], fetcher: Fetcher, on_cpu: _OnCpu) -> _Issued:
     """Starts a batch's reads. A read of whole rows of its unit's box that lands
-    there as it is (see _Fetcher.issue) is read into the unit's assembly, allocated
+    there as it is (see Fetcher.issue) is read into the unit's assembly, allocated
     now, so that nothing copies it there afterwards."""
     owner = {id(r): unit for unit in batch for r in unit.reads}
     outs: dict[int, np.ndarray] = {}
@@ -745,7 +945,7 @@ def _issue(batch: list[_Unit], requests: list[LeafRequest], fetcher: _Fetcher) -
         if not _whole_rows(read) or (len(unit.reads) == 1 and read.fills_target):  # the read is the array
             return None
         if id(unit) not in outs:
-            outs[id(unit)] = _assembly(unit, requests[unit.request], fetcher)
+            outs[id(unit)] = _assembly(unit, requests[unit.request], fetcher, on_cpu)
         return outs[id(unit)][read.dst].reshape(-1).view(np.uint8)
 
     spans = fetcher.issue([r for unit in batch for r in unit.reads], destination)
@@ -761,8 +961,9 @@ def _whole_rows(read: Read) -> bool:
 def _assemble(
     unit: _Unit,
     req: LeafRequest,
-    fetcher: _Fetcher,
+    fetcher: Fetcher,
     spans: dict[int, _Span],
+    on_cpu: _OnCpu,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The unit's box from its verified reads (into `out`, where _issue made it)."""
@@ -770,40 +971,43 @@ def _assemble(
     if len(unit.reads) == 1 and unit.reads[0].fills_target:
         read = unit.reads[0]
         rows = fetcher.verified(read, spans[id(read)], dtype)
-        if not _on_cpu(req.sharding) or rows.ctypes.data % 64 == 0:
+        if not on_cpu(req.sharding) or rows.ctypes.data % 64 == 0:
             # An accelerator copies it to the device anyway; a CPU device adopts an
             # aligned buffer as it is (local reads land aligned: shards start at
             # multiples of 64 bytes in their files).
             return rows
         # Otherwise one copy into an aligned buffer that becomes the device buffer is
         # cheaper than letting jax copy into freshly allocated device memory.
-        out = _assembly(unit, req, fetcher)
+        out = _assembly(unit, req, fetcher, on_cpu)
         np.copyto(out, rows)
         return out
     if out is None:
-        out = _assembly(unit, req, fetcher)
+        out = _assembly(unit, req, fetcher, on_cpu)
     for read in unit.reads:
         span = spans[id(read)]
         rows = fetcher.verified(read, span, dtype)[read.src]
         if span.direct:
-            _land(out[read.dst], rows)
+            _land(out[read.dst], rows, read, fetcher.observer)
         else:
             out[read.dst] = rows
     return out
 
 
-def _land(target: np.ndarray, rows: np.ndarray) -> None:
-    """Copies rows into their place, unless they were read there (a direct read)."""
-    if rows.ctypes.data != target.ctypes.data:
+def _land(target: np.ndarray, rows: np.ndarray, read: Read, observer: RestoreObserver | None) -> None:
+    """Copies a read's rows into their place, unless they were read there (a direct read)."""
+    in_place = rows.ctypes.data == target.ctypes.data
+    if not in_place:
         target[...] = rows
+    if observer is not None:
+        observer.on_land(read, in_place)
 
 
-def _run_batch(issued: _Issued, requests: list[LeafRequest], fetcher: _Fetcher, results: _Results) -> None:
+def _run_batch(issued: _Issued, requests: list[LeafRequest], fetcher: Fetcher, results: _Results) -> None:
     pieces: dict[int, dict[Box, np.ndarray]] = {}
     holders: dict[int, dict[Box, tuple[jax.Device, ...]]] = {}
     for unit in issued.units:
         req = requests[unit.request]
-        array = _assemble(unit, req, fetcher, issued.spans, issued.outs.get(id(unit)))
+        array = _assemble(unit, req, fetcher, issued.spans, results.on_cpu, issued.outs.get(id(unit)))
         if req.shape != req.entry.shape and req.box is None:
             array = array.reshape(req.shape)
         if req.dtype != req.entry.dtype:
@@ -822,7 +1026,7 @@ def _run_batch(issued: _Issued, requests: list[LeafRequest], fetcher: _Fetcher, 
 
 def _read_ahead(
     reads: list[Read],
-    fetcher: _Fetcher,
+    fetcher: Fetcher,
     dtype: np.dtype,
     limit: int,
     into: dict[int, np.ndarray] | None = None,
@@ -841,7 +1045,7 @@ def _read_ahead(
     in_flight: deque[tuple[Read, _Span, int, int]] = deque()
     held = landing = 0
 
-    def lands(read: Read) -> bool:  # as _Fetcher.issue decides
+    def lands(read: Read) -> bool:  # as Fetcher.issue decides
         return adopted and into is not None and id(read) in into and read.nbytes >= MIN_DIRECT_BYTES
 
     def room(read: Read) -> bool:
@@ -868,7 +1072,7 @@ def _read_ahead(
 
 def _held(read: Read, chunk: int) -> int:
     """The bytes a streamed read holds: its checksum chunks, or itself where a shard has
-    one checksum (see _Fetcher.stream)."""
+    one checksum (see Fetcher.stream)."""
     if not chunk:
         return read.nbytes
     a, b = _span(read, chunk)
@@ -876,16 +1080,17 @@ def _held(read: Read, chunk: int) -> int:
 
 
 def _stream_units(
-    units: list[_Unit], requests: list[LeafRequest], fetcher: _Fetcher, results: _Results, budget: int
+    units: list[_Unit], requests: list[LeafRequest], fetcher: Fetcher, results: _Results, budget: int
 ) -> None:
     """Streams units too large for a batch into their device buffers, read by read."""
     req = requests[units[0].request]
     dtype = req.entry.dtype
-    if _on_cpu(req.sharding):
+    if results.on_cpu(req.sharding):
         # A CPU device adopts an aligned host buffer as its own: fill the final buffers
         # in place, with the whole budget for reads in flight. Units of one leaf that
         # need the same stored rows (a group from _batches) share each read.
-        allocate = aligned_empty if _adopted(req) else fetcher.allocate
+        adopted = _adopted(req, results.on_cpu)
+        allocate = aligned_empty if adopted else fetcher.allocate
         outs = [_aligned_array(box_shape(u.box), dtype, allocate) for u in units]
         consumers: dict[tuple[int, int, int], list[tuple[int, Read]]] = {}
         for k, unit in enumerate(units):
@@ -900,9 +1105,9 @@ def _stream_units(
             a, b = fetcher.absolute_span(read)
             if len(uses) == 1 and b - a == read.nbytes and _whole_rows(read):
                 into[id(read)] = outs[k][read.dst].reshape(-1).view(np.uint8)
-        for read, rows in _read_ahead(unique, fetcher, dtype, budget, into, adopted=_adopted(req)):
+        for read, rows in _read_ahead(unique, fetcher, dtype, budget, into, adopted=adopted):
             for k, use in consumers[id(read.shard), read.row_start, read.nbytes]:
-                _land(outs[k][use.dst], rows[use.src])
+                _land(outs[k][use.dst], rows[use.src], use, fetcher.observer)
         for unit, out in zip(units, outs):
             ((targets, _),) = unit.placements
             results.remaining[unit.request] -= 1
@@ -935,3 +1140,5 @@ def _stream_units(
         jax.block_until_ready(list(buffers.values()))
         results.remaining[unit.request] -= 1
         results.partial.setdefault(unit.request, {}).update(buffers)
+        if results.observer is not None:
+            results.observer.on_place(req, last=results.remaining[unit.request] == 0)

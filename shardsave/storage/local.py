@@ -427,6 +427,28 @@ _DIRECT_FILE_SYSTEMS = {0xEF53, 0x58465342, 0x9123683E}
 _direct_devices: dict[int, bool] = {}  # st_dev -> whether reads there may go past the page cache
 
 
+def direct_io_decisions() -> dict[int, bool]:
+    """What this process has decided about each file system it has read from.
+
+    Returns:
+      A copy: st_dev -> whether large reads of uncached files there may go past
+      the page cache (O_DIRECT). False for a file system other than ext2/3/4,
+      XFS and btrfs, and for one that refused an O_DIRECT read or cachestat(2),
+      which later reads then do not try again.
+    """
+    return dict(_direct_devices)
+
+
+def forget_direct_io_decisions() -> None:
+    """Forgets every file system's decision: each is probed again on its next large read.
+
+    The decisions only spare probes (fstatfs, and a refused O_DIRECT read), so
+    forgetting them costs those probes, never a wrong read. For tests of the
+    probing, and for a process whose file systems were remounted with others.
+    """
+    _direct_devices.clear()
+
+
 def _direct_device(fd: int) -> bool:
     device = os.fstat(fd).st_dev
     verdict = _direct_devices.get(device)
