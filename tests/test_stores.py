@@ -1,8 +1,8 @@
 """The Store contract, held over every store: local files, memory://, S3 and GCS.
 
-As zarr-python's StoreTests do, one suite of tests runs against each
-implementation of shardsave's Store protocol (shardsave/shardsave.storage.py), with the
-object stores served by real servers on loopback (see conftest.py).
+As zarr-python's StoreTests do, one suite (shardsave.storage.testing.StoreTests)
+runs against each implementation of shardsave's Store protocol, with the object
+stores served by real servers on loopback (see conftest.py).
 """
 
 from __future__ import annotations
@@ -17,88 +17,23 @@ import shardsave
 import shardsave.storage
 import shardsave.storage.local
 from shardsave.errors import StorageError
+from shardsave.storage.testing import StoreTests
 
 
-@pytest.fixture(params=["local", "memory", "s3", "gcs"])
-def store(request, tmp_path) -> shardsave.storage.Store:
-    if request.param == "local":
-        location = str(tmp_path / "store")
-    elif request.param == "memory":
-        location = f"memory://{uuid.uuid4().hex}/store"
-    elif request.param == "s3":
-        location = f"s3://{s3_bucket(request.getfixturevalue('s3_env'))}/store"
-    else:
-        location = f"gs://{gcs_bucket(request.getfixturevalue('gcs_server'))}/store"
-    return shardsave.storage.open_store(location, timeout_s=30)
+class TestEveryStore(StoreTests):
+    """The contract over local files, memory://, and S3 and GCS servers on loopback."""
 
-
-def test_a_missing_key(store):
-    assert store.read_all("absent") is None
-    assert not store.exists("absent")
-    assert store.mtime("absent") is None
-    with pytest.raises(FileNotFoundError):
-        store.read_range("absent", 0, 4).result()
-    store.delete("absent").result()  # deleting what is not there is not an error
-    assert store.list() == []
-
-
-def test_write_then_read_whole_and_ranges(store):
-    value = bytes(range(256)) * 64
-    store.write("k", value).result()
-    assert store.read_all("k") == value
-    assert store.exists("k") and store.mtime("k") is not None
-    np.testing.assert_array_equal(
-        store.read_range("k", 100, 300).result(), np.frombuffer(value[100:300], np.uint8)
-    )
-    short = store.read_range("k", len(value) - 10, len(value) + 50).result()  # past the end: shorter
-    assert short.tobytes() == value[-10:]
-
-
-def test_a_write_replaces_the_whole_value(store):
-    store.write("k", b"a much longer first value").result()
-    store.write("k", memoryview(b"short")).result()
-    assert store.read_all("k") == b"short"
-
-
-def test_then_and_allocate(store):
-    store.write("k", b"0123456789").result()
-    seen = []
-
-    def then(data: np.ndarray) -> np.ndarray:
-        seen.append(data.tobytes())
-        return data[::-1]
-
-    assert store.read_range("k", 2, 6, then=then).result().tobytes() == b"5432"
-    assert seen == [b"2345"]
-
-    def failing(data: np.ndarray) -> np.ndarray:
-        raise ValueError("bad data")
-
-    with pytest.raises(ValueError, match="bad data"):
-        store.read_range("k", 0, 4, then=failing).result()
-
-
-def test_list_and_delete(store):
-    for key in ("b", "a", "c.data-00000-of-00001"):
-        store.write(key, b"x").result()
-    assert store.list() == ["a", "b", "c.data-00000-of-00001"]
-    store.delete("b").result()
-    assert store.list() == ["a", "c.data-00000-of-00001"]
-
-
-def test_what_only_local_stores_do(store, tmp_path):
-    if not store.is_local:
-        with pytest.raises(ValueError):
-            store.write("k", b"v", publish=False)
-        assert store.lock("model") is None
-        return
-    pending = store.write("k", b"v", publish=False).result()
-    assert store.read_all("k") is None  # durable under a temporary name, not yet visible
-    pending.publish()
-    assert store.read_all("k") == b"v"
-    lock = store.lock("model")
-    assert lock is not None
-    lock.release()
+    @pytest.fixture(params=["local", "memory", "s3", "gcs"])
+    def store(self, request, tmp_path) -> shardsave.storage.Store:
+        if request.param == "local":
+            location = str(tmp_path / "store")
+        elif request.param == "memory":
+            location = f"memory://{uuid.uuid4().hex}/store"
+        elif request.param == "s3":
+            location = f"s3://{s3_bucket(request.getfixturevalue('s3_env'))}/store"
+        else:
+            location = f"gs://{gcs_bucket(request.getfixturevalue('gcs_server'))}/store"
+        return shardsave.storage.open_store(location, timeout_s=30)
 
 
 def test_a_hung_local_file_system_raises_within_the_deadline(tmp_path):
@@ -140,10 +75,20 @@ def test_a_file_no_page_cache_holds_is_read_past_it_and_a_cached_one_through_it(
     assert io_stats.bytes_read_uncached == 0
 
 
-def test_a_file_system_that_refuses_o_direct_is_read_through_the_page_cache(tmp_path, io_stats, monkeypatch):
+@pytest.fixture
+def fresh_direct_io_decisions():
+    """No file system decided before the test, and none after it: a refusal the test
+    provokes must not send later tests' reads of tmp_path through the page cache."""
+    shardsave.storage.local.forget_direct_io_decisions()
+    yield
+    shardsave.storage.local.forget_direct_io_decisions()
+
+
+def test_a_file_system_that_refuses_o_direct_is_read_through_the_page_cache(
+    tmp_path, io_stats, fresh_direct_io_decisions
+):
     import os
 
-    monkeypatch.setattr(shardsave.storage.local, "_direct_devices", {})
     data = np.arange(2 << 20, dtype=np.uint8)
     (tmp_path / "f").write_bytes(data.tobytes())
     evict(tmp_path / "f")
@@ -156,7 +101,7 @@ def test_a_file_system_that_refuses_o_direct_is_read_through_the_page_cache(tmp_
         assert shardsave.storage.local._read_uncached(fd, buffer[1 : 1 + (1 << 20)], 0) == 0
     finally:
         os.close(fd)
-    assert shardsave.storage.local._direct_devices == {os.stat(tmp_path / "f").st_dev: False}
+    assert shardsave.storage.local.direct_io_decisions() == {os.stat(tmp_path / "f").st_dev: False}
     got = shardsave.storage.open_store(str(tmp_path)).read_range("f", 0, data.size).result()
     np.testing.assert_array_equal(got, data)
     assert io_stats.bytes_read_uncached == 0
