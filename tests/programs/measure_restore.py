@@ -30,6 +30,8 @@ from jax.sharding import PartitionSpec as P
 
 import shardsave
 import shardsave.restore.engine
+from shardsave.formats import open_checkpoint
+from shardsave.restore.targets import requests_for_target
 
 MIB = 1 << 20
 
@@ -40,25 +42,34 @@ def trim() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def slow_consumer(seconds: float) -> None:
+class SlowConsumer(shardsave.restore.engine.RestoreObserver):
     """Each read's bytes are taken that much later, as on a host slower than its store:
     reads in flight then finish before they are used, and hold their memory meanwhile."""
-    import shardsave
 
-    verified = shardsave.restore.engine._Fetcher.verified
+    def __init__(self, seconds: float):
+        self.seconds = seconds
 
-    def slowly(self: Any, *args: Any) -> Any:
-        time.sleep(seconds)
-        return verified(self, *args)
+    def on_use(self, read: Any) -> None:
+        time.sleep(self.seconds)
 
-    shardsave.restore.engine._Fetcher.verified = slowly  # type: ignore[method-assign, assignment]
+
+def restore(path: str, target: Any, sequential: bool, cap: int | None, observer: Any) -> Any:
+    """Saver().restore(path, target, ...); with an observer, the same steps through restore_leaves,
+    which takes one."""
+    if observer is None:
+        return shardsave.Saver().restore(path, target, restore_sequentially=sequential, max_host_bytes=cap)
+    directory, base, index = open_checkpoint(path)
+    requests, finish = requests_for_target(index, target, False, False, path)
+    values, _ = shardsave.restore.engine.restore_leaves(
+        directory, base, index, requests, budget=cap, sequential=sequential, observer=observer
+    )
+    return finish(values)
 
 
 def main() -> None:
     directory, total_mib, big_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     sequential, cap = sys.argv[4] == "True", None if sys.argv[5] == "None" else int(sys.argv[5])
-    if len(sys.argv) > 6:
-        slow_consumer(float(sys.argv[6]))
+    observer = SlowConsumer(float(sys.argv[6])) if len(sys.argv) > 6 else None
     devices = np.array(jax.devices())
     mesh = Mesh(devices.reshape(2, 4), ("d", "m"))
     other = Mesh(devices.reshape(4, 2), ("d", "m"))
@@ -82,9 +93,7 @@ def main() -> None:
     del tree
     gc.collect()
     trim()  # the saved tree's memory: the restore must not hide its own in it
-    restored, measured = measure(
-        lambda: shardsave.Saver().restore(path, target, restore_sequentially=sequential, max_host_bytes=cap)
-    )
+    restored, measured = measure(lambda: restore(path, target, sequential, cap, observer))
     ok = all(float(restored[k][-1, -1]) == v for k, v in expected.items())
     print(json.dumps({**measured, "ok": ok}))
 
