@@ -185,7 +185,7 @@ def cmd_verify(args: argparse.Namespace, out: Any) -> int:
     shards = sum(len(leaf.shards) for leaf in reader.index.leaves)
     sound = (
         "lengths and crc32c sound"
-        if reader.index.has_checksums
+        if reader.index.checksums.verified
         else "lengths sound (safetensors has no checksums)"
     )
     print(f"OK {args.path}: {_size(total)} in {shards} shards, {sound}", file=out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import crc32c
 import jax
@@ -106,22 +106,97 @@ def shard_checksums(data: np.ndarray, offset: int, nbytes: int, chunk: int) -> t
     return tuple(checksum(data[o : min(o + chunk, end)]) for o in range(offset, end, chunk))
 
 
-def chunk_problem(
-    data: np.ndarray, data_start: int, shard: StoredShard, j: int, chunk: int, verify_crc: bool = True
-) -> str | None:
-    """What is wrong with checksum chunk j of a shard, in data read from data_start; None if sound.
+@dataclass(frozen=True)
+class Checksums:
+    """How a checkpoint's stored bytes are checked, and in what units they are read.
 
-    The one vocabulary of damage, for restores and for verify: a short read is
-    truncation, a checksum mismatch is corruption, both naming the byte range.
+    A closed set of three kinds, each a reader's choice for its format, and the one
+    place that knows their arithmetic (restores, CheckpointReader and verify use it):
+
+    - chunked(C): one CRC-32C per C bytes of each shard (shardsave's format); a read
+      is widened to whole chunks, and each chunk it covers is verified.
+    - per_shard(): one CRC-32C over each whole shard (TensorFlow's tensors); a read
+      of part of a shard still reads all of it, or carries the checksum read by read.
+    - none(C): no checksums (safetensors); only lengths are checked, and reads are
+      planned in C-byte units as if chunked.
+
+    Offsets here are relative to the shard's first byte; unit j of a shard is
+    bytes [j * unit, (j + 1) * unit) of it, the last one possibly shorter.
     """
-    lo = shard.offset + j * chunk
-    hi = min(lo + chunk, shard.offset + shard.nbytes)
-    if hi - data_start > data.size:
-        found = max(0, data.size - (lo - data_start))
-        return f"expected {hi - lo} bytes at offset {lo}, found {found} (the file is truncated)"
-    if verify_crc and checksum(data[lo - data_start : hi - data_start]) != shard.crc32c[j]:
-        return f"crc32c mismatch in bytes {lo}..{hi} (the data is corrupt)"
-    return None
+
+    kind: Literal["chunked", "per_shard", "none"]
+    chunk_bytes: int = 0  # chunked and none: the unit; per_shard: 0 (the unit is the shard)
+
+    @classmethod
+    def chunked(cls, chunk_bytes: int) -> Checksums:
+        return cls("chunked", chunk_bytes)
+
+    @classmethod
+    def per_shard(cls) -> Checksums:
+        return cls("per_shard", 0)
+
+    @classmethod
+    def none(cls, chunk_bytes: int) -> Checksums:
+        return cls("none", chunk_bytes)
+
+    @property
+    def verified(self) -> bool:
+        """Whether stored bytes are checked against checksums (not only their lengths)."""
+        return self.kind != "none"
+
+    @property
+    def whole_shards(self) -> bool:
+        """Whether a shard is one unit (one checksum over it all)."""
+        return self.kind == "per_shard"
+
+    @property
+    def plan_unit(self) -> int:
+        """The unit the pure planners align reads to; 0: the whole shard (per_shard)."""
+        return self.chunk_bytes
+
+    def unit_bytes(self, shard: StoredShard) -> int:
+        return shard.nbytes if self.whole_shards else self.chunk_bytes
+
+    def widen(self, shard: StoredShard, start: int, stop: int) -> tuple[int, int]:
+        """Bytes [start, stop) of a shard widened to whole units."""
+        if self.whole_shards:
+            return 0, shard.nbytes
+        c = self.chunk_bytes
+        return start // c * c, min(-(-stop // c) * c, shard.nbytes)
+
+    def units(self, shard: StoredShard, start: int, stop: int) -> range:
+        """The numbers of the units that bytes [start, stop) of a shard touch."""
+        if self.whole_shards:
+            return range(1)
+        c = self.chunk_bytes
+        return range(start // c, -(-stop // c))
+
+    def count(self, nbytes: int) -> int:
+        """How many checksums a chunked shard of nbytes has (a writer's question)."""
+        return -(-nbytes // self.chunk_bytes) if self.chunk_bytes else 1
+
+    def problem(self, data: np.ndarray, data_start: int, shard: StoredShard, j: int) -> str | None:
+        """What is wrong with unit j of a shard, in data read from file offset data_start.
+
+        The one vocabulary of damage, for restores and for verify: a short read is
+        truncation, a checksum mismatch is corruption, both naming the byte range.
+        None when the unit is sound.
+        """
+        unit = self.unit_bytes(shard)
+        lo = shard.offset + j * unit
+        hi = min(lo + unit, shard.offset + shard.nbytes)
+        if hi - data_start > data.size:
+            found = max(0, data.size - (lo - data_start))
+            return f"expected {hi - lo} bytes at offset {lo}, found {found} (the file is truncated)"
+        if self.verified and checksum(data[lo - data_start : hi - data_start]) != shard.crc32c[j]:
+            return f"crc32c mismatch in bytes {lo}..{hi} (the data is corrupt)"
+        return None
+
+    def describe(self) -> str:
+        """The unit in words, for messages: "whole 4 MiB checksum chunks", "whole tensors (...)"."""
+        if self.whole_shards:
+            return "whole tensors (this checkpoint has one checksum per tensor)"
+        return f"whole {self.chunk_bytes >> 20} MiB checksum chunks"
 
 
 @dataclass(frozen=True)
@@ -175,15 +250,15 @@ class DataFile:
 class Index:
     global_step: int | None
     created: float
-    crc_chunk_bytes: int
+    checksums: Checksums
     files: tuple[DataFile, ...]
     structure: Any
     leaves: tuple[LeafEntry, ...]
     format_version: int  # of the format it was read from (0 where that format has none)
     metrics: dict[str, Any] | None = None  # save(metrics=...): JSON, committed with the checkpoint
     metadata: dict[str, Any] | None = None  # save(metadata=...)
-    # "tensorflow" or "safetensors": another format read through this index (_tf_bundle,
-    # _safetensors); safetensors has no checksums, so only its lengths are checked.
+    # The format's reader that produced it ("shardsave", "tensorflow", "safetensors"): for
+    # what is shown to people; what the records mean never depends on it.
     source: str = "shardsave"
     # False for save(write_state=False): committed, but never to be recorded in a state
     # file, adopted by retention or returned by latest_checkpoint (absent in older indexes).
@@ -192,10 +267,6 @@ class Index:
     # format's reader names it: a restore that loses a data file checks it to tell a
     # checkpoint deleted under it from a damaged one.
     commit_key: str | None = None
-
-    @property
-    def has_checksums(self) -> bool:
-        return self.source != "safetensors"
 
     @property
     def nbytes(self) -> int:

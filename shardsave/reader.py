@@ -14,7 +14,7 @@ from shardsave import tree as _tree
 from shardsave.errors import CorruptCheckpointError
 from shardsave.formats import open_checkpoint
 from shardsave.formats import tf_bundle as _tf_bundle
-from shardsave.index import Box, checksum, chunk_problem, decode_sharding
+from shardsave.index import Box, checksum, decode_sharding
 from shardsave.restore.engine import LeafRequest, restore_leaves
 from shardsave.restore.files import DataFiles
 from shardsave.restore.targets import devices_by_id
@@ -197,8 +197,9 @@ class CheckpointReader:
         problems = []
         files = DataFiles(self._directory, self._base, self.index)
         keys = files.names
-        chunk = self.index.crc_chunk_bytes
-        step = max(chunk, _VERIFY_READ_BYTES // chunk * chunk) if chunk else _VERIFY_READ_BYTES
+        checks = self.index.checksums
+        chunk = checks.chunk_bytes
+        step = _VERIFY_READ_BYTES if checks.whole_shards else max(chunk, _VERIFY_READ_BYTES // chunk * chunk)
         for leaf in self.index.leaves:
             for shard in leaf.shards:
                 where = f"{join(self._directory.path, keys[shard.file])} (leaf {leaf.name!r}, shard {shard.start}..{shard.stop})"
@@ -208,7 +209,9 @@ class CheckpointReader:
                     except (CorruptCheckpointError, OSError) as e:
                         problems.append(str(e))
                     continue
-                if not chunk:  # one checksum of the whole shard (TensorFlow): carried over the reads
+                if (
+                    checks.whole_shards
+                ):  # one checksum of the whole shard (TensorFlow): carried over the reads
                     problem = self._whole_shard_problem(files, shard, progress)
                     if problem:
                         problems.append(f"{where}: {problem}")
@@ -226,12 +229,8 @@ class CheckpointReader:
                     bad = next(
                         (
                             problem
-                            for j in range(lo // chunk, math.ceil(hi / chunk))
-                            if (
-                                problem := chunk_problem(
-                                    data, shard.offset + lo, shard, j, chunk, self.index.has_checksums
-                                )
-                            )
+                            for j in checks.units(shard, lo, hi)
+                            if (problem := checks.problem(data, shard.offset + lo, shard, j))
                         ),
                         None,
                     )

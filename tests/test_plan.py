@@ -18,13 +18,16 @@ import shardsave
 import shardsave.formats.shardsave
 import shardsave.index
 import shardsave.tree
-from shardsave.index import LeafEntry, StoredShard
+from shardsave.index import Checksums, LeafEntry, StoredShard
 from shardsave.restore.engine import DEFAULT_BATCH_BYTES, LeafRequest, _streamed, plan_restore
 from shardsave.restore.reads import plan_reads
 from shardsave.save.plan import plan_save
 
 F32 = np.dtype(np.float32)
 BF16 = np.dtype(jax.numpy.bfloat16)
+
+
+CHUNKED = Checksums.chunked(4 << 20)  # shardsave's own checksum chunks
 
 
 def _stored(shape: tuple[int, ...], rows_per_shard: int, name: str = "w", offset: int = 0) -> LeafEntry:
@@ -123,12 +126,12 @@ def test_a_default_restore_reads_a_large_stored_shard_in_chunk_aligned_pieces(me
     sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",)), P("x"))
     big = _stored((65536, 256), rows_per_shard=65536)  # 64 MiB
     (unit,) = plan_restore(
-        [LeafRequest(big, big.shape, F32, sharding)], 4 << 20, budget=None, sequential=False
+        [LeafRequest(big, big.shape, F32, sharding)], CHUNKED, budget=None, sequential=False
     ).units
     assert [r.nbytes for r in unit.reads] == [16 << 20] * 4
     odd = _stored((8, (5 << 20) // 4 + 1), rows_per_shard=8)  # rows of 5 MiB + 4 bytes
     (unit,) = plan_restore(
-        [LeafRequest(odd, odd.shape, F32, sharding)], 4 << 20, budget=None, sequential=False
+        [LeafRequest(odd, odd.shape, F32, sharding)], CHUNKED, budget=None, sequential=False
     ).units
     assert len(unit.reads) == 1 and unit.reads[0].fills_target
 
@@ -142,7 +145,7 @@ def test_a_cap_shrinks_only_the_reads_that_hold_transient_memory(mesh24):
     big = _stored((65536, 256), rows_per_shard=65536)  # 64 MiB
     for target, dtype, piece in ((sharding, F32, 16 << 20), (None, F32, 8 << 20), (sharding, BF16, 8 << 20)):
         (unit,) = plan_restore(
-            [LeafRequest(big, big.shape, dtype, target)], 4 << 20, budget=64 << 20, sequential=True
+            [LeafRequest(big, big.shape, dtype, target)], CHUNKED, budget=64 << 20, sequential=True
         ).units
         assert [r.nbytes for r in unit.reads] == [piece] * ((64 << 20) // piece), (target, dtype)
 
@@ -150,7 +153,7 @@ def test_a_cap_shrinks_only_the_reads_that_hold_transient_memory(mesh24):
 def test_a_target_laid_out_as_saved_reads_each_stored_shard_whole(mesh24):
     entry = _stored((64, 16), rows_per_shard=8)
     sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("x",)), P("x"))
-    plan = plan_restore([LeafRequest(entry, (64, 16), F32, sharding)], 4 << 20, budget=None, sequential=False)
+    plan = plan_restore([LeafRequest(entry, (64, 16), F32, sharding)], CHUNKED, budget=None, sequential=False)
     assert len(plan.units) == 8
     assert all(len(u.reads) == 1 and u.reads[0].fills_target for u in plan.units)
 
@@ -161,7 +164,7 @@ def test_a_default_restore_of_a_large_tree_reads_in_batches_of_at_most_256_mib(m
     sharding = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("x",)), P("x"))
     entries = [_stored((65536, 256), 8192, f"l{i}", offset=i << 23) for i in range(64)]  # 4 GiB
     requests = [LeafRequest(e, e.shape, F32, sharding) for e in entries]
-    plan = plan_restore(requests, 4 << 20, budget=None, sequential=False)
+    plan = plan_restore(requests, CHUNKED, budget=None, sequential=False)
     assert plan.budget == DEFAULT_BATCH_BYTES == 256 << 20 and plan.ahead == 1
     assert all(sum(u.read_bytes() for u in batch) <= plan.budget for batch in plan.batches)
     assert sum(len(b) for b in plan.batches) == len(plan.units) == 64 * 8
@@ -178,7 +181,7 @@ def test_a_capped_plan_keeps_every_batch_within_the_budget(mesh24, on_devices):
     sharding = NamedSharding(mesh24, P(None, "model")) if on_devices else None  # a column split
     requests = [LeafRequest(e, e.shape, F32, sharding) for e in entries]
     cap = 32 << 20
-    plan = plan_restore(requests, 4 << 20, budget=cap, sequential=True)
+    plan = plan_restore(requests, CHUNKED, budget=cap, sequential=True)
     assert len(plan.batches) > 1 and plan.budget * (plan.ahead + 1) <= cap
     chunk = 4 << 20
     for batch in plan.batches:
@@ -214,7 +217,7 @@ def test_target_boxes_sharing_stored_rows_read_them_once(mesh24):
     sharding = NamedSharding(mesh24, P(None, "model"))
     for budget, sequential in ((None, False), (256 << 20, True), (MIN_CAP, True)):
         request = LeafRequest(entry, entry.shape, F32, sharding)
-        plan = plan_restore([request], 4 << 20, budget=budget, sequential=sequential)
+        plan = plan_restore([request], CHUNKED, budget=budget, sequential=sequential)
         # Each stored byte is asked for by 4 column boxes, and read by one batch only.
         readers: dict[tuple[int, int, int], set[int]] = {}
         for k, batch in enumerate(plan.batches):
@@ -224,7 +227,7 @@ def test_target_boxes_sharing_stored_rows_read_them_once(mesh24):
         assert all(len(batches) == 1 for batches in readers.values()), readers
         if budget == MIN_CAP:  # each box reads 64 MiB: streamed, the 4 boxes as one group
             assert [len(batch) for batch in plan.batches] == [4]
-            assert all(_streamed(u, [request], plan.budget, True, 4 << 20) for u in plan.batches[0])
+            assert all(_streamed(u, [request], plan.budget, True, CHUNKED) for u in plan.batches[0])
 
 
 MIN_CAP = 32 << 20
@@ -232,7 +235,7 @@ MIN_CAP = 32 << 20
 
 def test_a_budget_a_capped_restore_cannot_keep_is_refused_before_reading():
     with pytest.raises(ValueError, match="below the 32 MiB"):
-        plan_restore([], 4 << 20, budget=8 << 20, sequential=True)
+        plan_restore([], CHUNKED, budget=8 << 20, sequential=True)
 
 
 def test_a_listing_groups_a_directorys_keys_by_checkpoint():

@@ -35,7 +35,7 @@ import numpy as np
 from shardsave import tree as _tree
 from shardsave.errors import CheckpointNotFoundError, CorruptCheckpointError
 from shardsave.formats.shardsave import CRC_CHUNK_BYTES
-from shardsave.index import DataFile, Index, LeafEntry, StoredShard, crc_chunks
+from shardsave.index import Checksums, DataFile, Index, LeafEntry, StoredShard, crc_chunks
 from shardsave.storage import open_store
 from shardsave.storage.base import Store, join, location, split_prefix
 
@@ -260,7 +260,7 @@ def safetensors_index(path: str, timeout_s: float) -> tuple[Store, str, Index]:
     index = Index(
         global_step=None,
         created=store.mtime(files[0] if files else base) or 0.0,
-        crc_chunk_bytes=READ_CHUNK_BYTES,
+        checksums=Checksums.none(READ_CHUNK_BYTES),  # the format has none: lengths only
         files=tuple(data_files),
         structure=structure,
         leaves=tuple(leaves),

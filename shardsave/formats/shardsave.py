@@ -22,6 +22,7 @@ from shardsave.index import (
     MAX_BYTES,
     MAX_NDIM,
     MAX_SHARDS_PER_LEAF,
+    Checksums,
     DataFile,
     Index,
     LeafEntry,
@@ -169,7 +170,7 @@ def encode_index(index: Index) -> bytes:
     doc = {
         "global_step": index.global_step,
         "created": index.created,
-        "crc_chunk_bytes": index.crc_chunk_bytes,
+        "crc_chunk_bytes": index.checksums.chunk_bytes,
         "files": [
             {"nbytes": f.nbytes, "device_id": f.device_id, "process_index": f.process_index}
             | ({} if f.parts is None else {"parts": list(f.parts)})
@@ -324,7 +325,7 @@ def _decode(doc: dict[str, Any], version: int) -> Index:
     return Index(
         global_step=step,
         created=float(created),
-        crc_chunk_bytes=chunk,
+        checksums=Checksums.chunked(chunk),
         files=tuple(files),
         structure=structure,
         leaves=tuple(leaves),

@@ -37,7 +37,7 @@ import numpy as np
 from shardsave import tree as _tree
 from shardsave.errors import CorruptCheckpointError
 from shardsave.formats.shardsave import data_key, index_key, step_of
-from shardsave.index import DataFile, Index, LeafEntry, StoredShard, checksum
+from shardsave.index import Checksums, DataFile, Index, LeafEntry, StoredShard, checksum
 
 MAGIC = struct.pack("<Q", 0xDB4775248B80FB57)
 
@@ -397,7 +397,7 @@ def _stored_shards(name: str, tensor: TFTensor, bundle: Bundle) -> tuple[StoredS
 def bundle_index(raw: bytes, where: str, base: str, mtime: float | None) -> Index:
     """A TF checkpoint as an Index: each variable a host leaf of its TF name (a
     partitioned one with a shard per slice), each tensor one whole-tensor checksum
-    (crc_chunk_bytes 0). Tensors JAX cannot hold (strings, ...) are leaves of dtype
+    (Checksums.per_shard). Tensors JAX cannot hold (strings, ...) are leaves of dtype
     object, listed and never restored; the TF2 object graph is left out of the
     structure that a restore without a target returns."""
     bundle = decode_bundle(raw, where)
@@ -430,7 +430,7 @@ def bundle_index(raw: bytes, where: str, base: str, mtime: float | None) -> Inde
     return Index(
         global_step=step_of(base),  # "model.ckpt-7", as save() names it (negative steps too)
         created=mtime or 0.0,
-        crc_chunk_bytes=0,
+        checksums=Checksums.per_shard(),
         files=tuple(DataFile(n, None, 0, key=data_key(base, k, len(ends))) for k, n in enumerate(ends)),
         structure=structure,
         leaves=tuple(leaves),

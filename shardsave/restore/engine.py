@@ -58,12 +58,12 @@ from shardsave import _gc_pause
 from shardsave.errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from shardsave.index import (
     Box,
+    Checksums,
     Index,
     LeafEntry,
     StoredShard,
     box_shape,
     checksum,
-    chunk_problem,
     full_box,
     index_box,
 )
@@ -320,7 +320,7 @@ class _Results:
 def _plan_units(
     requests: list[LeafRequest],
     max_read_bytes: int | None,
-    chunk: int,
+    checks: Checksums,
     on_cpu: _OnCpu,
 ) -> list[_Unit]:
     # Reads that are not a whole stored shard are cut at MAX_SPAN_BYTES too: target
@@ -333,7 +333,7 @@ def _plan_units(
         if req.sharding is None or req.shape != entry.shape:
             # Host targets and reshapes read the whole stored array (or the box asked for) once.
             box = req.box or full_box(entry.shape)
-            unit = _Unit(i, box, plan_reads(entry.shards, box, itemsize, partial_read, chunk))
+            unit = _Unit(i, box, plan_reads(entry.shards, box, itemsize, partial_read, checks.plan_unit))
             if req.sharding is not None:
                 unit.placements.extend((d, tbox) for tbox, d in unique_target_boxes(req.sharding, req.shape))
             units.append(unit)
@@ -347,14 +347,16 @@ def _plan_units(
                 # Reads that land in a buffer a CPU device adopts are the restored
                 # array, not transient memory: a cap does not shrink them.
                 exact = None if _adopted(req, on_cpu) else max_read_bytes
-                reads = _exact_reads(same, itemsize, exact, chunk)
+                reads = _exact_reads(same, itemsize, exact, checks)
             else:
-                reads = plan_reads(entry.shards, tbox, itemsize, partial_read, chunk)
+                reads = plan_reads(entry.shards, tbox, itemsize, partial_read, checks.plan_unit)
             units.append(_Unit(i, tbox, reads, [(devices, None)]))
     return units
 
 
-def _exact_reads(shard: StoredShard, itemsize: int, max_read_bytes: int | None, chunk: int) -> list[Read]:
+def _exact_reads(
+    shard: StoredShard, itemsize: int, max_read_bytes: int | None, checks: Checksums
+) -> list[Read]:
     """The reads of a target box that is exactly a stored shard.
 
     max_read_bytes: a capped restore's read size, for reads that hold transient
@@ -365,24 +367,18 @@ def _exact_reads(shard: StoredShard, itemsize: int, max_read_bytes: int | None, 
     below its speed: README "Performance").
     """
     if max_read_bytes is not None:
-        return exact_reads(shard, itemsize, max_read_bytes, chunk)
-    if chunk and shard.nbytes > MAX_SPAN_BYTES:
-        pieces = exact_reads(shard, itemsize, MAX_SPAN_BYTES, chunk)
-        if all(r.row_start * r.row_bytes % chunk == 0 for r in pieces):
+        return exact_reads(shard, itemsize, max_read_bytes, checks.plan_unit)
+    if not checks.whole_shards and shard.nbytes > MAX_SPAN_BYTES:
+        pieces = exact_reads(shard, itemsize, MAX_SPAN_BYTES, checks.plan_unit)
+        if all(r.row_start * r.row_bytes % checks.chunk_bytes == 0 for r in pieces):
             return pieces
     return exact_reads(shard, itemsize)
 
 
-def _span(read: Read, chunk: int) -> tuple[int, int]:
-    """The read widened to whole checksum chunks, relative to the shard's start.
-
-    chunk 0: one checksum per shard (a TensorFlow tensor), so a batch reads it whole.
-    """
-    if not chunk:
-        return 0, read.shard.nbytes
+def _span(read: Read, checks: Checksums) -> tuple[int, int]:
+    """The read widened to whole checksum units, relative to the shard's start."""
     rel0 = read.row_start * read.row_bytes
-    rel1 = rel0 + read.nbytes
-    return rel0 // chunk * chunk, min(-(-rel1 // chunk) * chunk, read.shard.nbytes)
+    return checks.widen(read.shard, rel0, rel0 + read.nbytes)
 
 
 class Fetcher:
@@ -399,7 +395,7 @@ class Fetcher:
     I/O threads while the caller places arrays; otherwise when the span is first
     used.
 
-    Where a whole stored shard has one checksum (chunk 0: a TensorFlow tensor), a
+    Where a whole stored shard has one checksum (Checksums.per_shard: a TensorFlow tensor), a
     streamed read is not widened to it: the streamed reads of a shard come in
     order, and their checksum is carried from one to the next (`stream`); what a
     restore did not read of such a shard is read at the end (`finish`) to verify it.
@@ -428,13 +424,13 @@ class Fetcher:
         self.observer = observer
         self.allocate = allocate  # host buffers of reads, and of assemblies that are not results
         self.index = index
-        self.chunk = index.crc_chunk_bytes
+        self.checks = index.checksums
         self.names = names  # id(StoredShard) -> leaf name, for error messages
         self.files = DataFiles(directory, base, index)
         self._running: dict[int, list[Any]] = {}  # id(shard) -> [shard, bytes verified so far, their crc]
 
     def absolute_span(self, read: Read) -> tuple[int, int]:
-        a, b = _span(read, self.chunk)
+        a, b = _span(read, self.checks)
         return read.shard.offset + a, read.shard.offset + b
 
     def _read(
@@ -448,8 +444,8 @@ class Fetcher:
         allocate = allocate or self.allocate
         chunks = {}  # (shard, chunk number) of every chunk the reads touch, once each
         for read in reads:
-            a, b = _span(read, self.chunk)
-            for j in range(a // self.chunk, -(-b // self.chunk)) if self.chunk else (0,):
+            a, b = _span(read, self.checks)
+            for j in self.checks.units(read.shard, a, b):
                 chunks[id(read.shard), j] = read.shard
         check = functools.partial(self._check, start, [(shard, j) for (_, j), shard in chunks.items()])
         if end - start < len(chunks) * MIN_THREAD_CHECK_BYTES:
@@ -463,9 +459,7 @@ class Fetcher:
     def _check(self, start: int, chunks: list[tuple[StoredShard, int]], data: np.ndarray) -> np.ndarray:
         """Verifies the length and crc32c of each chunk in a span's data (read from `start`)."""
         for shard, j in chunks:
-            problem = chunk_problem(
-                data, start, shard, j, self.chunk or shard.nbytes, self.index.has_checksums
-            )
+            problem = self.checks.problem(data, start, shard, j)
             if problem is not None:
                 raise CorruptCheckpointError(f"{self._where(shard)}: {problem}")
         return data
@@ -538,11 +532,11 @@ class Fetcher:
         return rest
 
     def stream(self, read: Read, into: np.ndarray | None = None) -> _Span:
-        """Starts one read of a streamed unit (it holds _held(read, chunk) bytes), into
+        """Starts one read of a streamed unit (it holds _held(read, checks) bytes), into
         its destination's bytes where given (see issue)."""
         if self.observer is not None:
             self.observer.on_read((read,), streamed=True)
-        if self.chunk:
+        if not self.checks.whole_shards:
             return self._start_reads([read], None if into is None else lambda _: into)[id(read)]
         rel = read.row_start * read.row_bytes
         start = read.shard.offset + rel
@@ -639,7 +633,7 @@ class RestorePlan:
 
 def plan_restore(
     requests: list[LeafRequest],
-    crc_chunk_bytes: int,
+    checks: Checksums,
     *,
     budget: int | None,
     sequential: bool,
@@ -650,7 +644,7 @@ def plan_restore(
 
     Args:
       requests: the leaves to restore.
-      crc_chunk_bytes: the checkpoint's checksum chunk (0: one checksum per shard).
+      checks: how the checkpoint's bytes are checked (Index.checksums): the unit reads cover.
       budget: the host bytes the restore may hold (max_host_bytes); None: the default.
       sequential: restore_sequentially: keep host memory within the budget.
       placement: the path each leaf takes onto its devices.
@@ -667,16 +661,11 @@ def plan_restore(
     if sequential:
         # A read covers whole checksum chunks, and a batch holds reads of up to a quarter
         # of its budget: below two chunks per quarter a budget cannot be kept.
-        least = max(min_sequential_bytes, 8 * crc_chunk_bytes)
+        least = max(min_sequential_bytes, 8 * checks.chunk_bytes)
         if budget is not None and budget < least:
-            unit = (
-                f"whole {crc_chunk_bytes >> 20} MiB checksum chunks"
-                if crc_chunk_bytes
-                else "whole tensors (this checkpoint has one checksum per tensor)"
-            )
             raise ValueError(
                 f"max_host_bytes={budget} is below the {least >> 20} MiB that restore_sequentially needs "
-                f"for this checkpoint: every read is verified in {unit}, and a batch holds a quarter "
+                f"for this checkpoint: every read is verified in {checks.describe()}, and a batch holds a quarter "
                 f"of the budget in reads; pass at least max_host_bytes={least}"
             )
         budget = budget or least
@@ -695,8 +684,8 @@ def plan_restore(
         restored = sum(math.prod(r.shape) * r.dtype.itemsize for r in requests)
         budget = budget or min(DEFAULT_BATCH_BYTES, max(MIN_SEQUENTIAL_BYTES, restored // 4))
         max_read = None
-    units = _plan_units(requests, max_read, crc_chunk_bytes, on_cpu)
-    planned = list(_batches(units, requests, budget, sequential, crc_chunk_bytes, on_cpu))
+    units = _plan_units(requests, max_read, checks, on_cpu)
+    planned = list(_batches(units, requests, budget, sequential, checks, on_cpu))
     streamed = frozenset(k for k, (_, stream) in enumerate(planned) if stream)
     return RestorePlan(units, [batch for batch, _ in planned], streamed, budget, ahead)
 
@@ -736,7 +725,7 @@ def restore_leaves(
     began = time.perf_counter()
     plan = plan_restore(
         requests,
-        index.crc_chunk_bytes,
+        index.checksums,
         budget=budget,
         sequential=sequential,
         placement=placement,
@@ -819,7 +808,7 @@ def _streamed(
     requests: list[LeafRequest],
     budget: int,
     sequential: bool,
-    chunk: int,
+    checks: Checksums,
     chunks: dict[tuple[int, int], int] | None = None,
     on_cpu: _OnCpu = _on_cpu,
 ) -> bool:
@@ -837,24 +826,26 @@ def _streamed(
     if req.sharding is None or req.shape != req.entry.shape:
         return False
     if on_cpu(req.sharding):
-        return sequential and sum((_chunks(unit, chunk) if chunks is None else chunks).values()) > budget
-    # One checksum per shard (chunk 0): a batch would read whole shards.
-    read = unit.read_bytes() if chunk else sum((_chunks(unit, chunk) if chunks is None else chunks).values())
+        return sequential and sum((_chunks(unit, checks) if chunks is None else chunks).values()) > budget
+    # With one checksum per shard a batch would read whole shards.
+    if checks.whole_shards:
+        read = sum((_chunks(unit, checks) if chunks is None else chunks).values())
+    else:
+        read = unit.read_bytes()
     return max(unit.assembly_bytes(req.entry.dtype.itemsize), read) > budget // 2
 
 
-def _chunks(unit: _Unit, chunk: int) -> dict[tuple[int, int], int]:
-    """The checksum chunks the unit's reads cover (a read is widened to them): key -> bytes."""
+def _chunks(unit: _Unit, checks: Checksums) -> dict[tuple[int, int], int]:
+    """The checksum units the unit's reads cover (a read is widened to them): key -> bytes."""
     covered = {}
     for read in unit.reads:
-        if not chunk:  # one checksum per shard: a batch reads the shard whole
+        if checks.whole_shards:  # a batch reads the shard whole
             covered[read.shard.file, read.shard.offset] = read.shard.nbytes
             continue
-        a, b = _span(read, chunk)
-        for j in range(a // chunk, -(-b // chunk)):
-            covered[read.shard.file, read.shard.offset + j * chunk] = min(
-                chunk, read.shard.nbytes - j * chunk
-            )
+        c = checks.chunk_bytes
+        a, b = _span(read, checks)
+        for j in checks.units(read.shard, a, b):
+            covered[read.shard.file, read.shard.offset + j * c] = min(c, read.shard.nbytes - j * c)
     return covered
 
 
@@ -863,7 +854,7 @@ def _batches(
     requests: list[LeafRequest],
     budget: int,
     sequential: bool,
-    chunk: int,
+    checks: Checksums,
     on_cpu: _OnCpu,
 ) -> Iterator[tuple[list[_Unit], bool]]:
     """Consecutive units whose host bytes fit the budget: what they read, each chunk
@@ -880,8 +871,8 @@ def _batches(
     streaming: list[_Unit] = []  # a group of streamed units
     streamed_chunks: set[tuple[int, int]] = set()
     for unit in units:
-        chunks = _chunks(unit, chunk)
-        if _streamed(unit, requests, budget, sequential, chunk, chunks, on_cpu):
+        chunks = _chunks(unit, checks)
+        if _streamed(unit, requests, budget, sequential, checks, chunks, on_cpu):
             if batch:
                 yield batch, False
                 batch, held, used = [], {}, 0
@@ -1056,7 +1047,7 @@ def _read_ahead(
     def room(read: Read) -> bool:
         if lands(read):
             return landing + read.nbytes <= DEFAULT_INFLIGHT_BYTES
-        return held + _held(read, fetcher.chunk) <= limit
+        return held + _held(read, fetcher.checks) <= limit
 
     while waiting or in_flight:
         while waiting and (not in_flight or room(waiting[0])):
@@ -1065,7 +1056,7 @@ def _read_ahead(
             if adopted and span.direct:
                 in_flight.append((read, span, 0, read.nbytes))
             else:
-                in_flight.append((read, span, _held(read, fetcher.chunk), 0))
+                in_flight.append((read, span, _held(read, fetcher.checks), 0))
             held += in_flight[-1][2]
             landing += in_flight[-1][3]
         read, span, transient, landed = in_flight.popleft()
@@ -1075,12 +1066,12 @@ def _read_ahead(
         landing -= landed
 
 
-def _held(read: Read, chunk: int) -> int:
+def _held(read: Read, checks: Checksums) -> int:
     """The bytes a streamed read holds: its checksum chunks, or itself where a shard has
     one checksum (see Fetcher.stream)."""
-    if not chunk:
+    if checks.whole_shards:
         return read.nbytes
-    a, b = _span(read, chunk)
+    a, b = _span(read, checks)
     return b - a
 
 

@@ -31,7 +31,15 @@ from shardsave.formats.shardsave import (
     index_key,
     split_parts,
 )
-from shardsave.index import DataFile, Index, LeafEntry, StoredShard, encode_sharding, shard_checksums
+from shardsave.index import (
+    Checksums,
+    DataFile,
+    Index,
+    LeafEntry,
+    StoredShard,
+    encode_sharding,
+    shard_checksums,
+)
 from shardsave.save.coordination import Coordinator, decode_reports, encode_report
 from shardsave.save.plan import SavePlan
 from shardsave.storage.base import PendingFile, Store
@@ -77,7 +85,7 @@ def build_index(
     return Index(
         step,
         created,
-        chunk,
+        Checksums.chunked(chunk),
         files,
         structure,
         leaves,
