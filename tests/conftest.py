@@ -24,6 +24,7 @@ import pytest
 import shardsave
 import shardsave.storage
 import shardsave.storage.local
+from shardsave.storage.testing import Counts
 
 
 @pytest.fixture
@@ -33,8 +34,10 @@ def mesh24():
 
 @pytest.fixture
 def io_stats():
-    shardsave.storage.STATS.reset()
-    return shardsave.storage.STATS
+    """What every store the test opens reads and writes, added up (storage.testing.Counts)."""
+    counts = Counts()
+    with shardsave.storage.wrapping_stores(counts.wrap):
+        yield counts
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 
 from shardsave.errors import CheckpointNotFoundError
 from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S as DEFAULT_STORAGE_TIMEOUT_S
-from shardsave.storage.base import STATS as STATS
 from shardsave.storage.base import TEMP_MARK as TEMP_MARK
 from shardsave.storage.base import IOStats as IOStats
 from shardsave.storage.base import Lock as Lock

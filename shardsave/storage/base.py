@@ -22,7 +22,7 @@ import posixpath
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
@@ -51,21 +51,33 @@ DEFAULT_STORAGE_TIMEOUT_S = 300.0  # the deadline of one storage operation unles
 
 @dataclass
 class IOStats:
-    """Bytes moved through the storage layer; tests use it to prove what was read."""
+    """Bytes moved through one store (Store.stats); storage.testing.Counts adds them up.
+
+    Updated from the I/O threads, so every change takes the lock.
+    """
 
     bytes_read: int = 0
     reads: int = 0
     bytes_written: int = 0
-    bytes_read_uncached: int = 0  # of bytes_read, read with O_DIRECT (see _read_uncached)
+    bytes_read_uncached: int = 0  # of bytes_read, read with O_DIRECT (see local._read_uncached)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_read(self, nbytes: int) -> None:
+        with self._lock:
+            self.reads += 1
+            self.bytes_read += nbytes
+
+    def add_written(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_written += nbytes
+
+    def add_uncached(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_read_uncached += nbytes
 
     def reset(self) -> None:
-        self.bytes_read = self.reads = self.bytes_written = self.bytes_read_uncached = 0
-
-
-STATS = IOStats()
-
-
-_stats_lock = threading.Lock()
+        with self._lock:
+            self.bytes_read = self.reads = self.bytes_written = self.bytes_read_uncached = 0
 
 
 # Marks the temporary file of a local write in progress: "<key>.tmp-<random>".
@@ -228,11 +240,12 @@ class Store(Protocol):
     Keys are names inside it. A value is written whole and is either absent or
     complete; reads of a missing key report it (read_all: None; read_range:
     FileNotFoundError from result()). Every wait has the store's deadline.
-    tests/test_stores.py holds every implementation to this contract.
+    storage.testing.StoreTests holds every implementation to this contract.
     """
 
     path: str  # the location, as shardsave shows it ("ckpt", "s3://bucket/run1")
     timeout_s: float
+    stats: IOStats  # this store's own counts of what it read and wrote
 
     @property
     def is_local(self) -> bool:
@@ -314,12 +327,6 @@ class _Done(Generic[T_co]):
 
     def result(self) -> T_co:
         return self._value
-
-
-def _count_read(nbytes: int) -> None:
-    with _stats_lock:
-        STATS.reads += 1
-        STATS.bytes_read += nbytes
 
 
 @dataclass

@@ -17,11 +17,9 @@ from shardsave.storage.base import (
     _KVSTORES,
     _REMOTE_CONTEXT,
     DEFAULT_STORAGE_TIMEOUT_S,
-    STATS,
+    IOStats,
     Pending,
-    _count_read,
     _spec,
-    _stats_lock,
     join,
 )
 from shardsave.storage.buffers import aligned_empty
@@ -106,6 +104,7 @@ class TensorstoreStore:
     def __init__(self, directory: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S):
         self.path = directory
         self.timeout_s = timeout_s
+        self.stats = IOStats()  # this store's reads and writes (storage.testing.Counts adds them up)
         if directory.startswith(_KVSTORE_SCHEME):  # a KvStore given as a location
             number, _, path = directory[len(_KVSTORE_SCHEME) :].partition("://")
             self._kv = _KVSTORES[int(number)].copy()
@@ -142,21 +141,20 @@ class TensorstoreStore:
         then: Callable[[np.ndarray], np.ndarray] | None = None,
         allocate: Callable[[int], np.ndarray] = aligned_empty,
     ) -> Pending[np.ndarray]:
-        _count_read(stop - start)
+        self.stats.add_read(stop - start)
         return _ReadResult(self._kv, key, start, stop, then, self._where(key), self.timeout_s)
 
     def read_all(self, key: str) -> bytes | None:
         result = _wait(self._kv.read(key), f"reading {self._where(key)}", self.timeout_s)
         if result.state != "value":
             return None
-        _count_read(len(result.value))
+        self.stats.add_read(len(result.value))
         return bytes(result.value)
 
     def write(self, key: str, data: bytes | memoryview, *, publish: bool = True) -> Pending[Any]:
         if not publish:
             raise ValueError("publish=False needs a local directory")
-        with _stats_lock:
-            STATS.bytes_written += len(data)
+        self.stats.add_written(len(data))
         value = data if isinstance(data, bytes) else bytes(data)  # tensorstore takes bytes only
         return _StoreFuture(self._kv.write(key, value), f"writing {self._where(key)}", self.timeout_s)
 

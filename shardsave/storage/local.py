@@ -35,15 +35,13 @@ from shardsave._threads import Pool
 from shardsave.errors import ConcurrentSaveError
 from shardsave.storage.base import (
     DEFAULT_STORAGE_TIMEOUT_S,
-    STATS,
     TEMP_MARK,
+    IOStats,
     Pending,
     PendingFile,
     Store,
-    _count_read,
     _Done,
     _Local,
-    _stats_lock,
     join,
 )
 from shardsave.storage.buffers import DIRECT_IO_ALIGNMENT, MIN_UNCACHED_READ_BYTES, aligned_empty
@@ -77,6 +75,7 @@ class LocalStore:
     def __init__(self, directory: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S):
         self.path = directory
         self.timeout_s = timeout_s
+        self.stats = IOStats()  # this store's reads and writes (storage.testing.Counts adds them up)
         root = directory[len("file://") :] if directory.startswith("file://") else directory
         self._root = os.path.abspath(root)
 
@@ -91,8 +90,8 @@ class LocalStore:
         then: Callable[[np.ndarray], np.ndarray] | None = None,
         allocate: Callable[[int], np.ndarray] = aligned_empty,
     ) -> Pending[np.ndarray]:
-        _count_read(stop - start)
-        future = _IO.submit(_pread, self.local_path(key), start, stop, then, allocate)
+        self.stats.add_read(stop - start)
+        future = _IO.submit(_pread, self.local_path(key), start, stop, then, allocate, self.stats)
         return _Local(future, f"reading {self.local_path(key)}", self.timeout_s)
 
     def read_all(self, key: str) -> bytes | None:
@@ -101,12 +100,11 @@ class LocalStore:
                 data = f.read()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
-        _count_read(len(data))
+        self.stats.add_read(len(data))
         return data
 
     def write(self, key: str, data: bytes | memoryview, *, publish: bool = True) -> Pending[Any]:
-        with _stats_lock:
-            STATS.bytes_written += len(data)
+        self.stats.add_written(len(data))
         path = self.local_path(key)
         done: Future[Any] = Future()
         finish = _sync_and_rename if publish else _sync_only
@@ -377,6 +375,7 @@ def _pread(
     stop: int,
     then: Callable[[np.ndarray], np.ndarray] | None,
     allocate: Callable[[int], np.ndarray],
+    stats: IOStats,
 ) -> np.ndarray:
     out = allocate(stop - start)
     fd = os.open(path, os.O_RDONLY)
@@ -389,6 +388,7 @@ def _pread(
             and _uncached(fd, start, out.size)
         ):
             done = _read_uncached(fd, out[: out.size // DIRECT_IO_ALIGNMENT * DIRECT_IO_ALIGNMENT], start)
+            stats.add_uncached(done)
         while done < out.size:
             n = os.preadv(fd, [cast(Any, out[done:])], start + done)
             if n == 0:  # end of file: the caller sees a short array
@@ -511,6 +511,4 @@ def _read_uncached(fd: int, out: np.ndarray, start: int) -> int:
         _no_direct_reads(fd)
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-    with _stats_lock:
-        STATS.bytes_read_uncached += done
     return done

@@ -1,4 +1,4 @@
-"""A test kit for every Store: the contract suite, a counting store, fault wrappers.
+"""A test kit for every Store: the contract suite, counts of what stores read, fault wrappers.
 
 As zarr-python's `zarr.testing.store.StoreTests`: a backend's tests subclass
 StoreTests and give it a `store` fixture (an empty store); every method then
@@ -48,53 +48,53 @@ class WrappedStore:
         return getattr(self.inner, name)
 
 
-class CountingStore(WrappedStore):
-    """Counts what passes through it: reads, bytes read, bytes written (into a shared Counts)."""
-
-    def __init__(self, inner: Store, counts: Counts):
-        super().__init__(inner)
-        self.counts = counts
-
-    def read_range(self, key: str, start: int, stop: int, *args: Any, **kwargs: Any) -> Pending[Any]:
-        self.counts.add_read(stop - start)
-        return self.inner.read_range(key, start, stop, *args, **kwargs)
-
-    def read_all(self, key: str) -> bytes | None:
-        data = self.inner.read_all(key)
-        self.counts.add_read(0 if data is None else len(data))
-        return data
-
-    def write(self, key: str, data: Any, **options: Any) -> Pending[Any]:
-        self.counts.add_written(len(data))
-        return self.inner.write(key, data, **options)
-
-
 class Counts:
-    """What every CountingStore made by wrap() has seen, added up (thread-safe).
+    """What every store opened while `wrap` is active has read and written, added up.
 
-    Example:
-      with shardsave.storage.wrapping_stores(counts.wrap): ...; counts.bytes_read
+    Each store counts for itself (Store.stats); this keeps the stores it saw and
+    sums their counts. The `io_stats` fixture of shardsave's tests is one:
+
+        counts = Counts()
+        with shardsave.storage.wrapping_stores(counts.wrap):
+            ...  # a restore
+        counts.bytes_read
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.reads = self.bytes_read = self.bytes_written = 0
+        self._stores: list[Store] = []
 
     def wrap(self, store: Store) -> Store:
-        return CountingStore(store, self)
-
-    def add_read(self, nbytes: int) -> None:
         with self._lock:
-            self.reads += 1
-            self.bytes_read += nbytes
+            self._stores.append(store)
+        return store
 
-    def add_written(self, nbytes: int) -> None:
+    def _sum(self, name: str) -> int:
         with self._lock:
-            self.bytes_written += nbytes
+            return sum(getattr(store.stats, name) for store in self._stores)
+
+    @property
+    def reads(self) -> int:
+        return self._sum("reads")
+
+    @property
+    def bytes_read(self) -> int:
+        return self._sum("bytes_read")
+
+    @property
+    def bytes_written(self) -> int:
+        return self._sum("bytes_written")
+
+    @property
+    def bytes_read_uncached(self) -> int:
+        """Of bytes_read, those read past the page cache (O_DIRECT, local stores)."""
+        return self._sum("bytes_read_uncached")
 
     def reset(self) -> None:
+        """Starts counting from zero (stores opened before keep being counted)."""
         with self._lock:
-            self.reads = self.bytes_read = self.bytes_written = 0
+            for store in self._stores:
+                store.stats.reset()
 
 
 class FullDisk(WrappedStore):
