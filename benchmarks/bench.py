@@ -633,7 +633,7 @@ def touch_free_memory(nbytes: int) -> None:
     A VM with free page reporting (virtio-balloon; this project's Firecracker VMs)
     hands memory that is free when the reporting runs (every few seconds) back to
     its host, and faulting it in again costs the guest many times what memory
-    freed just before does (benchmarks/fresh_memory.py; README "Performance").
+    freed just before does (benchmarks/fresh_memory.py; docs/guides/performance.md).
     Without this, a restore's time depended on how long before it the previous
     one had freed its results: on the order of the rows, not on the tool.
     """

@@ -9,7 +9,7 @@ reporting, as this project's Firecracker VMs have), memory that is free when
 the reporting runs (every few seconds) goes back to the host, and touching it
 again costs many times more; on bare metal every touch costs about the same.
 Every restore's results are new memory, so this decides what a restore costs
-after a pause (README "Performance").
+after a pause (docs/guides/performance.md and benchmarks/NOTES.md).
 """
 
 from __future__ import annotations

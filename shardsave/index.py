@@ -29,7 +29,7 @@ def checksum(data: Any, value: int = 0) -> int:
 
     The crc32c package releases the GIL while it computes. google-crc32c 1.9 holds
     it (googleapis/google-cloud-python#16923), so an async commit's checksums
-    would stall the training thread; README "Storage" has the measurement.
+    would stall the training thread; docs/guides/storage.md has the measurement.
     """
     return int(crc32c.crc32c(data, value))
 

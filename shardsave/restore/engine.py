@@ -78,8 +78,8 @@ MAX_SPAN_BYTES = 16 << 20
 
 
 # A default restore's batches hold at most this many bytes, and two are in flight at
-# once. Larger batches read a cold disk more slowly (README "Performance") and hold
-# more transient memory on accelerators.
+# once. Larger batches read a cold disk more slowly (docs/guides/performance.md and
+# benchmarks/NOTES.md) and hold more transient memory on accelerators.
 DEFAULT_BATCH_BYTES = 256 << 20
 
 
@@ -364,7 +364,7 @@ def _exact_reads(
     MAX_SPAN_BYTES is read in such pieces where they can be cut on its checksum
     chunks: each then lands in the shard's buffer directly, and the pieces of one
     file are read in parallel (one read per large file kept a cold disk well
-    below its speed: README "Performance").
+    below its speed: docs/guides/performance.md).
     """
     if max_read_bytes is not None:
         return exact_reads(shard, itemsize, max_read_bytes, checks.plan_unit)

@@ -3,7 +3,7 @@
 Each data file is staged in one host buffer, filled by one copy per shard; the
 files are filled in parallel. The buffers are kept and refilled by the next save
 of the same plan, because a fresh allocation first touches every page, which
-costs more than the copy itself (README "Performance": the first save).
+costs more than the copy itself (docs/guides/performance.md, the first save).
 Transparent huge pages are not requested. They fault in faster where memory is
 plentiful, but a VM that hands free memory back to its host (free page
 reporting, as on the benchmark's VM) hands out huge pages from exactly that

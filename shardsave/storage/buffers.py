@@ -11,7 +11,7 @@ import numpy as np
 
 # A local read of at least this many bytes that the page cache holds none of is read
 # with O_DIRECT, straight from the disk into its buffer, where offset, length and
-# buffer allow: no CPU copies it out of the page cache (README "Storage").
+# buffer allow: no CPU copies it out of the page cache (docs/guides/storage.md).
 MIN_UNCACHED_READ_BYTES = 1 << 20
 
 
