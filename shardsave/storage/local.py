@@ -306,8 +306,6 @@ class _Hold:
 # description, so a second open of the same file in this process would be refused
 # like another process: a claim inside the process is handed over here instead.
 _holds: dict[str, _Hold] = {}
-
-
 _holds_lock = threading.Lock()
 _serials = itertools.count(1)
 
