@@ -25,6 +25,7 @@ from shardsave import tree as _tree
 from shardsave.errors import CheckpointExistsError, SaveFailedError, ShardsaveError, StorageError
 from shardsave.formats import open_checkpoint
 from shardsave.formats.shardsave import (
+    CRC_CHUNK_BYTES,
     DEFAULT_PART_BYTES,
     checkpoint_name,
     index_key,
@@ -43,10 +44,11 @@ from shardsave.restore.engine import restore_leaves
 from shardsave.restore.shared import lay_out, plan_shared_reads
 from shardsave.restore.targets import requests_for_saved, requests_for_target
 from shardsave.save.background import BackgroundCommits
-from shardsave.save.commit import PendingSave, commit, prepare_overwrite
+from shardsave.save.commit import PendingSave, Staged, commit, prepare_overwrite
 from shardsave.save.coordination import Coordinator
 from shardsave.save.plan import PlanCache, SavePlan, leaf_spec, step_number
 from shardsave.save.stage import StagingBuffer, snapshot_on_device, stage
+from shardsave.save.stream import MIN_SAVE_HOST_BYTES, Ring, stream
 from shardsave.storage import open_prefix
 from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Lock, Store, location, split_prefix
 
@@ -141,6 +143,15 @@ class Saver:
         copy of the shards made on their own devices (which needs that much free
         device memory until the save commits); the device-to-host transfer then
         runs in the background. On CPU devices it changes nothing but the timing.
+      save_host_bytes: the most host memory a save holds at once beyond the arrays
+        themselves (staging buffers, writes in flight), at least 8 MiB. The shards
+        then stream from the devices through buffers of that much in all, which are
+        kept between saves and made (in the background) when the Saver is; each
+        data file is written in numbered parts of one buffer each. An async save
+        returns once every shard has been copied into them, that is once what is
+        still unwritten fits in the cap (with snapshot_on_device, once the
+        on-device copies are made). None (the default) stages each save in one host
+        copy of everything this process writes, kept for the next save.
       clock: the time source for timestamps and keep_checkpoint_every_n_hours.
       part_bytes: the largest object written; a device's data beyond it is split into
         numbered parts (the default, 4 GiB, stays below S3's 5 GiB single-PUT limit).
@@ -190,6 +201,7 @@ class Saver:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         storage_timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S,
         snapshot_on_device: bool = False,
+        save_host_bytes: int | None = None,
         clock: Callable[[], float] = time.time,
         part_bytes: int = DEFAULT_PART_BYTES,
         share_reads: bool | None = None,
@@ -211,6 +223,12 @@ class Saver:
             raise ValueError(f"max_host_bytes must be positive, found {max_host_bytes}")
         if part_bytes < 1:
             raise ValueError(f"part_bytes must be positive, found {part_bytes}")
+        if save_host_bytes is not None and save_host_bytes < MIN_SAVE_HOST_BYTES:
+            raise ValueError(
+                f"save_host_bytes must be None or at least {MIN_SAVE_HOST_BYTES >> 20} MiB, "
+                f"found {save_host_bytes}"
+            )
+        self.save_host_bytes = save_host_bytes
         self.part_bytes = part_bytes
         self.share_reads = share_reads
         if save_interval_steps is not None and save_interval_steps < 1:
@@ -247,6 +265,11 @@ class Saver:
         self._plans = PlanCache(_PLAN_CACHE_SIZE)
         # Host buffers of the last plan saved, refilled by the next save of that plan.
         self._staging: tuple[SavePlan | None, dict[int, StagingBuffer]] = (None, {})
+        # A capped save's buffers instead, touched now so that the first save is as fast as the next.
+        self._ring: Ring | None = None
+        if save_host_bytes is not None:
+            self._ring = Ring(save_host_bytes)
+            self._ring.start_warming()
         self._retention: dict[str, Retention] = {}
         self._locks: dict[tuple[str, str], Lock] = {}
         self._last_directory: str | None = None
@@ -455,16 +478,20 @@ class Saver:
             replace_local = prepare_overwrite(directory, base, prefix, key, self._coordinator)
 
         plan = self._plans.plan(specs, self.sharded)
-        if self._staging[0] is not plan:
-            self._staging = (plan, {})
-        buffers, pid = self._staging[1], jax.process_index()
-        staged: dict[int, bytes] | Callable[[], dict[int, bytes]]
-        if self.snapshot_on_device and self.async_save:
-            # Block only for on-device copies; the transfer to the host runs in the background.
-            copies, host_leaves = snapshot_on_device(plan, leaves, pid)
-            staged = partial(stage, plan, host_leaves, pid, buffers, copies)
+        pid = jax.process_index()
+        staged: Staged
+        if self._ring is not None:
+            staged = self._stream(plan, leaves, pid, directory, base, prefix, not replace_local)
         else:
-            staged = stage(plan, leaves, pid, buffers)
+            if self._staging[0] is not plan:
+                self._staging = (plan, {})
+            buffers = self._staging[1]
+            if self.snapshot_on_device and self.async_save:
+                # Block only for on-device copies; the transfer to the host runs in the background.
+                copies, host_leaves = snapshot_on_device(plan, leaves, pid)
+                staged = partial(stage, plan, host_leaves, pid, buffers, copies)
+            else:
+                staged = stage(plan, leaves, pid, buffers)
         nbytes = sum(f.nbytes for f in plan.files if f.process_index == pid)
         pending = PendingSave(
             directory=directory,
@@ -507,6 +534,41 @@ class Saver:
             except Exception as e:
                 raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         return prefix
+
+    def _stream(
+        self,
+        plan: SavePlan,
+        leaves: list[Any],
+        pid: int,
+        directory: Store,
+        base: str,
+        prefix: str,
+        publish: bool,
+    ) -> Staged:
+        """A capped save's data: streamed now, or (snapshot_on_device) from device copies later."""
+        assert self._ring is not None
+        ring, part_bytes = self._ring, self.part_bytes
+        if self.snapshot_on_device and self.async_save:
+            copies, host_leaves = snapshot_on_device(plan, leaves, pid)
+            return partial(
+                stream,
+                plan,
+                host_leaves,
+                pid,
+                directory,
+                base,
+                ring,
+                CRC_CHUNK_BYTES,
+                part_bytes,
+                publish,
+                copies,
+            )
+        try:
+            return stream(plan, leaves, pid, directory, base, ring, CRC_CHUNK_BYTES, part_bytes, publish)
+        except SaveFailedError:
+            raise
+        except Exception as e:
+            raise SaveFailedError(f"saving {prefix} failed while streaming its data: {e}") from e
 
     def _lock(self, directory: Store, stem: str) -> Lock | None:
         """Holds the save path for this Saver's life (see Store.lock).
@@ -593,6 +655,8 @@ class Saver:
             self._commits.close()
         finally:
             self._staging = (None, {})
+            if self._ring is not None:
+                self._ring.close()
             self._policy.close()
             for lock in self._locks.values():
                 lock.release()

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 
@@ -24,7 +24,6 @@ from shardsave.formats.shardsave import (
     FORMAT_VERSION,
     INDEX_SUFFIX,
     Listing,
-    data_key,
     data_keys,
     decode_index,
     encode_index,
@@ -42,6 +41,7 @@ from shardsave.index import (
 )
 from shardsave.save.coordination import Coordinator, decode_reports, encode_report
 from shardsave.save.plan import SavePlan
+from shardsave.save.stream import Streamed
 from shardsave.storage.base import PendingFile, Store
 from shardsave.storage.local import sync_directory
 
@@ -58,8 +58,12 @@ def build_index(
     metrics: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
     recorded: bool = True,
+    parts: dict[int, tuple[int, ...] | None] | None = None,
 ) -> Index:
-    """The index of a saved plan: each planned shard with its file, offset and checksums."""
+    """The index of a saved plan: each planned shard with its file, offset and checksums.
+
+    parts: the part sizes of the files written in parts other than part_bytes' (a capped save's).
+    """
     shards: list[list[StoredShard]] = [[] for _ in plan.leaves]
     for k, f in enumerate(plan.files):
         for shard, crc in zip(f.shards, crcs[k]):
@@ -79,8 +83,13 @@ def build_index(
         for spec, s in zip(plan.leaves, shards)
     )
     files = tuple(
-        DataFile(f.nbytes, f.device_id, f.process_index, split_parts(f.nbytes, part_bytes))
-        for f in plan.files
+        DataFile(
+            f.nbytes,
+            f.device_id,
+            f.process_index,
+            parts[k] if parts is not None and k in parts else split_parts(f.nbytes, part_bytes),
+        )
+        for k, f in enumerate(plan.files)
     )
     return Index(
         step,
@@ -109,16 +118,34 @@ def encode_checked(index: Index, where: str) -> bytes:
     return raw
 
 
-def write_data_file(
-    directory: Store, base: str, k: int, n: int, data: bytes, parts: tuple[int, ...] | None, publish: bool
-) -> list[Any]:
-    """Starts writing data file k (its parts, if any); returns one future per object."""
-    if parts is None:
-        return [directory.write(data_key(base, k, n), data, publish=publish)]
-    view = memoryview(data)
-    keys = data_keys(base, k, n, parts)
-    starts = [0, *accumulate(parts)]
-    return [directory.write(key, view[a:b], publish=publish) for key, a, b in zip(keys, starts, starts[1:])]
+def start_writes(
+    directory: Store,
+    base: str,
+    plan: SavePlan,
+    staged: dict[int, bytes],
+    chunk: int,
+    part_bytes: int,
+    publish: bool,
+) -> Streamed:
+    """Starts writing each staged data file (in parts beyond part_bytes), and checksums them."""
+    n = len(plan.files)
+    parts = {k: split_parts(len(data), part_bytes) for k, data in staged.items()}
+    streamed = Streamed([], parts, {}, [])
+    for k, data in staged.items():
+        keys = data_keys(base, k, n, parts[k])
+        starts = [0, *accumulate(parts[k] or (len(data),))]
+        view = memoryview(data)
+        for key, a, b in zip(keys, starts, starts[1:]):
+            streamed.keys.append(key)
+            piece = data if parts[k] is None else view[a:b]
+            streamed.writes.append(directory.write(key, piece, publish=publish))
+    streamed.crcs = {k: checksums_of(data, plan.files[k], chunk) for k, data in staged.items()}
+    return streamed
+
+
+# The staged data files, their writes already started (a capped save's stream), or how to
+# stage them (an on-device snapshot, staged in the background).
+Staged: TypeAlias = dict[int, bytes] | Streamed | Callable[[], dict[int, bytes] | Streamed]
 
 
 @dataclass(frozen=True)
@@ -130,7 +157,7 @@ class PendingSave:
     stem: str  # the save path's name ("model"): retention manages stem-STEP
     prefix: str
     plan: SavePlan
-    staged: dict[int, bytes] | Callable[[], dict[int, bytes]]  # or how to stage it (on-device snapshot)
+    staged: Staged
     structure: Any
     step: int | None
     timestamp: float
@@ -168,40 +195,37 @@ def commit(
     directory, plan = save.directory, save.plan
     chunk = CRC_CHUNK_BYTES
     what = f"saving {save.prefix}"
-    keys: dict[str, None] = {}  # the objects this save writes, in order
+    streamed = Streamed([], {}, {}, [])  # the objects this save writes, in order
     pending: list[PendingFile] = []
     try:
         staged = save.staged() if callable(save.staged) else save.staged
-        n = len(plan.files)
-        parts = {k: split_parts(len(data), part_bytes) for k, data in staged.items()}
-        keys = {key: None for k in staged for key in data_keys(save.base, k, n, parts[k])}
-        publish = not save.replace_local
-        writes = [
-            future
-            for k, data in staged.items()
-            for future in write_data_file(directory, save.base, k, n, data, parts[k], publish)
-        ]
-        crcs = {k: checksums_of(data, plan.files[k], chunk) for k, data in staged.items()}
-        results = [w.result() for w in writes]
+        if isinstance(staged, Streamed):
+            streamed = staged
+        else:
+            publish = not save.replace_local
+            streamed = start_writes(directory, save.base, plan, staged, chunk, part_bytes, publish)
+        results = streamed.wait()
         pending = [r for r in results if isinstance(r, PendingFile)]
         if save.key is None:
-            raw = encoded_index(save, crcs, chunk, part_bytes)
+            raw = encoded_index(save, streamed.crcs, chunk, part_bytes, streamed.parts)
             if save.replace_local:
                 replace_local_checkpoint(save, pending, raw)
             else:
                 directory.write(index_key(save.base), raw).result()
         else:
-            coordinator.publish(f"{save.key}/files/{coordinator.process_index}", encode_report(crcs))
+            coordinator.publish(
+                f"{save.key}/files/{coordinator.process_index}", encode_report(streamed.crcs, streamed.parts)
+            )
     except BaseException as e:
         if save.key is not None:  # let process 0 fail fast instead of timing out
             with contextlib.suppress(Exception):
                 coordinator.publish(
-                    f"{save.key}/files/{coordinator.process_index}", encode_report(None, repr(e))
+                    f"{save.key}/files/{coordinator.process_index}", encode_report(None, error=repr(e))
                 )
         for file in pending:
             file.discard()
         if not save.replace_local:  # the names are this save's alone (the Saver holds the lock)
-            for future in [directory.delete(key) for key in keys]:
+            for future in [directory.delete(key) for key in streamed.keys]:
                 with contextlib.suppress(Exception):  # the original error matters more
                     future.result()
         raise
@@ -210,8 +234,8 @@ def commit(
     elif coordinator.process_index == 0:
         try:
             coordinator.publish(f"{save.key}/gathering", "1")
-            all_crcs = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
-            raw = encoded_index(save, all_crcs, chunk, part_bytes)
+            all_crcs, all_parts = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
+            raw = encoded_index(save, all_crcs, chunk, part_bytes, all_parts)
             directory.write(index_key(save.base), raw).result()
             after_commit()
         except BaseException as e:
@@ -225,7 +249,11 @@ def commit(
 
 
 def encoded_index(
-    save: PendingSave, crcs: dict[int, list[tuple[int, ...]]], chunk: int, part_bytes: int
+    save: PendingSave,
+    crcs: dict[int, list[tuple[int, ...]]],
+    chunk: int,
+    part_bytes: int,
+    parts: dict[int, tuple[int, ...] | None],
 ) -> bytes:
     """The index of a save with these checksums, encoded and checked by the reader's validation."""
     index = build_index(
@@ -239,6 +267,7 @@ def encoded_index(
         save.metrics,
         save.metadata,
         recorded=save.state_file is not None,
+        parts=parts,
     )
     return encode_checked(index, f"{save.prefix}{INDEX_SUFFIX}")
 

@@ -213,19 +213,37 @@ class Coordinator:
             raise error_type(doc["message"])
 
 
-def encode_report(crcs: dict[int, list[tuple[int, ...]]] | None, error: str | None = None) -> str:
+def encode_report(
+    crcs: dict[int, list[tuple[int, ...]]] | None,
+    parts: dict[int, tuple[int, ...] | None] | None = None,
+    error: str | None = None,
+) -> str:
+    """What a process tells process 0 of its data files: each shard's checksums and each
+    file's part sizes (a capped save chooses its own), or the error that stopped it."""
     if error is not None:
         return json.dumps({"error": error})
-    return json.dumps({"crcs": {str(k): v for k, v in crcs.items()}} if crcs is not None else {})
+    if crcs is None:
+        return json.dumps({})
+    return json.dumps(
+        {
+            "crcs": {str(k): v for k, v in crcs.items()},
+            "parts": {str(k): v for k, v in (parts or {}).items()},
+        }
+    )
 
 
-def decode_reports(reports: dict[int, str], what: str) -> dict[int, list[tuple[int, ...]]]:
-    """Every file's checksums from all reports; a reported error becomes SaveFailedError."""
+def decode_reports(
+    reports: dict[int, str], what: str
+) -> tuple[dict[int, list[tuple[int, ...]]], dict[int, tuple[int, ...] | None]]:
+    """Every file's checksums and part sizes from all reports; a reported error becomes SaveFailedError."""
     crcs: dict[int, list[tuple[int, ...]]] = {}
+    parts: dict[int, tuple[int, ...] | None] = {}
     for pid, raw in sorted(reports.items()):
         doc = json.loads(raw)
         if "error" in doc:
             raise SaveFailedError(f"{what}: process {pid} failed: {doc['error']}")
         for k, shards in doc["crcs"].items():
             crcs[int(k)] = [tuple(c) for c in shards]
-    return crcs
+        for k, sizes in doc.get("parts", {}).items():
+            parts[int(k)] = None if sizes is None else tuple(sizes)
+    return crcs, parts

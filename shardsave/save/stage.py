@@ -61,7 +61,7 @@ def allocate(nbytes: int) -> StagingBuffer:
     return StagingBuffer(data, view)
 
 
-_COPIES = Pool("shardsave-stage", min(8, os.cpu_count() or 1))
+COPIES = Pool("shardsave-stage", min(8, os.cpu_count() or 1))
 
 
 DeviceShards = dict[int, dict[int, jax.Array]]  # leaf -> device id -> that device's shard
@@ -151,6 +151,6 @@ def stage(
     for k, f in local.items():
         if k not in buffers:
             buffers[k] = allocate(f.nbytes)
-    for future in [_COPIES.submit(fill, k, f) for k, f in local.items()]:
+    for future in [COPIES.submit(fill, k, f) for k, f in local.items()]:
         future.result()
     return {k: buffers[k].data for k in local}

@@ -252,6 +252,12 @@ class Store(Protocol):
         """Whether the keys are files of the local file system (local_path, locks, renames)."""
         ...
 
+    @property
+    def copies_writes(self) -> bool:
+        """Whether write() holds a copy of its data until the write completes
+        (a capped save counts that copy in its budget)."""
+        ...
+
     def local_path(self, key: str) -> str: ...
 
     def read_range(

@@ -98,6 +98,7 @@ class TensorstoreStore:
     """
 
     is_local = False
+    copies_writes = True  # tensorstore takes bytes, and holds its own copy while it writes
     _open: ClassVar[dict[str, ts.KvStore]] = {}
     _open_lock: ClassVar[threading.Lock] = threading.Lock()
 

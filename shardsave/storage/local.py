@@ -71,6 +71,7 @@ class LocalStore:
     """
 
     is_local = True
+    copies_writes = False  # os.write from the caller's buffer
 
     def __init__(self, directory: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S):
         self.path = directory

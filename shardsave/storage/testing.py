@@ -44,6 +44,10 @@ class WrappedStore:
     def is_local(self) -> bool:
         return self.inner.is_local
 
+    @property
+    def copies_writes(self) -> bool:
+        return self.inner.copies_writes
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
