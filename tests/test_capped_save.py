@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import index_doc
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +19,6 @@ from conftest import run_program, s3_bucket
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import index_doc
 import shardsave
 from shardsave.errors import SaveFailedError
 from shardsave.formats.shardsave import CRC_CHUNK_BYTES
@@ -32,7 +32,9 @@ MEASURE = Path(__file__).parent / "programs" / "measure_save.py"
 
 
 def _measure(location, total_mib, layout, cap_mib, modes="sync,async", timeout=900):
-    out = run_program([str(MEASURE), str(location), str(total_mib), layout, str(cap_mib), modes], timeout=timeout)
+    out = run_program(
+        [str(MEASURE), str(location), str(total_mib), layout, str(cap_mib), modes], timeout=timeout
+    )
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -110,7 +112,7 @@ def test_a_capped_save_writes_what_an_uncapped_one_writes(tmp_path):
     a, b = index_doc.read(tmp_path / "a"), index_doc.read(tmp_path / "b")
     assert a["leaves"] == b["leaves"]
     assert [f["nbytes"] for f in a["files"]] == [f["nbytes"] for f in b["files"]]
-    for k, f in enumerate(a["files"]):
+    for k in range(len(a["files"])):
         name = f"data-{k:05d}-of-{len(a['files']):05d}"
         whole = (tmp_path / f"b.{name}").read_bytes()
         parts = sorted(tmp_path.glob(f"a.{name}.part-*")) or [tmp_path / f"a.{name}"]
@@ -156,9 +158,9 @@ def test_a_capped_save_that_fails_midway_leaves_nothing_behind(tmp_path):
     before = saver.save(tree, str(tmp_path / "m"), global_step=1)
     written_once = sum(p.stat().st_size for p in tmp_path.glob("m-1.data*"))
     budget = [written_once // 2]
-    with shardsave.storage.wrapping_stores(lambda store: FullDisk(store, budget)):
-        with pytest.raises(SaveFailedError, match="No space left on device"):
-            saver.save(tree, str(tmp_path / "m"), global_step=2)
+    full = shardsave.storage.wrapping_stores(lambda store: FullDisk(store, budget))
+    with full, pytest.raises(SaveFailedError, match="No space left on device"):
+        saver.save(tree, str(tmp_path / "m"), global_step=2)
     assert not list(tmp_path.glob("m-2*"))
     assert shardsave.latest_checkpoint(str(tmp_path)) == before
     _assert_same(tree, saver.restore(before, tree))

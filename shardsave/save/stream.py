@@ -8,13 +8,14 @@ piece streams through in several. The format is unchanged: the parts are those
 any large data file may have, and each shard's chunk checksums are computed
 piece by piece, continuing across pieces, so they equal those of the whole shard.
 
-What a capped save holds at once is the ring, fixed when the Saver is made, and
-at most one piece per filling thread on accelerators (jax's own host copy of
-what it transfers); a store that copies what it writes (tensorstore's kvstores)
-gets half as many buffers in flight, so its copies fit in the cap too. The ring's
-pages are touched once, in the background, when the Saver is made: a fresh
-allocation first faults in every page, which costs more than the copy that
-fills it, and would make the first save much slower than the next.
+What a capped save holds at once is the ring, made when the Saver is, and on
+accelerators one piece per filling thread more (jax's own host copy of what it
+transfers). A store that copies what it writes before write() returns
+(tensorstore's kvstores: object stores, memory://) keeps only one buffer per
+filling thread, refilled at once, and the rest of the cap is its copies in
+flight. The ring's pages are touched once, in the background, when the Saver is
+made: a fresh allocation first faults in every page, which costs more than the
+copy that fills it, and would make the first save much slower than the next.
 """
 
 from __future__ import annotations
@@ -86,11 +87,19 @@ class Ring:
     def start_warming(self) -> None:
         threading.Thread(target=self.warm, name="shardsave-ring", daemon=True).start()
 
-    def buffers(self, timeout_s: float) -> list[StagingBuffer]:
+    def buffers(self, timeout_s: float, keep: int) -> list[StagingBuffer]:
+        """`keep` buffers (at most count); the others are freed (a save to a store that copies
+        what it writes needs fewer, and the cap is then the store's)."""
         if not self._ready.wait(timeout_s):
             raise SaveFailedError(f"the save's host buffers were not ready within {timeout_s:.0f} s")
-        self.warm()  # a ring closed by close() and used again
-        return list(self._buffers)
+        keep = min(keep, self.count)
+        with self._lock:
+            del self._buffers[keep:]
+            while len(self._buffers) < keep:  # after close(), or after a save that needed fewer
+                buffer = allocate(self.piece)
+                buffer.view[::4096] = 0
+                self._buffers.append(buffer)
+            return list(self._buffers)
 
     def close(self) -> None:
         with self._lock:
@@ -213,18 +222,21 @@ def stream(
         device_data = device_shards(plan, leaves, process_index)
     local = {k: f for k, f in enumerate(plan.files) if f.process_index == process_index}
     n = len(plan.files)
-    buffers = ring.buffers(directory.timeout_s)
-    # Accelerators hand back a host copy of each range (a piece's worth per filling
-    # thread); a store that copies what it writes holds a second copy of each write.
+    # Accelerators hand back a host copy of each range they transfer: a piece per filling thread.
     on_device = any(
         next(iter(d.devices())).platform != "cpu" for per in device_data.values() for d in per.values()
     )
-    threads = max(1, min(len(local), 2, len(buffers) // 2))
-    usable = len(buffers) - (threads if on_device else 0)
-    if directory.copies_writes:
-        usable //= 2
-    usable = max(threads, usable)
-    buffers = buffers[:usable]
+    threads = max(1, min(len(local), 2, ring.count // 2))
+    room = max(threads, ring.count - (threads if on_device else 0))  # pieces the cap leaves
+    copying = directory.copies_writes
+    if copying:
+        # write() copies a piece before it returns, so one buffer per thread is refilled
+        # at once; the rest of the cap is the store's copies in flight.
+        buffers = ring.buffers(directory.timeout_s, keep=threads)
+        window = max(1, (room - threads) // threads)
+    else:
+        buffers = ring.buffers(directory.timeout_s, keep=room)
+        window = len(buffers) // threads
     parts = {k: file_parts(f, ring.piece, part_bytes) for k, f in local.items()}
     streamed = Streamed([], parts, {}, [])
     lock = threading.Lock()
@@ -241,7 +253,7 @@ def stream(
 
     def fill(files: list[int], own: list[StagingBuffer]) -> None:
         free = deque(own)
-        flight: deque[tuple[Pending[Any], StagingBuffer]] = deque()
+        flight: deque[tuple[Pending[Any], StagingBuffer]] = deque()  # oldest first
         for k in files:
             f = local[k]
             keys = data_keys(base, k, n, parts[k])
@@ -251,10 +263,11 @@ def stream(
             sums = [_ShardChecksums(s.nbytes, chunk) for s in shards]
             at, first = 0, 0  # the piece's start in the file; the first shard not yet written whole
             for key, size in zip(keys, sizes):
-                if not free:
-                    write, buffer = flight.popleft()
+                while len(flight) >= window or not free:
+                    write, done = flight.popleft()
                     write.result()
-                    free.append(buffer)
+                    if not copying:
+                        free.append(done)
                 buffer = free.popleft()
                 view = buffer.view[:size]
                 end = at + size
@@ -281,6 +294,8 @@ def stream(
                     write = directory.write(key, data, publish=publish)
                     streamed.writes.append(write)
                 flight.append((write, buffer))
+                if copying:
+                    free.append(buffer)  # the store has its own copy already
                 at = end
             with lock:
                 streamed.crcs[k] = [s.result() for s in sums]
