@@ -231,9 +231,10 @@ def stream(
     copying = directory.copies_writes
     if copying:
         # write() copies a piece before it returns, so one buffer per thread is refilled
-        # at once; the rest of the cap is the store's copies in flight.
+        # at once; the rest of the cap is the store's copies in flight, less a piece per
+        # thread for a file's last, shorter piece (copied once more into bytes of its size).
         buffers = ring.buffers(directory.timeout_s, keep=threads)
-        window = max(1, (room - threads) // threads)
+        window = max(1, (room - 2 * threads) // threads)
     else:
         buffers = ring.buffers(directory.timeout_s, keep=room)
         window = len(buffers) // threads

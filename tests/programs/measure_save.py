@@ -93,6 +93,7 @@ def restored_crcs(value: np.ndarray, boxes: dict[str, int]) -> dict[str, int]:
 def main() -> None:
     location, total, layout = sys.argv[1], int(sys.argv[2]) * MIB, sys.argv[3]
     cap, modes = int(sys.argv[4]) * MIB, sys.argv[5].split(",")
+    started = time.perf_counter()
     state = make_state(total, layout, cap)
     expected = {name: crcs(x) for name, x in state.items()}
     shardsave.Saver(async_save=False).save({"x": np.zeros(4)}, f"{location}/warmup")
@@ -132,7 +133,7 @@ def main() -> None:
     ok = sorted(v.name for v in reader.variables()) == sorted(expected)
     for name, value in expected.items():
         ok &= restored_crcs(reader.get(name), value) == value
-    print(json.dumps({"modes": results, "ok": bool(ok)}))
+    print(json.dumps({"modes": results, "ok": bool(ok), "seconds": time.perf_counter() - started}))
 
 
 if __name__ == "__main__":
