@@ -47,16 +47,18 @@ def _check_latest_restores(directory: Path) -> int | None:
     assert np.all(np.asarray(restored["sharded"]) == step)
     assert np.all(np.asarray(restored["replicated"]) == step)
     assert np.all(restored["host"] == step)
+    if "big" in restored:
+        assert np.all(np.asarray(restored["big"]) == step)
     # Metadata lives in the index: committed with its checkpoint, or not at all.
     assert shardsave.CheckpointReader(latest).metadata == {"loader": {"position": step}}
     return step
 
 
-def _kill_once(directory: Path, pause_at: str, delay: float | None) -> list[str]:
+def _kill_once(directory: Path, pause_at: str, delay: float | None, cap_mib: int | None = None) -> list[str]:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.Popen(
-        [sys.executable, str(CHILD), str(directory), pause_at], stdout=subprocess.PIPE, text=True, env=env
-    )
+    argv = [sys.executable, str(CHILD), str(directory), pause_at]
+    argv += [] if cap_mib is None else [str(cap_mib)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line.strip()) for line in proc.stdout], daemon=True).start()
     seen: list[str] = []
@@ -132,6 +134,29 @@ def test_sigkill_at_every_phase_of_async_saves(tmp_path):
     assert len(_committed(directory)) == 3
     for name in _committed(directory):
         assert shardsave.Saver().restore(str(directory / name))["step"] == int(name.rsplit("-", 1)[1])
+
+
+def test_sigkill_in_the_middle_of_capped_saves(tmp_path):
+    # An 8 MiB cap streams each save through 1 MiB pieces, one part each: the paused kills
+    # land between parts of one data file, some parts of it written and the rest not.
+    directory = tmp_path / "ckpt"
+    plan = [("data:12", None), ("fsync:20", None), ("data:40", None), ("", 0.4), ("", 0.9)]
+    steps = []
+    for pause_at, delay in plan:
+        seen = _kill_once(directory, pause_at, delay, cap_mib=8)
+        if pause_at:
+            assert "paused" in seen
+            uncommitted = {
+                parsed[0]
+                for p in directory.iterdir()
+                if (parsed := shardsave.formats.shardsave.parse_data_key(p.name))
+                and not (directory / f"{parsed[0]}.index").exists()
+            }
+            assert uncommitted, f"killed at {pause_at}, yet no save was left half-written"
+        steps.append(_check_latest_restores(directory))
+    # Each restart went on from the latest checkpoint: the steps only grow.
+    known = [s for s in steps if s is not None]
+    assert known and known == sorted(known), steps
 
 
 def test_sigkill_between_the_first_commit_and_the_first_state_file(tmp_path):

@@ -140,6 +140,27 @@ def test_processes_save_async_and_restore(tmp_path, processes, devices):
 VALUES_BYTES = 32 * 16 * 4 + 8 * 8 * 4 + 5 * 8
 
 
+def test_processes_save_under_caps_of_their_own(tmp_path):
+    outs = _ok(run_processes(2, 4, "capped_save", tmp_path, timeout=240))
+    reports = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    assert all(r["latest"] == str(tmp_path / "model-2") for r in reports)
+    index = index_doc.read(tmp_path / "model-2")
+    # Each process wrote its files in parts of its own buffers' size (an eighth of its cap),
+    # and process 0 recorded them all in the index.
+    piece = {0: 1 << 20, 1: 2 << 20}
+    for f in index["files"]:
+        if f["nbytes"] > piece[f["process_index"]]:
+            assert f["parts"][0] == piece[f["process_index"]], f
+    assert {f["process_index"] for f in index["files"] if "parts" in f} == {0, 1}
+    # What each process holds once the saves are done is its own cap (the staging ring).
+    for r in reports:
+        assert r["held"] < r["cap"] + 64 * (1 << 20), r
+    np.testing.assert_array_equal(
+        shardsave.CheckpointReader(str(tmp_path / "model-2")).get("big"),
+        np.arange(6 * (1 << 20), dtype=np.float32).reshape(48, -1),
+    )
+
+
 def test_four_processes_restore_onto_two_and_onto_one(tmp_path):
     _ok(run_processes(4, 2, "save_only", tmp_path))
     index = index_doc.read(tmp_path / "model-7")

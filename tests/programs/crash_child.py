@@ -1,13 +1,15 @@
 """The saving process that tests/test_crash.py kills: async saves in a loop, phases announced.
 
-    python tests/programs/crash_child.py DIRECTORY PAUSE_AT
+    python tests/programs/crash_child.py DIRECTORY PAUSE_AT [CAP_MIB]
 
 Each phase of a save (stage: save() blocking; data, fsync, index, state, delete:
 the store's calls) prints
 "phase NAME N" as it begins; the one named by PAUSE_AT ("index:1") also prints
 "paused" and sleeps, so that the test kills it exactly there. An empty
 PAUSE_AT never pauses (the test kills it at a random moment). The process
-resumes from the directory's latest checkpoint, as a restarted job would.
+resumes from the directory's latest checkpoint, as a restarted job would. With
+CAP_MIB, the Saver saves under that host-memory cap, and the tree has one more
+leaf, 24 MiB on one device, so that each save streams through many pieces.
 """
 
 from __future__ import annotations
@@ -66,15 +68,16 @@ def _announce_phases(pause_at: str) -> contextlib.AbstractContextManager[None]:
 
 def main() -> None:
     directory, pause_at = sys.argv[1], sys.argv[2]
+    cap = int(sys.argv[3]) << 20 if len(sys.argv) > 3 else None
     with _announce_phases(pause_at):
-        _save_forever(directory, pause_at)
+        _save_forever(directory, pause_at, cap)
 
 
-def _save_forever(directory: str, pause_at: str) -> None:
+def _save_forever(directory: str, pause_at: str, cap: int | None) -> None:
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
     latest = shardsave.latest_checkpoint(directory)
     step = int(latest.rsplit("-", 1)[1]) + 1 if latest else 1
-    saver = shardsave.Saver(max_to_keep=3)
+    saver = shardsave.Saver(max_to_keep=3, save_host_bytes=cap)
     print("ready", flush=True)
     while True:
         tree = {
@@ -85,6 +88,8 @@ def _save_forever(directory: str, pause_at: str) -> None:
             "host": np.full(1000, step, np.int64),
             "step": step,
         }
+        if cap is not None:
+            tree["big"] = jax.device_put(jnp.full((6, 1 << 20), step, jnp.float32), jax.devices()[2])
         # save() blocks while it waits for the previous commit and stages this one.
         _mark("stage", pause_at)
         saver.save(tree, f"{directory}/model", global_step=step, metadata={"loader": {"position": step}})

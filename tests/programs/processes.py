@@ -79,6 +79,35 @@ def save_and_restore(directory: str) -> None:
     emit(pid=jax.process_index(), last=saver.last_checkpoints, latest=shardsave.latest_checkpoint(directory))
 
 
+def capped_save(directory: str) -> None:
+    """Two async saves under a cap of each process's own (8 MiB on process 0, 16 MiB on
+    the others), with a 24 MiB leaf sharded over every device; then a restore."""
+    import psutil
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import shardsave
+
+    tree = make_tree()
+    big = np.arange(6 * (1 << 20), dtype=np.float32).reshape(48, -1)
+    mesh = Mesh(np.array(jax.devices()), ("all",))
+    tree["big"] = global_array(big, NamedSharding(mesh, P("all")))
+    cap = (8 if jax.process_index() == 0 else 16) << 20
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    saver = shardsave.Saver(max_to_keep=1, timeout_s=60, save_host_bytes=cap)
+    path = None
+    for step in (1, 2):
+        path = saver.save(tree, directory + "/model", global_step=step)
+    saver.wait_until_finished()
+    held = proc.memory_info().rss - before
+    assert path is not None
+    restored = saver.restore(path, tree)
+    check(restored["big"], big)
+    check(restored["w"], VALUES["w"])
+    emit(pid=jax.process_index(), cap=cap, held=held, latest=shardsave.latest_checkpoint(directory))
+
+
 def save_only(directory: str) -> None:
     import shardsave
 
@@ -280,6 +309,7 @@ SCENARIOS: dict[str, Callable[[str], None]] = {
     "should_save": should_save,
     "save_and_restore": save_and_restore,
     "save_only": save_only,
+    "capped_save": capped_save,
     "restore_tensorflow": restore_tensorflow,
     "safetensors_export": safetensors_export,
     "restore_only": restore_only,
