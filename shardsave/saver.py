@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -47,7 +48,7 @@ from shardsave.save.background import BackgroundCommits
 from shardsave.save.commit import PendingSave, Staged, commit, prepare_overwrite
 from shardsave.save.coordination import Coordinator
 from shardsave.save.plan import PlanCache, SavePlan, leaf_spec, step_number
-from shardsave.save.stage import StagingBuffer, snapshot_on_device, stage
+from shardsave.save.stage import StagingBuffer, prepare, snapshot_on_device, stage
 from shardsave.save.stream import MIN_SAVE_HOST_BYTES, Ring, stream
 from shardsave.storage import open_prefix
 from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Lock, Store, location, split_prefix
@@ -265,6 +266,7 @@ class Saver:
         self._plans = PlanCache(_PLAN_CACHE_SIZE)
         # Host buffers of the last plan saved, refilled by the next save of that plan.
         self._staging: tuple[SavePlan | None, dict[int, StagingBuffer]] = (None, {})
+        self._preparing: threading.Thread | None = None  # prepare()'s, filling _staging
         # A capped save's buffers instead, touched now so that the first save is as fast as the next.
         self._ring: Ring | None = None
         if save_host_bytes is not None:
@@ -483,6 +485,7 @@ class Saver:
         if self._ring is not None:
             staged = self._stream(plan, leaves, pid, directory, base, prefix, not replace_local)
         else:
+            self._prepared(f"saving {prefix}")
             if self._staging[0] is not plan:
                 self._staging = (plan, {})
             buffers = self._staging[1]
@@ -534,6 +537,53 @@ class Saver:
             except Exception as e:
                 raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         return prefix
+
+    def prepare(self, tree: Any) -> None:
+        """Makes ready, in the background, what saving this tree needs: its plan and host memory.
+
+        A save copies the shards into host memory, and memory used for the first
+        time is faulted in page by page, which on many machines takes longer than
+        the copy itself: without prepare(), the first save blocks several times
+        longer than the next ones (docs/guides/performance.md). Call it once the
+        state exists (initialized or restored); training goes on meanwhile, and a
+        save that comes first waits for it. The memory is what the saves would hold
+        anyway. With save_host_bytes, the Saver makes its buffers when it is made,
+        and prepare() only plans.
+
+        Args:
+          tree: a tree with the structure, shapes, dtypes and shardings of the saves to come.
+
+        Examples:
+          >>> import jax.numpy as jnp, shardsave, tempfile
+          >>> state = {"w": jnp.ones((1024, 256))}
+          >>> saver = shardsave.Saver()
+          >>> saver.prepare(state)  # returns at once
+          >>> path = saver.save(state, f"{tempfile.mkdtemp()}/model", global_step=1)
+          >>> saver.wait_until_finished()
+        """
+        names, leaves, _ = _tree.flatten(tree)
+        plan = self._plans.plan([leaf_spec(n, x)[0] for n, x in zip(names, leaves)], self.sharded)
+        if self._ring is not None or self._staging[0] is plan:
+            return
+        self._prepared("prepare()")
+        buffers: dict[int, StagingBuffer] = {}
+        self._staging = (plan, buffers)
+        self._preparing = threading.Thread(
+            target=prepare, args=(plan, jax.process_index(), buffers), name="shardsave-prepare", daemon=True
+        )
+        self._preparing.start()
+
+    def _prepared(self, what: str) -> None:
+        """Waits for prepare()'s buffers, within the storage deadline."""
+        if self._preparing is None:
+            return
+        self._preparing.join(self.storage_timeout_s)
+        if self._preparing.is_alive():
+            raise SaveFailedError(
+                f"{what}: the host buffers that prepare() makes were not ready within "
+                f"{self.storage_timeout_s:.0f} s (storage_timeout_s)"
+            )
+        self._preparing = None
 
     def _stream(
         self,
@@ -654,6 +704,8 @@ class Saver:
         try:
             self._commits.close()
         finally:
+            with contextlib.suppress(SaveFailedError):
+                self._prepared("close()")
             self._staging = (None, {})
             if self._ring is not None:
                 self._ring.close()

@@ -61,6 +61,27 @@ def allocate(nbytes: int) -> StagingBuffer:
     return StagingBuffer(data, view)
 
 
+def touch(buffer: StagingBuffer) -> None:
+    """Faults every page of a buffer in (writing zeros to what is zero already)."""
+    buffer.view[::PAGE_BYTES] = 0
+
+
+PAGE_BYTES = 4096
+
+
+def prepare(plan: SavePlan, process_index: int, buffers: dict[int, StagingBuffer]) -> None:
+    """Allocates and touches the buffers of the files this process writes, for stage() to fill.
+
+    Run ahead of the first save (Saver.prepare), so that it copies into memory whose
+    pages exist already instead of faulting them in while the caller waits.
+    """
+    for k, f in _local_files(plan, process_index).items():
+        if k not in buffers:
+            buffer = allocate(f.nbytes)
+            touch(buffer)
+            buffers[k] = buffer
+
+
 COPIES = Pool("shardsave-stage", min(8, os.cpu_count() or 1))
 
 

@@ -37,7 +37,15 @@ from shardsave.errors import SaveFailedError
 from shardsave.formats.shardsave import MAX_PARTS, data_keys, split_parts
 from shardsave.index import checksum
 from shardsave.save.plan import PlannedFile, PlannedShard, SavePlan
-from shardsave.save.stage import COPIES, DeviceShards, StagingBuffer, allocate, device_shards, host_array
+from shardsave.save.stage import (
+    COPIES,
+    DeviceShards,
+    StagingBuffer,
+    allocate,
+    device_shards,
+    host_array,
+    touch,
+)
 from shardsave.storage.base import Pending, Store
 from shardsave.storage.buffers import DIRECT_IO_ALIGNMENT
 
@@ -79,7 +87,7 @@ class Ring:
             with self._lock:
                 while len(self._buffers) < self.count:
                     buffer = allocate(self.piece)
-                    buffer.view[::4096] = 0  # fault each page in now, not during the first save
+                    touch(buffer)  # fault each page in now, not during the first save
                     self._buffers.append(buffer)
         finally:
             self._ready.set()
@@ -97,7 +105,7 @@ class Ring:
             del self._buffers[keep:]
             while len(self._buffers) < keep:  # after close(), or after a save that needed fewer
                 buffer = allocate(self.piece)
-                buffer.view[::4096] = 0
+                touch(buffer)
                 self._buffers.append(buffer)
             return list(self._buffers)
 

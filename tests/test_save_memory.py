@@ -1,4 +1,5 @@
-"""Saves under a host-memory cap (Saver(save_host_bytes=...)): what they hold, what they write.
+"""Host memory of saves: under a cap (Saver(save_host_bytes=...)), what they hold and
+write; uncapped, the staging that Saver.prepare makes ahead of the first save.
 
 Memory is measured in fresh processes (tests/programs/measure_save.py): peak RSS
 during the save minus RSS before the Saver was made, the state's arrays alive
@@ -173,3 +174,37 @@ def test_a_capped_save_that_fails_midway_leaves_nothing_behind(tmp_path):
 def test_save_host_bytes_below_8_mib_is_refused():
     with pytest.raises(ValueError, match="save_host_bytes must be None or at least 8 MiB"):
         shardsave.Saver(save_host_bytes=1 << 20)
+
+
+def test_prepare_makes_the_first_saves_memory_ahead_of_it(tmp_path):
+    import time
+
+    import psutil
+
+    proc = psutil.Process()
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y"))
+    state = {
+        "w": jax.device_put(
+            np.arange(48 << 20, dtype=np.float32).reshape(1024, -1), NamedSharding(mesh, P("x"))
+        ),
+        "b": np.arange(10),
+    }
+    saver = shardsave.Saver(async_save=True)
+    before = proc.memory_info().rss
+    saver.prepare(state)
+    deadline = time.monotonic() + 60
+    while proc.memory_info().rss - before < 180 * MIB:  # 192 MiB of staging, faulted in
+        assert time.monotonic() < deadline, "prepare() made no staging memory"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    prepared = proc.memory_info().rss
+    path = saver.save(state, str(tmp_path / "m"), global_step=1)
+    saver.wait_until_finished()
+    assert proc.memory_info().rss - prepared < 32 * MIB  # the save used what prepare() made
+    _assert_same(state, saver.restore(path, state))
+    # A tree of another layout gets staging of its own; the prepared one goes.
+    other = {"w": state["w"][:512], "b": state["b"]}
+    saver.save(other, str(tmp_path / "m"), global_step=2)
+    saver.wait_until_finished()
+    _assert_same(other, saver.restore(str(tmp_path / "m-2"), other))
+    saver.close()
