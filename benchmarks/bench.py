@@ -76,6 +76,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import ctypes
 import gc
 import json
 import os
@@ -904,22 +905,149 @@ def run_s3_case(case: dict[str, Any], config: dict[str, Any], sampler: Sampler) 
     return records
 
 
-def first_save(case: dict[str, Any], root: Path) -> dict[str, float]:
-    """The first save of a fresh process against its later ones (blocking time).
+def _trimmed_rss(proc: Any) -> int:
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return int(proc.memory_info().rss)
 
+
+def run_capped_case(
+    case: dict[str, Any], config: dict[str, Any], root: Path, sampler: Sampler
+) -> list[dict[str, Any]]:
+    """Async saves of one state under host-memory caps, beside Orbax's memory options.
+
+    Tools: shardsave-async (uncapped, its staging prepared), shardsave-<cap> for each
+    of config["save_caps_mib"], orbax (StandardCheckpointer, its defaults),
+    orbax-capped (PyTreeCheckpointHandler with save_concurrent_gb and
+    save_device_host_concurrent_gb at 1, its smallest setting), and raw, the bare
+    write of the same bytes from buffers copied beforehand (the limit of save).
+    Ops: save_blocking, save (to the commit), and save_held: the most host memory
+    the tool held during a save, what it keeps between saves (a Saver's staging)
+    included: RSS above the tool's baseline before it was made.
+    """
+    mesh, _ = meshes()
+    tree = build_tree(case["bytes"], case["leaves"], mesh)
+    base = root / f"capped-{case['bytes'] // MIB}MiB-{case['leaves']}"
+    shutil.rmtree(base, ignore_errors=True)
+    raw = Raw(tree, durable=False)
+    proc = psutil.Process()
+    records: list[dict[str, Any]] = []
+    reps = config["warmup"] + config["reps"]
+    sampler.warm_bytes = int(config["warm_memory"] * case["bytes"])
+    orbax = orbax_tools() if config.get("orbax", True) else {}
+    ocp = orbax.get("_ocp")
+
+    def record(tool: str, op: str, rep: int, seconds: float, transient: int) -> None:
+        if rep >= config["warmup"]:
+            records.append({**case, "tool": tool, "op": op, "seconds": seconds, "transient_bytes": transient})
+
+    makers: dict[str, Callable[[], Any]] = {
+        "shardsave-async": lambda: shardsave.Saver(max_to_keep=1),
+        **{
+            f"shardsave-{mib // 1024}GiB" if mib >= 1024 else f"shardsave-{mib}MiB": partial(
+                shardsave.Saver, max_to_keep=1, save_host_bytes=mib * MIB
+            )
+            for mib in config.get("save_caps_mib", [8])
+        },
+    }
+    if ocp is not None:
+        makers["orbax"] = orbax["orbax"]
+        makers["orbax-capped"] = lambda: ocp.AsyncCheckpointer(
+            ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1)
+        )
+    tools: dict[str, Any] = {}
+    kept: dict[str, int] = {}  # what each tool keeps between its saves (a Saver's staging)
+    for rep in range(reps):
+        shutil.rmtree(base, ignore_errors=True)
+        raw.d2h()
+        record("raw", "save", rep, *sampler.run(partial(raw.write, base / "raw"))[:2])
+        shutil.rmtree(base / "raw", ignore_errors=True)
+        for name, make in makers.items():
+            if name not in tools:  # made before its first save, which is a warm-up one
+                baseline = _trimmed_rss(proc)
+                tools[name] = make()
+                if name == "shardsave-async":
+                    tools[name].prepare(tree)
+            tool = tools[name]
+            if name.startswith("shardsave"):
+                save = partial(tool.save, tree, str(base / name / "model"), global_step=rep)
+            elif name == "orbax":
+                save = partial(tool.save, base / name / f"{rep}", tree)
+            else:
+                save = partial(tool.save, base / name / f"{rep}", args=ocp.args.PyTreeSave(tree))
+            before = _trimmed_rss(proc)
+            t_block, m_block, _ = sampler.run(save)
+            t_rest, m_rest, _ = sampler.run(tool.wait_until_finished, warm=False)
+            peak = before + max(m_block, m_rest)  # the sampler's peak, above the larger of before and after
+            record(name, "save_blocking", rep, t_block, m_block)
+            record(name, "save", rep, t_block + t_rest, max(m_block, m_rest))
+            if name not in kept:
+                kept[name] = max(0, _trimmed_rss(proc) - baseline)
+            record(name, "save_held", rep, t_block + t_rest, max(0, peak - before) + kept[name])
+            shutil.rmtree(base / name, ignore_errors=True)
+        gc.collect()
+    for tool in tools.values():
+        tool.close()
+    shutil.rmtree(base, ignore_errors=True)
+    del tree, raw
+    gc.collect()
+    firsts = ["shardsave", "shardsave-prepared", *(n for n in makers if n != "shardsave-async")]
+    for name in firsts if config.get("capped_first_saves", False) else []:
+        first = first_save(case, root, name, config["first_save_gap_s"])
+        records.append(
+            {**case, "tool": name, "op": "first_save", "seconds": first["first"], "transient_bytes": 0}
+        )
+        records.append(
+            {**case, "tool": name, "op": "later_save", "seconds": first["later"], "transient_bytes": 0}
+        )
+    return records
+
+
+_FIRST_SAVE_TOOLS = {
+    "shardsave": "shardsave.Saver(max_to_keep=1)",
+    "shardsave-prepared": "shardsave.Saver(max_to_keep=1); saver.prepare(tree)",
+    "orbax": "ocp.StandardCheckpointer()",
+    "orbax-capped": "ocp.AsyncCheckpointer(ocp.PyTreeCheckpointHandler("
+    "save_concurrent_gb=1, save_device_host_concurrent_gb=1))",
+}
+
+
+def first_save(
+    case: dict[str, Any], root: Path, tool: str = "shardsave", gap_s: float = 0
+) -> dict[str, float]:
+    """The first save of a fresh process against its later ones (blocking time), of one tool.
+
+    tool: shardsave (no prepare), shardsave-prepared (Saver.prepare once the state
+    exists), shardsave-<cap> (save_host_bytes), orbax or orbax-capped. gap_s: the
+    seconds between making the tool and its first save (the training steps before
+    it), in which prepare() or a capped Saver makes its buffers in the background.
     Also the limit that explains the gap: one thread writing the same number of
     bytes into fresh memory (the kernel faults in and zeroes every 4 KiB page)
     against writing them again into the same, already mapped memory.
     """
     import subprocess
 
+    if tool in _FIRST_SAVE_TOOLS:
+        make = _FIRST_SAVE_TOOLS[tool]
+    else:  # shardsave-1GiB, shardsave-256MiB
+        size = tool.removeprefix("shardsave-")
+        nbytes = int(size[:-3]) * (1024 * MIB if size.endswith("GiB") else MIB)
+        make = f"shardsave.Saver(max_to_keep=1, save_host_bytes={nbytes})"
+    target = str(root / "first" / "model")
+    save = (
+        f"saver.save(tree, {target!r}, global_step=step)"
+        if tool.startswith("shardsave")
+        else f"saver.save(pathlib.Path({target!r}) / str(step), args=ocp.args.PyTreeSave(tree))"
+        if tool == "orbax-capped"
+        else f"saver.save(pathlib.Path({target!r}) / str(step), tree)"
+    )
     code = f"""
-import mmap, os, sys, time, json
+import mmap, os, pathlib, shutil, sys, time, json
 sys.path.insert(0, {str(REPO / "benchmarks")!r})
 import bench, jax, numpy as np, shardsave
+import orbax.checkpoint as ocp
 mesh, _ = bench.meshes()
 tree = bench.build_tree({case["bytes"]}, {case["leaves"]}, mesh)
-saver = shardsave.Saver(max_to_keep=1)
 # Fresh private anonymous memory in 4 KiB pages, as the staging buffers get (numpy's
 # own large allocations ask for huge pages).
 flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
@@ -927,10 +1055,13 @@ buf = np.frombuffer(mmap.mmap(-1, {case["bytes"]}, flags=flags), np.uint8)
 began = time.perf_counter(); buf.fill(1); fresh = time.perf_counter() - began
 began = time.perf_counter(); buf.fill(2); again = time.perf_counter() - began
 del buf
+saver = {make}
+time.sleep({gap_s})
 times = []
 for step in range(4):
+    shutil.rmtree(pathlib.Path({target!r}).parent, ignore_errors=True) if not {tool.startswith("shardsave")} else None
     began = time.perf_counter()
-    saver.save(tree, {str(root / "first" / "model")!r}, global_step=step)
+    {save}
     times.append(time.perf_counter() - began)
     saver.wait_until_finished()
 print(json.dumps([times, fresh, again]))
@@ -1054,7 +1185,11 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "shardsave-64MiB": 4.5,
         "raw-256MiB": 4.55,
         "shardsave-256MiB": 4.6,
+        "shardsave-1GiB": 4.58,
+        "shardsave-prepared": 2.5,
+        "shardsave-8MiB": 4.4,
         "orbax": 5,
+        "orbax-capped": 5.5,
         "orbax-nocomp": 6,
         "safetensors": 7,
     }
@@ -1064,6 +1199,9 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "save_stage": 2,
         "save_commit": 3,
         "save_stall": 3.5,
+        "save_held": 3.6,
+        "first_save": 3.7,
+        "later_save": 3.8,
         "restore": 4,
         "restore_index": 4.1,
         "restore_plan": 4.2,
@@ -1163,6 +1301,8 @@ def run_one(
         return run_adamw_case(case, config, roots["shm"], sampler)
     if case["storage"] == "safetensors":
         return run_safetensors_case(case, config, roots["shm"], sampler)
+    if case["storage"] == "capped":
+        return run_capped_case(case, config, roots["shm"], sampler)
     return run_case(case, config, roots[case["storage"]], sampler)
 
 

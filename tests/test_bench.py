@@ -34,6 +34,12 @@ def test_benchmark_runs_and_writes_its_outputs(tmp_path):
     assert safetensors == {
         (t, "restore") for t in ("raw", "raw-fresh", "shardsave", "shardsave-64MiB", "safetensors")
     }
+    capped = {(r["tool"], r["op"]) for r in doc["rows"] if r["storage"] == "capped"}
+    assert {
+        (t, op)
+        for t in ("shardsave-async", "shardsave-8MiB", "orbax", "orbax-capped")
+        for op in ("save_blocking", "save", "save_held")
+    } | {("raw", "save")} == capped
     cold = {r["tool"] for r in doc["rows"] if r["storage"] == "cold"}  # page cache dropped: root only
     if os.access("/proc/sys/vm/drop_caches", os.W_OK):
         expected = {
