@@ -148,8 +148,10 @@ class CheckpointReader:
     def get(self, name: str, index: Any = None) -> np.ndarray:
         """A leaf (or index of it: integers and slices) as a numpy array.
 
-        name is the leaf's tree path as variables() lists it; for safetensors the
-        file's own name ("model.embed" for model/embed) finds it too.
+        name is the leaf's tree path as variables() lists it; for safetensors and
+        PyTorch DCP the format's own name ("model.embed" for model/embed) finds it
+        too. A DCP entry that is not a tensor (dtype "pickle": param_groups' values)
+        comes back as its Python value, unpickled with only plain containers allowed.
 
         Only the stored bytes that the index touches are read (in whole rows of
         each stored shard, widened to its checksum chunks).
