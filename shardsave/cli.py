@@ -18,6 +18,7 @@ from shardsave import tree as _tree
 from shardsave.demo import load_config, run_demo
 from shardsave.errors import CheckpointNotFoundError, ShardsaveError
 from shardsave.export.safetensors import save_safetensors
+from shardsave.formats.dcp import is_dcp
 from shardsave.formats.safetensors import INDEX_NAME, SINGLE_NAME, is_safetensors
 from shardsave.formats.safetensors import resolve as resolve_safetensors
 from shardsave.formats.shardsave import INDEX_SUFFIX, Listing, step_of
@@ -99,7 +100,7 @@ def _checkpoint_path(path: str) -> str:
     Tab completion gives `model-1000.index`; a directory means its latest checkpoint.
     """
     path = location(path)
-    if is_safetensors(path):
+    if is_safetensors(path) or is_dcp(path):  # a DCP checkpoint is its directory
         return path
     if path.endswith(INDEX_SUFFIX):
         return path[: -len(INDEX_SUFFIX)]
@@ -115,6 +116,9 @@ def _checkpoint_path(path: str) -> str:
             )
         return latest
     return path
+
+
+_SOURCES = {"tensorflow": "a TensorFlow checkpoint: ", "dcp": "a PyTorch DCP checkpoint: "}
 
 
 def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
@@ -151,7 +155,7 @@ def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
     rows += [[v.name, v.dtype_name, str(v.shape), v.sharding, _size(v.nbytes)] for v in variables]
     _table(rows, out)
     print(
-        ("a TensorFlow checkpoint: " if reader.index.source == "tensorflow" else "")
+        _SOURCES.get(reader.index.source, "")
         + f"{len(variables)} leaves, {_size(total)} in {len(reader.index.files)} data files, "
         f"step {reader.global_step}, saved {_when(reader.index.created)}",
         file=out,
@@ -186,7 +190,7 @@ def cmd_verify(args: argparse.Namespace, out: Any) -> int:
     sound = (
         "lengths and crc32c sound"
         if reader.index.checksums.verified
-        else "lengths sound (safetensors has no checksums)"
+        else f"lengths sound ({'PyTorch DCP' if reader.index.source == 'dcp' else 'safetensors'} has no checksums)"
     )
     print(f"OK {args.path}: {_size(total)} in {shards} shards, {sound}", file=out)
     return 0
@@ -228,6 +232,9 @@ def cmd_convert(args: argparse.Namespace, out: Any) -> int:
                 source, args.dst, max_shard_bytes=args.max_shard_bytes, progress=bar.update if bar else None
             )
             print(f"wrote to {args.dst}: {', '.join(os.path.basename(w) for w in written)}", file=out)
+            left = [f"{v.name} ({v.dtype_name})" for v in variables if v.dtype == object]
+            if left:
+                print(f"left out, as no array can hold them: {', '.join(left)}", file=out)
             return 0
         # Tensors no array holds (TF strings, TF2's object graph) cannot be a shardsave leaf.
         skipped = [f"{v.name} ({v.dtype_name})" for v in variables if v.dtype == object]
@@ -281,7 +288,7 @@ _CHECKPOINT = (
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardsave",
-        description="Look inside checkpoints (shardsave's, TensorFlow's, safetensors), and convert them.",
+        description="Look inside checkpoints (shardsave's, TensorFlow's, PyTorch DCP's, safetensors), and convert them.",
         epilog=f"exit status: 0 sound, {EXIT_BAD} a checkpoint is damaged, {EXIT_USAGE} bad usage or a missing path",
     )
     parser.add_argument("--version", action="version", version=f"shardsave {__version__}")
@@ -302,10 +309,10 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_verify)
     p = sub.add_parser(
         "convert",
-        help="TensorFlow or safetensors to a shardsave checkpoint, or a checkpoint to safetensors",
+        help="TensorFlow, PyTorch DCP or safetensors to a shardsave checkpoint, or to safetensors",
         description=(
-            "Converts SRC into DST. A TensorFlow checkpoint or safetensors (a .safetensors file, an "
-            "index.json, or a directory holding them) becomes a shardsave checkpoint at the prefix DST "
+            "Converts SRC into DST. A TensorFlow checkpoint, a PyTorch DCP directory or safetensors (a "
+            ".safetensors file, an index.json, or a directory holding them) becomes a shardsave checkpoint at the prefix DST "
             "(its leaves named as SRC names them; the tensors are held in host memory while it is "
             "written); a shardsave checkpoint becomes safetensors in the directory DST, written a "
             "block at a time."

@@ -12,6 +12,7 @@ import numpy as np
 
 from shardsave import tree as _tree
 from shardsave.errors import CorruptCheckpointError
+from shardsave.formats import dcp as _dcp
 from shardsave.formats import open_checkpoint
 from shardsave.formats import tf_bundle as _tf_bundle
 from shardsave.index import Box, checksum, decode_sharding
@@ -147,8 +148,10 @@ class CheckpointReader:
     def get(self, name: str, index: Any = None) -> np.ndarray:
         """A leaf (or index of it: integers and slices) as a numpy array.
 
-        name is the leaf's tree path as variables() lists it; for safetensors the
-        file's own name ("model.embed" for model/embed) finds it too.
+        name is the leaf's tree path as variables() lists it; for safetensors and
+        PyTorch DCP the format's own name ("model.embed" for model/embed) finds it
+        too. A DCP entry that is not a tensor (dtype "pickle": param_groups' values)
+        comes back as its Python value, unpickled with only plain containers allowed.
 
         Only the stored bytes that the index touches are read (in whole rows of
         each stored shard, widened to its checksum chunks).
@@ -159,6 +162,8 @@ class CheckpointReader:
         if entry.stored_dtype == "string":
             strings = self._strings(entry)
             return strings if index is None else strings[index]
+        if entry.stored_dtype in _dcp.OBJECT_DTYPES and self.index.source == "dcp":
+            return self._object(entry)
         if entry.dtype == np.dtype(object):
             raise ValueError(
                 f"{self.path}: {name!r} is a TensorFlow {entry.stored_dtype} tensor, which has no "
@@ -175,6 +180,14 @@ class CheckpointReader:
             self._directory, self._base, self.index, [request], budget=None, sequential=False
         )
         return array[local] if local else array
+
+    def _object(self, entry: Any) -> Any:
+        """A DCP entry that is not a tensor (param_groups' numbers, lists, strings), unpickled
+        with only plain Python containers allowed: one naming any class is refused."""
+        (shard,) = entry.shards
+        key = DataFiles(self._directory, self._base, self.index).names[shard.file]
+        where = f"{join(self._directory.path, key)} (entry {entry.stored_name!r})"
+        return _dcp.read_object(self._directory, key, shard, entry.stored_dtype, where)
 
     def _strings(self, entry: Any) -> np.ndarray:
         """A TensorFlow string tensor as an array of bytes objects, its checksum verified."""

@@ -772,8 +772,9 @@ class Saver:
 
         Args:
           save_path: the checkpoint prefix returned by save(), a TensorFlow
-            checkpoint prefix ("model.ckpt-1000", recognised from its .index), or
-            safetensors (a .safetensors file or a sharded set's index.json).
+            checkpoint prefix ("model.ckpt-1000", recognised from its .index),
+            safetensors (a .safetensors file or a sharded set's index.json), or a
+            PyTorch DCP directory (recognised from its .metadata).
           target: a pytree of jax.Array or jax.ShapeDtypeStruct (with a sharding),
             numpy arrays or numbers, naming a subset of the saved leaves; any
             mesh, device count or partition spec. None restores the saved tree

@@ -116,6 +116,7 @@ RUN_ORDER = [
     "README",
     "guides/restore.md",
     "guides/weights.md",
+    "guides/pytorch.md",
     "guides/object-stores.md",
     "guides/orbax.md",
 ]

@@ -118,8 +118,13 @@ def _from_tree(tree: Any, names: Callable[[str], str] | None) -> list[_Tensor]:
 
 def _from_checkpoint(path: str, names: Callable[[str], str] | None) -> list[_Tensor]:
     reader = CheckpointReader(path)
+    # What the source's own tree leaves out (DCP's param_groups, TF2's object graph) is
+    # not a tensor of it; convert names what it left out.
+    in_tree = {reader.index.leaves[i].name for i in _tree.structure_leaf_indices(reader.index.structure)}
     out = []
     for variable in reader.variables():
+        if variable.dtype == np.dtype(object) and variable.name not in in_tree:
+            continue
         if variable.dtype == np.dtype(object):
             raise TypeError(
                 f"{path}: {variable.name!r} is a {variable.dtype_name} tensor; safetensors holds arrays"

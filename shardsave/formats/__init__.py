@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shardsave.errors import CheckpointNotFoundError
+from shardsave.formats import dcp as _dcp
 from shardsave.formats import safetensors as _safetensors
 from shardsave.formats import shardsave as _shardsave
 from shardsave.formats import tf_bundle as _tf_bundle
@@ -50,6 +51,7 @@ def _shardsave_index(raw: bytes, where: str, base: str, mtime: float | None) -> 
 # Tried in order; shardsave's own format last, as the one that takes any other `.index`.
 READERS: list[FormatReader] = [
     FormatReader("safetensors", claims=_safetensors.is_safetensors, open=_safetensors.safetensors_index),
+    FormatReader("dcp", claims=_dcp.is_dcp, open=_dcp.dcp_index),
     FormatReader("tensorflow", claims_index=_tf_bundle.is_tf_index, from_index=_tf_bundle.bundle_index),
     FormatReader("shardsave", claims_index=lambda raw: True, from_index=_shardsave_index),
 ]
