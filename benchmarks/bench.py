@@ -920,16 +920,17 @@ def run_capped_case(
     of config["save_caps_mib"], orbax (StandardCheckpointer, its defaults),
     orbax-capped (PyTreeCheckpointHandler with save_concurrent_gb and
     save_device_host_concurrent_gb at 1, its smallest setting), and raw, the bare
-    write of the same bytes from buffers copied beforehand (the limit of save).
+    write of the same bytes straight from the arrays (the limit of save). Each
+    tool runs its repetitions in a row and is closed before the next is made.
     Ops: save_blocking, save (to the commit), and save_held: the most host memory
     the tool held during a save, what it keeps between saves (a Saver's staging)
-    included: RSS above the tool's baseline before it was made.
+    included: the save's transient memory plus the RSS the tool added from before
+    it was made to after its first save.
     """
     mesh, _ = meshes()
     tree = build_tree(case["bytes"], case["leaves"], mesh)
     base = root / f"capped-{case['bytes'] // MIB}MiB-{case['leaves']}"
     shutil.rmtree(base, ignore_errors=True)
-    raw = Raw(tree, durable=False)
     proc = psutil.Process()
     records: list[dict[str, Any]] = []
     reps = config["warmup"] + config["reps"]
@@ -955,41 +956,61 @@ def run_capped_case(
         makers["orbax-capped"] = lambda: ocp.AsyncCheckpointer(
             ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1)
         )
-    tools: dict[str, Any] = {}
-    kept: dict[str, int] = {}  # what each tool keeps between its saves (a Saver's staging)
+    # The raw limit writes straight from the arrays (on CPU devices their memory is host
+    # memory): a host copy of 4 GiB more would not leave room for Orbax's beside it.
+    plan = shardsave.save.plan.plan_save(
+        [
+            shardsave.tree.LeafSpec(k, tuple(v.shape), np.dtype(v.dtype), "jax", v.sharding)
+            for k, v in tree.items()
+        ],
+        True,
+        jax.devices(),
+    )
+    leaves = list(tree.values())
+
+    def raw_write(directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        shards = {i: {s.device.id: s.data for s in leaf.addressable_shards} for i, leaf in enumerate(leaves)}
+        for k, f in enumerate(plan.files):
+            with open(directory / f"raw.data-{k:05d}", "wb") as out:
+                for s in sorted(f.shards, key=lambda s: s.offset):
+                    out.seek(s.offset)
+                    out.write(memoryview(np.asarray(shards[s.leaf][s.writer.id]).reshape(-1).view(np.uint8)))
+
     for rep in range(reps):
         shutil.rmtree(base, ignore_errors=True)
-        raw.d2h()
-        record("raw", "save", rep, *sampler.run(partial(raw.write, base / "raw"))[:2])
-        shutil.rmtree(base / "raw", ignore_errors=True)
-        for name, make in makers.items():
-            if name not in tools:  # made before its first save, which is a warm-up one
-                baseline = _trimmed_rss(proc)
-                tools[name] = make()
-                if name == "shardsave-async":
-                    tools[name].prepare(tree)
-            tool = tools[name]
+        record("raw", "save", rep, *sampler.run(partial(raw_write, base / "raw"))[:2])
+        shutil.rmtree(base, ignore_errors=True)
+    # One tool at a time, each closed before the next is made, so that the uncapped
+    # staging (4 GiB) is not held beside Orbax's copies; its repetitions in a row.
+    for name, make in makers.items():
+        baseline = _trimmed_rss(proc)
+        tool = make()
+        if name == "shardsave-async":
+            tool.prepare(tree)
+        kept = None  # what the tool keeps between its saves (a Saver's staging)
+        for rep in range(reps):
             if name.startswith("shardsave"):
                 save = partial(tool.save, tree, str(base / name / "model"), global_step=rep)
             elif name == "orbax":
                 save = partial(tool.save, base / name / f"{rep}", tree)
             else:
                 save = partial(tool.save, base / name / f"{rep}", args=ocp.args.PyTreeSave(tree))
-            before = _trimmed_rss(proc)
             t_block, m_block, _ = sampler.run(save)
             t_rest, m_rest, _ = sampler.run(tool.wait_until_finished, warm=False)
-            peak = before + max(m_block, m_rest)  # the sampler's peak, above the larger of before and after
             record(name, "save_blocking", rep, t_block, m_block)
             record(name, "save", rep, t_block + t_rest, max(m_block, m_rest))
-            if name not in kept:
-                kept[name] = max(0, _trimmed_rss(proc) - baseline)
-            record(name, "save_held", rep, t_block + t_rest, max(0, peak - before) + kept[name])
+            if kept is None:
+                kept = max(0, _trimmed_rss(proc) - baseline)
+            # The sampler's transient is its peak above the larger of the RSS before and after.
+            record(name, "save_held", rep, t_block + t_rest, max(m_block, m_rest) + kept)
             shutil.rmtree(base / name, ignore_errors=True)
-        gc.collect()
-    for tool in tools.values():
         tool.close()
+        del tool
+        gc.collect()
     shutil.rmtree(base, ignore_errors=True)
-    del tree, raw
+    leaves.clear()  # the state goes before the first-save processes build their own
+    del tree
     gc.collect()
     firsts = ["shardsave", "shardsave-prepared", *(n for n in makers if n != "shardsave-async")]
     for name in firsts if config.get("capped_first_saves", False) else []:
