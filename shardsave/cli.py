@@ -18,6 +18,7 @@ from shardsave import tree as _tree
 from shardsave.demo import load_config, run_demo
 from shardsave.errors import CheckpointNotFoundError, ShardsaveError
 from shardsave.export.safetensors import save_safetensors
+from shardsave.formats import claimed
 from shardsave.formats.safetensors import INDEX_NAME, SINGLE_NAME, is_safetensors
 from shardsave.formats.safetensors import resolve as resolve_safetensors
 from shardsave.formats.shardsave import INDEX_SUFFIX, Listing, step_of
@@ -99,7 +100,7 @@ def _checkpoint_path(path: str) -> str:
     Tab completion gives `model-1000.index`; a directory means its latest checkpoint.
     """
     path = location(path)
-    if is_safetensors(path):
+    if is_safetensors(path) or claimed(path):  # a checkpoint as it is (an Orbax directory, ...)
         return path
     if path.endswith(INDEX_SUFFIX):
         return path[: -len(INDEX_SUFFIX)]
@@ -186,7 +187,7 @@ def cmd_verify(args: argparse.Namespace, out: Any) -> int:
     sound = (
         "lengths and crc32c sound"
         if reader.index.checksums.verified
-        else "lengths sound (safetensors has no checksums)"
+        else f"lengths sound ({reader.index.source} checkpoints have no checksums of their data)"
     )
     print(f"OK {args.path}: {_size(total)} in {shards} shards, {sound}", file=out)
     return 0
@@ -229,12 +230,15 @@ def cmd_convert(args: argparse.Namespace, out: Any) -> int:
             )
             print(f"wrote to {args.dst}: {', '.join(os.path.basename(w) for w in written)}", file=out)
             return 0
-        # Tensors no array holds (TF strings, TF2's object graph) cannot be a shardsave leaf.
-        skipped = [f"{v.name} ({v.dtype_name})" for v in variables if v.dtype == object]
+        # Tensors no array holds (TF strings, TF2's object graph) and Python strings
+        # (Orbax's) cannot be a shardsave leaf.
+        strings = {e.name for e in reader.index.leaves if e.kind == _tree.KIND_STR}
+        left_out = {v.name for v in variables if v.dtype == object or v.name in strings}
+        skipped = [f"{v.name} ({v.dtype_name})" for v in variables if v.name in left_out]
         values: list[Any] = []
         for v in variables:
-            values.append(_LEFT_OUT if v.dtype == object else reader.get(v.name))
-            if bar is not None and v.dtype != object:
+            values.append(_LEFT_OUT if v.name in left_out else reader.get(v.name))
+            if bar is not None and v.name not in left_out:
                 bar.update(v.nbytes)
         # The source's own tree (safetensors' names nest along their "." parts, as
         # load_safetensors reads them), so the checkpoint restores into the same targets.

@@ -136,7 +136,9 @@ class CheckpointReader:
                 leaf.name,
                 leaf.dtype,
                 leaf.shape,
-                describe_sharding(leaf.sharding) if self.index.source == "shardsave" else _slices(leaf),
+                describe_sharding(leaf.sharding)
+                if self.index.source == "shardsave" or leaf.sharding is not None  # (Orbax's _sharding)
+                else _slices(leaf),
                 sum(s.nbytes for s in leaf.shards),
                 len(leaf.shards),
                 leaf.stored_dtype or leaf.dtype.name,
@@ -148,7 +150,9 @@ class CheckpointReader:
         """A leaf (or index of it: integers and slices) as a numpy array.
 
         name is the leaf's tree path as variables() lists it; for safetensors the
-        file's own name ("model.embed" for model/embed) finds it too.
+        file's own name ("model.embed" for model/embed) finds it too, and for Orbax
+        its param name ("params.dense.kernel"). A string leaf (Orbax's) comes back
+        as a str.
 
         Only the stored bytes that the index touches are read (in whole rows of
         each stored shard, widened to its checksum chunks).
@@ -156,6 +160,13 @@ class CheckpointReader:
         entry = self._leaves.get(name) or self._aliases.get(name)
         if entry is None:
             raise _tree.missing_leaves_error([name], list(self._leaves), self.path)
+        if entry.kind == _tree.KIND_STR:  # a Python str (Orbax's string leaves)
+            request = LeafRequest(entry, entry.shape, entry.dtype, None)
+            (data,), _ = restore_leaves(
+                self._directory, self._base, self.index, [request], budget=None, sequential=False
+            )
+            text = data.tobytes().decode("utf-8")
+            return text if index is None else text[index]
         if entry.stored_dtype == "string":
             strings = self._strings(entry)
             return strings if index is None else strings[index]

@@ -119,7 +119,10 @@ def _from_tree(tree: Any, names: Callable[[str], str] | None) -> list[_Tensor]:
 def _from_checkpoint(path: str, names: Callable[[str], str] | None) -> list[_Tensor]:
     reader = CheckpointReader(path)
     out = []
+    strings = {e.name for e in reader.index.leaves if e.kind == _tree.KIND_STR}
     for variable in reader.variables():
+        if variable.name in strings:  # a Python str (Orbax's): safetensors holds arrays
+            continue
         if variable.dtype == np.dtype(object):
             raise TypeError(
                 f"{path}: {variable.name!r} is a {variable.dtype_name} tensor; safetensors holds arrays"
