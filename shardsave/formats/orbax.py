@@ -494,6 +494,24 @@ def _sharding(desc: Any) -> dict[str, Any] | None:
     return None
 
 
+def _check_divides(sharding: dict[str, Any], shape: tuple[int, ...], name: str, where: str, by: str) -> None:
+    """The saved sharding splits each dimension evenly, as it did when Orbax saved the array."""
+    sizes = dict(zip(sharding["axis_names"], sharding["mesh_shape"]))
+    spec = sharding["spec"]
+    for d, entry in enumerate(spec):
+        axes = [] if entry is None else [entry] if isinstance(entry, str) else entry
+        if any(a not in sizes for a in axes) or d >= len(shape):
+            raise CorruptCheckpointError(
+                f"{by}: the sharding of {name!r} ({spec}) does not fit its shape {list(shape)}"
+            )
+        parts = math.prod(sizes[a] for a in axes)
+        if shape[d] % parts:
+            raise CorruptCheckpointError(
+                f"{where}: array {name!r} has the shape {list(shape)}, but {by} splits its dimension {d} "
+                f"into {parts} (the checkpoint is damaged)"
+            )
+
+
 def _shardings(store: Store, keys: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     if SHARDING not in keys:
         return {}
@@ -552,6 +570,7 @@ def _where_chunk(item: str, name: str, ocdbt: bool, zarr3: bool, index: tuple[in
 
 def _error(e: BaseException, what: str) -> Exception:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    message = message.split(" [tensorstore_spec=", 1)[0]  # the whole spec, context and all: noise
     if isinstance(e, TimeoutError):
         return StorageError(f"{what}: the store did not answer in time")
     if any(code in message for code in _STORAGE_CODES):
@@ -933,6 +952,8 @@ def orbax_index(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tupl
         stored[name] = _Stored(name, array, None, shards, offsets, chunk_key, chunk)
         files.append(DataFile(sum(s.nbytes for s in shards), None, 0, key=name))
         sharding = shardings.get(name) if kind in (_tree.KIND_ARRAY, _tree.KIND_KEY) else None
+        if sharding is not None and sharding["type"] == "named":
+            _check_divides(sharding, shape, name, meta_where, join(found.item, SHARDING))
         entries.append(
             LeafEntry(
                 path_name, dtype, shape, kind, sharding, tuple(shards), key_impl=key_impl, stored_name=name
