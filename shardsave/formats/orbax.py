@@ -745,6 +745,8 @@ def _grid(
         raise CorruptCheckpointError(
             f"{where}: array {name!r} has {math.prod(counts)} chunks (at most {MAX_SHARDS_PER_LEAF})"
         )
+    if 0 in shape:  # no elements: one empty shard, the whole array (FORMAT.md)
+        return [StoredShard(file, 0, 0, (0,) * len(shape), shape, ())]
     shards = []
     offset = 0
     for index in np.ndindex(*counts) if shape else [()]:
