@@ -30,6 +30,7 @@ import tensorstore as ts
 from conftest import free_port, gcs_bucket, s3_bucket
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from orbax.checkpoint.experimental import v1 as ocp_v1
 
 import shardsave
 import shardsave.tree
@@ -44,7 +45,7 @@ PROGRAM = Path(__file__).parent / "programs" / "orbax_processes.py"
 MIB = 1 << 20
 
 # What each checkpoint of the module's fixture is, and which Orbax restores it.
-KINDS = ["standard", "zarr3", "nocomp", "folders_zarr3", "manager", "fixture"]
+KINDS = ["standard", "zarr3", "nocomp", "folders_zarr3", "manager", "v1", "fixture"]
 
 
 def _state(mesh: Mesh) -> dict[str, Any]:
@@ -126,12 +127,16 @@ def written(tmp_path_factory) -> dict[str, Any]:
     # A later save that never finished: Orbax's temporary name, and no commit.
     shutil.copytree(root / "manager" / "2", root / "manager" / "3.orbax-checkpoint-tmp-1712345678")
     paths["manager"] = root / "manager"
+    paths["v1"] = root / "v1"  # Orbax's v1 API: the tree in the step's item folder `state`
+    ocp_v1.save(paths["v1"], state)
     paths["fixture"] = FIXTURE
     expected = {}
     for kind, path in paths.items():
         checkpointer = ocp.PyTreeCheckpointer() if kind in ("zarr3", "folders_zarr3", "fixture") else None
         if kind == "manager":
             restored = ocp.StandardCheckpointer().restore(path / "2" / "default")
+        elif kind == "v1":
+            restored = ocp_v1.load(path)
         elif checkpointer is not None:
             restored = checkpointer.restore(path)
         else:

@@ -44,6 +44,7 @@ import math
 import os
 import posixpath
 import re
+import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -611,39 +612,66 @@ class _Value:
         return self._data if self._then is None else self._then(self._data)
 
 
+class _Chunk:
+    """One stored chunk being read, decoded whole, shared by every read that needs part of it."""
+
+    def __init__(self, future: Any, what: str):
+        self.future, self.what = future, what
+        self.users = 0  # reads holding it
+        self._data: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def bytes(self, timeout_s: float) -> np.ndarray:
+        with self._lock:
+            if self._data is None:
+                try:
+                    rows = self.future.result(timeout=timeout_s)
+                except Exception as e:
+                    raise _error(e, f"reading {self.what}") from e
+                self._data = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
+                self.future = None
+            return self._data
+
+
 class _ChunkReads:
     """Reads of parts of consecutive chunks of one array, seen as one byte range."""
 
     def __init__(
         self,
-        pieces: list[tuple[Any, int, int, str]],
+        owner: OrbaxArrays,
+        pieces: list[tuple[tuple[str, int], _Chunk, int, int]],
         nbytes: int,
         then: Callable[[np.ndarray], np.ndarray] | None,
         allocate: Callable[[int], np.ndarray],
-        timeout_s: float,
     ):
-        self._pieces, self._nbytes, self._then = pieces, nbytes, then
-        self._allocate, self._timeout_s = allocate, timeout_s
+        self._owner, self._pieces, self._nbytes, self._then = owner, pieces, nbytes, then
+        self._allocate = allocate
 
-    def _bytes(self, future: Any, skip: int, n: int, what: str) -> np.ndarray:
+    def _bytes(self, key: tuple[str, int], chunk: _Chunk, skip: int, n: int) -> np.ndarray:
         try:
-            rows = future.result(timeout=self._timeout_s)
-        except Exception as e:
-            raise _error(e, f"reading {what}") from e
-        flat = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
+            flat = chunk.bytes(self._owner.timeout_s)
+        finally:
+            self._owner.release(key, chunk)
         if flat.size < skip + n:
-            raise CorruptCheckpointError(f"reading {what}: {flat.size} bytes, expected {skip + n}")
+            raise CorruptCheckpointError(f"reading {chunk.what}: {flat.size} bytes, expected {skip + n}")
         return flat[skip : skip + n]
 
     def result(self) -> np.ndarray:
-        if len(self._pieces) == 1:
-            data = self._bytes(*self._pieces[0])
+        pieces, self._pieces = self._pieces, []  # each chunk is released once
+        if len(pieces) == 1:
+            data = self._bytes(*pieces[0])
         else:
             data = self._allocate(self._nbytes)
-            at = 0
-            for future, skip, n, what in self._pieces:
-                data[at : at + n] = self._bytes(future, skip, n, what)
-                at += n
+            at = done = 0
+            try:
+                for key, chunk, skip, n in pieces:
+                    data[at : at + n] = self._bytes(key, chunk, skip, n)
+                    at += n
+                    done += 1
+            except BaseException:
+                for key, chunk, _, _ in pieces[done + 1 :]:  # (_bytes released the one that failed)
+                    self._owner.release(key, chunk)
+                raise
         return data if self._then is None else self._then(data)
 
 
@@ -652,9 +680,11 @@ class OrbaxArrays:
 
     The object of an array (its param name) is its stored chunks, each decoded
     and clipped to the array's shape, one after another in chunk-grid order; a
-    ranged read decodes only the chunks it touches (whole chunks: a compressed
-    chunk decodes whole) and keeps only the rows it asked for. Other keys are the
-    item folder's own files.
+    ranged read decodes only the chunks it touches, each whole (a compressed
+    chunk decodes whole) and once for all the reads in flight that need part of
+    it (a resharded restore's boxes cross the saved chunks), and the last chunk
+    read is kept until another one is, for the next piece of it (a capped restore
+    reads a large chunk in pieces). Other keys are the item folder's own files.
     """
 
     is_local = False
@@ -665,6 +695,9 @@ class OrbaxArrays:
         self.stats = IOStats()
         self._folder = folder
         self._arrays = arrays
+        self._lock = threading.Lock()
+        self._reading: dict[tuple[str, int], _Chunk] = {}  # chunks some read still needs
+        self._last: tuple[tuple[str, int], _Chunk] | None = None
 
     def local_path(self, key: str) -> str:
         raise ValueError(f"{self.path}: an Orbax array is not a local file")
@@ -691,18 +724,35 @@ class OrbaxArrays:
         while j < len(stored.shards) and stored.offsets[j] < stop:
             shard, offset = stored.shards[j], stored.offsets[j]
             a, b = max(start, offset) - offset, min(stop, offset + shard.nbytes) - offset
-            if shard.shape:
-                row = shard.nbytes // shard.shape[0]
-                r0, r1 = a // row, -(-b // row)
-                rest = (slice(s, e) for s, e in zip(shard.start[1:], shard.stop[1:]))
-                box = (slice(shard.start[0] + r0, shard.start[0] + r1), *rest)
-                view = stored.array[box]
-                skip = a - r0 * row
-            else:
-                view, skip = stored.array, a
-            pieces.append((view.read(order="C"), skip, b - a, stored.where(shard.start)))
+            pieces.append(((key, j), self._chunk(stored, j), a, b - a))
             j += 1
-        return _ChunkReads(pieces, stop - start, then, allocate, self.timeout_s)
+        return _ChunkReads(self, pieces, stop - start, then, allocate)
+
+    def _chunk(self, stored: _Stored, j: int) -> _Chunk:
+        """Chunk j of an array, read whole: the one being read already, or the last one
+        read (a capped restore reads a large chunk in pieces, one after another)."""
+        key = (stored.name, j)
+        with self._lock:
+            chunk = self._reading.get(key)
+            if chunk is None:
+                if self._last is not None and self._last[0] == key:
+                    chunk = self._last[1]
+                else:
+                    shard = stored.shards[j]
+                    box = tuple(slice(a, b) for a, b in zip(shard.start, shard.stop))
+                    view = stored.array[box] if box else stored.array
+                    chunk = _Chunk(view.read(order="C"), stored.where(shard.start))
+                self._reading[key] = chunk
+            chunk.users += 1
+            return chunk
+
+    def release(self, key: tuple[str, int], chunk: _Chunk) -> None:
+        """A read is done with a chunk; the last one keeps it as the last chunk read."""
+        with self._lock:
+            chunk.users -= 1
+            if chunk.users == 0 and self._reading.get(key) is chunk:
+                del self._reading[key]
+                self._last = (key, chunk)
 
     def read_all(self, key: str) -> bytes | None:
         stored = self._arrays.get(key)
