@@ -478,3 +478,14 @@ def test_damage_inside_an_ocdbt_database_is_refused_naming_it(written, tmp_path)
     with pytest.raises(CorruptCheckpointError) as e:
         shardsave.Saver().restore(str(item2))
     assert str(item2) in str(e.value)
+
+
+def test_a_damaged_zarr3_shard_index_is_caught_by_its_crc32c(written, tmp_path):
+    item = _copy(written["paths"]["folders_zarr3"], tmp_path)
+    shard = item / "params.w" / "c" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[-6] ^= 0xFF  # the shard index (offsets and lengths of the inner chunks) ends the file
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError) as e:
+        shardsave.Saver().restore(str(item))
+    assert str(item / "params.w" / "c" / "0" / "0") in str(e.value)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import functools
 import json
 import math
 import os
@@ -616,25 +617,43 @@ class _Chunk:
     """One stored chunk being read, decoded whole, shared by every read that needs part of it."""
 
     def __init__(self, future: Any, what: str):
-        self.future, self.what = future, what
-        self.users = 0  # reads holding it
-        self._data: np.ndarray | None = None
+        self.what = what
+        self.users = 0  # reads holding it (OrbaxArrays counts them)
+        self.data: np.ndarray | None = None
+        self.error: Exception | None = None
         self._lock = threading.Lock()
+        self._waiting: list[Callable[[_Chunk], None]] = []
+        future.add_done_callback(self._done)
 
-    def bytes(self, timeout_s: float) -> np.ndarray:
+    def _done(self, future: Any) -> None:
+        """On tensorstore's thread, once the chunk is decoded: hands it to every waiting read."""
+        data, error = None, None
+        try:
+            data = np.ascontiguousarray(future.result()).reshape(-1).view(np.uint8)
+        except Exception as e:
+            error = _error(e, f"reading {self.what}")
         with self._lock:
-            if self._data is None:
-                try:
-                    rows = self.future.result(timeout=timeout_s)
-                except Exception as e:
-                    raise _error(e, f"reading {self.what}") from e
-                self._data = np.ascontiguousarray(rows).reshape(-1).view(np.uint8)
-                self.future = None
-            return self._data
+            self.data, self.error = data, error
+            waiting, self._waiting = self._waiting, []
+        for land in waiting:
+            land(self)
+
+    def then(self, land: Callable[[_Chunk], None]) -> None:
+        """Calls land(chunk) once the chunk is decoded: now, if it is already."""
+        with self._lock:
+            if self.data is None and self.error is None:
+                self._waiting.append(land)
+                return
+        land(self)
 
 
 class _ChunkReads:
-    """Reads of parts of consecutive chunks of one array, seen as one byte range."""
+    """Reads of parts of consecutive chunks of one array, seen as one byte range.
+
+    Each part is copied into the read's buffer (the caller's destination, where it
+    gave one) by the thread that decoded its chunk, so the copies of many reads run
+    in parallel on tensorstore's threads and the caller finds the bytes in place.
+    """
 
     def __init__(
         self,
@@ -644,35 +663,46 @@ class _ChunkReads:
         then: Callable[[np.ndarray], np.ndarray] | None,
         allocate: Callable[[int], np.ndarray],
     ):
-        self._owner, self._pieces, self._nbytes, self._then = owner, pieces, nbytes, then
-        self._allocate = allocate
+        self._owner, self._then = owner, then
+        self._buffer = allocate(nbytes)[:nbytes]
+        self._lock = threading.Lock()
+        self._left = len(pieces)
+        self._finished = threading.Event()
+        self._problem: BaseException | None = None
+        at = 0
+        for key, chunk, skip, n in pieces:
+            chunk.then(functools.partial(self._land, key, at, skip, n))
+            at += n
 
-    def _bytes(self, key: tuple[str, int], chunk: _Chunk, skip: int, n: int) -> np.ndarray:
+    def _land(self, key: tuple[str, int], at: int, skip: int, n: int, chunk: _Chunk) -> None:
+        problem: BaseException | None = chunk.error
         try:
-            flat = chunk.bytes(self._owner.timeout_s)
+            if problem is None and chunk.data is not None:
+                if chunk.data.size < skip + n:
+                    problem = CorruptCheckpointError(
+                        f"reading {chunk.what}: {chunk.data.size} bytes, expected {skip + n}"
+                    )
+                else:
+                    self._buffer[at : at + n] = chunk.data[skip : skip + n]
+        except BaseException as e:  # on tensorstore's thread: kept for result() to raise
+            problem = e
         finally:
             self._owner.release(key, chunk)
-        if flat.size < skip + n:
-            raise CorruptCheckpointError(f"reading {chunk.what}: {flat.size} bytes, expected {skip + n}")
-        return flat[skip : skip + n]
+        with self._lock:
+            if problem is not None and self._problem is None:
+                self._problem = problem
+            self._left -= 1
+            if self._left == 0:
+                self._finished.set()
 
     def result(self) -> np.ndarray:
-        pieces, self._pieces = self._pieces, []  # each chunk is released once
-        if len(pieces) == 1:
-            data = self._bytes(*pieces[0])
-        else:
-            data = self._allocate(self._nbytes)
-            at = done = 0
-            try:
-                for key, chunk, skip, n in pieces:
-                    data[at : at + n] = self._bytes(key, chunk, skip, n)
-                    at += n
-                    done += 1
-            except BaseException:
-                for key, chunk, _, _ in pieces[done + 1 :]:  # (_bytes released the one that failed)
-                    self._owner.release(key, chunk)
-                raise
-        return data if self._then is None else self._then(data)
+        if not self._finished.wait(self._owner.timeout_s):
+            raise StorageError(
+                f"reading {self._owner.path}: the store did not answer within {self._owner.timeout_s:g} s"
+            )
+        if self._problem is not None:
+            raise self._problem
+        return self._buffer if self._then is None else self._then(self._buffer)
 
 
 class OrbaxArrays:
