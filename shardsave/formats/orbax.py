@@ -195,7 +195,8 @@ def _children(keys: list[str]) -> dict[str, set[str]]:
 
 
 def _is_item(keys: Collection[str]) -> bool:
-    return METADATA in keys or MSGPACK in keys
+    # Not by MSGPACK (Orbax before 0.5): shardsave's own state file has that name too.
+    return METADATA in keys
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,7 @@ def is_orbax(path: str) -> bool:
             names = os.listdir(local)
         except OSError:
             return False
-        if METADATA in names or STEP_METADATA in names or MSGPACK in names:
+        if METADATA in names or STEP_METADATA in names:
             return True
         for name in names:
             sub = os.path.join(local, name)
@@ -897,10 +898,11 @@ def orbax_index(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tupl
     folder = open_store(found.item, timeout_s)
     keys = found.keys
     where = join(found.item, METADATA)
-    if METADATA not in keys:
+    if METADATA not in keys:  # (a step's item that only has Orbax before 0.5's msgpack file)
         raise CorruptCheckpointError(
-            f"{found.item} holds {MSGPACK!r} but no {METADATA}: an item written by an Orbax older than 0.5 "
-            "(msgpack), which shardsave does not read; restore it with that Orbax and save it again"
+            f"{found.item} has no {METADATA}: an item written by an Orbax older than 0.5 (msgpack, "
+            f"{MSGPACK!r}) or not a PyTree item, which shardsave does not read; restore it with that "
+            "Orbax and save it again"
         )
     doc = _json(folder, METADATA)
     leaves, structure = _tree_entries(doc, where)
