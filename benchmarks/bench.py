@@ -68,6 +68,12 @@ and restore_fresh, a restore in a new process (the wait of a resumed job, page
 faults included; Orbax's StandardCheckpointer there reads both Orbax variants,
 so only its default is run).
 
+Storage "orbax" restores Orbax's own checkpoints (StandardCheckpointer with its
+defaults: OCDBT, zarr, zstd), written once to disk_dir: shardsave (formats/orbax.py)
+beside Orbax, same targets (restore: the saved layout; restore_resharded: the
+other mesh), warm, and cold (restore_cold, the page cache dropped before each
+restore: root only).
+
 Outputs: a table on the terminal, OUT/bench.json, OUT/bench.png.
 """
 
@@ -784,6 +790,62 @@ def run_safetensors_case(
     return records
 
 
+def run_orbax_case(
+    case: dict[str, Any], config: dict[str, Any], root: Path, sampler: Sampler
+) -> list[dict[str, Any]]:
+    """Orbax's own checkpoints (StandardCheckpointer, its defaults: OCDBT, zarr, zstd),
+    restored by shardsave beside Orbax restoring them: the same checkpoint, the same
+    targets (the saved layout, and resharded onto the other mesh), interleaved tool by
+    tool; warm (page cache hot) and cold (dropped before each restore; root only, the
+    rows are left out otherwise). On disk_dir, so that a cold read is a disk read."""
+    orbax = orbax_tools() if config.get("orbax", True) else {}
+    if "orbax" not in orbax:
+        return []
+    mesh, other = meshes()
+    tree = build_tree(case["bytes"], case["leaves"], mesh)
+    same, resharded = abstract(tree, None), abstract(tree, other)
+    base = root / f"orbax-{case['bytes'] // MIB}MiB-{case['leaves']}"
+    shutil.rmtree(base, ignore_errors=True)
+    path = base / "orbax"
+    writer = orbax["orbax"]()
+    writer.save(path, tree)
+    writer.wait_until_finished()
+    del tree
+    gc.collect()
+    checkpointer = orbax["orbax"]()
+    saver = shardsave.Saver()
+    tools: dict[str, Callable[[Any], Any]] = {
+        "shardsave": lambda target: saver.restore(str(path), target),
+        "orbax": lambda target: checkpointer.restore(path, target),
+    }
+    cold = drop_page_cache()
+    if not cold:
+        print(
+            "  cannot drop the page cache (needs root): the orbax case's cold rows are left out",
+            file=sys.stderr,
+        )
+    runs = [("restore", same, False), ("restore_resharded", resharded, False)]
+    runs += [("restore_cold", same, True)] if cold else []
+    sampler.warm_bytes = int(config["warm_memory"] * case["bytes"])
+    records: list[dict[str, Any]] = []
+    for rep in range(config["warmup"] + config["reps"]):
+        for op, target, dropped in runs:
+            for tool, restore in tools.items():  # interleaved, tool by tool
+                gc.collect()
+                if dropped:
+                    drop_page_cache()
+                    touch_free_memory(2 * case["bytes"])
+                t, m, out = sampler.run(partial(_ready, restore, target), warm=not dropped)
+                del out
+                if rep >= config["warmup"]:
+                    records.append({**case, "tool": tool, "op": op, "seconds": t, "transient_bytes": m})
+    checkpointer.close()
+    writer.close()
+    saver.close()
+    shutil.rmtree(base, ignore_errors=True)
+    return records
+
+
 @contextlib.contextmanager
 def s3_server() -> Any:
     """moto's S3 server on loopback, and the environment that points s3:// and boto3 at it."""
@@ -1324,6 +1386,8 @@ def run_one(
         return run_safetensors_case(case, config, roots["shm"], sampler)
     if case["storage"] == "capped":
         return run_capped_case(case, config, roots["shm"], sampler)
+    if case["storage"] == "orbax":
+        return run_orbax_case(case, config, roots["disk"], sampler)
     return run_case(case, config, roots[case["storage"]], sampler)
 
 

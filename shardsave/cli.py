@@ -18,7 +18,7 @@ from shardsave import tree as _tree
 from shardsave.demo import load_config, run_demo
 from shardsave.errors import CheckpointNotFoundError, ShardsaveError
 from shardsave.export.safetensors import save_safetensors
-from shardsave.formats.dcp import is_dcp
+from shardsave.formats import claimed
 from shardsave.formats.safetensors import INDEX_NAME, SINGLE_NAME, is_safetensors
 from shardsave.formats.safetensors import resolve as resolve_safetensors
 from shardsave.formats.shardsave import INDEX_SUFFIX, Listing, step_of
@@ -100,7 +100,7 @@ def _checkpoint_path(path: str) -> str:
     Tab completion gives `model-1000.index`; a directory means its latest checkpoint.
     """
     path = location(path)
-    if is_safetensors(path) or is_dcp(path):  # a DCP checkpoint is its directory
+    if is_safetensors(path) or claimed(path):  # a checkpoint as it is (an Orbax directory, ...)
         return path
     if path.endswith(INDEX_SUFFIX):
         return path[: -len(INDEX_SUFFIX)]
@@ -118,7 +118,14 @@ def _checkpoint_path(path: str) -> str:
     return path
 
 
-_SOURCES = {"tensorflow": "a TensorFlow checkpoint: ", "dcp": "a PyTorch DCP checkpoint: "}
+_SOURCES = {
+    "tensorflow": "a TensorFlow checkpoint: ",
+    "dcp": "a PyTorch DCP checkpoint: ",
+    "orbax": "an Orbax checkpoint: ",
+}
+
+
+_SOURCE_NAMES = {"dcp": "PyTorch DCP", "orbax": "Orbax", "tensorflow": "TensorFlow"}
 
 
 def cmd_inspect(args: argparse.Namespace, out: Any) -> int:
@@ -190,7 +197,8 @@ def cmd_verify(args: argparse.Namespace, out: Any) -> int:
     sound = (
         "lengths and crc32c sound"
         if reader.index.checksums.verified
-        else f"lengths sound ({'PyTorch DCP' if reader.index.source == 'dcp' else 'safetensors'} has no checksums)"
+        else f"lengths sound ({_SOURCE_NAMES.get(reader.index.source, reader.index.source)} "
+        "checkpoints have no checksums of their data)"
     )
     print(f"OK {args.path}: {_size(total)} in {shards} shards, {sound}", file=out)
     return 0
@@ -236,12 +244,15 @@ def cmd_convert(args: argparse.Namespace, out: Any) -> int:
             if left:
                 print(f"left out, as no array can hold them: {', '.join(left)}", file=out)
             return 0
-        # Tensors no array holds (TF strings, TF2's object graph) cannot be a shardsave leaf.
-        skipped = [f"{v.name} ({v.dtype_name})" for v in variables if v.dtype == object]
+        # Tensors no array holds (TF strings, TF2's object graph) and Python strings
+        # (Orbax's) cannot be a shardsave leaf.
+        strings = {e.name for e in reader.index.leaves if e.kind == _tree.KIND_STR}
+        left_out = {v.name for v in variables if v.dtype == object or v.name in strings}
+        skipped = [f"{v.name} ({v.dtype_name})" for v in variables if v.name in left_out]
         values: list[Any] = []
         for v in variables:
-            values.append(_LEFT_OUT if v.dtype == object else reader.get(v.name))
-            if bar is not None and v.dtype != object:
+            values.append(_LEFT_OUT if v.name in left_out else reader.get(v.name))
+            if bar is not None and v.name not in left_out:
                 bar.update(v.nbytes)
         # The source's own tree (safetensors' names nest along their "." parts, as
         # load_safetensors reads them), so the checkpoint restores into the same targets.
@@ -288,7 +299,7 @@ _CHECKPOINT = (
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardsave",
-        description="Look inside checkpoints (shardsave's, TensorFlow's, PyTorch DCP's, safetensors), and convert them.",
+        description="Look inside checkpoints (shardsave's, TensorFlow's, Orbax's, PyTorch DCP's, safetensors), and convert them.",
         epilog=f"exit status: 0 sound, {EXIT_BAD} a checkpoint is damaged, {EXIT_USAGE} bad usage or a missing path",
     )
     parser.add_argument("--version", action="version", version=f"shardsave {__version__}")
@@ -309,9 +320,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_verify)
     p = sub.add_parser(
         "convert",
-        help="TensorFlow, PyTorch DCP or safetensors to a shardsave checkpoint, or to safetensors",
+        help="TensorFlow, Orbax, PyTorch DCP or safetensors to a shardsave checkpoint, or to safetensors",
         description=(
-            "Converts SRC into DST. A TensorFlow checkpoint, a PyTorch DCP directory or safetensors (a "
+            "Converts SRC into DST. A TensorFlow checkpoint, an Orbax or PyTorch DCP directory, or safetensors (a "
             ".safetensors file, an index.json, or a directory holding them) becomes a shardsave checkpoint at the prefix DST "
             "(its leaves named as SRC names them; the tensors are held in host memory while it is "
             "written); a shardsave checkpoint becomes safetensors in the directory DST, written a "

@@ -137,7 +137,9 @@ class CheckpointReader:
                 leaf.name,
                 leaf.dtype,
                 leaf.shape,
-                describe_sharding(leaf.sharding) if self.index.source == "shardsave" else _slices(leaf),
+                describe_sharding(leaf.sharding)
+                if self.index.source == "shardsave" or leaf.sharding is not None  # (Orbax's _sharding)
+                else _slices(leaf),
                 sum(s.nbytes for s in leaf.shards),
                 len(leaf.shards),
                 leaf.stored_dtype or leaf.dtype.name,
@@ -148,10 +150,12 @@ class CheckpointReader:
     def get(self, name: str, index: Any = None) -> np.ndarray:
         """A leaf (or index of it: integers and slices) as a numpy array.
 
-        name is the leaf's tree path as variables() lists it; for safetensors and
-        PyTorch DCP the format's own name ("model.embed" for model/embed) finds it
-        too. A DCP entry that is not a tensor (dtype "pickle": param_groups' values)
-        comes back as its Python value, unpickled with only plain containers allowed.
+        name is the leaf's tree path as variables() lists it; the format's own name
+        finds it too: for safetensors and PyTorch DCP ("model.embed" for
+        model/embed), for Orbax its param name ("params.dense.kernel"). A DCP entry
+        that is not a tensor (dtype "pickle": param_groups' values) comes back as its
+        Python value, unpickled with only plain containers allowed; a string leaf
+        (Orbax's) as a str.
 
         Only the stored bytes that the index touches are read (in whole rows of
         each stored shard, widened to its checksum chunks).
@@ -159,6 +163,13 @@ class CheckpointReader:
         entry = self._leaves.get(name) or self._aliases.get(name)
         if entry is None:
             raise _tree.missing_leaves_error([name], list(self._leaves), self.path)
+        if entry.kind == _tree.KIND_STR:  # a Python str (Orbax's string leaves)
+            request = LeafRequest(entry, entry.shape, entry.dtype, None)
+            (data,), _ = restore_leaves(
+                self._directory, self._base, self.index, [request], budget=None, sequential=False
+            )
+            text = data.tobytes().decode("utf-8")
+            return text if index is None else text[index]
         if entry.stored_dtype == "string":
             strings = self._strings(entry)
             return strings if index is None else strings[index]
@@ -216,7 +227,9 @@ class CheckpointReader:
         for leaf in self.index.leaves:
             for shard in leaf.shards:
                 where = f"{join(self._directory.path, keys[shard.file])} (leaf {leaf.name!r}, shard {shard.start}..{shard.stop})"
-                if leaf.stored_dtype == "string":  # its checksum covers the lengths as integers
+                if (
+                    leaf.stored_dtype == "string" and leaf.kind != _tree.KIND_STR
+                ):  # TF: a checksum over the lengths
                     try:
                         self._strings(leaf)
                     except (CorruptCheckpointError, OSError) as e:

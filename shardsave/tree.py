@@ -54,6 +54,11 @@ KIND_COMPLEX = "complex"
 KIND_KEY = "key"  # a typed PRNG key array (jax.random.key), stored as its key data
 
 
+# A Python str, stored as its UTF-8 bytes (a uint8 vector). Foreign formats hold such
+# leaves (Orbax's _strings.json); shardsave's own writer stores none.
+KIND_STR = "str"
+
+
 KINDS = frozenset(
     {KIND_ARRAY, KIND_NUMPY, KIND_NUMPY_SCALAR, KIND_INT, KIND_FLOAT, KIND_BOOL, KIND_COMPLEX, KIND_KEY}
 )

@@ -122,7 +122,10 @@ def _from_checkpoint(path: str, names: Callable[[str], str] | None) -> list[_Ten
     # not a tensor of it; convert names what it left out.
     in_tree = {reader.index.leaves[i].name for i in _tree.structure_leaf_indices(reader.index.structure)}
     out = []
+    strings = {e.name for e in reader.index.leaves if e.kind == _tree.KIND_STR}
     for variable in reader.variables():
+        if variable.name in strings:  # a Python str (Orbax's): safetensors holds arrays
+            continue
         if variable.dtype == np.dtype(object) and variable.name not in in_tree:
             continue
         if variable.dtype == np.dtype(object):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from shardsave.errors import CheckpointNotFoundError
 from shardsave.formats import dcp as _dcp
+from shardsave.formats import orbax as _orbax
 from shardsave.formats import safetensors as _safetensors
 from shardsave.formats import shardsave as _shardsave
 from shardsave.formats import tf_bundle as _tf_bundle
@@ -52,9 +53,16 @@ def _shardsave_index(raw: bytes, where: str, base: str, mtime: float | None) -> 
 READERS: list[FormatReader] = [
     FormatReader("safetensors", claims=_safetensors.is_safetensors, open=_safetensors.safetensors_index),
     FormatReader("dcp", claims=_dcp.is_dcp, open=_dcp.dcp_index),
+    FormatReader("orbax", claims=_orbax.is_orbax, open=_orbax.orbax_index),
     FormatReader("tensorflow", claims_index=_tf_bundle.is_tf_index, from_index=_tf_bundle.bundle_index),
     FormatReader("shardsave", claims_index=lambda raw: True, from_index=_shardsave_index),
 ]
+
+
+def claimed(path: str) -> bool:
+    """Whether a reader recognises the location by itself (a safetensors file, an Orbax
+    directory): it is a checkpoint as it is, not a directory of prefixes."""
+    return any(reader.claims is not None and reader.claims(path) for reader in READERS)
 
 
 def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tuple[Store, str, Index]:

@@ -38,6 +38,8 @@ def _as_kind(value: Any, kind: str) -> Any:
         return bool(value)
     if kind == _tree.KIND_COMPLEX:
         return complex(value)
+    if kind == _tree.KIND_STR:
+        return np.asarray(value, np.uint8).tobytes().decode("utf-8")
     return value
 
 
@@ -202,7 +204,14 @@ def requests_for_target(
     for name, leaf in zip(names, leaves):
         entry = by_name[name]
         finisher: Callable[[Any], Any] | None = None
-        if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+        if isinstance(leaf, str) or (entry.kind == _tree.KIND_STR and isinstance(leaf, jax.ShapeDtypeStruct)):
+            # A string leaf (its target a str, or load_structure's stand-in for it).
+            if entry.kind != _tree.KIND_STR:
+                raise StructureMismatchError(
+                    f"leaf {name!r}: the target is a str, the checkpoint holds a {entry.dtype} array"
+                )
+            shape, dtype, sharding, kind = entry.shape, entry.dtype, None, _tree.KIND_STR
+        elif isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
             shape, dtype = tuple(leaf.shape), leaf.dtype
             sharding = leaf.sharding
             if sharding is None:  # a ShapeDtypeStruct without one: the saved layout, else device 0
@@ -236,6 +245,7 @@ def requests_for_target(
             _refuse_narrowing(name, dtype, path)
         elif isinstance(leaf, np.ndarray):
             shape, dtype, sharding, kind = leaf.shape, leaf.dtype.newbyteorder("="), None, _tree.KIND_NUMPY
+
         else:
             try:
                 kind = _tree.leaf_kind(leaf)

@@ -183,3 +183,43 @@ class TensorstoreStore:
 
     def lock(self, stem: str, settle: Callable[[], None] | None = None) -> WriterLock | None:
         return None
+
+
+def tensorstore_location(directory: str, resources: dict[str, Any] | None = None) -> tuple[Any, ts.Context]:
+    """A directory as a tensorstore kvstore spec and a context to open it in.
+
+    For readers that open tensorstore drivers of their own over a directory (a
+    zarr array inside an OCDBT database, as Orbax stores them): the spec is the
+    one a Store of the directory uses (a local path becomes the file driver),
+    and the context is a fresh one holding `resources` (cache pools, ...) whose
+    parent is the process's context, so memory:// sees the values every store of
+    this process sees, and object stores get bounded retries.
+    """
+    if directory.startswith(_KVSTORE_SCHEME):
+        number, _, path = directory[len(_KVSTORE_SCHEME) :].partition("://")
+        kv = _KVSTORES[int(number)].copy()
+        kv.path = path.strip("/") + "/" if path.strip("/") else ""
+        spec: Any = kv.spec().to_json()
+    else:
+        spec = _spec(directory if "://" in directory else os.path.abspath(directory))
+    context = ts.Context({**_REMOTE_CONTEXT, **(resources or {})}, parent=_CONTEXT)
+    return spec, context
+
+
+def list_recursive(directory: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> list[str]:
+    """Every key under a directory, subdirectories included ('a/b/c'), sorted.
+
+    Store.list lists one level; a reader of a format that nests directories (an
+    Orbax CheckpointManager's root) needs the whole tree. Local directories are
+    walked; anything else is listed through tensorstore.
+    """
+    if "://" not in directory or directory.startswith("file://"):
+        root = directory[len("file://") :] if directory.startswith("file://") else directory
+        keys = []
+        for top, _, files in os.walk(root):
+            rel = os.path.relpath(top, root)
+            keys += [f if rel == "." else f"{rel}/{f}" for f in files]
+        return sorted(keys)
+    spec, context = tensorstore_location(directory)
+    kv = _wait(ts.KvStore.open(spec, context=context), f"opening {directory}", timeout_s)
+    return sorted(k.decode() for k in _wait(kv.list(), f"listing {directory}", timeout_s))
