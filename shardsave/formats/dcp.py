@@ -911,6 +911,10 @@ class DecodedStore:
     def is_local(self) -> bool:
         return self.inner.is_local
 
+    @property
+    def copies_writes(self) -> bool:
+        return self.inner.copies_writes
+
     def local_path(self, key: str) -> str:
         return self.inner.local_path(key)
 

@@ -719,6 +719,7 @@ class OrbaxArrays:
     """
 
     is_local = False
+    copies_writes = False  # (read-only: nothing is written through it)
 
     def __init__(self, folder: Store, arrays: dict[str, _Stored]):
         self.path = folder.path
