@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -440,12 +441,17 @@ def test_damaged_metadata_is_refused_naming_the_file(tmp_path, damage, message):
     "damage, where",
     [
         (
+            # a shape beyond the stored chunks: the restore names the first absent one it
+            # asks for (reads run in parallel, so which of them is not fixed)
             lambda p: _edit_json(p / "params.w" / ".zarray", lambda d: d.update(shape=[16, 12])),
-            "params.w/0.4",
+            r"params\.w/[01]\.[45]",
         ),
-        (lambda p: _edit_json(p / "params.w" / ".zarray", lambda d: d.update(dtype="<f2")), "params.w/0."),
-        (lambda p: _truncate(p / "params.w" / "1.2"), "params.w/1.2"),
-        (lambda p: (p / "params.w" / "0.3").unlink(), "params.w/0.3"),
+        (
+            lambda p: _edit_json(p / "params.w" / ".zarray", lambda d: d.update(dtype="<f2")),
+            r"params\.w/0\.",
+        ),
+        (lambda p: _truncate(p / "params.w" / "1.2"), r"params\.w/1\.2"),
+        (lambda p: (p / "params.w" / "0.3").unlink(), r"params\.w/0\.3"),
     ],
 )
 def test_damaged_arrays_are_refused_by_restore_and_reported_by_verify(tmp_path, damage, where):
@@ -453,7 +459,7 @@ def test_damaged_arrays_are_refused_by_restore_and_reported_by_verify(tmp_path, 
     damage(item)
     with pytest.raises(CorruptCheckpointError) as e:
         shardsave.Saver().restore(str(item))
-    assert os.path.join(str(item), where) in str(e.value)
+    assert re.search(re.escape(str(item) + os.sep) + where, str(e.value)), str(e.value)
     problems = shardsave.CheckpointReader(str(item)).verify()
     assert problems and any("params.w" in p for p in problems)
 
