@@ -1127,6 +1127,12 @@ def first_save(
         if tool == "orbax-capped"
         else f"saver.save(pathlib.Path({target!r}) / str(step), tree)"
     )
+    # A Saver keeps max_to_keep=1; Orbax's step folders are removed before the next save.
+    clear = (
+        "pass"
+        if tool.startswith("shardsave")
+        else f"shutil.rmtree({str(root / 'first')!r}, ignore_errors=True)"
+    )
     code = f"""
 import mmap, os, pathlib, shutil, sys, time, json
 sys.path.insert(0, {str(REPO / "benchmarks")!r})
@@ -1145,7 +1151,7 @@ saver = {make}
 time.sleep({gap_s})
 times = []
 for step in range(4):
-    shutil.rmtree(pathlib.Path({target!r}).parent, ignore_errors=True) if not {tool.startswith("shardsave")} else None
+    {clear}
     began = time.perf_counter()
     {save}
     times.append(time.perf_counter() - began)

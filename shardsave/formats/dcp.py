@@ -56,6 +56,9 @@ import ml_dtypes
 import numpy as np
 
 from shardsave.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+
+# DCP's safetensors serialization writes the safetensors package's dtype names.
+from shardsave.formats.safetensors import DTYPES as SAFETENSORS_DTYPES
 from shardsave.index import Checksums, DataFile, Index, LeafEntry, StoredShard, crc_chunks
 from shardsave.storage import open_store
 from shardsave.storage.base import IOStats, Lock, Pending, Store, join, location, split_prefix
@@ -186,27 +189,6 @@ _STORAGE_DTYPES = {
     "BoolStorage": "bool",
     "ComplexFloatStorage": "complex64",
     "ComplexDoubleStorage": "complex128",
-}
-
-
-# The safetensors dtype names DCP's safetensors serialization writes.
-_SAFETENSORS_DTYPES = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype(np.uint8),
-    "I8": np.dtype(np.int8),
-    "I16": np.dtype(np.int16),
-    "U16": np.dtype(np.uint16),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "I32": np.dtype(np.int32),
-    "U32": np.dtype(np.uint32),
-    "F32": np.dtype(np.float32),
-    "F64": np.dtype(np.float64),
-    "I64": np.dtype(np.int64),
-    "U64": np.dtype(np.uint64),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "C64": np.dtype(np.complex64),
 }
 
 
@@ -1168,7 +1150,7 @@ def _safetensors_tensor(
         dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]  # type: ignore[index]
     except (TypeError, KeyError, ValueError) as e:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has a malformed safetensors entry") from e
-    dtype = _SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    dtype = SAFETENSORS_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise CorruptCheckpointError(f"{where}: tensor {name!r} has the safetensors dtype {dtype_name!r:.20}")
     if not (_ints(shape) and _is_int(begin) and _is_int(end) and 0 <= begin <= end):

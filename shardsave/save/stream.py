@@ -85,12 +85,16 @@ class Ring:
     def warm(self) -> None:
         try:
             with self._lock:
-                while len(self._buffers) < self.count:
-                    buffer = allocate(self.piece)
-                    touch(buffer)  # fault each page in now, not during the first save
-                    self._buffers.append(buffer)
+                self._top_up(self.count)
         finally:
             self._ready.set()
+
+    def _top_up(self, count: int) -> None:
+        """Allocates buffers until there are count, each page faulted in now, not during a save."""
+        while len(self._buffers) < count:
+            buffer = allocate(self.piece)
+            touch(buffer)
+            self._buffers.append(buffer)
 
     def start_warming(self) -> None:
         threading.Thread(target=self.warm, name="shardsave-ring", daemon=True).start()
@@ -103,10 +107,7 @@ class Ring:
         keep = min(keep, self.count)
         with self._lock:
             del self._buffers[keep:]
-            while len(self._buffers) < keep:  # after close(), or after a save that needed fewer
-                buffer = allocate(self.piece)
-                touch(buffer)
-                self._buffers.append(buffer)
+            self._top_up(keep)  # after close(), or after a save that needed fewer
             return list(self._buffers)
 
     def close(self) -> None:
