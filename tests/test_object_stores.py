@@ -261,6 +261,41 @@ def test_data_beyond_the_part_size_is_split_into_parts(location, mesh24):
     saver.close()
 
 
+def _requests(driver: str) -> dict[str, int]:
+    """What tensorstore's own counters say its driver sent: reads and lists, so far."""
+    counts = {"read": 0, "list": 0}
+    for metric in ts.experimental_collect_matching_metrics(f"/tensorstore/kvstore/{driver}/"):
+        kind = metric["name"].rsplit("/", 1)[-1]
+        if kind in counts:
+            counts[kind] = sum(int(v.get("value", 0)) for v in metric["values"])
+    return counts
+
+
+@pytest.mark.parametrize("driver", ["s3", "gcs"])
+def test_a_restore_from_an_object_store_lists_nothing(request, driver, mesh24, io_stats):
+    """Opening a checkpoint by its prefix reads its index with one GET: no LIST (a round
+    trip of its own before any data) and no separate stat, only then the data."""
+    if driver == "s3":
+        location = f"s3://{s3_bucket(request.getfixturevalue('s3_env'))}/runs"
+    else:
+        location = f"gs://{gcs_bucket(request.getfixturevalue('gcs_server'))}/runs"
+    saver = shardsave.Saver(max_to_keep=None, storage_timeout_s=60)
+    tree = _tree(mesh24, 3)
+    path = saver.save(tree, f"{location}/model", global_step=3)
+    saver.wait_until_finished()
+    index_bytes = len(shardsave.storage.open_store(location).read_all("model-3.index") or b"")
+    before, reads_before, read_before = _requests(driver), io_stats.reads, io_stats.bytes_read
+    restored = saver.restore(path, tree)
+    after = _requests(driver)
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(tree["w"]))
+    assert after["list"] - before["list"] == 0
+    # Every GET the driver sent is a read the restore asked for (no stat, no existence
+    # check): the index, then the data, each byte once.
+    assert after["read"] - before["read"] == io_stats.reads - reads_before
+    assert io_stats.bytes_read - read_before - index_bytes == sum(np.asarray(v).nbytes for v in tree.values())
+    saver.close()
+
+
 def test_a_kvstore_spec_is_a_location(s3_server, monkeypatch, mesh24, tmp_path):
     """The spec of the issue that found the gap: an endpoint with no environment variable set."""
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):

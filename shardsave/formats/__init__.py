@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from shardsave.errors import CheckpointNotFoundError
 from shardsave.formats import dcp as _dcp
@@ -22,7 +23,7 @@ from shardsave.formats import safetensors as _safetensors
 from shardsave.formats import shardsave as _shardsave
 from shardsave.formats import tf_bundle as _tf_bundle
 from shardsave.index import Index
-from shardsave.storage import open_prefix
+from shardsave.storage import open_prefix, split_prefix
 from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Store
 
 
@@ -32,29 +33,39 @@ class FormatReader:
 
     Attributes:
       name: the format's name, as Index.source records it.
-      claims: recognises the format from a location alone (no I/O beyond a stat).
+      claims: recognises the format from a location alone.
+      lists: claims() looks inside the location (a directory format: a LIST on an
+        object store), so it is asked only once the prefix has no `.index` file;
+        otherwise claims() goes by the name alone and is asked first.
       open: reads a location that claims() recognised: (store, base, index).
       claims_index: recognises the format from the bytes of the prefix's `.index` file.
-      from_index: reads the index from those bytes: (raw, where, base, mtime) -> Index.
+      from_index: reads the index from those bytes: (raw, where, base, mtime) -> Index,
+        where mtime() is the `.index` file's modification time (a request of its
+        own on an object store, made only by the readers that need it).
     """
 
     name: str
     claims: Callable[[str], bool] | None = None
+    lists: bool = False
     open: Callable[[str, float], tuple[Store, str, Index]] | None = None
     claims_index: Callable[[bytes], bool] | None = None
-    from_index: Callable[[bytes, str, str, float | None], Index] | None = None
+    from_index: Callable[[bytes, str, str, Callable[[], float | None]], Index] | None = None
 
 
-def _shardsave_index(raw: bytes, where: str, base: str, mtime: float | None) -> Index:
+def _shardsave_index(raw: bytes, where: str, base: str, mtime: Callable[[], float | None]) -> Index:
     return _shardsave.located(_shardsave.decode_index(raw, where), base)
+
+
+def _tf_index(raw: bytes, where: str, base: str, mtime: Callable[[], float | None]) -> Index:
+    return _tf_bundle.bundle_index(raw, where, base, mtime())
 
 
 # Tried in order; shardsave's own format last, as the one that takes any other `.index`.
 READERS: list[FormatReader] = [
     FormatReader("safetensors", claims=_safetensors.is_safetensors, open=_safetensors.safetensors_index),
-    FormatReader("dcp", claims=_dcp.is_dcp, open=_dcp.dcp_index),
-    FormatReader("orbax", claims=_orbax.is_orbax, open=_orbax.orbax_index),
-    FormatReader("tensorflow", claims_index=_tf_bundle.is_tf_index, from_index=_tf_bundle.bundle_index),
+    FormatReader("dcp", claims=_dcp.is_dcp, lists=True, open=_dcp.dcp_index),
+    FormatReader("orbax", claims=_orbax.is_orbax, lists=True, open=_orbax.orbax_index),
+    FormatReader("tensorflow", claims_index=_tf_bundle.is_tf_index, from_index=_tf_index),
     FormatReader("shardsave", claims_index=lambda raw: True, from_index=_shardsave_index),
 ]
 
@@ -65,20 +76,45 @@ def claimed(path: str) -> bool:
     return any(reader.claims is not None and reader.claims(path) for reader in READERS)
 
 
+def _claimed_by(path: str, lists: bool) -> FormatReader | None:
+    for reader in READERS:
+        if (
+            reader.claims is not None
+            and reader.open is not None
+            and reader.lists == lists
+            and reader.claims(path)
+        ):
+            return reader
+    return None
+
+
 def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tuple[Store, str, Index]:
     """The directory, base name and validated index of the checkpoint at path, in any format read.
+
+    The order is the cheapest first: a name that says its format (a safetensors
+    file), then the prefix's `.index` file (shardsave's and TensorFlow's), read
+    with one request, and only then the directory formats, which list the location
+    (an object store's LIST costs a round trip of its own before the first read).
 
     Raises:
       CheckpointNotFoundError: nothing committed is at path.
       CorruptCheckpointError: what is there is damaged (the message names the file).
     """
-    for reader in READERS:
-        if reader.claims is not None and reader.open is not None and reader.claims(path):
-            return reader.open(path, timeout_s)
-    directory, base = open_prefix(path, timeout_s)
-    key = _shardsave.index_key(base)
-    raw = directory.read_all(key)
+    reader = _claimed_by(path, lists=False)
+    if reader is not None and reader.open is not None:
+        return reader.open(path, timeout_s)
+    _, base = split_prefix(path)
+    raw = None
+    if base:
+        directory, base = open_prefix(path, timeout_s)
+        key = _shardsave.index_key(base)
+        raw = directory.read_all(key)
     if raw is None:
+        reader = _claimed_by(path, lists=True)
+        if reader is not None and reader.open is not None:
+            return reader.open(path, timeout_s)
+        if not base:
+            raise CheckpointNotFoundError(f"{path!r} names a directory, not a checkpoint prefix")
         leftovers = _shardsave.Listing.of(directory).data.get(base, [])
         hint = (
             f" ({len(leftovers)} data files exist without it: a save that never committed)"
@@ -91,6 +127,5 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> 
     where = f"{path}{_shardsave.INDEX_SUFFIX}"
     for reader in READERS:
         if reader.claims_index is not None and reader.from_index is not None and reader.claims_index(raw):
-            mtime = directory.mtime(key)
-            return directory, base, reader.from_index(raw, where, base, mtime)
+            return directory, base, reader.from_index(raw, where, base, partial(directory.mtime, key))
     raise AssertionError("shardsave's own reader takes every index")  # unreachable: it is last
