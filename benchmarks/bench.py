@@ -43,6 +43,8 @@ Tools and what they measure:
 Storage "s3" is moto's S3 server on loopback (started by the benchmark): there
 "raw" is boto3 PUTting and GETting the same bytes in parallel, one thread per
 data file, "raw-ranged" GETting them in ranges of 16 MiB (shardsave's requests),
+"raw-placed" GETting them whole and placing every target shard on its devices
+(what a restore does with the bytes; the other limits place nothing),
 and Orbax is not run (its s3:// paths cannot name another endpoint).
 
 Storage "cold" (op restore_cold) restores from disk_dir with the kernel's page
@@ -286,10 +288,7 @@ class Raw:
 
             kv = ts.KvStore.open({"driver": "file", "path": str(directory) + "/"}).result()
             futures = [kv.read(f"raw.data-{k:05d}") for k in range(len(self.plan.files))]
-            for f, future in zip(self.plan.files, futures):
-                data = np.frombuffer(future.result().value, np.uint8)
-                for s in f.shards:
-                    stored.setdefault(s.leaf, []).append((s.box, data[s.offset : s.offset + s.nbytes]))
+            stored = self.fetched([np.frombuffer(future.result().value, np.uint8) for future in futures])
         for k, f in enumerate(self.plan.files if not via_tensorstore else []):
             with open(directory / f"raw.data-{k:05d}", "rb", buffering=0) as fh:
                 for s in f.shards:
@@ -297,6 +296,22 @@ class Raw:
                     fh.seek(s.offset)
                     fh.readinto(memoryview(buf))
                     stored.setdefault(s.leaf, []).append((s.box, buf))
+        return self.place(stored, target)
+
+    def fetched(self, payloads: list[np.ndarray]) -> dict[int, list[tuple[shardsave.index.Box, np.ndarray]]]:
+        """Each leaf's stored shards as views into the bytes of the data files (fetched whole)."""
+        stored: dict[int, list[tuple[shardsave.index.Box, np.ndarray]]] = {}
+        for f, data in zip(self.plan.files, payloads):
+            for s in f.shards:
+                stored.setdefault(s.leaf, []).append((s.box, data[s.offset : s.offset + s.nbytes]))
+        return stored
+
+    def place(
+        self,
+        stored: dict[int, list[tuple[shardsave.index.Box, np.ndarray]]],
+        target: dict[str, jax.ShapeDtypeStruct],
+    ) -> dict[str, jax.Array]:
+        """Every target shard from the stored shards (assembling a leaf first where the layout differs)."""
         out = {}
         self.place_seconds = 0.0  # in make_array_from_callback: jax's own cost per leaf
         for i, name in enumerate(self.names):
@@ -943,6 +958,12 @@ def run_s3_case(case: dict[str, Any], config: dict[str, Any], sampler: Sampler) 
                 )
             )
 
+        def get_placed(prefix: str) -> dict[str, jax.Array]:
+            # The GETs, then what any restore does with the bytes: each target shard
+            # placed on its devices (as the local raw restore does after its reads).
+            data = [np.frombuffer(b, np.uint8) for b in get_all(prefix)]
+            return jax.block_until_ready(raw.place(raw.fetched(data), same))
+
         for rep in range(config["warmup"] + config["reps"]):
             prefix = f"rep{rep}"
             record("raw", "save", rep, *sampler.run(partial(put_all, prefix))[:2])
@@ -956,6 +977,9 @@ def run_s3_case(case: dict[str, Any], config: dict[str, Any], sampler: Sampler) 
             t, m, out = sampler.run(partial(get_ranged, prefix))
             del out
             record("raw-ranged", "restore", rep, t, m)
+            t, m, out = sampler.run(partial(get_placed, prefix))
+            del out
+            record("raw-placed", "restore", rep, t, m)
             for label, target in (("restore", same), ("restore_resharded", resharded)):
                 t, m, out = sampler.run(partial(_ready, saver.restore, path, target))
                 del out
@@ -1270,6 +1294,7 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "raw-ts": 1.5,
         "raw-fresh": 1.6,
         "raw-ranged": 1.7,
+        "raw-placed": 1.8,
         "shardsave": 2,
         "shardsave-async": 3,
         "shardsave-device": 4,
