@@ -23,7 +23,7 @@ from shardsave.formats import safetensors as _safetensors
 from shardsave.formats import shardsave as _shardsave
 from shardsave.formats import tf_bundle as _tf_bundle
 from shardsave.index import Index
-from shardsave.storage import open_prefix, split_prefix
+from shardsave.storage import open_store, split_prefix
 from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Store
 
 
@@ -76,15 +76,16 @@ def claimed(path: str) -> bool:
     return any(reader.claims is not None and reader.claims(path) for reader in READERS)
 
 
-def _claimed_by(path: str, lists: bool) -> FormatReader | None:
+def _opener(path: str, lists: bool) -> Callable[[str, float], tuple[Store, str, Index]] | None:
+    """The open() of the first reader whose claims() (of the kind `lists` says) takes path."""
     for reader in READERS:
         if (
-            reader.claims is not None
-            and reader.open is not None
+            reader.open is not None
+            and reader.claims is not None
             and reader.lists == lists
             and reader.claims(path)
         ):
-            return reader
+            return reader.open
     return None
 
 
@@ -100,19 +101,19 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> 
       CheckpointNotFoundError: nothing committed is at path.
       CorruptCheckpointError: what is there is damaged (the message names the file).
     """
-    reader = _claimed_by(path, lists=False)
-    if reader is not None and reader.open is not None:
-        return reader.open(path, timeout_s)
-    _, base = split_prefix(path)
+    opener = _opener(path, lists=False)
+    if opener is not None:
+        return opener(path, timeout_s)
+    parent, base = split_prefix(path)
     raw = None
     if base:
-        directory, base = open_prefix(path, timeout_s)
+        directory = open_store(parent, timeout_s)
         key = _shardsave.index_key(base)
         raw = directory.read_all(key)
     if raw is None:
-        reader = _claimed_by(path, lists=True)
-        if reader is not None and reader.open is not None:
-            return reader.open(path, timeout_s)
+        opener = _opener(path, lists=True)
+        if opener is not None:
+            return opener(path, timeout_s)
         if not base:
             raise CheckpointNotFoundError(f"{path!r} names a directory, not a checkpoint prefix")
         leftovers = _shardsave.Listing.of(directory).data.get(base, [])
