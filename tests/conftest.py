@@ -193,7 +193,7 @@ def evict(path) -> None:
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        if not shardsave.storage.local._uncached(fd, 0, os.fstat(fd).st_size):
+        if not shardsave.storage.local.would_read_uncached(fd, 0, os.fstat(fd).st_size):
             pytest.skip(
                 f"{path}: shardsave reads it through the page cache here (tmpfs or another file "
                 "system than ext2/3/4, XFS and btrfs, or a kernel before 6.5 without cachestat)"

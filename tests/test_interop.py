@@ -499,18 +499,52 @@ def test_save_safetensors_from_a_checkpoint_and_the_convert_command(tmp_path, me
 
 
 def _data_blocks(raw: bytes) -> list[tuple[int, int]]:
-    """The (offset, size) of each data block of a TF index (read through its index block)."""
-    import shardsave
+    """The (offset, size) of each data block of a TF index (read through its index block).
 
-    footer = raw[-shardsave.formats.tf_bundle.FOOTER_BYTES :]
-    _, pos = shardsave.formats.tf_bundle._varint(footer, 0)
-    _, pos = shardsave.formats.tf_bundle._varint(footer, pos)
-    offset, pos = shardsave.formats.tf_bundle._varint(footer, pos)
-    size, _ = shardsave.formats.tf_bundle._varint(footer, pos)
+    Decoded here from the table format itself (TensorFlow's tsl/lib/io/format.h and
+    block_builder.cc, LevelDB's table_format.md), not with shardsave's parser: the
+    test then holds shardsave to the format, not to itself."""
+    import struct
+
+    def varint(buf: bytes, pos: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = buf[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value, pos
+            shift += 7
+
+    # The footer, the file's last 48 bytes: the meta-index and the index block's
+    # handles (varint64 offset, varint64 size), zeros up to byte 40, the 8-byte magic.
+    footer = raw[-48:]
+    assert struct.unpack("<Q", footer[40:])[0] == 0xDB4775248B80FB57
+    _, pos = varint(footer, 0)
+    _, pos = varint(footer, pos)
+    offset, pos = varint(footer, pos)
+    size, pos = varint(footer, pos)
+    assert not any(footer[pos:40])
+    # A block: entries (varint32 shared key bytes, unshared key bytes, value bytes; the
+    # key's unshared tail; the value), then uint32 restart offsets and their count, then
+    # the trailer (a compression byte, 0 for none, and a masked crc32c). Each value of
+    # the index block is a data block's handle.
+    block = raw[offset : offset + size]
+    assert raw[offset + size] == 0
+    (restarts,) = struct.unpack("<I", block[-4:])
+    limit = len(block) - 4 - 4 * restarts
     blocks = []
-    for _, handle in shardsave.formats.tf_bundle._block(raw, offset, size):
-        o, p = shardsave.formats.tf_bundle._varint(handle, 0)
-        blocks.append((o, shardsave.formats.tf_bundle._varint(handle, p)[0]))
+    pos = 0
+    while pos < limit:
+        _, pos = varint(block, pos)
+        unshared, pos = varint(block, pos)
+        nvalue, pos = varint(block, pos)
+        pos += unshared
+        o, p = varint(block, pos)
+        blocks.append((o, varint(block, p)[0]))
+        assert p <= pos + nvalue
+        pos += nvalue
+    assert pos == limit and blocks
     return blocks
 
 

@@ -24,7 +24,7 @@ import shardsave
 from shardsave.errors import SaveFailedError
 from shardsave.formats.shardsave import CRC_CHUNK_BYTES
 from shardsave.index import shard_checksums
-from shardsave.save.stream import _ShardChecksums, device_range, piece_bytes
+from shardsave.save.stream import ShardChecksums, device_range, piece_bytes
 from shardsave.storage.testing import FullDisk
 
 MIB = 1 << 20
@@ -130,11 +130,11 @@ def test_checksums_fed_piece_by_piece_equal_those_of_the_whole_shard():
     data = rng.integers(0, 256, 3 * CRC_CHUNK_BYTES + 12345, dtype=np.uint8)
     expected = shard_checksums(data, 0, data.size, CRC_CHUNK_BYTES)
     for cuts in ([], [1], [CRC_CHUNK_BYTES], [7, CRC_CHUNK_BYTES + 3, 2 * CRC_CHUNK_BYTES + 100]):
-        sums = _ShardChecksums(data.size, CRC_CHUNK_BYTES)
+        sums = ShardChecksums(CRC_CHUNK_BYTES)
         for a, b in zip([0, *cuts], [*cuts, data.size]):
             sums.feed(data[a:b])
         assert sums.result() == expected
-    assert _ShardChecksums(0, CRC_CHUNK_BYTES).result() == shard_checksums(data, 0, 0, CRC_CHUNK_BYTES)
+    assert ShardChecksums(CRC_CHUNK_BYTES).result() == shard_checksums(data, 0, 0, CRC_CHUNK_BYTES)
 
 
 def test_a_range_of_a_device_array_is_sliced_on_the_device():

@@ -98,7 +98,7 @@ def test_a_file_system_that_refuses_o_direct_is_read_through_the_page_cache(
     buffer = shardsave.storage.mapped_empty((2 << 20) + 4096)
     fd = os.open(tmp_path / "f", os.O_RDONLY)
     try:
-        assert shardsave.storage.local._read_uncached(fd, buffer[1 : 1 + (1 << 20)], 0) == 0
+        assert shardsave.storage.local.read_uncached(fd, buffer[1 : 1 + (1 << 20)], 0) == 0
     finally:
         os.close(fd)
     assert shardsave.storage.local.direct_io_decisions() == {os.stat(tmp_path / "f").st_dev: False}

@@ -116,16 +116,24 @@ class Ring:
 
 
 @dataclass
-class _ShardChecksums:
-    """The chunk checksums of one shard, fed its bytes in order, piece by piece."""
+class ShardChecksums:
+    """The chunk checksums of one shard, fed its bytes in order, piece by piece.
 
-    nbytes: int
+    A capped save fills a shard through several buffers; the checksums carry on
+    across them, so they equal index.shard_checksums of the whole shard (the
+    format has one CRC-32C per `chunk` bytes of a shard, the last chunk shorter).
+
+    Attributes:
+      chunk: the bytes per checksum (CRC_CHUNK_BYTES in a checkpoint's index).
+    """
+
     chunk: int
     done: list[int] = field(default_factory=list)
     running: int = 0  # the checksum of the bytes of the current chunk so far
     filled: int = 0  # how many bytes of the current chunk
 
     def feed(self, data: np.ndarray) -> None:
+        """Adds the shard's next bytes (a contiguous uint8 array)."""
         at = 0
         while at < data.size:
             take = min(self.chunk - self.filled, data.size - at)
@@ -137,6 +145,7 @@ class _ShardChecksums:
                 self.running = self.filled = 0
 
     def result(self) -> tuple[int, ...]:
+        """The checksums of the bytes fed so far, the last one of a partial chunk if any."""
         return (*self.done, self.running) if self.filled else tuple(self.done)
 
 
@@ -270,7 +279,7 @@ def stream(
             sizes = parts[k] or (f.nbytes,)
             shards = sorted(f.shards, key=lambda s: s.offset)
             sources = [_Source(s, leaves[s.leaf], plan.leaves[s.leaf].dtype, device_data) for s in shards]
-            sums = [_ShardChecksums(s.nbytes, chunk) for s in shards]
+            sums = [ShardChecksums(chunk) for _ in shards]
             at, first = 0, 0  # the piece's start in the file; the first shard not yet written whole
             for key, size in zip(keys, sizes):
                 while len(flight) >= window or not free:

@@ -66,8 +66,9 @@ class LocalStore:
     Not through tensorstore's Python binding, which copies every value while
     holding the GIL and hands every read back as a new bytes object (README
     "Storage"). Reads land with preadv straight in an aligned buffer, from the disk
-    itself (O_DIRECT) where the page cache holds none of a large one (_uncached); a
-    write goes to a temporary file that is fsync'd and renamed into place.
+    itself (O_DIRECT) where the page cache holds none of a large one
+    (would_read_uncached); a write goes to a temporary file that is fsync'd and
+    renamed into place.
     """
 
     is_local = True
@@ -384,9 +385,9 @@ def _pread(
             out.size >= MIN_UNCACHED_READ_BYTES
             and start % DIRECT_IO_ALIGNMENT == 0
             and out.ctypes.data % DIRECT_IO_ALIGNMENT == 0
-            and _uncached(fd, start, out.size)
+            and would_read_uncached(fd, start, out.size)
         ):
-            done = _read_uncached(fd, out[: out.size // DIRECT_IO_ALIGNMENT * DIRECT_IO_ALIGNMENT], start)
+            done = read_uncached(fd, out[: out.size // DIRECT_IO_ALIGNMENT * DIRECT_IO_ALIGNMENT], start)
             stats.add_uncached(done)
         while done < out.size:
             n = os.preadv(fd, [cast(Any, out[done:])], start + done)
@@ -465,13 +466,25 @@ def _no_direct_reads(fd: int) -> None:
     _direct_devices[os.fstat(fd).st_dev] = False
 
 
-def _uncached(fd: int, start: int, nbytes: int) -> bool:
-    """Whether the page cache holds no page of the range (cachestat(2)), on a file
-    system whose reads may go past it (_DIRECT_FILE_SYSTEMS).
+def would_read_uncached(fd: int, start: int, nbytes: int) -> bool:
+    """Whether LocalStore reads bytes [start, start + nbytes) of an open file past the
+    page cache (O_DIRECT, read_uncached): the page cache holds no page of the range
+    (cachestat(2)), on a file system whose reads may go past it (ext2/3/4, XFS, btrfs).
 
     A cached range is read from memory, as it always was (a checkpoint just written,
     tmpfs); on other file systems, kernels before 6.5 and other operating systems,
-    every read is.
+    every read is. A read also needs its start, its buffer and its size to suit
+    O_DIRECT (DIRECT_IO_ALIGNMENT, MIN_UNCACHED_READ_BYTES) before LocalStore asks.
+
+    Args:
+      fd: a file descriptor open for reading.
+      start: the range's first byte.
+      nbytes: the range's length.
+
+    Returns:
+      True where the range would be read from the disk itself; False otherwise, and
+      False from then on for the file system of a kernel that refuses cachestat(2)
+      (direct_io_decisions records it).
     """
     if sys.platform != "linux" or not _direct_device(fd):
         return False
@@ -482,12 +495,21 @@ def _uncached(fd: int, start: int, nbytes: int) -> bool:
     return stats.nr_cache == 0
 
 
-def _read_uncached(fd: int, out: np.ndarray, start: int) -> int:
-    """Reads into out (whole pages) with O_DIRECT: the disk's DMA lands in the buffer,
-    with none of the page cache's copying and bookkeeping; the bytes read.
+def read_uncached(fd: int, out: np.ndarray, start: int) -> int:
+    """Reads bytes of an open file from start into out with O_DIRECT, as LocalStore does
+    for a range would_read_uncached approves: the disk's DMA lands in the buffer, with
+    none of the page cache's copying and bookkeeping.
 
-    0 where the file system refuses (EINVAL: no O_DIRECT, or other alignment rules),
-    and the caller reads as before; so does every later read on that file system.
+    Args:
+      fd: a file descriptor open for reading (its flags are restored afterwards).
+      out: a uint8 buffer of whole pages (DIRECT_IO_ALIGNMENT) at an aligned address.
+      start: the file offset to read from, page-aligned.
+
+    Returns:
+      The bytes read: fewer than out holds at the end of the file, and 0 where the
+      file system refuses (EINVAL: no O_DIRECT, or alignment rules of its own). The
+      caller then reads the rest through the page cache, and so does every later
+      read on that file system (direct_io_decisions records it as False).
     """
     done = 0
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
