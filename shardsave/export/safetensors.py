@@ -7,6 +7,8 @@ tools read; load_safetensors restores safetensors onto shardings.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -25,8 +27,8 @@ from shardsave.reader import CheckpointReader
 from shardsave.save.coordination import Coordinator, shared_key
 from shardsave.saver import Saver
 from shardsave.storage import open_store
-from shardsave.storage.base import Store, join, location
-from shardsave.storage.local import sync_directory
+from shardsave.storage.base import TEMP_MARK, Store, join, location
+from shardsave.storage.local import sync_directory, write_file
 
 WRITE_BLOCK_BYTES = 64 << 20  # the host memory a write holds of one tensor at a time
 
@@ -234,8 +236,8 @@ def save_safetensors(
             _write_distributed(paths, headers, groups, index_raw, store, progress, timeout_s)
         else:
             for path, header, group in zip(paths, headers, groups):
-                _write_file(path, header, group, progress)
-            sync_directory(store)  # the renames are durable before index.json names the files
+                # Durable under its name (the directory fsync'd too) before index.json names it.
+                write_file(path, itertools.chain((header,), _tensor_bytes(group, progress)))
             if index_raw is not None:
                 store.write(INDEX_NAME, index_raw).result()
     else:
@@ -294,24 +296,6 @@ def _file_bytes(header: bytes, tensors: list[_Tensor], progress: Callable[[int],
     return bytes(out)
 
 
-def _write_file(
-    path: str, header: bytes, tensors: list[_Tensor], progress: Callable[[int], None] | None
-) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(temporary, "wb") as f:
-            f.write(header)
-            for data in _tensor_bytes(tensors, progress):
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 def _write_distributed(
     paths: list[str],
     headers: list[bytes],
@@ -327,7 +311,10 @@ def _write_distributed(
     coordinator = Coordinator(timeout_s)
     key = shared_key("safetensors", store.path)
     me = jax.process_index()
-    temporaries = [f"{path}.tmp-shardsave" for path in paths]
+    # One name in every process, from what they share, and in storage.temp_target's
+    # form (TEMP_MARK, 8 hex digits), so that a crash's leftovers are recognised.
+    tag = hashlib.sha256(key.encode()).hexdigest()[:8]
+    temporaries = [f"{path}{TEMP_MARK}{tag}" for path in paths]
 
     def step(n: int, what: str, work: Callable[[], None]) -> None:
         error: BaseException | None = None

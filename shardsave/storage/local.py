@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, cast
@@ -68,7 +68,7 @@ class LocalStore:
     "Storage"). Reads land with preadv straight in an aligned buffer, from the disk
     itself (O_DIRECT) where the page cache holds none of a large one
     (would_read_uncached); a write goes to a temporary file that is fsync'd and
-    renamed into place.
+    renamed into place (write_file streams one in the caller's thread).
     """
 
     is_local = True
@@ -123,7 +123,7 @@ class LocalStore:
             else:
                 done.set_result(synced.result())
 
-        _IO.submit(_write_temp, path, data).add_done_callback(then_sync)
+        _IO.submit(_write_temp, path, (data,)).add_done_callback(then_sync)
         return _Local(done, f"writing {path}", self.timeout_s)
 
     def exists(self, key: str) -> bool:
@@ -315,23 +315,61 @@ _serials = itertools.count(1)
 def sync_directory(directory: Store) -> None:
     """Makes renames and deletions in a local directory durable."""
     if directory.is_local:
-        fd = os.open(directory.local_path(""), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_directory(directory.local_path(""))
 
 
-def _write_temp(path: str, data: bytes | memoryview) -> tuple[int, str]:
-    """Writes data to a new temporary file next to path; returns its open fd and name."""
+def write_file(path: str, chunks: Iterable[bytes | memoryview]) -> None:
+    """Writes a local file durably from its bytes streamed in order, for a file too
+    large to hold in memory whole (a safetensors export).
+
+    The protocol of LocalStore.write, run in the caller's thread: the bytes go to a
+    temporary file beside path (TEMP_MARK and 8 hex digits in its name, so that a
+    crash's leftover is recognised: storage.temp_target), which is fsync'd, renamed
+    over path, and made durable with an fsync of the directory. Each chunk is
+    written before the next is asked for, so only one is in memory at a time. If
+    it fails before the rename, the temporary file is removed and path is left as
+    it was.
+
+    Args:
+      path: the file to write; its directory is created if needed.
+      chunks: the file's bytes, in order.
+
+    Raises:
+      OSError: creating, writing, syncing or renaming the file failed; the error
+        names the file.
+    """
+    _sync_and_rename(*_write_temp(path, chunks), path)
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _name_file(error: BaseException, path: str) -> None:
+    """Names path in an OSError that names no file: those of write() and fsync() do not."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        error.filename = path
+
+
+def _write_temp(path: str, chunks: Iterable[bytes | memoryview]) -> tuple[int, str]:
+    """Writes chunks to a new temporary file next to path; returns its open fd and name."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temp = f"{path}{TEMP_MARK}{secrets.token_hex(4)}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done : done + _WRITE_BYTES])
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")  # write() counts bytes, whatever the items are
+            done = 0
+            while done < len(view):
+                try:
+                    done += os.write(fd, view[done : done + _WRITE_BYTES])
+                except OSError as e:  # only write()'s: an error making a chunk is about another file
+                    _name_file(e, path)
+                    raise
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -347,9 +385,10 @@ def _sync_only(fd: int, temp: str, path: str) -> PendingFile:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(temp)
+        _name_file(e, path)
         raise
     return PendingFile(temp, path)
 
@@ -362,11 +401,7 @@ def _sync_and_rename(fd: int, temp: str, path: str) -> None:
     except BaseException:
         pending.discard()
         raise
-    fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_directory(os.path.dirname(path))
 
 
 def _pread(
