@@ -119,7 +119,7 @@ import shardsave.save.commit
 import shardsave.save.plan
 import shardsave.storage
 import shardsave.tree
-from shardsave.restore.engine import MAX_SPAN_BYTES
+from shardsave.restore import MAX_SPAN_BYTES
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20

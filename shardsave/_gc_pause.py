@@ -1,16 +1,22 @@
-"""Pauses Python's cyclic garbage collector while shardsave builds per-leaf objects.
+"""Pauses Python's cyclic garbage collector while a caller waits inside shardsave.
 
 A save or restore of thousands of leaves allocates hundreds of thousands of small
 objects (index entries, shard boxes, reads). Each allocation burst triggers the
-collector, whose full passes walk the whole heap of a training process (jax
-arrays, compiled functions, the model itself): with thousands of leaves those
-passes took longer than the restore's own work (the commit that added this
-module has the measurement). Nothing shardsave allocates forms reference cycles
-that must be freed during the operation, so the pause only defers work.
+collector, whose passes walk the whole heap of a training process (jax arrays,
+compiled functions, the model itself): with thousands of leaves those passes cost
+a tenth of the operation (benchmarks/NOTES.md, "The garbage collector"). Nothing
+shardsave allocates forms reference cycles that must be freed during the
+operation, so the pause only defers work.
 
-The pause nests and is shared by threads (the commit thread and the caller may
-both be inside one): the collector is re-enabled when the last one leaves, and
-only if it was enabled when the first one came in.
+The collector is process-wide, so the pause is taken only where the caller's
+thread is blocked in shardsave anyway: Saver.save until it returns (the blocking
+copy, or the whole of a synchronous save), Saver.restore and restore_leaves.
+The commit thread never takes it: an asynchronous save's commit runs while the
+training loop does, and that loop keeps its collector.
+
+The pause nests and is shared by threads (two callers may both be inside one):
+the collector is re-enabled when the last one leaves, and only if it was
+enabled when the first one came in.
 """
 
 from __future__ import annotations

@@ -15,13 +15,14 @@ from shardsave.errors import CorruptCheckpointError
 from shardsave.formats import dcp as _dcp
 from shardsave.formats import open_checkpoint
 from shardsave.formats import tf_bundle as _tf_bundle
-from shardsave.index import Box, checksum, decode_sharding
-from shardsave.restore.engine import LeafRequest, restore_leaves
+from shardsave.index import Box, decode_sharding
+from shardsave.restore.engine import restore_leaves
+from shardsave.restore.fetch import Fetcher
 from shardsave.restore.files import DataFiles
+from shardsave.restore.plan import LeafRequest
 from shardsave.restore.targets import devices_by_id
 from shardsave.storage.base import join, location
-
-_VERIFY_READ_BYTES = 64 << 20
+from shardsave.storage.buffers import aligned_empty
 
 
 @dataclass(frozen=True)
@@ -217,77 +218,29 @@ class CheckpointReader:
 
         Returns:
           One line per bad shard or file (empty when the checkpoint is sound).
+
+        Raises:
+          StorageError: the store did not answer within its deadline (nothing
+            is known about the bytes it did not return).
         """
         problems = []
-        files = DataFiles(self._directory, self._base, self.index)
-        keys = files.names
-        checks = self.index.checksums
-        chunk = checks.chunk_bytes
-        step = _VERIFY_READ_BYTES if checks.whole_shards else max(chunk, _VERIFY_READ_BYTES // chunk * chunk)
+        names = {id(shard): leaf.name for leaf in self.index.leaves for shard in leaf.shards}
+        fetcher = Fetcher(self._directory, self._base, self.index, names, aligned_empty, name_shards=True)
         for leaf in self.index.leaves:
+            if (
+                leaf.stored_dtype == "string" and leaf.kind != _tree.KIND_STR
+            ):  # TF: a checksum over the lengths
+                try:
+                    self._strings(leaf)
+                except (CorruptCheckpointError, OSError) as e:
+                    problems.append(str(e))
+                continue
             for shard in leaf.shards:
-                where = f"{join(self._directory.path, keys[shard.file])} (leaf {leaf.name!r}, shard {shard.start}..{shard.stop})"
-                if (
-                    leaf.stored_dtype == "string" and leaf.kind != _tree.KIND_STR
-                ):  # TF: a checksum over the lengths
-                    try:
-                        self._strings(leaf)
-                    except (CorruptCheckpointError, OSError) as e:
-                        problems.append(str(e))
-                    continue
-                if (
-                    checks.whole_shards
-                ):  # one checksum of the whole shard (TensorFlow): carried over the reads
-                    problem = self._whole_shard_problem(files, shard, progress)
-                    if problem:
-                        problems.append(f"{where}: {problem}")
-                    continue
-                for lo in range(0, shard.nbytes, step):
-                    hi = min(lo + step, shard.nbytes)
-                    try:
-                        data = files.read(shard.file, shard.offset + lo, shard.offset + hi).result()
-                    except FileNotFoundError:
-                        problems.append(f"{where}: the data file is missing")
-                        break
-                    except Exception as e:
-                        problems.append(f"{where}: unreadable: {str(e).splitlines()[0]}")
-                        break
-                    bad = next(
-                        (
-                            problem
-                            for j in checks.units(shard, lo, hi)
-                            if (problem := checks.problem(data, shard.offset + lo, shard, j))
-                        ),
-                        None,
-                    )
-                    if bad is not None:
-                        problems.append(f"{where}: {bad}")
-                        break
-                    if progress is not None:
-                        progress(hi - lo)
+                try:
+                    fetcher.verify_shard(shard, progress)
+                except CorruptCheckpointError as e:
+                    problems.append(str(e))
         return problems
-
-    @staticmethod
-    def _whole_shard_problem(
-        files: DataFiles, shard: Any, progress: Callable[[int], None] | None
-    ) -> str | None:
-        crc = 0
-        for lo in range(0, shard.nbytes, _VERIFY_READ_BYTES):
-            hi = min(lo + _VERIFY_READ_BYTES, shard.nbytes)
-            try:
-                data = files.read(shard.file, shard.offset + lo, shard.offset + hi).result()
-            except FileNotFoundError:
-                return "the data file is missing"
-            except Exception as e:
-                return f"unreadable: {str(e).splitlines()[0]}"
-            if data.size < hi - lo:
-                return f"expected {shard.nbytes} bytes at offset {shard.offset} (the file is truncated)"
-            crc = checksum(data, crc)
-            if progress is not None:
-                progress(hi - lo)
-        if crc != shard.crc32c[0]:
-            return f"crc32c mismatch in bytes {shard.offset}..{shard.offset + shard.nbytes} (the data is corrupt)"
-        return None
 
 
 def load_structure(path: str) -> Any:

@@ -43,14 +43,14 @@ def io_stats():
 @pytest.fixture
 def engine_restore():
     """restore(path, target, **options): what Saver().restore(path, target) does in one
-    process, through shardsave.restore.engine.restore_leaves itself, which takes what
+    process, through shardsave.restore.restore_leaves itself, which takes what
     Saver.restore does not: placement, observer, min_sequential_bytes.
 
     Options: restore_sequentially, max_host_bytes and cast as Saver.restore takes
     them; the others go to restore_leaves.
     """
     from shardsave.formats import open_checkpoint
-    from shardsave.restore.engine import restore_leaves
+    from shardsave.restore import restore_leaves
     from shardsave.restore.targets import requests_for_target
     from shardsave.storage.base import location
 

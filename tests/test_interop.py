@@ -27,7 +27,7 @@ import shardsave
 import shardsave.formats.safetensors
 import shardsave.formats.tf_bundle
 import shardsave.index
-import shardsave.restore.engine
+import shardsave.restore
 from shardsave.errors import CorruptCheckpointError, StructureMismatchError
 
 TF = Path(__file__).parent / "fixtures" / "tf"
@@ -156,14 +156,14 @@ def _copy(kind: str, tmp_path: Path) -> str:
 def _flip(prefix: str, name: str) -> None:
     """Flips one bit in the middle of a variable's bytes in its data file."""
     with shardsave.CheckpointReader(prefix) as reader:
-        (shard,) = reader._leaves[name].shards
+        ((shard,),) = (leaf.shards for leaf in reader.index.leaves if leaf.name == name)
         path = f"{prefix}.data-{shard.file:05d}-of-{len(reader.index.files):05d}"
     data = bytearray(Path(path).read_bytes())
     data[shard.offset + shard.nbytes // 2] ^= 0x10
     Path(path).write_bytes(bytes(data))
 
 
-class _StreamedReads(shardsave.restore.engine.RestoreObserver):
+class _StreamedReads(shardsave.restore.RestoreObserver):
     """Records the stored shards whose reads were streamed."""
 
     def __init__(self):
@@ -181,7 +181,7 @@ def test_a_flipped_byte_is_caught_by_tensorflows_checksum_and_the_rest_restores(
     tmp_path, engine_restore, streamed
 ):
     import shardsave
-    from shardsave.restore.engine import Placement
+    from shardsave.restore import Placement
 
     prefix = _copy("v1", tmp_path)
     _flip(prefix, "dense/kernel")
@@ -217,17 +217,17 @@ def test_a_streamed_read_of_part_of_a_tensor_still_verifies_all_of_it(tmp_path):
     from shardsave.restore.reads import plan_reads
 
     prefix = _copy("v1", tmp_path)
-    reader = shardsave.CheckpointReader(prefix)
-    entry = reader._leaves["dense/kernel"]
+    directory, base, index = shardsave.formats.open_checkpoint(prefix)
+    (entry,) = (leaf for leaf in index.leaves if leaf.name == "dense/kernel")
     (shard,) = entry.shards
     data_file = Path(f"{prefix}.data-00000-of-00001")
     data = bytearray(data_file.read_bytes())
     data[shard.offset + shard.nbytes - 1] ^= 0x01  # the last row's last byte
     data_file.write_bytes(bytes(data))
-    fetcher = shardsave.restore.engine.Fetcher(
-        reader._directory,
-        reader._base,
-        reader.index,
+    fetcher = shardsave.restore.Fetcher(
+        directory,
+        base,
+        index,
         {id(shard): entry.name},
         lambda n: np.empty(n, np.uint8),
     )

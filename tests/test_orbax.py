@@ -38,7 +38,7 @@ import shardsave.tree
 from shardsave.cli import main as cli
 from shardsave.errors import CheckpointNotFoundError, CorruptCheckpointError, StructureMismatchError
 from shardsave.formats import open_checkpoint
-from shardsave.restore.engine import LeafRequest, restore_leaves
+from shardsave.restore import LeafRequest, restore_leaves
 from shardsave.storage import open_store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "orbax" / "folders"

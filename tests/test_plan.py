@@ -19,7 +19,7 @@ import shardsave.formats.shardsave
 import shardsave.index
 import shardsave.tree
 from shardsave.index import Checksums, LeafEntry, StoredShard
-from shardsave.restore.engine import DEFAULT_BATCH_BYTES, LeafRequest, _streamed, plan_restore
+from shardsave.restore import DEFAULT_BATCH_BYTES, LeafRequest, plan_restore
 from shardsave.restore.reads import plan_reads
 from shardsave.save.plan import plan_save
 
@@ -227,7 +227,7 @@ def test_target_boxes_sharing_stored_rows_read_them_once(mesh24):
         assert all(len(batches) == 1 for batches in readers.values()), readers
         if budget == MIN_CAP:  # each box reads 64 MiB: streamed, the 4 boxes as one group
             assert [len(batch) for batch in plan.batches] == [4]
-            assert all(_streamed(u, [request], plan.budget, True, CHUNKED) for u in plan.batches[0])
+            assert plan.streamed == {0}
 
 
 MIN_CAP = 32 << 20

@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
-import shardsave.restore.engine
+import shardsave.restore
 from shardsave.errors import StructureMismatchError
 
 
@@ -219,7 +219,7 @@ def test_restore_from_one_device_onto_eight(tmp_path):
     np.testing.assert_array_equal(np.asarray(restored["x"]), np.arange(64, dtype=np.float32).reshape(8, 8))
 
 
-class _Reads(shardsave.restore.engine.RestoreObserver):
+class _Reads(shardsave.restore.RestoreObserver):
     """Records every group of reads a restore starts, and whether it was streamed."""
 
     def __init__(self):
@@ -234,7 +234,7 @@ def test_on_accelerators_a_default_restore_streams_large_shards_in_blocks(tmp_pa
     so each block's copy to the device overlaps the next reads. CI has no accelerator:
     the CPU devices are taken for accelerators here (the path is the same jax calls)."""
     import shardsave
-    from shardsave.restore.engine import Placement
+    from shardsave.restore import Placement
 
     value = _value((4096, 4096))  # 64 MiB: over half the default batch of a 64 MiB restore
     sharding = NamedSharding(_mesh((2,), ("a",)), P("a"))
@@ -251,11 +251,11 @@ def test_on_accelerators_a_default_restore_streams_large_shards_in_blocks(tmp_pa
     # Streamed: CPU devices (Placement.BY_PLATFORM) read the same blocks in batches.
     assert all(streamed for _, streamed in observer.calls)
     assert (
-        len(blocks) == 4 and max(blocks) <= shardsave.restore.engine.MAX_SPAN_BYTES
+        len(blocks) == 4 and max(blocks) <= shardsave.restore.MAX_SPAN_BYTES
     )  # 32 MiB shards in 16 MiB blocks
 
 
-class _Placements(shardsave.restore.engine.RestoreObserver):
+class _Placements(shardsave.restore.RestoreObserver):
     """Records the leaves placed over several batches, and whether each landing read
     its rows into place."""
 

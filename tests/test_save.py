@@ -204,6 +204,30 @@ def test_a_bad_leaf_with_overwrite_leaves_the_old_checkpoint_committed(tmp_path)
     np.testing.assert_array_equal(saver.restore(path)["a"], np.ones(3))
 
 
+def test_an_async_commit_leaves_the_training_threads_garbage_collector_running(tmp_path):
+    """The collector is process-wide: the commit thread never pauses it, so a loop
+    that trains while a save commits keeps collecting its reference cycles."""
+    import gc
+    import time
+
+    import shardsave
+
+    # Thousands of leaves: building and encoding their index takes the commit a while.
+    tree = {f"layer{i}": np.full((4,), i, np.float32) for i in range(3000)}
+    saver = shardsave.Saver(async_save=True)
+    looked = paused = 0
+    for step in range(3):
+        path = saver.save(tree, str(tmp_path / "m"), global_step=step)
+        deadline = time.monotonic() + 120
+        while shardsave.latest_checkpoint(str(tmp_path)) != path:  # the commit is running
+            looked += 1
+            paused += not gc.isenabled()
+            assert time.monotonic() < deadline
+            time.sleep(0.0005)
+        saver.wait_until_finished()
+    assert looked > 10 and paused == 0, (looked, paused)
+
+
 def test_the_garbage_collector_is_paused_only_inside_shardsave(tmp_path):
     import gc
 

@@ -14,7 +14,6 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from shardsave import _gc_pause
 from shardsave import tree as _tree
 from shardsave.errors import CorruptCheckpointError, UnsupportedFormatError
 from shardsave.index import (
@@ -150,7 +149,6 @@ def split_parts(nbytes: int, part_bytes: int) -> tuple[int, ...] | None:
     return parts
 
 
-@_gc_pause.pausing
 def encode_index(index: Index) -> bytes:
     """The index file's bytes (the current format version: the checksummed envelope)."""
     leaves = []
@@ -216,7 +214,6 @@ def _list(value: Any, what: str) -> list[Any]:
     return value
 
 
-@_gc_pause.pausing
 def decode_index(raw: bytes, where: str) -> Index:
     """Parses and validates an index; every defect raises CorruptCheckpointError."""
     try:

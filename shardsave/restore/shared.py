@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from shardsave.restore.engine import LeafRequest
+from shardsave.restore.plan import LeafRequest
 
 _AXIS = "shardsave_rows"
 

@@ -20,7 +20,7 @@ import numpy as np
 from shardsave import tree as _tree
 from shardsave.errors import ShardingMismatchError, StructureMismatchError
 from shardsave.index import Index, decode_sharding
-from shardsave.restore.engine import LeafRequest
+from shardsave.restore.plan import LeafRequest
 
 
 def devices_by_id() -> dict[int, jax.Device]:

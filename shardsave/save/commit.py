@@ -17,7 +17,6 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-from shardsave import _gc_pause
 from shardsave.errors import CorruptCheckpointError, SaveFailedError
 from shardsave.formats.shardsave import (
     CRC_CHUNK_BYTES,
@@ -46,7 +45,6 @@ from shardsave.storage.base import PendingFile, Store
 from shardsave.storage.local import sync_directory
 
 
-@_gc_pause.pausing
 def build_index(
     plan: SavePlan,
     crcs: dict[int, list[tuple[int, ...]]],

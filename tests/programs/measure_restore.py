@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
-import shardsave.restore.engine
+import shardsave.restore
 from shardsave.formats import open_checkpoint
 from shardsave.restore.targets import requests_for_target
 
@@ -42,7 +42,7 @@ def trim() -> None:
     ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-class SlowConsumer(shardsave.restore.engine.RestoreObserver):
+class SlowConsumer(shardsave.restore.RestoreObserver):
     """Each read's bytes are taken that much later, as on a host slower than its store:
     reads in flight then finish before they are used, and hold their memory meanwhile."""
 
@@ -60,7 +60,7 @@ def restore(path: str, target: Any, sequential: bool, cap: int | None, observer:
         return shardsave.Saver().restore(path, target, restore_sequentially=sequential, max_host_bytes=cap)
     directory, base, index = open_checkpoint(path)
     requests, finish = requests_for_target(index, target, False, False, path)
-    values, _ = shardsave.restore.engine.restore_leaves(
+    values, _ = shardsave.restore.restore_leaves(
         directory, base, index, requests, budget=cap, sequential=sequential, observer=observer
     )
     return finish(values)
