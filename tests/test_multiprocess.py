@@ -298,16 +298,24 @@ def _records(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize(
-    "lockstep, step_s, victim",
-    [(False, ("0.002", "0.03"), 1), (False, ("0.03", "0.002"), 1), (True, ("0.01", "0.01"), 0)],
-    ids=["victim-behind", "victim-ahead", "lockstep"],
+    "lockstep, step_s, victim, other_savers",
+    [
+        (False, ("0.002", "0.03"), 1, 0),
+        (False, ("0.03", "0.002"), 1, 0),
+        (True, ("0.01", "0.01"), 0, 0),
+        (False, ("0.01", "0.01"), 1, 1),
+    ],
+    ids=["victim-behind", "victim-ahead", "lockstep", "process-0-made-another-saver-first"],
 )
-def test_a_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path, lockstep, step_s, victim):
+def test_a_sigterm_to_one_process_makes_both_save_the_same_step(
+    tmp_path, lockstep, step_s, victim, other_savers
+):
     """A real SIGTERM reaches one of two processes; both save one agreed step and exit 0.
 
     Without lockstep the processes run at different speeds (no collectives), so they
     are many steps apart when the notice arrives; with lockstep a global sum ties
-    every step of one process to the other's.
+    every step of one process to the other's. Process 0 may have made another Saver
+    before its preemption-watching one: the processes still agree.
     """
     argv = [sys.executable, str(PROGRAM), "preempted", str(tmp_path), "--processes", "2"]
     argv += ["--port", str(_free_port())]
@@ -320,6 +328,7 @@ def test_a_sigterm_to_one_process_makes_both_save_the_same_step(tmp_path, lockst
             "JAX_PLATFORMS": "cpu",
             "STEP_S": step_s[pid],
             "LOCKSTEP": "1" if lockstep else "0",
+            "OTHER_SAVERS": str(other_savers if pid == 0 else 0),
         }
         outs.append(tmp_path / f"out-{pid}")
         with open(outs[-1], "w") as out, open(tmp_path / f"err-{pid}", "w") as err:

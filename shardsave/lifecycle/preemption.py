@@ -11,8 +11,12 @@ below Python (jax.distributed's preemption notifier installs one in C++, which
 Python's signal module cannot see or call), read and called through sigaction.
 close() of the last Saver puts the replaced handler back.
 
-Several processes agree on the step through jax.distributed's key-value store
-(keys under shardsave/preempt/SAVER/):
+Several processes agree on the step through jax.distributed's key-value store,
+under a key every process derives alike: the handler's installation round in
+the process (shared_key("preempt", "handler"), taken when the first Saver that
+asks for the handler installs it). Every Saver of a process that watches for
+preemption shares that one agreement, so how many other Savers each process
+made, and in which order, changes nothing. Keys under it:
 
   notice        set by the first process that received SIGTERM;
   step/PID      each process's proposal: the step after the one at which it
@@ -38,7 +42,7 @@ import signal
 import threading
 from typing import Any
 
-from shardsave.save.coordination import Coordinator, _client
+from shardsave.save.coordination import Coordinator, _client, shared_key
 
 _SIG_DFL, _SIG_IGN = 0, 1
 
@@ -61,11 +65,72 @@ def _address(action: Any) -> int:
     return ctypes.c_void_p.from_buffer(action).value or 0
 
 
+class _Agreement:
+    """The step the processes save at after a preemption notice, once per installation of the handler."""
+
+    def __init__(self, key: str):
+        self._key = key
+        self.agreed: int | None = None
+        self._proposed: int | None = None
+        self._lock = threading.Lock()  # Savers of one process may ask from two threads
+
+    def reached(self, step: int, coordinator: Coordinator) -> bool:
+        with self._lock:
+            return self._reached(step, coordinator)
+
+    def _reached(self, step: int, coordinator: Coordinator) -> bool:
+        if self.agreed is not None:
+            return step >= self.agreed
+        if not coordinator.active:
+            if HANDLER.notices == 0:
+                return False
+            # The next step, as with several processes: a loop may ask should_save and
+            # then reached_preemption within one step, and the notice may arrive between
+            # the two; both answer alike at every step.
+            self.agreed = step + 1
+            return False
+        if self._proposed is None:
+            if not self._noticed(coordinator):
+                return False
+            self._proposed = step + 1
+            coordinator.publish(f"{self._key}/step/{coordinator.process_index}", str(self._proposed))
+        proposals = self._proposals(coordinator, block=step >= self._proposed)
+        if proposals is None:
+            return False
+        self.agreed = max(proposals.values())
+        return step >= self.agreed
+
+    def _noticed(self, coordinator: Coordinator) -> bool:
+        client = _client()
+        if HANDLER.notices:
+            with contextlib.suppress(Exception):  # another process announced first
+                client.key_value_set(f"{self._key}/notice", str(coordinator.process_index))
+            return True
+        try:
+            client.key_value_try_get(f"{self._key}/notice")
+        except Exception:  # not found: no process has received a notice
+            return False
+        return True
+
+    def _proposals(self, coordinator: Coordinator, block: bool) -> dict[int, int] | None:
+        """Every process's proposal; None while some are missing and this one need not wait."""
+        key = f"{self._key}/step"
+        if block:
+            what = f"agreeing on the step to save at after a preemption notice (this process proposed {self._proposed})"
+            values = coordinator.gather(key, what)
+        else:
+            values = coordinator.collect(key)
+            if len(values) < coordinator.process_count:
+                return None
+        return {pid: int(v) for pid, v in values.items()}
+
+
 class _Handler:
     """The process's SIGTERM handler, installed while some Saver asks for it."""
 
     def __init__(self) -> None:
         self.notices = 0
+        self.agreement = _Agreement("")  # replaced at each installation
         self._lock = threading.Lock()
         self._users = 0
         self._previous: Any = None  # the Python-level handler replaced
@@ -83,6 +148,7 @@ class _Handler:
             if self._users > 1:
                 return
             self.notices = 0  # a notice counts while a Saver that asked for it is open
+            self.agreement = _Agreement(shared_key("preempt", "handler"))
             before = _sigaction_of(signal.SIGTERM)
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
             after = _sigaction_of(signal.SIGTERM)  # Python's own trampoline, now
@@ -119,15 +185,17 @@ HANDLER = _Handler()
 
 
 class Preemption:
-    """One Saver's view of preemption: the notice, and the step agreed on."""
+    """One Saver's view of preemption: the process's notice, and the step agreed on."""
 
     def __init__(self, coordinator: Coordinator):
         self._coordinator = coordinator
-        self._key = f"shardsave/preempt/{coordinator.saver_id}"
-        self.agreed: int | None = None
-        self._proposed: int | None = None
         HANDLER.acquire()
+        self._agreement = HANDLER.agreement
         self._held = True
+
+    @property
+    def agreed(self) -> int | None:
+        return self._agreement.agreed
 
     def close(self) -> None:
         if self._held:
@@ -135,48 +203,4 @@ class Preemption:
             HANDLER.release()
 
     def reached(self, step: int) -> bool:
-        if self.agreed is not None:
-            return step >= self.agreed
-        coordinator = self._coordinator
-        if not coordinator.active:
-            if HANDLER.notices == 0:
-                return False
-            # The next step, as with several processes: a loop may ask should_save and
-            # then reached_preemption within one step, and the notice may arrive between
-            # the two; both answer alike at every step.
-            self.agreed = step + 1
-            return False
-        if self._proposed is None:
-            if not self._noticed():
-                return False
-            self._proposed = step + 1
-            coordinator.publish(f"{self._key}/step/{coordinator.process_index}", str(self._proposed))
-        proposals = self._proposals(block=step >= self._proposed)
-        if proposals is None:
-            return False
-        self.agreed = max(proposals.values())
-        return step >= self.agreed
-
-    def _noticed(self) -> bool:
-        client = _client()
-        if HANDLER.notices:
-            with contextlib.suppress(Exception):  # another process announced first
-                client.key_value_set(f"{self._key}/notice", str(self._coordinator.process_index))
-            return True
-        try:
-            client.key_value_try_get(f"{self._key}/notice")
-        except Exception:  # not found: no process has received a notice
-            return False
-        return True
-
-    def _proposals(self, block: bool) -> dict[int, int] | None:
-        """Every process's proposal; None while some are missing and this one need not wait."""
-        key = f"{self._key}/step"
-        if block:
-            what = f"agreeing on the step to save at after a preemption notice (this process proposed {self._proposed})"
-            values = self._coordinator.gather(key, what)
-        else:
-            values = self._coordinator.collect(key)
-            if len(values) < self._coordinator.process_count:
-                return None
-        return {pid: int(v) for pid, v in values.items()}
+        return self._agreement.reached(step, self._coordinator)

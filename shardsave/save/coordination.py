@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import inspect
-import itertools
 import json
 import threading
 import time
@@ -35,8 +34,6 @@ from typing import Any
 import jax
 
 from shardsave.errors import CoordinationTimeoutError, SaveFailedError
-
-_saver_ids = itertools.count()
 
 # Keys in jax's key-value store are named by what every process shares: the collective
 # operation's subject (a checkpoint's prefix, a question's name) and how many times this
@@ -75,7 +72,6 @@ class Coordinator:
 
     def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
-        self.saver_id = next(_saver_ids)
         self._checked = False
 
     @property

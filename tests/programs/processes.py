@@ -216,7 +216,8 @@ def preempted(directory: str) -> None:
     """Trains until SIGTERM reaches some process, then every process saves the agreed step.
 
     STEP_S sets this process's seconds per step (processes apart by many steps when
-    they differ); LOCKSTEP=1 adds a collective (a global sum) to every step.
+    they differ); LOCKSTEP=1 adds a collective (a global sum) to every step;
+    OTHER_SAVERS=N makes N other Savers first.
     """
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding
@@ -228,6 +229,9 @@ def preempted(directory: str) -> None:
     sharding = NamedSharding(mesh, P("data", "model"))
     lockstep = os.environ.get("LOCKSTEP") == "1"
     step_s = float(os.environ.get("STEP_S", "0.01"))
+    # Savers made before this one (process 0's evaluator, say), in some processes only:
+    # the agreement's keys must not depend on how many Savers a process made.
+    others = [shardsave.Saver() for _ in range(int(os.environ.get("OTHER_SAVERS", "0")))]
     saver = shardsave.Saver(save_on_preemption=True, timeout_s=60)
     total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
     for step in range(1, 100_000):
@@ -241,6 +245,8 @@ def preempted(directory: str) -> None:
         if saver.reached_preemption(step):
             saver.wait_until_finished()
             emit(pid=jax.process_index(), saved=step, notices=saver.preemption_notices)
+            for other in others:
+                other.close()
             return
     raise AssertionError("no preemption notice arrived")
 
