@@ -19,13 +19,14 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import tensorstore as ts
-from conftest import free_port, gcs_bucket, s3_bucket
+from conftest import free_port, gcs_bucket, run_program, s3_bucket
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -296,12 +297,17 @@ def test_a_restore_from_an_object_store_lists_nothing(request, driver, mesh24, i
     saver.close()
 
 
-def test_a_kvstore_spec_is_a_location(s3_server, monkeypatch, mesh24, tmp_path):
-    """The spec of the issue that found the gap: an endpoint with no environment variable set."""
+def _no_s3_environment(monkeypatch) -> None:
+    """Only the spec names the endpoint: no variable points s3:// anywhere."""
     for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+
+
+def test_a_kvstore_spec_is_a_location(s3_server, monkeypatch, mesh24, tmp_path):
+    """The spec of the issue that found the gap: an endpoint with no environment variable set."""
+    _no_s3_environment(monkeypatch)
     bucket = s3_bucket(s3_server)
     spec = {
         "driver": "s3",
@@ -312,11 +318,22 @@ def test_a_kvstore_spec_is_a_location(s3_server, monkeypatch, mesh24, tmp_path):
     }
     saver = shardsave.Saver(async_save=False)
     path = saver.save(_tree(mesh24, 4), spec, global_step=4)
-    assert path == f"s3://{bucket}/runs/ckpt/model-4"
+    # The location carries the endpoint (s3://bucket/... could not): the spec less its
+    # path as a token, the path after "://".
+    assert path == shardsave.storage.location({**spec, "path": "runs/ckpt/model-4"})
+    assert path.startswith("kvstore+") and path.endswith("://runs/ckpt/model-4")
+    assert shardsave.storage.readable(path) == (
+        f"s3://{bucket}/runs/ckpt/model-4 (aws_region us-east-1, endpoint {s3_server})"
+    )
     directory = {**spec, "path": "runs/ckpt"}
     assert shardsave.latest_checkpoint(directory) == path
+    assert shardsave.latest_checkpoint(shardsave.storage.split_prefix(path)[0]) == path
     assert shardsave.Saver().restore({**spec, "path": "runs/ckpt/model-4"})["step"] == 4
+    assert shardsave.Saver().restore(path)["step"] == 4
     assert _cli("verify", json.dumps({**spec, "path": "runs/ckpt/model-4"}))[0] == 0
+    assert _cli("verify", path)[0] == 0
+    # Another process, whose environment names no endpoint either, reaches it by the string alone.
+    assert run_program(["-m", "shardsave", "verify", path], devices=1).startswith("OK")
     assert _cli("ls", json.dumps(directory))[0] == 0
     # A file spec and a tensorstore.KvStore of one work as paths do.
     local = {"driver": "file", "path": str(tmp_path / "m")}
@@ -326,14 +343,125 @@ def test_a_kvstore_spec_is_a_location(s3_server, monkeypatch, mesh24, tmp_path):
     assert shardsave.latest_checkpoint(kvstore) == saved
     with pytest.raises(ValueError, match="cannot use the kvstore spec"):
         shardsave.latest_checkpoint({"driver": "no-such-driver"})
-    # Another endpoint for the same bucket would redirect the stores above: refused.
-    with pytest.raises(ValueError, match=rf"bucket '{bucket}'.*earlier location.*two endpoints"):
-        shardsave.latest_checkpoint({**directory, "endpoint": "http://127.0.0.1:9"})
-    assert shardsave.latest_checkpoint(directory) == path  # the first endpoint still applies
+    # Nothing was recorded for the bucket: the plain URL goes where the environment
+    # says (here nowhere: a closed port), not to the spec's endpoint.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    with pytest.raises(StorageError, match=rf"s3://{bucket}/runs/ckpt"):
+        shardsave.storage.open_store(f"s3://{bucket}/runs/ckpt", timeout_s=10).list()
+    assert shardsave.latest_checkpoint(directory) == path  # the spec's own endpoint still applies
     saver.close()
 
 
-def test_a_tensorstore_kvstore_of_any_driver_is_a_location(mesh24):
+def test_two_endpoints_of_one_bucket_are_two_locations(s3_server, monkeypatch, mesh24):
+    """Two servers with a bucket of the same name: each spec reaches its own, in one process."""
+    import sys
+
+    import boto3
+    from conftest import _server
+
+    _no_s3_environment(monkeypatch)
+    port = free_port()
+    moto_server = str(Path(sys.executable).with_name("moto_server"))
+    with _server([moto_server, "-H", "127.0.0.1", "-p", str(port)], port):
+        other = f"http://127.0.0.1:{port}"
+        bucket = s3_bucket(s3_server)
+        boto3.client("s3", endpoint_url=other, region_name="us-east-1").create_bucket(Bucket=bucket)
+        first = {
+            "driver": "s3",
+            "bucket": bucket,
+            "path": "ckpt",
+            "endpoint": s3_server,
+            "aws_region": "us-east-1",
+        }
+        second = {**first, "endpoint": other}
+        assert shardsave.storage.location(first) != shardsave.storage.location(second)
+        saver = shardsave.Saver(async_save=False)
+        one = saver.save(_tree(mesh24, 1), {**first, "path": "ckpt/model"}, global_step=1)
+        two = saver.save(_tree(mesh24, 2), {**second, "path": "ckpt/model"}, global_step=2)
+        saver.close()
+        assert shardsave.latest_checkpoint(first) == one and shardsave.latest_checkpoint(second) == two
+        assert shardsave.Saver().restore(one)["step"] == 1
+        assert shardsave.Saver().restore(two)["step"] == 2
+        for endpoint, mine, theirs in ((s3_server, "model-1", "model-2"), (other, "model-2", "model-1")):
+            listed = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").list_objects_v2(
+                Bucket=bucket
+            )
+            keys = {o["Key"] for o in listed.get("Contents", [])}
+            assert f"ckpt/{mine}.index" in keys and not any(theirs in k for k in keys), keys
+
+
+def test_a_spec_is_the_same_location_in_every_process():
+    """Nothing of the process is in the name: another interpreter, another order of calls."""
+    specs = [
+        {"driver": "s3", "bucket": "my-bucket", "path": "run1/model", "endpoint": "http://127.0.0.1:9000"},
+        {"aws_region": "eu-west-1", "bucket": "my-bucket", "driver": "s3", "path": "run1"},
+        {"driver": "ocdbt", "base": {"driver": "file", "path": "/data/db/"}, "path": "run1/model"},
+        {"driver": "gcs", "bucket": "my-bucket", "path": "run1", "gcs_user_project": {"project_id": "p"}},
+    ]
+    code = (
+        "import json, sys\n"
+        "from shardsave.storage import location\n"
+        "specs = json.loads(sys.argv[1])\n"
+        "print(json.dumps([location(s) for s in reversed(specs)][::-1]))"
+    )
+    here = [shardsave.storage.location(s) for s in specs]
+    assert all(h.startswith("kvstore+") for h in here), here
+    assert len(set(here)) == len(here)
+    for _ in range(2):
+        there = json.loads(run_program(["-c", code, json.dumps(specs)], devices=1))
+        assert there == here
+    # The same spec in other words (its keys in another order, a base as a URL) is the same string.
+    assert (
+        shardsave.storage.location({"path": "run1/model", "base": "file:///data/db/", "driver": "ocdbt"})
+        == here[2]
+    )
+    assert shardsave.storage.location(json.dumps(specs[0])) == here[0]
+
+
+def test_no_location_is_recorded_for_the_process():
+    """Every spec and KvStore given as a location leaves no table in shardsave bigger."""
+    import gc
+
+    from shardsave.storage import base, kvstore
+
+    def sizes() -> dict[str, int]:
+        return {
+            f"{module.__name__}.{name}": len(value)
+            for module in (base, kvstore)
+            for name, value in vars(module).items()
+            if isinstance(value, (dict, list, set, weakref.WeakKeyDictionary, weakref.WeakValueDictionary))
+        }
+
+    own = ts.KvStore.open({"driver": "memory"}, context=ts.Context()).result()
+    shardsave.storage.location(own)
+    gc.collect()  # KvStores earlier tests left for the collector leave the table now, not below
+    before = sizes()
+    for n in range(20):
+        shardsave.storage.location(
+            {
+                "driver": "s3",
+                "bucket": "my-bucket",
+                "path": f"r{n}",
+                "endpoint": f"http://127.0.0.1:{9000 + n}",
+            }
+        )
+        shardsave.storage.location({"driver": "ocdbt", "base": f"file:///data/{n}/"})
+        at = own.copy()
+        at.path = f"r{n}/"
+        assert shardsave.storage.location(at) == shardsave.storage.location(own) + f"r{n}"
+        del at  # a KvStore of the caller's is in the table while the caller holds it
+    assert sizes() == before
+    # The caller's KvStores are held weakly: once the caller's are gone, so is their name.
+    name = shardsave.storage.location(own)
+    del own
+    gc.collect()
+    assert len(base._LIVE_STORES) == before["shardsave.storage.base._LIVE_STORES"] - 1
+    with pytest.raises(StorageError, match="KvStore this location named is gone"):
+        shardsave.storage.open_store(name)
+
+
+def test_a_tensorstore_kvstore_of_any_driver_is_a_location(mesh24, tmp_path):
     """A KvStore object keeps its own context: a memory store of the caller's is written, not ours."""
     own = ts.KvStore.open({"driver": "memory", "path": "runs/"}, context=ts.Context()).result()
     saver = shardsave.Saver(async_save=False, max_to_keep=1)
@@ -349,6 +477,28 @@ def test_a_tensorstore_kvstore_of_any_driver_is_a_location(mesh24):
     assert shardsave.latest_checkpoint(ckpt_dir) == path and not shardsave.checkpoint_exists(first)
     assert shardsave.Saver().restore(path)["step"] == 2
     assert shardsave.CheckpointReader(path).verify() == []
+    # Another memory store of the caller's (its own context) is another location, with
+    # its own values, though its spec reads the same.
+    another = ts.KvStore.open({"driver": "memory", "path": "runs/"}, context=ts.Context()).result()
+    assert another.spec().to_json() == own.spec().to_json()
+    assert shardsave.storage.location(another) != shardsave.storage.location(own)
+    elsewhere = another.copy()
+    elsewhere.path = "runs/ckpt/model"
+    other_path = saver.save(_tree(mesh24, 3), elsewhere, global_step=3)
+    assert shardsave.latest_checkpoint(ckpt_dir) == path  # the first store's latest is still step 2
+    assert shardsave.Saver().restore(other_path)["step"] == 3
+    assert b"ckpt/model-3.index" not in own.list().result()
+    assert b"ckpt/model-3.index" in another.list().result()
+    # One over a memory store is the caller's too; over anything else it names its
+    # whole spec, as a spec does.
+    in_memory = ts.KvStore.open({"driver": "ocdbt", "base": f"memory://{uuid.uuid4().hex}/db/"}).result()
+    assert shardsave.storage.location(in_memory).startswith("kvstore+live-")
+    on_disk = {"driver": "ocdbt", "base": f"file://{tmp_path}/db/", "path": "ckpt/model"}
+    database = ts.KvStore.open(on_disk).result()
+    assert shardsave.storage.location(database) == shardsave.storage.location(on_disk)
+    in_db = saver.save(_tree(mesh24, 5), database, global_step=5)
+    assert in_db == shardsave.storage.location({**on_disk, "path": "ckpt/model-5"})
+    assert run_program(["-m", "shardsave", "verify", in_db], devices=1).startswith("OK")  # another process
     saver.close()
 
 

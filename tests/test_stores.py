@@ -11,6 +11,7 @@ import uuid
 
 import numpy as np
 import pytest
+import tensorstore as ts
 from conftest import evict, gcs_bucket, s3_bucket
 
 import shardsave
@@ -23,7 +24,7 @@ from shardsave.storage.testing import StoreTests
 class TestEveryStore(StoreTests):
     """The contract over local files, memory://, and S3 and GCS servers on loopback."""
 
-    @pytest.fixture(params=["local", "memory", "s3", "gcs"])
+    @pytest.fixture(params=["local", "memory", "s3", "gcs", "s3-spec", "caller-kvstore"])
     def store(self, request, tmp_path) -> shardsave.storage.Store:
         if request.param == "local":
             location = str(tmp_path / "store")
@@ -31,6 +32,31 @@ class TestEveryStore(StoreTests):
             location = f"memory://{uuid.uuid4().hex}/store"
         elif request.param == "s3":
             location = f"s3://{s3_bucket(request.getfixturevalue('s3_env'))}/store"
+        elif request.param == "s3-spec":
+            # kvstore+<token>: the endpoint is in the location, none in the environment.
+            endpoint = request.getfixturevalue("s3_server")
+            monkeypatch = request.getfixturevalue("monkeypatch")
+            for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+                monkeypatch.delenv(name, raising=False)
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            bucket = s3_bucket(endpoint)
+            spec = {
+                "driver": "s3",
+                "bucket": bucket,
+                "path": "store",
+                "endpoint": endpoint,
+                "aws_region": "us-east-1",
+            }
+            location = shardsave.storage.location(spec)
+            assert location.startswith("kvstore+")
+        elif request.param == "caller-kvstore":
+            # kvstore+live-N: a memory store in the caller's own context.
+            own = ts.KvStore.open({"driver": "memory", "path": "store/"}, context=ts.Context()).result()
+            location = shardsave.storage.location(own)
+            # Only the store opened below holds `own` once the fixture returns: a store in
+            # use keeps the caller's KvStore, and so its name.
+            assert location.startswith("kvstore+live-")
         else:
             location = f"gs://{gcs_bucket(request.getfixturevalue('gcs_server'))}/store"
         return shardsave.storage.open_store(location, timeout_s=30)

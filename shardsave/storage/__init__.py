@@ -19,6 +19,7 @@ from shardsave.storage.base import PendingFile as PendingFile
 from shardsave.storage.base import Store as Store
 from shardsave.storage.base import join as join
 from shardsave.storage.base import location as location
+from shardsave.storage.base import readable as readable
 from shardsave.storage.base import split_prefix as split_prefix
 from shardsave.storage.base import temp_target as temp_target
 from shardsave.storage.buffers import DIRECT_IO_ALIGNMENT as DIRECT_IO_ALIGNMENT

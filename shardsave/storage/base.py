@@ -7,19 +7,25 @@ either absent or complete, and durable once written.
 
 s3:// honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (MinIO, R2, Ceph, a local
 test server) and AWS_REGION / AWS_DEFAULT_REGION as boto3 does; credentials come
-from the usual variables through tensorstore. gs:// honours tensorstore's
-TENSORSTORE_GCS_HTTP_URL. Every wait on an object store has a deadline (the
-store's timeout_s) and tensorstore's retries are bounded, so an unreachable
-or stalled endpoint raises StorageError naming the location instead of hanging.
+from the usual variables through tensorstore; a kvstore spec with an endpoint of
+its own becomes a location that carries it (see location()). gs:// honours
+tensorstore's TENSORSTORE_GCS_HTTP_URL. Every wait on an object store has a
+deadline (the store's timeout_s) and tensorstore's retries are bounded, so an
+unreachable or stalled endpoint raises StorageError naming the location
+instead of hanging.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
+import itertools
 import json
 import os
 import posixpath
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -101,82 +107,174 @@ def join(directory: str, name: str) -> str:
     return os.path.join(directory, name)
 
 
-# Endpoint and region of s3 buckets named by a kvstore spec: a spec names them per
-# location, and the URL it becomes (s3://bucket/path) carries neither.
-_S3_BUCKETS: dict[str, dict[str, Any]] = {}
-
-
-_S3_OPTIONS = ("endpoint", "aws_region", "host_header", "requester_pays")
-
-
-# KvStores given as locations that no URL names (another driver, or a store whose
-# context must be kept, such as a memory store of the caller's): each gets a
-# process-local name "kvstore+N://PATH", PATH relative to the store's own path.
-_KVSTORES: list[ts.KvStore] = []
-
-
+# Every kvstore spec becomes a string location that names all of it, so nothing is
+# recorded for the process: the same spec is the same string in every process and
+# every run, and two specs of one bucket with different endpoints are two locations.
+# A spec that no plain URL names is "kvstore+<token>://PATH": the token is the spec
+# less its path, as canonical JSON (tensorstore's normalized form, sorted keys) in
+# lowercase base32 without padding, which a URL scheme may hold (no "/", no ":", so
+# split_prefix and join see PATH as the part after "://").
 _KVSTORE_SCHEME = "kvstore+"
 
+# The marker of a token that names a KvStore of the caller's ("kvstore+live-N://"):
+# "-" is not in base32's alphabet, so no spec's token starts with it.
+_LIVE = "live-"
 
-def _registered(kv: ts.KvStore) -> str:
+
+def _token(spec: dict[str, Any]) -> str:
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return base64.b32encode(text.encode()).decode().rstrip("=").lower()
+
+
+def _untoken(token: str) -> dict[str, Any]:
+    try:
+        spec = json.loads(base64.b32decode(token.upper() + "=" * (-len(token) % 8)))
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{_KVSTORE_SCHEME}{token}:// names no kvstore spec ({e})") from e
+    if not isinstance(spec, dict):
+        raise ValueError(f"{_KVSTORE_SCHEME}{token}:// names no kvstore spec")
+    return spec
+
+
+def kvstore_parts(place: str) -> tuple[str, str] | None:
+    """(token, path) of a "kvstore+<token>://PATH" location, None for any other location."""
+    if not place.startswith(_KVSTORE_SCHEME) or "://" not in place:
+        return None
+    token, _, path = place[len(_KVSTORE_SCHEME) :].partition("://")
+    return token, path.strip("/")
+
+
+def kvstore_spec(token: str) -> dict[str, Any]:
+    """The kvstore spec (without its path) a token of a kvstore+ location names."""
+    if token.startswith(_LIVE):
+        raise ValueError(f"{_KVSTORE_SCHEME}{token}:// names a tensorstore.KvStore, not a spec")
+    return _untoken(token)
+
+
+def _encoded(spec: dict[str, Any]) -> str:
+    rest = dict(spec)
+    path = str(rest.pop("path", "")).strip("/")
+    return f"{_KVSTORE_SCHEME}{_token(rest)}://{path}"
+
+
+# A KvStore of the caller's whose values live in its context (a memory store, or a
+# store over one) cannot be written down: no spec names that context. Each is named
+# "kvstore+live-N://PATH" while the caller holds it. The table is keyed weakly by
+# the KvStores the caller gave, so shardsave keeps none of the caller's values alive
+# and the table holds only stores still in use; a store opened over one holds it
+# (TensorstoreStore), so an operation in flight keeps its name. N counts up and is
+# never reused: a name whose KvStore is gone raises rather than naming another
+# store. These names are for this process only (so are the values they name).
+_LIVE_STORES: weakref.WeakKeyDictionary[ts.KvStore, int] = weakref.WeakKeyDictionary()
+_live_numbers = itertools.count()
+_live_lock = threading.Lock()
+
+
+def _bound(kv: ts.KvStore) -> ts.KvStore.Spec:
+    """The store under kv: specs with their context bound compare equal only when
+    they are of the same store (the same memory store; any path)."""
     base = kv.copy()
-    path = base.path.strip("/")
     base.path = ""
-    spec = base.spec().to_json()  # the same store given twice gets the same name
-    number = next((n for n, known in enumerate(_KVSTORES) if known.spec().to_json() == spec), None)
-    if number is None:
-        _KVSTORES.append(base)
-        number = len(_KVSTORES) - 1
-    return f"{_KVSTORE_SCHEME}{number}://{path}"
+    return base.spec(retain_context=True)
+
+
+def _named_live(kv: ts.KvStore) -> str:
+    path = kv.path.strip("/")
+    with _live_lock:
+        number = _LIVE_STORES.get(kv)
+        if number is None:
+            bound = _bound(kv)
+            # Another KvStore of the same store (a copy at another path) has its name.
+            number = next((n for known, n in list(_LIVE_STORES.items()) if _bound(known) == bound), None)
+            if number is None:
+                number = next(_live_numbers)
+            _LIVE_STORES[kv] = number
+    return f"{_KVSTORE_SCHEME}{_LIVE}{number}://{path}"
+
+
+def live_kvstore(token: str, where: str) -> ts.KvStore:
+    """The caller's KvStore that a "kvstore+live-N" token names (its own path, whatever it is)."""
+    number = int(token[len(_LIVE) :]) if token[len(_LIVE) :].isdigit() else -1
+    with _live_lock:
+        kv = next((known for known, n in list(_LIVE_STORES.items()) if n == number), None)
+    if kv is None:
+        raise StorageError(
+            f"{where}: the tensorstore.KvStore this location named is gone (a KvStore is a "
+            "location while the caller holds it); pass the KvStore itself again"
+        )
+    return kv
+
+
+def uses_driver(spec: Any, driver: str) -> bool:
+    """Whether a kvstore spec (or a base of it, at any depth) is of the driver."""
+    if isinstance(spec, str):
+        return spec.startswith(f"{driver}://")
+    if not isinstance(spec, dict):
+        return False
+    return spec.get("driver") == driver or any(uses_driver(v, driver) for v in spec.values())
 
 
 def location(place: Any) -> str:
     """A checkpoint location as the string the rest of shardsave uses.
 
     Accepts a path (str or os.PathLike), a URL, a tensorstore kvstore spec (a
-    dict, or its JSON text) or a tensorstore.KvStore. Specs of the file, memory,
-    s3 and gcs drivers (and KvStores of the file, s3 and gcs drivers) become
-    paths and URLs (an s3 spec's endpoint and region then apply to that bucket
-    in this process: the URL s3://bucket/path cannot hold them); any other
-    KvStore (a memory store keeps its caller's context) and a spec of any other
-    driver is kept as it is and named "kvstore+N://PATH" for this process.
+    dict, or its JSON text) or a tensorstore.KvStore. Specs and KvStores of the
+    file driver become paths, of the memory driver memory:// URLs, of the s3 and
+    gcs drivers with nothing but a bucket and a path s3:// and gs:// URLs. Any
+    other spec (an s3 endpoint or region, another driver) becomes
+    "kvstore+<token>://PATH", which names the whole spec: the same spec is the
+    same string in every process. A KvStore whose values are in memory keeps
+    its caller's context and is named "kvstore+live-N://PATH" while the caller
+    holds it.
     """
     if isinstance(place, str) and place.lstrip().startswith("{"):
         place = json.loads(place)
     if isinstance(place, ts.KvStore):
         spec = place.spec().to_json()
-        if spec.get("driver") not in ("file", "s3", "gcs"):  # memory: its context is the caller's
-            return _registered(place)
+        if uses_driver(spec, "memory"):  # its values are in the caller's context, not ours
+            return _named_live(place)
         place = spec
     if not isinstance(place, dict):
         return os.fspath(place)
-    driver, path = place.get("driver"), str(place.get("path", "")).strip("/")
-    if driver == "file":
-        return "/" + path if str(place.get("path", "")).startswith("/") else path or "."
-    if driver == "memory":
-        return f"memory://{path}"
-    if driver in ("s3", "gcs") and isinstance(place.get("bucket"), str):
-        if driver == "s3":
-            options = {k: place[k] for k in _S3_OPTIONS if k in place}
-            bucket = place["bucket"]
-            known = _S3_BUCKETS.get(bucket)
-            if options and known is not None and known != options:
-                # The URL s3://bucket/... names both: a second endpoint would silently
-                # redirect every store of the first one.
-                raise ValueError(
-                    f"the kvstore spec gives s3 bucket {bucket!r} the options {options}, but an "
-                    f"earlier location in this process gave it {known}; s3://{bucket}/... cannot "
-                    "name two endpoints: give each bucket one endpoint in a process"
-                )
-            if options:
-                _S3_BUCKETS[bucket] = options
-        scheme = "s3" if driver == "s3" else "gs"
-        return f"{scheme}://{place['bucket']}/{path}" if path else f"{scheme}://{place['bucket']}"
     try:
-        kv = ts.KvStore.open(place, context=ts.Context(_REMOTE_CONTEXT)).result()
+        # tensorstore's normalized form: one string for equivalent specs, defaults left out
+        normal = ts.KvStore.Spec(place).to_json()
     except Exception as e:
         raise ValueError(f"cannot use the kvstore spec {place!r:.200} as a checkpoint location: {e}") from e
-    return _registered(kv)
+    driver, path = normal.get("driver"), str(normal.get("path", "")).strip("/")
+    if driver == "file":
+        return "/" + path if str(normal.get("path", "")).startswith("/") else path or "."
+    if driver == "memory":
+        return f"memory://{path}"
+    plain = set(normal) <= {"driver", "bucket", "path"}  # else its options need the token
+    if driver in ("s3", "gcs") and isinstance(normal.get("bucket"), str) and plain:
+        scheme = "s3" if driver == "s3" else "gs"
+        return f"{scheme}://{normal['bucket']}/{path}" if path else f"{scheme}://{normal['bucket']}"
+    return _encoded(normal)
+
+
+def readable(place: str) -> str:
+    """A location as a person reads it: a kvstore+<token> location's spec spelled out.
+
+    For messages only; the location itself is what names the store.
+    """
+    parts = kvstore_parts(place)
+    if parts is None or parts[0].startswith(_LIVE):
+        return place
+    token, path = parts
+    try:
+        spec = kvstore_spec(token)
+    except ValueError:
+        return place
+    if spec.get("driver") in ("s3", "gcs") and isinstance(spec.get("bucket"), str):
+        scheme = "s3" if spec["driver"] == "s3" else "gs"
+        options = ", ".join(
+            f"{k} {v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
+            for k, v in sorted(spec.items())
+            if k not in ("driver", "bucket")
+        )
+        return f"{scheme}://{spec['bucket']}/{path} ({options})"
+    return f"{path or '/'} in the kvstore {json.dumps(spec, sort_keys=True)}"
 
 
 def _env(*names: str) -> str | None:
@@ -189,13 +287,18 @@ def _bucket_and_path(url: str) -> tuple[str, str]:
 
 
 def _spec(directory: str) -> str | dict[str, Any]:
-    """The tensorstore kvstore spec of a directory given as a path or URL."""
+    """The tensorstore kvstore spec of a directory given as a path or URL.
+
+    The environment's endpoint and region apply to s3:// URLs only: a
+    kvstore+<token> location is its own spec, as it was given.
+    """
+    parts = kvstore_parts(directory)
+    if parts is not None:
+        token, path = parts
+        return {**kvstore_spec(token), "path": path + "/" if path else ""}
     if directory.startswith("s3://"):
         bucket, path = _bucket_and_path(directory)
         spec: dict[str, Any] = {"driver": "s3", "bucket": bucket, "path": path}
-        if bucket in _S3_BUCKETS:
-            spec.update(_S3_BUCKETS[bucket])
-            return spec
         endpoint = _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
         region = _env("AWS_REGION", "AWS_DEFAULT_REGION")
         if endpoint:

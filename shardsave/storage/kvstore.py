@@ -13,14 +13,18 @@ import tensorstore as ts
 from shardsave.errors import StorageError
 from shardsave.storage.base import (
     _CONTEXT,
-    _KVSTORE_SCHEME,
-    _KVSTORES,
+    _LIVE,
     _REMOTE_CONTEXT,
     DEFAULT_STORAGE_TIMEOUT_S,
     IOStats,
     Pending,
     _spec,
     join,
+    kvstore_parts,
+    kvstore_spec,
+    live_kvstore,
+    readable,
+    uses_driver,
 )
 from shardsave.storage.buffers import aligned_empty
 from shardsave.storage.local import WriterLock
@@ -106,10 +110,22 @@ class TensorstoreStore:
         self.path = directory
         self.timeout_s = timeout_s
         self.stats = IOStats()  # this store's reads and writes (storage.testing.Counts adds them up)
-        if directory.startswith(_KVSTORE_SCHEME):  # a KvStore given as a location
-            number, _, path = directory[len(_KVSTORE_SCHEME) :].partition("://")
-            self._kv = _KVSTORES[int(number)].copy()
-            self._kv.path = path.strip("/") + "/" if path.strip("/") else ""
+        self._owner: ts.KvStore | None = None
+        parts = kvstore_parts(directory)
+        if parts is not None:  # a kvstore spec or a KvStore given as a location
+            token, path = parts
+            if token.startswith(_LIVE):
+                # Held while this store lives, so the caller's KvStore keeps its name.
+                self._owner = base = live_kvstore(token, readable(directory))
+            else:
+                # One store for each spec, whatever the path (an OCDBT database is then
+                # opened once); memory:// inside a spec is the process's, as a URL's is.
+                named = kvstore_spec(token)
+                gcs = os.environ.get("TENSORSTORE_GCS_HTTP_URL", "") if uses_driver(named, "gcs") else ""
+                context = ts.Context(_REMOTE_CONTEXT, parent=_CONTEXT)
+                base = self._opened(directory, token + gcs, named, context)
+            self._kv = base.copy()
+            self._kv.path = path + "/" if path else ""
             return
         spec = _spec(directory)
         # Keyed by the whole spec, endpoint and region included (and tensorstore's GCS
@@ -118,18 +134,23 @@ class TensorstoreStore:
         key = repr(spec) + (
             os.environ.get("TENSORSTORE_GCS_HTTP_URL", "") if directory.startswith("gs://") else ""
         )
+        shared = isinstance(spec, str) and spec.startswith("memory://")
+        self._kv = self._opened(directory, key, spec, _CONTEXT if shared else ts.Context(_REMOTE_CONTEXT))
+
+    def _opened(self, directory: str, key: str, spec: Any, context: ts.Context) -> ts.KvStore:
+        """The store of a spec, opened once for the process (key says which spec)."""
         with TensorstoreStore._open_lock:
             store = TensorstoreStore._open.get(key)
         if store is None:
-            shared = isinstance(spec, str) and spec.startswith("memory://")
-            context = _CONTEXT if shared else ts.Context(_REMOTE_CONTEXT)
-            store = _wait(ts.KvStore.open(spec, context=context), f"opening {directory}", timeout_s)
+            store = _wait(
+                ts.KvStore.open(spec, context=context), f"opening {readable(directory)}", self.timeout_s
+            )
             with TensorstoreStore._open_lock:
                 store = TensorstoreStore._open.setdefault(key, store)
-        self._kv = store
+        return store
 
     def _where(self, key: str) -> str:
-        return join(self.path, key)
+        return readable(join(self.path, key))
 
     def local_path(self, key: str) -> str:
         raise ValueError(f"{self.path} is not a local directory")
@@ -172,7 +193,7 @@ class TensorstoreStore:
         return float(result.stamp.time) if result.state == "value" else None
 
     def list(self) -> list[str]:
-        keys = _wait(self._kv.list(), f"listing {self.path}", self.timeout_s)
+        keys = _wait(self._kv.list(), f"listing {readable(self.path)}", self.timeout_s)
         return sorted(k.decode() for k in keys if b"/" not in k)
 
     def delete(self, key: str) -> Pending[None]:
@@ -193,15 +214,17 @@ def tensorstore_location(directory: str, resources: dict[str, Any] | None = None
     one a Store of the directory uses (a local path becomes the file driver),
     and the context is a fresh one holding `resources` (cache pools, ...) whose
     parent is the process's context, so memory:// sees the values every store of
-    this process sees, and object stores get bounded retries.
+    this process sees, and object stores get bounded retries. A KvStore of the
+    caller's ("kvstore+live-N") raises ValueError: no spec names its context.
     """
-    if directory.startswith(_KVSTORE_SCHEME):
-        number, _, path = directory[len(_KVSTORE_SCHEME) :].partition("://")
-        kv = _KVSTORES[int(number)].copy()
-        kv.path = path.strip("/") + "/" if path.strip("/") else ""
-        spec: Any = kv.spec().to_json()
-    else:
-        spec = _spec(directory if "://" in directory else os.path.abspath(directory))
+    parts = kvstore_parts(directory)
+    if parts is not None and parts[0].startswith(_LIVE):
+        # Opened from a spec, these drivers would read another memory store than the caller's.
+        raise ValueError(
+            f"{directory}: tensorstore drivers cannot be opened over a tensorstore.KvStore of the "
+            "caller's memory (no spec names its context); copy its contents to another location"
+        )
+    spec: Any = _spec(directory if "://" in directory else os.path.abspath(directory))
     context = ts.Context({**_REMOTE_CONTEXT, **(resources or {})}, parent=_CONTEXT)
     return spec, context
 
@@ -211,7 +234,8 @@ def list_recursive(directory: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S)
 
     Store.list lists one level; a reader of a format that nests directories (an
     Orbax CheckpointManager's root) needs the whole tree. Local directories are
-    walked; anything else is listed through tensorstore.
+    walked; anything else is listed through the kvstore a TensorstoreStore of it
+    opens (so a KvStore of the caller's is listed, not another store).
     """
     if "://" not in directory or directory.startswith("file://"):
         root = directory[len("file://") :] if directory.startswith("file://") else directory
@@ -220,6 +244,5 @@ def list_recursive(directory: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S)
             rel = os.path.relpath(top, root)
             keys += [f if rel == "." else f"{rel}/{f}" for f in files]
         return sorted(keys)
-    spec, context = tensorstore_location(directory)
-    kv = _wait(ts.KvStore.open(spec, context=context), f"opening {directory}", timeout_s)
-    return sorted(k.decode() for k in _wait(kv.list(), f"listing {directory}", timeout_s))
+    kv = TensorstoreStore(directory, timeout_s)._kv
+    return sorted(k.decode() for k in _wait(kv.list(), f"listing {readable(directory)}", timeout_s))
