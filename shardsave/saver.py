@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -26,7 +25,6 @@ from shardsave import tree as _tree
 from shardsave.errors import CheckpointExistsError, SaveFailedError, ShardsaveError, StorageError
 from shardsave.formats import open_checkpoint
 from shardsave.formats.shardsave import (
-    CRC_CHUNK_BYTES,
     DEFAULT_PART_BYTES,
     checkpoint_name,
     index_key,
@@ -45,11 +43,11 @@ from shardsave.restore.engine import restore_leaves
 from shardsave.restore.shared import lay_out, plan_shared_reads
 from shardsave.restore.targets import requests_for_saved, requests_for_target
 from shardsave.save.background import BackgroundCommits
-from shardsave.save.commit import PendingSave, Staged, commit, prepare_overwrite
+from shardsave.save.commit import PendingSave, commit, prepare_overwrite
 from shardsave.save.coordination import Coordinator
-from shardsave.save.plan import PlanCache, SavePlan, leaf_spec, step_number
-from shardsave.save.stage import StagingBuffer, prepare, snapshot_on_device, stage
-from shardsave.save.stream import MIN_SAVE_HOST_BYTES, Ring, stream
+from shardsave.save.plan import PlanCache, leaf_spec, step_number
+from shardsave.save.staging import HostStaging
+from shardsave.save.stream import MIN_SAVE_HOST_BYTES
 from shardsave.storage import open_prefix
 from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Lock, Store, location, split_prefix
 
@@ -264,14 +262,7 @@ class Saver:
         self._commits = BackgroundCommits()
         self._coordinator = Coordinator(timeout_s)
         self._plans = PlanCache(_PLAN_CACHE_SIZE)
-        # Host buffers of the last plan saved, refilled by the next save of that plan.
-        self._staging: tuple[SavePlan | None, dict[int, StagingBuffer]] = (None, {})
-        self._preparing: threading.Thread | None = None  # prepare()'s, filling _staging
-        # A capped save's buffers instead, touched now so that the first save is as fast as the next.
-        self._ring: Ring | None = None
-        if save_host_bytes is not None:
-            self._ring = Ring(save_host_bytes)
-            self._ring.start_warming()
+        self._staging = HostStaging(save_host_bytes, storage_timeout_s)
         self._retention: dict[str, Retention] = {}
         self._locks: dict[tuple[str, str], Lock] = {}
         self._last_directory: str | None = None
@@ -481,20 +472,17 @@ class Saver:
 
         plan = self._plans.plan(specs, self.sharded)
         pid = jax.process_index()
-        staged: Staged
-        if self._ring is not None:
-            staged = self._stream(plan, leaves, pid, directory, base, prefix, not replace_local)
-        else:
-            self._prepared(f"saving {prefix}")
-            if self._staging[0] is not plan:
-                self._staging = (plan, {})
-            buffers = self._staging[1]
-            if self.snapshot_on_device and self.async_save:
-                # Block only for on-device copies; the transfer to the host runs in the background.
-                copies, host_leaves = snapshot_on_device(plan, leaves, pid)
-                staged = partial(stage, plan, host_leaves, pid, buffers, copies)
-            else:
-                staged = stage(plan, leaves, pid, buffers)
+        staged = self._staging.stage(
+            plan,
+            leaves,
+            pid,
+            directory,
+            base,
+            prefix,
+            publish=not replace_local,
+            on_device=self.snapshot_on_device and self.async_save,
+            part_bytes=self.part_bytes,
+        )
         nbytes = sum(f.nbytes for f in plan.files if f.process_index == pid)
         pending = PendingSave(
             directory=directory,
@@ -563,62 +551,7 @@ class Saver:
         """
         names, leaves, _ = _tree.flatten(tree)
         plan = self._plans.plan([leaf_spec(n, x)[0] for n, x in zip(names, leaves)], self.sharded)
-        if self._ring is not None or self._staging[0] is plan:
-            return
-        self._prepared("prepare()")
-        buffers: dict[int, StagingBuffer] = {}
-        self._staging = (plan, buffers)
-        self._preparing = threading.Thread(
-            target=prepare, args=(plan, jax.process_index(), buffers), name="shardsave-prepare", daemon=True
-        )
-        self._preparing.start()
-
-    def _prepared(self, what: str) -> None:
-        """Waits for prepare()'s buffers, within the storage deadline."""
-        if self._preparing is None:
-            return
-        self._preparing.join(self.storage_timeout_s)
-        if self._preparing.is_alive():
-            raise SaveFailedError(
-                f"{what}: the host buffers that prepare() makes were not ready within "
-                f"{self.storage_timeout_s:.0f} s (storage_timeout_s)"
-            )
-        self._preparing = None
-
-    def _stream(
-        self,
-        plan: SavePlan,
-        leaves: list[Any],
-        pid: int,
-        directory: Store,
-        base: str,
-        prefix: str,
-        publish: bool,
-    ) -> Staged:
-        """A capped save's data: streamed now, or (snapshot_on_device) from device copies later."""
-        assert self._ring is not None
-        ring, part_bytes = self._ring, self.part_bytes
-        if self.snapshot_on_device and self.async_save:
-            copies, host_leaves = snapshot_on_device(plan, leaves, pid)
-            return partial(
-                stream,
-                plan,
-                host_leaves,
-                pid,
-                directory,
-                base,
-                ring,
-                CRC_CHUNK_BYTES,
-                part_bytes,
-                publish,
-                copies,
-            )
-        try:
-            return stream(plan, leaves, pid, directory, base, ring, CRC_CHUNK_BYTES, part_bytes, publish)
-        except SaveFailedError:
-            raise
-        except Exception as e:
-            raise SaveFailedError(f"saving {prefix} failed while streaming its data: {e}") from e
+        self._staging.prepare(plan, jax.process_index())
 
     def _lock(self, directory: Store, stem: str) -> Lock | None:
         """Holds the save path for this Saver's life (see Store.lock).
@@ -704,11 +637,7 @@ class Saver:
         try:
             self._commits.close()
         finally:
-            with contextlib.suppress(SaveFailedError):
-                self._prepared("close()")
-            self._staging = (None, {})
-            if self._ring is not None:
-                self._ring.close()
+            self._staging.close()
             self._policy.close()
             for lock in self._locks.values():
                 lock.release()
