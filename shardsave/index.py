@@ -209,6 +209,9 @@ class StoredShard:
     start: tuple[int, ...]
     stop: tuple[int, ...]
     crc32c: tuple[int, ...]  # one per CRC chunk, in order
+    # A compressed shard (Index.compression): the stored size of each chunk, whose
+    # crc32c covers its stored bytes; None: stored as it is, nbytes at offset.
+    stored: tuple[int, ...] | None = None
     shape: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -268,6 +271,9 @@ class Index:
     # format's reader names it: a restore that loses a data file checks it to tell a
     # checkpoint deleted under it from a damaged one.
     commit_key: str | None = None
+    # How the data files store their chunks: None (raw bytes) or "zstd" (each checksum
+    # chunk of a shard a zstd frame of its own; StoredShard.stored has their sizes).
+    compression: str | None = None
 
     @property
     def nbytes(self) -> int:

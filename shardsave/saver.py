@@ -45,7 +45,7 @@ from shardsave.restore.targets import requests_for_saved, requests_for_target
 from shardsave.save.background import BackgroundCommits
 from shardsave.save.commit import PendingSave, commit, prepare_overwrite
 from shardsave.save.coordination import Coordinator
-from shardsave.save.plan import PlanCache, leaf_spec, step_number
+from shardsave.save.plan import PlanCache, compression_level, leaf_spec, step_number
 from shardsave.save.staging import HostStaging
 from shardsave.save.stream import MIN_SAVE_HOST_BYTES
 from shardsave.storage import open_prefix
@@ -169,6 +169,12 @@ class Saver:
         close()) that records a preemption notice instead of ending the process, so
         that reached_preemption(step) and should_save(step) answer True at a step every
         process agrees on; the loop saves that step and exits.
+      compression: "zstd" (or a zstd level, 1 to 22; "zstd" is level 1) stores each
+        4 MiB checksum chunk of every shard as a zstd frame, checksummed as stored;
+        None (the default) stores raw bytes. Pays where bandwidth costs more than
+        the CPU that compresses (an object store; a state of mostly zeros, such as
+        an optimizer's early moments): docs/guides/object-stores.md measures when.
+        Needs the zstandard package (`shardsave[zstd]`); not with save_host_bytes.
       share_reads: with several processes, read the stored bytes of a leaf that
         several processes need (a replicated leaf) once, spread over the processes,
         and share them through jax's collectives, instead of once per process.
@@ -211,6 +217,7 @@ class Saver:
         best_metric: str = "loss",
         best_mode: str = "min",
         save_on_preemption: bool = False,
+        compression: str | int | None = None,
     ):
         if max_to_keep is not None and max_to_keep < 0:
             raise ValueError(f"max_to_keep must be None or >= 0, found {max_to_keep}")
@@ -228,6 +235,8 @@ class Saver:
                 f"found {save_host_bytes}"
             )
         self.save_host_bytes = save_host_bytes
+        self.compression = compression
+        self._level = compression_level(compression, save_host_bytes)
         self.part_bytes = part_bytes
         self.share_reads = share_reads
         if save_interval_steps is not None and save_interval_steps < 1:
@@ -499,6 +508,7 @@ class Saver:
             state_file=(latest_filename or STATE_FILENAME) if write_state else None,
             metrics=documents[0],
             metadata=documents[1],
+            compression_level=self._level,
         )
         info = SaveInfo(prefix, nbytes, time.perf_counter() - began)
         self._policy.saved(step, began_on_clock)

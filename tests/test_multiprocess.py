@@ -177,6 +177,25 @@ def test_four_processes_restore_onto_two_and_onto_one(tmp_path):
     assert '"restored": 1' in alone.stdout, alone.stderr[-3000:]
 
 
+def test_a_compressed_save_of_two_processes_restores_onto_one(tmp_path, monkeypatch):
+    """Each process compresses its own files and reports where its frames lie; process 0's
+    index records them all."""
+    monkeypatch.setenv("COMPRESSION", "zstd")
+    _ok(run_processes(2, 2, "save_only", tmp_path))
+    index = index_doc.read(tmp_path / "model-7")
+    assert sorted({f["process_index"] for f in index["files"]}) == [0, 1]
+    assert all(len(s) == 7 for leaf in index["leaves"] for s in leaf["shards"])
+    alone = subprocess.run(
+        [sys.executable, str(PROGRAM), "restore_only", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"},
+    )
+    assert '"restored": 1' in alone.stdout, alone.stderr[-3000:]
+    assert shardsave.CheckpointReader(str(tmp_path / "model-7")).verify() == []
+
+
 def test_eight_processes_restore_onto_four(tmp_path):
     _ok(run_processes(8, 1, "save_only", tmp_path, timeout=240))
     index = index_doc.read(tmp_path / "model-7")

@@ -22,6 +22,7 @@ from shardsave.formats import orbax as _orbax
 from shardsave.formats import safetensors as _safetensors
 from shardsave.formats import shardsave as _shardsave
 from shardsave.formats import tf_bundle as _tf_bundle
+from shardsave.formats import zstd_chunks as _zstd_chunks
 from shardsave.index import Index
 from shardsave.storage import open_store, split_prefix
 from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Store
@@ -42,6 +43,9 @@ class FormatReader:
       from_index: reads the index from those bytes: (raw, where, base, mtime) -> Index,
         where mtime() is the `.index` file's modification time (a request of its
         own on an object store, made only by the readers that need it).
+      view: how the data files of an index from_index read are served:
+        (store, index) -> (store, index), for data that is not raw bytes at offsets
+        (a compressed checkpoint's frames, decoded by a store of its own).
     """
 
     name: str
@@ -50,10 +54,15 @@ class FormatReader:
     open: Callable[[str, float], tuple[Store, str, Index]] | None = None
     claims_index: Callable[[bytes], bool] | None = None
     from_index: Callable[[bytes, str, str, Callable[[], float | None]], Index] | None = None
+    view: Callable[[Store, Index], tuple[Store, Index]] | None = None
 
 
 def _shardsave_index(raw: bytes, where: str, base: str, mtime: Callable[[], float | None]) -> Index:
     return _shardsave.located(_shardsave.decode_index(raw, where), base)
+
+
+def _shardsave_view(store: Store, index: Index) -> tuple[Store, Index]:
+    return _zstd_chunks.uncompressed(store, index) if index.compression is not None else (store, index)
 
 
 def _tf_index(raw: bytes, where: str, base: str, mtime: Callable[[], float | None]) -> Index:
@@ -66,7 +75,9 @@ READERS: list[FormatReader] = [
     FormatReader("dcp", claims=_dcp.is_dcp, lists=True, open=_dcp.dcp_index),
     FormatReader("orbax", claims=_orbax.is_orbax, lists=True, open=_orbax.orbax_index),
     FormatReader("tensorflow", claims_index=_tf_bundle.is_tf_index, from_index=_tf_index),
-    FormatReader("shardsave", claims_index=lambda raw: True, from_index=_shardsave_index),
+    FormatReader(
+        "shardsave", claims_index=lambda raw: True, from_index=_shardsave_index, view=_shardsave_view
+    ),
 ]
 
 
@@ -128,5 +139,9 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> 
     where = f"{path}{_shardsave.INDEX_SUFFIX}"
     for reader in READERS:
         if reader.claims_index is not None and reader.from_index is not None and reader.claims_index(raw):
-            return directory, base, reader.from_index(raw, where, base, partial(directory.mtime, key))
+            index = reader.from_index(raw, where, base, partial(directory.mtime, key))
+            store: Store = directory
+            if reader.view is not None:
+                store, index = reader.view(directory, index)
+            return store, base, index
     raise AssertionError("shardsave's own reader takes every index")  # unreachable: it is last

@@ -35,25 +35,28 @@ from shardsave.storage.base import Store, temp_target
 FORMAT_NAME = "shardsave"
 
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 # Version 2 wraps the index in an envelope that carries the CRC-32C of its body.
 # The envelope's bytes before the body are fixed, so a reader finds the body by
 # position and checks its checksum without re-encoding anything:
 #   {"format":"shardsave","format_version":2,"crc32c":"XXXXXXXX","index":BODY}
-_ENVELOPE_HEAD = b'{"format":"shardsave","format_version":2,"crc32c":"'
+_ENVELOPE_HEADS = {v: b'{"format":"shardsave","format_version":%d,"crc32c":"' % v for v in (2, 3)}
 
 
 _ENVELOPE_MID = b'","index":'
 
 
-_ENVELOPE_BODY_AT = len(_ENVELOPE_HEAD) + 8 + len(_ENVELOPE_MID)
+_ENVELOPE_BODY_AT = len(_ENVELOPE_HEADS[2]) + 8 + len(_ENVELOPE_MID)  # (every version's head is as long)
 
 
 # Stored shards carry one crc32c per chunk of this many bytes, so a reader that
 # needs only part of a shard can verify what it reads without reading it all.
 CRC_CHUNK_BYTES = 4 << 20
+
+
+ZSTD = "zstd"  # the one compression the format knows (version 3)
 
 
 INDEX_SUFFIX = ".index"
@@ -160,7 +163,9 @@ def encode_index(index: Index) -> bytes:
             "kind": leaf.kind,
             "sharding": leaf.sharding,
             # json writes tuples as arrays: no per-shard list copies
-            "shards": [(s.file, s.offset, s.nbytes, s.start, s.stop, s.crc32c) for s in leaf.shards],
+            "shards": [(s.file, s.offset, s.nbytes, s.start, s.stop, s.crc32c) for s in leaf.shards]
+            if index.compression is None
+            else [(s.file, s.offset, s.nbytes, s.start, s.stop, s.crc32c, s.stored) for s in leaf.shards],
         }
         if leaf.key_impl is not None:
             entry["key_impl"] = leaf.key_impl
@@ -183,8 +188,13 @@ def encode_index(index: Index) -> bytes:
         doc["metadata"] = index.metadata
     if not index.recorded:
         doc["recorded"] = False
+    if index.compression is not None:
+        doc["compression"] = index.compression
     body = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
-    return b"".join((_ENVELOPE_HEAD, b"%08x" % checksum(body), _ENVELOPE_MID, body, b"}"))
+    # Version 3 only where it differs from 2 (compression), so that an uncompressed
+    # checkpoint stays readable by every reader of version 2.
+    head = _ENVELOPE_HEADS[3 if index.compression is not None else 2]
+    return b"".join((head, b"%08x" % checksum(body), _ENVELOPE_MID, body, b"}"))
 
 
 def _int(value: Any, what: str, lo: int = 0, hi: int = MAX_BYTES) -> int:
@@ -234,11 +244,12 @@ def decode_index(raw: bytes, where: str) -> Index:
         ):  # no envelope, no checksum of its own: the fields are at the top
             return _decode(doc, 1)
         version = _int(version, "format_version", 2, FORMAT_VERSION)
+        head = _ENVELOPE_HEADS[version]
         body = raw[_ENVELOPE_BODY_AT:-1]
-        stored = raw[len(_ENVELOPE_HEAD) : len(_ENVELOPE_HEAD) + 8]
+        stored = raw[len(head) : len(head) + 8]
         if (
-            not raw.startswith(_ENVELOPE_HEAD)
-            or raw[len(_ENVELOPE_HEAD) + 8 : _ENVELOPE_BODY_AT] != _ENVELOPE_MID
+            not raw.startswith(head)
+            or raw[len(head) + 8 : _ENVELOPE_BODY_AT] != _ENVELOPE_MID
             or not raw.endswith(b"}")
             or set(doc) != {"format", "format_version", "crc32c", "index"}
         ):
@@ -266,6 +277,11 @@ def _decode(doc: dict[str, Any], version: int) -> Index:
     if isinstance(created, bool) or not isinstance(created, (int, float)) or not math.isfinite(created):
         raise ValueError(f"created must be a number, found {created!r:.60}")
     chunk = _int(doc["crc_chunk_bytes"], "crc_chunk_bytes", 1, 1 << 40)
+    compression = doc.get("compression")
+    if compression is not None and (version < 3 or compression != ZSTD):
+        raise ValueError(
+            f"compression must be absent or (from version 3) {ZSTD!r}, found {compression!r:.40}"
+        )
 
     files = []
     for i, f in enumerate(_list(doc["files"], "files")):
@@ -304,7 +320,7 @@ def _decode(doc: dict[str, Any], version: int) -> Index:
         if name in names:
             raise ValueError(f"leaf name {name!r} appears twice")
         names.add(name)
-        leaves.append(_decode_leaf(leaf, name, files, chunk))
+        leaves.append(_decode_leaf(leaf, name, files, chunk, compression is not None))
 
     structure = doc["structure"]
     indices = _tree.structure_leaf_indices(structure)
@@ -330,10 +346,13 @@ def _decode(doc: dict[str, Any], version: int) -> Index:
         metrics=documents["metrics"],
         metadata=documents["metadata"],
         recorded=recorded,
+        compression=compression,
     )
 
 
-def _decode_leaf(leaf: dict[str, Any], name: str, files: list[DataFile], chunk: int) -> LeafEntry:
+def _decode_leaf(
+    leaf: dict[str, Any], name: str, files: list[DataFile], chunk: int, compressed: bool = False
+) -> LeafEntry:
     dtype_str = leaf["dtype"]
     if not isinstance(dtype_str, str) or dtype_str not in DTYPES:
         raise ValueError(f"leaf {name!r}: unknown dtype {dtype_str!r:.40}")
@@ -369,8 +388,9 @@ def _decode_leaf(leaf: dict[str, Any], name: str, files: list[DataFile], chunk: 
     last_file = len(files) - 1
     for j, s in enumerate(raw_shards):
         # Messages are built only on failure: an index holds tens of thousands of shards.
-        if type(s) is not list or len(s) != 6:
-            raise ValueError(f"leaf {name!r} shard {j} must be [file, offset, nbytes, start, stop, crc32c]")
+        if type(s) is not list or len(s) != (7 if compressed else 6):
+            fields = "file, offset, nbytes, start, stop, crc32c" + (", stored" if compressed else "")
+            raise ValueError(f"leaf {name!r} shard {j} must be [{fields}]")
         file, offset, nbytes = s[0], s[1], s[2]
         if not (_in(file, 0, last_file) and _in(offset, 0, MAX_BYTES) and _in(nbytes, 0, MAX_BYTES)):
             raise ValueError(
@@ -391,16 +411,22 @@ def _decode_leaf(leaf: dict[str, Any], name: str, files: list[DataFile], chunk: 
         volume = math.prod(b - a for a, b in zip(start, stop))
         if nbytes != volume * dtype.itemsize:
             raise ValueError(f"leaf {name!r} shard {j}: nbytes {nbytes} != {volume} elements of {dtype_str}")
-        if offset + nbytes > files[file].nbytes:
-            raise ValueError(
-                f"leaf {name!r} shard {j}: bytes {offset}..{offset + nbytes} lie past the end of file {file}"
-            )
         if len(crc) != crc_chunks(nbytes, chunk):
             raise ValueError(
                 f"leaf {name!r} shard {j}: {len(crc)} checksums for {crc_chunks(nbytes, chunk)} chunks"
             )
+        sizes = None
+        if compressed:
+            sizes = _ints(s[6], 1, MAX_BYTES)
+            if sizes is None or len(sizes) != len(crc):
+                raise ValueError(f"leaf {name!r} shard {j}: stored must hold one positive size per checksum")
+        span = nbytes if sizes is None else sum(sizes)
+        if offset + span > files[file].nbytes:
+            raise ValueError(
+                f"leaf {name!r} shard {j}: bytes {offset}..{offset + span} lie past the end of file {file}"
+            )
         covered += volume
-        shards.append(StoredShard(file, offset, nbytes, start, stop, crc))
+        shards.append(StoredShard(file, offset, nbytes, start, stop, crc, sizes))
     if covered != size:
         raise ValueError(f"leaf {name!r}: shards hold {covered} elements, the array has {size}")
     if size == 0 and len(shards) != 1:

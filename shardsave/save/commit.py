@@ -20,8 +20,8 @@ import numpy as np
 from shardsave.errors import CorruptCheckpointError, SaveFailedError
 from shardsave.formats.shardsave import (
     CRC_CHUNK_BYTES,
-    FORMAT_VERSION,
     INDEX_SUFFIX,
+    ZSTD,
     Listing,
     data_keys,
     decode_index,
@@ -29,6 +29,7 @@ from shardsave.formats.shardsave import (
     index_key,
     split_parts,
 )
+from shardsave.formats.zstd_chunks import compress_shard
 from shardsave.index import (
     Checksums,
     DataFile,
@@ -40,7 +41,7 @@ from shardsave.index import (
 )
 from shardsave.save.coordination import Coordinator, decode_reports, encode_report
 from shardsave.save.plan import SavePlan
-from shardsave.save.stream import Streamed
+from shardsave.save.stream import Layout, Streamed
 from shardsave.storage.base import PendingFile, Store
 from shardsave.storage.local import sync_directory
 
@@ -57,17 +58,29 @@ def build_index(
     metadata: dict[str, Any] | None = None,
     recorded: bool = True,
     parts: dict[int, tuple[int, ...] | None] | None = None,
+    layouts: dict[int, Layout] | None = None,
+    compression: str | None = None,
 ) -> Index:
     """The index of a saved plan: each planned shard with its file, offset and checksums.
 
     parts: the part sizes of the files written in parts other than part_bytes' (a capped save's).
+    layouts: with compression, where each file's shards were stored, and each file's size.
     """
     shards: list[list[StoredShard]] = [[] for _ in plan.leaves]
+    sizes = {k: f.nbytes for k, f in enumerate(plan.files)}
     for k, f in enumerate(plan.files):
-        for shard, crc in zip(f.shards, crcs[k]):
+        layout = None if layouts is None else layouts[k]
+        if layout is not None:
+            sizes[k] = layout[0]
+        for j, (shard, crc) in enumerate(zip(f.shards, crcs[k])):
             start = tuple(a for a, _ in shard.box)
             stop = tuple(b for _, b in shard.box)
-            shards[shard.leaf].append(StoredShard(k, shard.offset, shard.nbytes, start, stop, crc))
+            if layout is None:
+                stored = StoredShard(k, shard.offset, shard.nbytes, start, stop, crc)
+            else:
+                offset, frames = layout[1][j]
+                stored = StoredShard(k, offset, shard.nbytes, start, stop, crc, frames)
+            shards[shard.leaf].append(stored)
     leaves = tuple(
         LeafEntry(
             name=spec.name,
@@ -82,10 +95,10 @@ def build_index(
     )
     files = tuple(
         DataFile(
-            f.nbytes,
+            sizes[k],
             f.device_id,
             f.process_index,
-            parts[k] if parts is not None and k in parts else split_parts(f.nbytes, part_bytes),
+            parts[k] if parts is not None and k in parts else split_parts(sizes[k], part_bytes),
         )
         for k, f in enumerate(plan.files)
     )
@@ -96,10 +109,11 @@ def build_index(
         files,
         structure,
         leaves,
-        format_version=FORMAT_VERSION,
+        format_version=3 if compression is not None else 2,  # as encode_index writes it
         metrics=metrics,
         metadata=metadata,
         recorded=recorded,
+        compression=compression,
     )
 
 
@@ -124,8 +138,14 @@ def start_writes(
     chunk: int,
     part_bytes: int,
     publish: bool,
+    level: int | None = None,
 ) -> Streamed:
-    """Starts writing each staged data file (in parts beyond part_bytes), and checksums them."""
+    """Starts writing each staged data file (in parts beyond part_bytes), and checksums them.
+
+    level: compress each checksum chunk with zstd at this level (formats.zstd_chunks).
+    """
+    if level is not None:
+        return _start_compressed_writes(directory, base, plan, staged, chunk, part_bytes, publish, level)
     n = len(plan.files)
     parts = {k: split_parts(len(data), part_bytes) for k, data in staged.items()}
     streamed = Streamed([], parts, {}, [])
@@ -138,6 +158,47 @@ def start_writes(
             piece = data if parts[k] is None else view[a:b]
             streamed.writes.append(directory.write(key, piece, publish=publish))
     streamed.crcs = {k: checksums_of(data, plan.files[k], chunk) for k, data in staged.items()}
+    return streamed
+
+
+def _start_compressed_writes(
+    directory: Store,
+    base: str,
+    plan: SavePlan,
+    staged: dict[int, bytes],
+    chunk: int,
+    part_bytes: int,
+    publish: bool,
+    level: int,
+) -> Streamed:
+    """start_writes with each shard stored as one zstd frame per checksum chunk, the
+    frames of a file one after another; checksums cover the stored (compressed) bytes."""
+    n = len(plan.files)
+    streamed = Streamed([], {}, {}, [])
+    for k, data in staged.items():
+        view = memoryview(data)
+        frames: list[bytes] = []
+        crcs, shards, at = [], [], 0
+        for shard in plan.files[k].shards:
+            compressed, sizes, shard_crcs = compress_shard(
+                view[shard.offset : shard.offset + shard.nbytes], chunk, level
+            )
+            frames.extend(compressed)
+            shards.append((at, sizes))
+            crcs.append(shard_crcs)
+            at += sum(sizes)
+        stored = b"".join(frames)
+        del frames
+        parts = streamed.parts[k] = split_parts(len(stored), part_bytes)
+        starts = [0, *accumulate(parts or (len(stored),))]
+        whole = memoryview(stored)
+        for key, a, b in zip(data_keys(base, k, n, parts), starts, starts[1:]):
+            streamed.keys.append(key)
+            streamed.writes.append(
+                directory.write(key, stored if parts is None else whole[a:b], publish=publish)
+            )
+        streamed.crcs[k] = crcs
+        streamed.layouts[k] = (len(stored), shards)
     return streamed
 
 
@@ -166,6 +227,7 @@ class PendingSave:
     state_file: str | None = None  # the state file recording it; None: write_state=False
     metrics: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
+    compression_level: int | None = None  # zstd's level, where the save compresses
 
 
 def checksums_of(data: bytes, plan_file: Any, chunk: int) -> list[tuple[int, ...]]:
@@ -201,18 +263,21 @@ def commit(
             streamed = staged
         else:
             publish = not save.replace_local
-            streamed = start_writes(directory, save.base, plan, staged, chunk, part_bytes, publish)
+            streamed = start_writes(
+                directory, save.base, plan, staged, chunk, part_bytes, publish, save.compression_level
+            )
         results = streamed.wait()
         pending = [r for r in results if isinstance(r, PendingFile)]
         if save.key is None:
-            raw = encoded_index(save, streamed.crcs, chunk, part_bytes, streamed.parts)
+            raw = encoded_index(save, streamed.crcs, chunk, part_bytes, streamed.parts, streamed.layouts)
             if save.replace_local:
                 replace_local_checkpoint(save, pending, raw)
             else:
                 directory.write(index_key(save.base), raw).result()
         else:
             coordinator.publish(
-                f"{save.key}/files/{coordinator.process_index}", encode_report(streamed.crcs, streamed.parts)
+                f"{save.key}/files/{coordinator.process_index}",
+                encode_report(streamed.crcs, streamed.parts, streamed.layouts),
             )
     except BaseException as e:
         if save.key is not None:  # let process 0 fail fast instead of timing out
@@ -232,8 +297,10 @@ def commit(
     elif coordinator.process_index == 0:
         try:
             coordinator.publish(f"{save.key}/gathering", "1")
-            all_crcs, all_parts = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
-            raw = encoded_index(save, all_crcs, chunk, part_bytes, all_parts)
+            all_crcs, all_parts, all_layouts = decode_reports(
+                coordinator.gather(f"{save.key}/files", what), what
+            )
+            raw = encoded_index(save, all_crcs, chunk, part_bytes, all_parts, all_layouts)
             directory.write(index_key(save.base), raw).result()
             after_commit()
         except BaseException as e:
@@ -252,6 +319,7 @@ def encoded_index(
     chunk: int,
     part_bytes: int,
     parts: dict[int, tuple[int, ...] | None],
+    layouts: dict[int, Layout],
 ) -> bytes:
     """The index of a save with these checksums, encoded and checked by the reader's validation."""
     index = build_index(
@@ -266,6 +334,8 @@ def encoded_index(
         save.metadata,
         recorded=save.state_file is not None,
         parts=parts,
+        layouts=layouts if save.compression_level is not None else None,
+        compression=ZSTD if save.compression_level is not None else None,
     )
     return encode_checked(index, f"{save.prefix}{INDEX_SUFFIX}")
 

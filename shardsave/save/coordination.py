@@ -212,10 +212,12 @@ class Coordinator:
 def encode_report(
     crcs: dict[int, list[tuple[int, ...]]] | None,
     parts: dict[int, tuple[int, ...] | None] | None = None,
+    layouts: dict[int, Any] | None = None,
     error: str | None = None,
 ) -> str:
-    """What a process tells process 0 of its data files: each shard's checksums and each
-    file's part sizes (a capped save chooses its own), or the error that stopped it."""
+    """What a process tells process 0 of its data files: each shard's checksums, each
+    file's part sizes (a capped save chooses its own) and, compressed, where its shards
+    were stored (save.stream.Layout); or the error that stopped it."""
     if error is not None:
         return json.dumps({"error": error})
     if crcs is None:
@@ -224,16 +226,19 @@ def encode_report(
         {
             "crcs": {str(k): v for k, v in crcs.items()},
             "parts": {str(k): v for k, v in (parts or {}).items()},
+            "layouts": {str(k): v for k, v in (layouts or {}).items()},
         }
     )
 
 
 def decode_reports(
     reports: dict[int, str], what: str
-) -> tuple[dict[int, list[tuple[int, ...]]], dict[int, tuple[int, ...] | None]]:
-    """Every file's checksums and part sizes from all reports; a reported error becomes SaveFailedError."""
+) -> tuple[dict[int, list[tuple[int, ...]]], dict[int, tuple[int, ...] | None], dict[int, Any]]:
+    """Every file's checksums, part sizes and layouts from all reports; a reported error
+    becomes SaveFailedError."""
     crcs: dict[int, list[tuple[int, ...]]] = {}
     parts: dict[int, tuple[int, ...] | None] = {}
+    layouts: dict[int, Any] = {}
     for pid, raw in sorted(reports.items()):
         doc = json.loads(raw)
         if "error" in doc:
@@ -242,4 +247,6 @@ def decode_reports(
             crcs[int(k)] = [tuple(c) for c in shards]
         for k, sizes in doc.get("parts", {}).items():
             parts[int(k)] = None if sizes is None else tuple(sizes)
-    return crcs, parts
+        for k, (nbytes, shards) in doc.get("layouts", {}).items():
+            layouts[int(k)] = (nbytes, [(offset, tuple(frames)) for offset, frames in shards])
+    return crcs, parts, layouts

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 
 from shardsave import tree as _tree
+from shardsave.formats.shardsave import ZSTD
+from shardsave.formats.zstd_chunks import DEFAULT_LEVEL, check_available
 from shardsave.index import Box, box_shape, device_boxes, dtype_name, full_box
 from shardsave.storage.buffers import DIRECT_IO_ALIGNMENT, MIN_UNCACHED_READ_BYTES
 from shardsave.tree import LeafSpec
@@ -192,3 +194,22 @@ class PlanCache:
                 self._plans.pop(next(iter(self._plans)))
             plan = self._plans[key] = plan_save(specs, sharded, jax.devices())
         return plan
+
+
+def compression_level(compression: str | int | None, save_host_bytes: int | None) -> int | None:
+    """The zstd level Saver(compression=...) asks for, or None; refuses what cannot be honoured."""
+    if compression is None:
+        return None
+    if compression == ZSTD:
+        level = DEFAULT_LEVEL
+    elif isinstance(compression, int) and not isinstance(compression, bool) and 1 <= compression <= 22:
+        level = compression
+    else:
+        raise ValueError(f'compression must be None, "zstd" or a zstd level 1..22, found {compression!r}')
+    if save_host_bytes is not None:
+        raise ValueError(
+            "compression with save_host_bytes is not supported: a capped save writes each buffer as "
+            "it fills, before its frames' sizes are known; pass one of them"
+        )
+    check_available()
+    return level

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import jax
 import numpy as np
@@ -197,6 +197,11 @@ class _Source:
         return device_range(self.device, start, stop)
 
 
+# A compressed data file's stored size, and where each of its shards' frames are:
+# (offset, the size of each frame), in the planned file's shard order.
+Layout: TypeAlias = tuple[int, list[tuple[int, tuple[int, ...]]]]
+
+
 @dataclass
 class Streamed:
     """The data writes of one save, started: what commit() waits on and records."""
@@ -205,6 +210,8 @@ class Streamed:
     parts: dict[int, tuple[int, ...] | None]  # file number -> its part sizes (None: one object)
     crcs: dict[int, list[tuple[int, ...]]]
     writes: list[Pending[Any]]  # every write started (the last ones still in flight)
+    # Compressed files: file number -> (its stored size, each shard's (offset, frame sizes)).
+    layouts: dict[int, Layout] = field(default_factory=dict)
 
     def wait(self) -> list[Any]:
         return [w.result() for w in self.writes]

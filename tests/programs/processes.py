@@ -109,9 +109,11 @@ def capped_save(directory: str) -> None:
 
 
 def save_only(directory: str) -> None:
+    """Saves model-7 (compressed with COMPRESSION=zstd)."""
     import shardsave
 
-    shardsave.Saver(async_save=False, timeout_s=60).save(make_tree(), directory + "/model", global_step=7)
+    saver = shardsave.Saver(async_save=False, timeout_s=60, compression=os.environ.get("COMPRESSION") or None)
+    saver.save(make_tree(), directory + "/model", global_step=7)
     emit(saved=True)
 
 
