@@ -146,19 +146,30 @@ def start_writes(
     """
     if level is not None:
         return _start_compressed_writes(directory, base, plan, staged, chunk, part_bytes, publish, level)
-    n = len(plan.files)
-    parts = {k: split_parts(len(data), part_bytes) for k, data in staged.items()}
-    streamed = Streamed([], parts, {}, [])
+    streamed = Streamed([], {}, {}, [])
     for k, data in staged.items():
-        keys = data_keys(base, k, n, parts[k])
-        starts = [0, *accumulate(parts[k] or (len(data),))]
-        view = memoryview(data)
-        for key, a, b in zip(keys, starts, starts[1:]):
-            streamed.keys.append(key)
-            piece = data if parts[k] is None else view[a:b]
-            streamed.writes.append(directory.write(key, piece, publish=publish))
+        _write_file(directory, base, k, len(plan.files), data, part_bytes, publish, streamed)
     streamed.crcs = {k: checksums_of(data, plan.files[k], chunk) for k, data in staged.items()}
     return streamed
+
+
+def _write_file(
+    directory: Store,
+    base: str,
+    k: int,
+    n: int,
+    data: bytes,
+    part_bytes: int,
+    publish: bool,
+    streamed: Streamed,
+) -> None:
+    """Starts the writes of data file k of n (in parts beyond part_bytes), recording them in streamed."""
+    parts = streamed.parts[k] = split_parts(len(data), part_bytes)
+    starts = [0, *accumulate(parts or (len(data),))]
+    view = memoryview(data)
+    for key, a, b in zip(data_keys(base, k, n, parts), starts, starts[1:]):
+        streamed.keys.append(key)
+        streamed.writes.append(directory.write(key, data if parts is None else view[a:b], publish=publish))
 
 
 def _start_compressed_writes(
@@ -189,14 +200,7 @@ def _start_compressed_writes(
             at += sum(sizes)
         stored = b"".join(frames)
         del frames
-        parts = streamed.parts[k] = split_parts(len(stored), part_bytes)
-        starts = [0, *accumulate(parts or (len(stored),))]
-        whole = memoryview(stored)
-        for key, a, b in zip(data_keys(base, k, n, parts), starts, starts[1:]):
-            streamed.keys.append(key)
-            streamed.writes.append(
-                directory.write(key, stored if parts is None else whole[a:b], publish=publish)
-            )
+        _write_file(directory, base, k, n, stored, part_bytes, publish, streamed)
         streamed.crcs[k] = crcs
         streamed.layouts[k] = (len(stored), shards)
     return streamed
