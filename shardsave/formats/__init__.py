@@ -24,7 +24,7 @@ from shardsave.formats import shardsave as _shardsave
 from shardsave.formats import tf_bundle as _tf_bundle
 from shardsave.formats import zstd_chunks as _zstd_chunks
 from shardsave.index import Index
-from shardsave.storage import open_store, split_prefix
+from shardsave.storage import open_store, readable, split_prefix
 from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Store
 
 
@@ -126,7 +126,7 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> 
         if opener is not None:
             return opener(path, timeout_s)
         if not base:
-            raise CheckpointNotFoundError(f"{path!r} names a directory, not a checkpoint prefix")
+            raise CheckpointNotFoundError(f"{readable(path)!r} names a directory, not a checkpoint prefix")
         leftovers = _shardsave.Listing.of(directory).data.get(base, [])
         hint = (
             f" ({len(leftovers)} data files exist without it: a save that never committed)"
@@ -134,7 +134,7 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> 
             else ""
         )
         raise CheckpointNotFoundError(
-            f"no committed checkpoint at {path!r}: {path}{_shardsave.INDEX_SUFFIX} does not exist{hint}"
+            f"no committed checkpoint at {readable(path)!r}: {path}{_shardsave.INDEX_SUFFIX} does not exist{hint}"
         )
     where = f"{path}{_shardsave.INDEX_SUFFIX}"
     for reader in READERS:
