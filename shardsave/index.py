@@ -110,7 +110,7 @@ def shard_checksums(data: np.ndarray, offset: int, nbytes: int, chunk: int) -> t
 class Checksums:
     """How a checkpoint's stored bytes are checked, and in what units they are read.
 
-    A closed set of three kinds, each a reader's choice for its format, and the one
+    A closed set of four kinds, each a reader's choice for its format, and the one
     place that knows their arithmetic (restores, CheckpointReader and verify use it):
 
     - chunked(C): one CRC-32C per C bytes of each shard (shardsave's format); a read
@@ -119,12 +119,15 @@ class Checksums:
       of part of a shard still reads all of it, or carries the checksum read by read.
     - none(C): no checksums (safetensors); only lengths are checked, and reads are
       planned in C-byte units as if chunked.
+    - by_store(C): every C-byte unit is checked by the store that serves it, before
+      it is returned (a compressed checkpoint's frames: formats.zstd_chunks); reads
+      are planned in whole units, and only their lengths are checked here.
 
     Offsets here are relative to the shard's first byte; unit j of a shard is
     bytes [j * unit, (j + 1) * unit) of it, the last one possibly shorter.
     """
 
-    kind: Literal["chunked", "per_shard", "none"]
+    kind: Literal["chunked", "per_shard", "none", "by_store"]
     chunk_bytes: int = 0  # chunked and none: the unit; per_shard: 0 (the unit is the shard)
 
     @classmethod
@@ -138,6 +141,10 @@ class Checksums:
     @classmethod
     def none(cls, chunk_bytes: int) -> Checksums:
         return cls("none", chunk_bytes)
+
+    @classmethod
+    def by_store(cls, chunk_bytes: int) -> Checksums:
+        return cls("by_store", chunk_bytes)
 
     @property
     def verified(self) -> bool:
@@ -188,7 +195,10 @@ class Checksums:
         if hi - data_start > data.size:
             found = max(0, data.size - (lo - data_start))
             return f"expected {hi - lo} bytes at offset {lo}, found {found} (the file is truncated)"
-        if self.verified and checksum(data[lo - data_start : hi - data_start]) != shard.crc32c[j]:
+        if (
+            self.kind in ("chunked", "per_shard")
+            and checksum(data[lo - data_start : hi - data_start]) != shard.crc32c[j]
+        ):
             return f"crc32c mismatch in bytes {lo}..{hi} (the data is corrupt)"
         return None
 

@@ -183,3 +183,25 @@ def test_a_compressed_checkpoint_in_parts_restores(tmp_path, mesh24):
     assert (tmp_path / "m.data-00000-of-00001.part-00001").exists()
     _equal(shardsave.Saver().restore(path, tree), tree)
     assert shardsave.CheckpointReader(path).verify() == []
+
+
+def test_the_command_line_verifies_every_frame_of_a_compressed_checkpoint(tmp_path):
+    import contextlib
+    import io
+
+    from shardsave.cli import main
+
+    value = np.random.default_rng(5).standard_normal((2048, 1024), np.float32)  # 2 frames
+    path = shardsave.Saver(compression="zstd", async_save=False).save({"x": value}, str(tmp_path / "m"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["verify", path]) == 0
+    assert "lengths and crc32c sound" in out.getvalue()
+    data, at, _ = _frame_at(tmp_path, "m", 1)
+    raw = bytearray(data.read_bytes())
+    raw[at + 3] ^= 0x01
+    data.write_bytes(bytes(raw))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["verify", path]) != 0
+    assert "BAD" in out.getvalue() and "crc32c mismatch" in out.getvalue()

@@ -7,8 +7,8 @@ stores the frames one after another; the index records each frame's size
 
 A reader sees such a checkpoint through ZstdChunks, a read-only Store whose data
 files are the shards' raw bytes at offsets of its own (the logical index that
-uncompressed() returns). Reads are planned in whole chunks (Checksums.none with the
-chunk size: the engine widens every read to them), so a ranged read fetches only
+uncompressed() returns). Reads are planned in whole chunks (Checksums.by_store with
+the chunk size: the engine widens every read to them), so a ranged read fetches only
 the frames it needs, each verified against its checksum before it is decoded.
 Decoding runs on the store's I/O threads (zstandard releases the GIL), so the
 frames of the reads in flight decode in parallel while the caller places arrays.
@@ -92,7 +92,7 @@ def uncompressed(store: Store, index: Index) -> tuple[Store, Index]:
     """A compressed checkpoint as its raw bytes: (a ZstdChunks over store, the logical index).
 
     The logical index lays each data file's shards out raw, one after another at
-    64-byte boundaries; its checksums are Checksums.none(chunk) because ZstdChunks
+    64-byte boundaries; its checksums are Checksums.by_store(chunk): ZstdChunks
     verifies every frame it reads against the stored index's checksums.
     """
     chunk = index.checksums.chunk_bytes
@@ -122,7 +122,7 @@ def uncompressed(store: Store, index: Index) -> tuple[Store, Index]:
         index,
         files=tuple(logical_files),
         leaves=leaves,
-        checksums=Checksums.none(chunk),
+        checksums=Checksums.by_store(chunk),
         compression=None,
     )
     return ZstdChunks(store, index, frames, names), logical
