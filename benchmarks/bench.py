@@ -40,12 +40,19 @@ Tools and what they measure:
   shardsave-async  Saver(async_save=True): blocking time and time to commit
   shardsave-device Saver(snapshot_on_device=True), on accelerators only
 
-Storage "s3" is moto's S3 server on loopback (started by the benchmark): there
-"raw" is boto3 PUTting and GETting the same bytes in parallel, one thread per
-data file, "raw-ranged" GETting them in ranges of 16 MiB (shardsave's requests),
-"raw-placed" GETting them whole and placing every target shard on its devices
-(what a restore does with the bytes; the other limits place nothing),
-and Orbax is not run (its s3:// paths cannot name another endpoint).
+Storages "s3" and "gcs" are object stores on loopback, started for each case
+(benchmarks/stores.py): moto's S3 server and fake-gcs-server. There "raw" PUTs
+and GETs the same bytes in parallel, one value per data file (on S3 boto3, one
+thread per file; on GCS tensorstore's gcs driver, shardsave's own client, under
+its concurrency limit), "raw-ranged" GETs them in ranges of 16 MiB (shardsave's
+requests), "raw-placed" GETs them whole and places every target shard on its
+devices (what a restore does with the bytes; the other limits place nothing).
+shardsave-zstd is Saver(compression="zstd"), skipped with a note where this
+shardsave has no such argument. Orbax (its defaults) runs on GCS only: its
+s3:// paths cannot name another endpoint. A case may name a state (random, or
+benchmarks/states.py's adamw-0 and adamw-100: a small transformer's optax.adamw
+state before its first step and after 100) and a rate: gcs@200MB/s puts the
+throttling proxy of benchmarks/throttle.py between every client and the server.
 
 Storage "cold" (op restore_cold) restores from disk_dir with the kernel's page
 cache dropped before every restore, as a job resuming on a fresh host reads it
@@ -83,7 +90,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import contextlib
 import ctypes
 import gc
 import json
@@ -128,6 +134,34 @@ SPECS = [P("data", "model"), P("model"), P(None, "model"), P(), P("data")]
 # is a host copy per device, which no disk read involves (SPECS make a tree 3.4x its
 # bytes there, and 4 GiB in 1024 leaves, or 8 GiB, did not fit this 24 GiB VM).
 COLD_SPECS = [P("data", "model"), P(("data", "model")), P(None, ("data", "model"))]
+# Lines a case adds below the table (what each tool stored on an object store).
+NOTES: list[str] = []
+
+
+def parse_case(entry: list[Any]) -> dict[str, Any]:
+    """A profile's case: [storage, MiB, leaves], and on an object store optionally the
+    state (random, adamw-STEPS) and the throttle in MB/s (storage becomes gcs@200MB/s)."""
+    storage, size, leaves, *rest = entry
+    case: dict[str, Any] = {"storage": storage, "store": storage, "bytes": size * MIB, "leaves": leaves}
+    if storage in ("s3", "gcs"):
+        case["state"] = rest[0] if rest else "random"
+        if len(rest) > 1 and rest[1]:
+            rate = rest[1]
+            case["mb_per_s"] = rate
+            case["storage"] = f"{storage}@" + (f"{rate / 1000:g}GB/s" if rate >= 1000 else f"{rate:g}MB/s")
+    return case
+
+
+def case_key(r: dict[str, Any]) -> tuple[str, str, int, int]:
+    """What tells one case from another in the results (two training states share a size)."""
+    return (r["storage"], r.get("state", ""), r["bytes"], r["leaves"])
+
+
+def case_label(case: dict[str, Any]) -> str:
+    if case.get("state", "random") != "random" and not case["bytes"]:  # its size is measured
+        return f"{case['storage']} {case['state']}"
+    state = f" {case['state']}" if case.get("state", "random") != "random" else ""
+    return f"{case['storage']}{state} {case['bytes'] / MIB:.0f} MiB, {case['leaves']} leaves"
 
 
 # ---------------------------------------------------------------- measurement
@@ -861,65 +895,69 @@ def run_orbax_case(
     return records
 
 
-@contextlib.contextmanager
-def s3_server() -> Any:
-    """moto's S3 server on loopback, and the environment that points s3:// and boto3 at it."""
-    import socket
-    import subprocess
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen(
-        [str(server), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "bench",
-           "AWS_SECRET_ACCESS_KEY": "bench"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+def _orbax_on_gcs() -> Any:
+    """Orbax's module where it can reach gs:// (its path operations need gcsfs), else None."""
+    orbax = orbax_tools()
+    if "_ocp" not in orbax:
+        return None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start (pip install 'moto[server]')") from None
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        import gcsfs  # noqa: F401  (epath's backend for gs://)
+    except ImportError:
+        print("  gcsfs is not installed (Orbax's gs:// paths need it): Orbax is not run", file=sys.stderr)
+        return None
+    import logging
+
+    # gcsfs warns on every path that it finds no credentials: the emulator needs none.
+    logging.getLogger("gcsfs").setLevel(logging.ERROR)
+    return orbax["_ocp"]
 
 
-def run_s3_case(case: dict[str, Any], config: dict[str, Any], sampler: Sampler) -> list[dict[str, Any]]:
-    """shardsave against plain parallel PUTs and GETs of the same bytes, on moto's S3 server.
+def compressing_saver() -> shardsave.Saver | None:
+    """Saver(compression="zstd") where this shardsave has it; None (and a note) where not."""
+    try:
+        return shardsave.Saver(async_save=False, max_to_keep=None, compression="zstd")
+    except TypeError as e:
+        print(f"  shardsave-zstd skipped: this shardsave has no compression ({e})", file=sys.stderr)
+        return None
 
-    The limit ("raw") is boto3 writing and reading exactly the bytes shardsave
-    stores, one thread per data file. Orbax is not measured here: it reaches S3
-    through tensorstore's s3:// URLs, which carry no endpoint, so it cannot be
-    pointed at a server other than AWS's.
+
+def run_object_store_case(
+    case: dict[str, Any], config: dict[str, Any], root: Path, sampler: Sampler
+) -> list[dict[str, Any]]:
+    """shardsave against plain parallel PUTs and GETs of the same bytes, on an object store.
+
+    case["store"]: "s3" (moto's S3 server) or "gcs" (fake-gcs-server), on loopback;
+    case["mb_per_s"], where set: every client's traffic through the throttling
+    proxy at that rate (benchmarks/throttle.py). case["state"]: "random" (the
+    tree of build_tree) or a training state of benchmarks/states.py (adamw-0,
+    adamw-100: its size and leaves are measured, not set).
+
+    The limits (stores.py): raw, the whole-value PUTs and GETs of exactly the
+    bytes shardsave stores; raw-ranged, the GETs in the ranges shardsave asks for;
+    raw-placed, the whole GETs and then every target shard placed on its devices.
+    Tools: shardsave; shardsave-zstd (Saver(compression="zstd"), where this
+    shardsave has it); orbax with its defaults on GCS (on S3 its s3:// paths cannot
+    name another endpoint). A note says what each tool stored.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    import states
+    import stores
 
-    import boto3
-
+    store, state_name = case["store"], case["state"]
     mesh, other = meshes()
-    tree = build_tree(case["bytes"], case["leaves"], mesh)
-    same, resharded = abstract(tree, None), abstract(tree, other)
-    raw = Raw(tree, durable=False)
+    if state_name == "random":
+        state: Any = build_tree(case["bytes"], case["leaves"], mesh)
+        flat = state
+        resharded: Any = abstract(state, other)
+    else:
+        state = states.adamw_training_state(state_name, mesh, root / "states")
+        flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+        resharded = None  # its FSDP layout is the same on the other mesh: nothing to reshard
+        case = {**case, "bytes": sum(x.nbytes for x in flat.values()), "leaves": len(flat)}
+    same = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    same_flat = abstract(flat, None)
+    raw = Raw(flat, durable=False)
     raw.d2h()
-    payloads = [b.tobytes() for b in raw.buffers]  # boto3 takes bytes: made outside the timings
+    payloads = [b.tobytes() for b in raw.buffers]  # the clients take bytes: made outside the timings
     records: list[dict[str, Any]] = []
     sampler.warm_bytes = int(config["warm_memory"] * case["bytes"])
 
@@ -927,67 +965,78 @@ def run_s3_case(case: dict[str, Any], config: dict[str, Any], sampler: Sampler) 
         if rep >= config["warmup"]:
             records.append({**case, "tool": tool, "op": op, "seconds": seconds, "transient_bytes": transient})
 
-    with s3_server() as endpoint, ThreadPoolExecutor(max(1, len(payloads))) as pool:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket="bench")
-        saver = shardsave.Saver(async_save=False, max_to_keep=None)
+    server = stores.s3_server if store == "s3" else stores.gcs_server
+    scheme = "s3" if store == "s3" else "gs"
+    with server(case.get("mb_per_s")) as endpoint:
+        client = stores.RawS3(endpoint, len(payloads)) if store == "s3" else stores.RawGCS(endpoint)
+        savers = {"shardsave": shardsave.Saver(async_save=False, max_to_keep=None)}
+        if (zstd := compressing_saver()) is not None:
+            savers["shardsave-zstd"] = zstd
+        ocp = _orbax_on_gcs() if store == "gcs" and config.get("orbax", True) else None
+        orbax = ocp.StandardCheckpointer() if ocp is not None else None
+        stored: dict[str, int] = {}
 
-        def put_all(prefix: str) -> None:
-            keys = [f"{prefix}/raw.data-{k:05d}" for k in range(len(payloads))]
-            list(
-                pool.map(
-                    lambda kv: client.put_object(Bucket="bench", Key=kv[0], Body=kv[1]), zip(keys, payloads)
-                )
-            )
+        def keys(prefix: str) -> list[str]:
+            return [f"{prefix}/raw/raw.data-{k:05d}" for k in range(len(payloads))]
 
-        def get_all(prefix: str) -> list[bytes]:
-            keys = [f"{prefix}/raw.data-{k:05d}" for k in range(len(payloads))]
-            return list(pool.map(lambda key: client.get_object(Bucket="bench", Key=key)["Body"].read(), keys))
-
-        def get_ranged(prefix: str) -> list[bytes]:
+        def ranges(prefix: str) -> list[tuple[str, int, int]]:
             # shardsave's request pattern: each file in ranges of one span (MAX_SPAN_BYTES).
-            step = MAX_SPAN_BYTES
-            jobs = [
-                (f"{prefix}/raw.data-{k:05d}", f"bytes={a}-{min(a + step, len(payload)) - 1}")
-                for k, payload in enumerate(payloads)
-                for a in range(0, len(payload), step)
+            return [
+                (key, a, min(a + MAX_SPAN_BYTES, len(payload)))
+                for key, payload in zip(keys(prefix), payloads)
+                for a in range(0, len(payload), MAX_SPAN_BYTES)
             ]
-            return list(
-                pool.map(
-                    lambda j: client.get_object(Bucket="bench", Key=j[0], Range=j[1])["Body"].read(), jobs
-                )
-            )
 
         def get_placed(prefix: str) -> dict[str, jax.Array]:
             # The GETs, then what any restore does with the bytes: each target shard
             # placed on its devices (as the local raw restore does after its reads).
-            data = [np.frombuffer(b, np.uint8) for b in get_all(prefix)]
-            return jax.block_until_ready(raw.place(raw.fetched(data), same))
+            return raw.place(raw.fetched(client.get(keys(prefix))), same_flat)
+
+        def orbax_save(where: str) -> None:
+            assert orbax is not None
+            orbax.save(where, state)
+            orbax.wait_until_finished()
 
         for rep in range(config["warmup"] + config["reps"]):
             prefix = f"rep{rep}"
-            record("raw", "save", rep, *sampler.run(partial(put_all, prefix))[:2])
-            t, m, path = sampler.run(
-                partial(saver.save, tree, f"s3://bench/{prefix}/shardsave/model", global_step=rep)
-            )
-            record("shardsave", "save", rep, t, m)
-            t, m, out = sampler.run(partial(get_all, prefix))
-            del out
-            record("raw", "restore", rep, t, m)
-            t, m, out = sampler.run(partial(get_ranged, prefix))
-            del out
-            record("raw-ranged", "restore", rep, t, m)
-            t, m, out = sampler.run(partial(get_placed, prefix))
-            del out
-            record("raw-placed", "restore", rep, t, m)
-            for label, target in (("restore", same), ("restore_resharded", resharded)):
-                t, m, out = sampler.run(partial(_ready, saver.restore, path, target))
+            puts = list(zip(keys(prefix), payloads))
+            record("raw", "save", rep, *sampler.run(partial(client.put, puts))[:2])
+            paths = {}
+            for name, saver in savers.items():
+                url = f"{scheme}://{stores.BUCKET}/{prefix}/{name}/model"
+                t, m, paths[name] = sampler.run(partial(saver.save, state, url, global_step=rep))
+                record(name, "save", rep, t, m)
+            orbax_at = f"gs://{stores.BUCKET}/{prefix}/orbax"
+            if orbax is not None:
+                record("orbax", "save", rep, *sampler.run(partial(orbax_save, orbax_at))[:2])
+            restores: dict[tuple[str, str], Callable[[], Any]] = {
+                ("raw", "restore"): partial(client.get, keys(prefix)),
+                ("raw-ranged", "restore"): partial(client.get_ranges, ranges(prefix)),
+                ("raw-placed", "restore"): partial(get_placed, prefix),
+            }
+            for name, saver in savers.items():
+                restores[(name, "restore")] = partial(_ready, saver.restore, paths[name], same)
+                if resharded is not None and name == "shardsave":
+                    restores[(name, "restore_resharded")] = partial(
+                        _ready, saver.restore, paths[name], resharded
+                    )
+            if orbax is not None:
+                restores[("orbax", "restore")] = partial(_ready, orbax.restore, orbax_at, same)
+            for (tool, op), restore in restores.items():
+                t, m, out = sampler.run(restore)
                 del out
-                record("shardsave", label, rep, t, m)
-            for listed in client.list_objects_v2(Bucket="bench", Prefix=prefix).get("Contents", []):
-                client.delete_object(Bucket="bench", Key=listed["Key"])
+                record(tool, op, rep, t, m)
+            if rep == 0:  # what each tool stored (the same every repetition)
+                stored = {tool: client.stored(f"{prefix}/{tool}/") for tool in ("raw", *savers, "orbax")}
+            client.delete(f"{prefix}/")
             gc.collect()
-        saver.close()
+        for saver in savers.values():
+            saver.close()
+        if orbax is not None:
+            orbax.close()
+        client.close()
+    sizes = ", ".join(f"{tool} {n / MIB:.1f} MiB" for tool, n in stored.items() if n)
+    NOTES.append(f"{case_label(case)}: stored {sizes}")
     return records
 
 
@@ -1237,14 +1286,15 @@ def index_speed(leaves: int, reps: int) -> dict[str, float]:
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault((r["storage"], r["bytes"], r["leaves"], r["op"], r["tool"]), []).append(r)
+        groups.setdefault((*case_key(r), r["op"], r["tool"]), []).append(r)
     rows = []
-    for (storage, nbytes, leaves, op, tool), rs in groups.items():
+    for (storage, state, nbytes, leaves, op, tool), rs in groups.items():
         secs = [r["seconds"] for r in rs]
         mems = [r["transient_bytes"] for r in rs]
         rows.append(
             {
                 "storage": storage,
+                **({"state": state} if state else {}),
                 "bytes": nbytes,
                 "leaves": leaves,
                 "op": op,
@@ -1262,16 +1312,16 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def ratios(rows: list[dict[str, Any]]) -> None:
     """Adds each row's time relative to the limit and to the tools it competes with."""
-    index = {(r["storage"], r["bytes"], r["leaves"], r["op"], r["tool"]): r for r in rows}
+    index = {(*case_key(r), r["op"], r["tool"]): r for r in rows}
     for r in rows:
-        key = (r["storage"], r["bytes"], r["leaves"], r["op"])
+        key = (*case_key(r), r["op"])
         limit = index.get((*key, "d2h" if r["op"] in ("save_blocking", "save_stage") else "raw"))
         if r["op"] == "save_stage":
-            limit = index.get((r["storage"], r["bytes"], r["leaves"], "save_blocking", "d2h"))
+            limit = index.get((*case_key(r), "save_blocking", "d2h"))
         if r["op"] == "save_commit":
-            limit = index.get((r["storage"], r["bytes"], r["leaves"], "save", "raw"))
+            limit = index.get((*case_key(r), "save", "raw"))
         if r["op"] == "restore_sequential":
-            limit = index.get((r["storage"], r["bytes"], r["leaves"], "restore_resharded", "raw"))
+            limit = index.get((*case_key(r), "restore_resharded", "raw"))
         if r["op"] == "restore_cold" and r["tool"].startswith("shardsave-"):
             # A capped restore against the disk's limit with as much in flight.
             limit = index.get((*key, "raw-" + r["tool"].removeprefix("shardsave-")))
@@ -1284,9 +1334,12 @@ def ratios(rows: list[dict[str, Any]]) -> None:
 
 def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
     """The table's lines, also printed to out when given."""
+    # The state column only where a case names one (the object-store cases).
+    with_state = any("state" in r for r in rows)
+    state_head = f" {'state':10}" if with_state else ""
     lines = [
-        f"{'storage':11} {'size':>8} {'leaves':>6} {'op':18} {'tool':15} {'median s':>9} {'[min-max]':>17} "
-        f"{'x limit':>8} {'x orbax':>8} {'x nocomp':>8} {'transient':>10}"
+        f"{'storage':11}{state_head} {'size':>8} {'leaves':>6} {'op':18} {'tool':15} {'median s':>9} "
+        f"{'[min-max]':>17} {'x limit':>8} {'x orbax':>8} {'x nocomp':>8} {'transient':>10}"
     ]
     order = {
         "d2h": 0,
@@ -1296,6 +1349,7 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "raw-ranged": 1.7,
         "raw-placed": 1.8,
         "shardsave": 2,
+        "shardsave-zstd": 2.2,
         "shardsave-async": 3,
         "shardsave-device": 4,
         "raw-64MiB": 4.45,
@@ -1328,22 +1382,37 @@ def print_table(rows: list[dict[str, Any]], out: Any = None) -> list[str]:
         "restore_cold": 7,
         "restore_fresh": 8,
     }
-    for r in sorted(
-        rows, key=lambda r: (r["storage"], r["bytes"], r["leaves"], ops[r["op"]], order.get(r["tool"], 9))
-    ):
+    for r in sorted(rows, key=lambda r: (*case_key(r), ops[r["op"]], order.get(r["tool"], 9))):
 
         def fmt(x: float | None) -> str:
             return "-" if x is None else f"{x:.2f}"
 
         spread = f"[{r['min_s']:.3f}-{r['max_s']:.3f}]"
+        state = f" {r.get('state', ''):10}" if with_state else ""
         lines.append(
-            f"{r['storage']:11} {r['bytes'] // MIB:>5}MiB {r['leaves']:>6} {r['op']:18} {r['tool']:15} "
+            f"{r['storage']:11}{state} {r['bytes'] // MIB:>5}MiB {r['leaves']:>6} {r['op']:18} {r['tool']:15} "
             f"{r['median_s']:>9.3f} {spread:>17} {fmt(r['x_limit']):>8} "
             f"{fmt(r['x_orbax']):>8} {fmt(r['x_orbax-nocomp']):>8} {r['median_transient_bytes'] / MIB:>7.0f}MiB"
         )
     if out is not None:
         for line in lines:
             print(line, file=out)
+    return lines
+
+
+def compression_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """Each case's compressed shardsave against its uncompressed save and restore
+    (the issue's bound: never more than 1.1x slower on random data)."""
+    index = {(*case_key(r), r["op"], r["tool"]): r for r in rows}
+    lines = []
+    for key in sorted({case_key(r) for r in rows if r["tool"] == "shardsave-zstd"}):
+        parts = []
+        for op in ("save", "restore"):
+            zstd, plain = index.get((*key, op, "shardsave-zstd")), index.get((*key, op, "shardsave"))
+            if zstd and plain:
+                parts.append(f"{op} {zstd['median_s'] / plain['median_s']:.2f}x")
+        case = {"storage": key[0], "state": key[1], "bytes": key[2], "leaves": key[3]}
+        lines.append(f"{case_label(case)}: shardsave-zstd over shardsave: {', '.join(parts)}")
     return lines
 
 
@@ -1365,13 +1434,13 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = sorted({(r["storage"], r["bytes"], r["leaves"]) for r in rows})
+    cases = sorted({case_key(r) for r in rows})
     fig, axes = plt.subplots(len(cases), 2, figsize=(14, 3.2 * len(cases)), squeeze=False)
-    index = {(r["storage"], r["bytes"], r["leaves"], r["op"], r["tool"]): r for r in rows}
+    index = {(*case_key(r), r["op"], r["tool"]): r for r in rows}
     for row, case in enumerate(cases):
         # Each case's own operations and tools (a cold case has only restore_cold, and
         # tools of its own), in the order measured; not the breakdowns of an operation.
-        mine = [r for r in rows if (r["storage"], r["bytes"], r["leaves"]) == case]
+        mine = [r for r in rows if case_key(r) == case]
         ops = [op for op in dict.fromkeys(r["op"] for r in mine) if op not in CHART_LEAVES_OUT]
         tools = list(dict.fromkeys(r["tool"] for r in mine if r["op"] in ops))
         width = 0.8 / max(1, len(tools))
@@ -1388,7 +1457,8 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
                 ax.bar([i + t * width for i in range(len(ops))], values, width, label=tool)
             ax.set_xticks([i + (len(tools) - 1) * width / 2 for i in range(len(ops))], ops, fontsize=8)
             ax.set_ylabel(label)
-            ax.set_title(f"{case[0]}, {case[1] // MIB} MiB, {case[2]} leaves")
+            state = f" {case[1]}" if case[1] else ""
+            ax.set_title(f"{case[0]}{state}, {case[2] // MIB} MiB, {case[3]} leaves")
             ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -1410,8 +1480,8 @@ ISOLATED = "bench-case-results: "
 def run_one(
     case: dict[str, Any], config: dict[str, Any], roots: dict[str, Path], sampler: Sampler
 ) -> list[dict[str, Any]]:
-    if case["storage"] == "s3":
-        return run_s3_case(case, config, sampler)
+    if case["store"] in ("s3", "gcs"):
+        return run_object_store_case(case, config, roots["shm"], sampler)
     if case["storage"] == "cold":
         return run_cold_case(case, config, roots["disk"], sampler)
     if case["storage"] == "adamw":
@@ -1448,7 +1518,7 @@ def run_isolated(i: int, args: argparse.Namespace) -> dict[str, Any]:
     lines = [line for line in done.stdout.splitlines() if line.startswith(ISOLATED)]
     if done.returncode != 0 or not lines:
         print(f"  case {i} failed (exit status {done.returncode}); its rows are missing", file=sys.stderr)
-        return {"records": [], "first": None}
+        return {"records": [], "first": None, "notes": []}
     result: dict[str, Any] = json.loads(lines[-1][len(ISOLATED) :])
     return result
 
@@ -1470,11 +1540,8 @@ def main(argv: list[str] | None = None) -> int:
     roots = {"shm": Path(config["shm_dir"]).resolve(), "disk": Path(config["disk_dir"]).resolve()}
     sampler = Sampler()
     records: list[dict[str, Any]] = []
-    cases = [
-        {"storage": storage, "bytes": size * MIB, "leaves": leaves}
-        for storage, size, leaves in config["cases"]
-        if args.only in (None, storage)
-    ]
+    cases = [parse_case(entry) for entry in config["cases"]]
+    cases = [case for case in cases if args.only in (None, case["store"])]
     if not cases:
         parser.error(f"profile {args.profile} has no case on storage {args.only}")
     machine = {
@@ -1490,24 +1557,22 @@ def main(argv: list[str] | None = None) -> int:
         i = args.one_case
         records = run_one(cases[i - 1], config, roots, sampler)
         first = first_save(cases[0], roots[cases[0]["storage"]]) if _wants_first(i, cases, config) else None
-        print(ISOLATED + json.dumps({"records": records, "first": first}))
+        print(ISOLATED + json.dumps({"records": records, "first": first, "notes": NOTES}))
         return 0
     first = None
+    notes: list[str] = []
     for i, case in enumerate(cases, 1):
-        print(
-            f"[{i}/{len(cases)}] {case['storage']} {case['bytes'] // MIB} MiB, {case['leaves']} leaves",
-            file=sys.stderr,
-        )
+        print(f"[{i}/{len(cases)}] {case_label(case)}", file=sys.stderr)
         done = run_isolated(i, args)
         records += done["records"]
+        notes += done.get("notes", [])
         first = done["first"] or first
         # Written after every case, so a run cut short still leaves its results.
         rows = summarize(records)
         ratios(rows)
         lines = print_table(rows, out=sys.stdout if i == len(cases) else None)
-        (out / "bench.json").write_text(
-            json.dumps({"machine": machine, "rows": rows, "first_save": first, "records": records}, indent=1)
-        )
+        doc = {"machine": machine, "rows": rows, "first_save": first, "records": records, "notes": notes}
+        (out / "bench.json").write_text(json.dumps(doc, indent=1))
         (out / "table.txt").write_text("\n".join(lines) + "\n")
 
     def note(line: str) -> None:
@@ -1515,6 +1580,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(out / "table.txt", "a") as f:
             f.write(line + "\n")
 
+    for line in notes + compression_notes(rows):
+        note(line)
     if first:
         note(
             f"first save of a process (blocking): {first['first']:.3f} s, later saves: {first['later']:.3f} s "
