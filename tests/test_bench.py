@@ -36,6 +36,11 @@ def test_benchmark_runs_and_writes_its_outputs(tmp_path):
         ("shardsave", "save"),
         ("shardsave", "restore"),
     } <= on_s3
+    # fake-gcs-server behind the throttling proxy, with and without compression
+    throttled = {(r["tool"], r["op"]) for r in doc["rows"] if r["storage"] == "gcs@200MB/s"}
+    assert {
+        (t, op) for t in ("raw", "shardsave", "shardsave-zstd") for op in ("save", "restore")
+    } <= throttled, throttled
     safetensors = {(r["tool"], r["op"]) for r in doc["rows"] if r["storage"] == "safetensors"}
     assert safetensors == {
         (t, "restore") for t in ("raw", "raw-fresh", "shardsave", "shardsave-64MiB", "safetensors")
