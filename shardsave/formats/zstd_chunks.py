@@ -172,7 +172,8 @@ class ZstdChunks:
             return self._store.read_range(key, start, stop, then, allocate)
         listed, starts = self._frames[k], self._starts[k]
         first = max(0, bisect.bisect_right(starts, start) - 1)
-        needed = [fr for fr in listed[first:] if fr.logical < stop and fr.logical + fr.nbytes > start]
+        last = bisect.bisect_left(starts, stop)  # the frames from here on start at or past stop
+        needed = [fr for fr in listed[first:last] if fr.logical + fr.nbytes > start]
         self.stats.add_read(stop - start)
         out = allocate(stop - start)
         if not needed:
