@@ -190,8 +190,7 @@ class ZstdChunks:
         reads = []
         j = max(0, bisect.bisect_right(starts, lo) - 1)
         while lo < hi and j < len(keys):
-            end = starts[j + 1] if j + 1 < len(starts) else hi
-            b = min(hi, end) if j + 1 < len(starts) else hi
+            b = min(hi, starts[j + 1]) if j + 1 < len(starts) else hi  # (one object: no part ends)
             reads.append(self._store.read_range(keys[j], lo - starts[j], b - starts[j]))
             lo, j = b, j + 1
         return reads
