@@ -1,6 +1,8 @@
 """Orbax checkpoints, read by shardsave without Orbax: written here by the installed
-orbax-checkpoint, and one committed fixture of the layout before OCDBT
-(tests/fixtures/orbax, with the script and the version that wrote it).
+orbax-checkpoint, one committed fixture of the folder layout (tests/fixtures/orbax),
+and committed checkpoints written by old Orbaxes (tests/fixtures/orbax_old: 0.3.5,
+before OCDBT and _METADATA were the default, flax.training.checkpoints over it, and
+0.4.8), each with the script and the versions that wrote it.
 
 Every checkpoint is restored by shardsave and compared, bit for bit, with what
 Orbax's own restore of it gives: as saved, onto another mesh, and under a 32 MiB
@@ -9,6 +11,8 @@ cap, from local disk, memory://, S3 (moto) and GCS (fake-gcs-server).
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import io
 import json
 import os
@@ -29,6 +33,8 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 from conftest import free_port, gcs_bucket, s3_bucket
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from orbax.checkpoint.experimental import v1 as ocp_v1
@@ -36,12 +42,18 @@ from orbax.checkpoint.experimental import v1 as ocp_v1
 import shardsave
 import shardsave.tree
 from shardsave.cli import main as cli
-from shardsave.errors import CheckpointNotFoundError, CorruptCheckpointError, StructureMismatchError
-from shardsave.formats import open_checkpoint
+from shardsave.errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    ShardsaveError,
+    StructureMismatchError,
+)
+from shardsave.formats import claimed, open_checkpoint
 from shardsave.restore import LeafRequest, restore_leaves
 from shardsave.storage import open_store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "orbax" / "folders"
+OLD = Path(__file__).parent / "fixtures" / "orbax_old"
 PROGRAM = Path(__file__).parent / "programs" / "orbax_processes.py"
 MIB = 1 << 20
 
@@ -495,3 +507,234 @@ def test_a_damaged_zarr3_shard_index_is_caught_by_its_crc32c(written, tmp_path):
     with pytest.raises(CorruptCheckpointError) as e:
         shardsave.Saver().restore(str(item))
     assert str(item / "params.w" / "c" / "0" / "0") in str(e.value)
+
+
+# ---------------------------------------------------------------- checkpoints of old Orbaxes
+
+# (Orbax version, checkpoint in its expected.json, the step a restore of its folder gives)
+OLD_CHECKPOINTS = [
+    ("0.3.5", "pytree", None),
+    ("0.3.5", "manager", 2),
+    ("0.3.5", "flax", 3),
+    ("0.4.8", "manager", 2),
+    ("0.4.8", "folders", None),
+]
+
+
+def _old(version: str, checkpoint: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A committed old checkpoint's folder, what that Orbax restored of it ({path: value})
+    and its record in expected.json."""
+    doc = json.loads((OLD / f"orbax-{version}" / "expected.json").read_text())
+    assert doc["written_by"]["orbax-checkpoint"] == version
+    record = doc["checkpoints"][checkpoint]
+    expected: dict[str, Any] = {}
+    for name, leaf in record["restored"].items():
+        if "python" in leaf:
+            expected[name] = leaf["value"]
+            continue
+        value = np.frombuffer(base64.b64decode(leaf["data"]), jnp.dtype(leaf["dtype"])).reshape(leaf["shape"])
+        expected[name] = value if leaf["type"] in ("ndarray", "ArrayImpl") else value[()]
+    return str(OLD / f"orbax-{version}" / checkpoint), expected, record
+
+
+def _containers(tree: Any) -> Any:
+    """The containers of a tree as make_fixtures.py records them: dicts, lists, None, '*'."""
+    if isinstance(tree, dict):
+        return {k: _containers(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_containers(v) for v in tree]
+    return None if tree is None else "*"
+
+
+def _types_are_orbaxs(restored: Any, record: dict[str, Any]) -> None:
+    """Each leaf comes back as the type that Orbax's own restore gave: numpy or jax
+    arrays, numpy scalars, Python numbers and strings."""
+    names, leaves, _ = shardsave.tree.flatten(restored)
+    for name, leaf in zip(names, leaves):
+        want = record["restored"][name]
+        if "python" in want:
+            assert type(leaf).__name__ == want["python"], name
+        elif want["type"] == "ndarray":
+            assert isinstance(leaf, np.ndarray), (name, type(leaf))
+        elif want["type"] == "ArrayImpl":
+            assert isinstance(leaf, jax.Array), (name, type(leaf))
+        else:  # a numpy scalar
+            assert isinstance(leaf, np.generic) and leaf.dtype.name == want["dtype"], (name, type(leaf))
+
+
+def _onto_mesh(path: str) -> tuple[Any, Mesh]:
+    """load_structure's tree on a (4, 2) mesh: every array of one or more dimensions (numpy
+    ones included: the target decides where a leaf goes) split where its shape allows."""
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    entries = {e.name: e for e in shardsave.CheckpointReader(path).index.leaves}
+    names, _, treedef = shardsave.tree.flatten(shardsave.load_structure(path))
+    out: list[Any] = []
+    for name in names:
+        entry = entries[name]
+        if entry.kind in (shardsave.tree.KIND_ARRAY, shardsave.tree.KIND_NUMPY) and entry.shape:
+            spec = [axis if n % size == 0 else None for n, axis, size in zip(entry.shape, "ab", (4, 2))]
+            sharding = NamedSharding(mesh, P(*spec))
+            out.append(jax.ShapeDtypeStruct(entry.shape, entry.dtype, sharding=sharding))
+        elif entry.kind == shardsave.tree.KIND_NUMPY_SCALAR:
+            out.append(np.zeros((), entry.dtype)[()])
+        else:  # host leaves: numbers, strings, 0-d numpy arrays
+            host = {shardsave.tree.KIND_INT: 0, shardsave.tree.KIND_FLOAT: 0.0, shardsave.tree.KIND_STR: ""}
+            out.append(host.get(entry.kind, np.zeros(entry.shape, entry.dtype)))
+    return jax.tree_util.tree_unflatten(treedef, out), mesh
+
+
+@pytest.mark.parametrize("version, checkpoint, step", OLD_CHECKPOINTS)
+def test_old_orbax_checkpoints_restore_as_that_orbax_did_onto_another_mesh_and_capped(
+    version, checkpoint, step
+):
+    path, expected, record = _old(version, checkpoint)
+    _, _, index = open_checkpoint(path)
+    assert index.source == "orbax" and index.global_step == step
+    restored = shardsave.Saver().restore(path)
+    assert _containers(restored) == record["structure"]  # optax's EmptyState: None, as Orbax stored it
+    _types_are_orbaxs(restored, record)
+    _assert_same(_numpy(restored), expected)
+    target, _ = _onto_mesh(path)
+    placed = shardsave.Saver().restore(path, target)
+    _check_onto(placed, target, expected)
+    assert len(placed["params"]["w"].addressable_shards) == 8
+    capped = shardsave.Saver().restore(path, target, restore_sequentially=True, max_host_bytes=32 * MIB)
+    _check_onto(capped, target, expected)
+
+
+@pytest.mark.parametrize("version, checkpoint, step", OLD_CHECKPOINTS)
+def test_old_orbax_checkpoints_verify_inspect_and_read_by_orbax_names(version, checkpoint, step):
+    path, expected, _ = _old(version, checkpoint)
+    with shardsave.CheckpointReader(path) as reader:
+        assert reader.verify() == []
+        assert reader.get("name") == expected["name"] == "old-orbax"
+        assert reader.get("params.w", (slice(3, 11), 2)).tobytes() == expected["params/w"][3:11, 2].tobytes()
+        assert np.asarray(reader.get("opt/0/mu/e")).tobytes() == expected["opt/0/mu/e"].tobytes()
+    structure = shardsave.load_structure(path)
+    assert structure["params"]["e"].dtype == jnp.bfloat16 and structure["params"]["w"].shape == (16, 8)
+    assert structure["nested"]["empty"] == {} and structure["nested"]["none"] is None
+    assert structure["opt"][1] is None and structure["opt"][2] is None
+    out = io.StringIO()
+    assert cli(["inspect", path], out=out) == 0
+    assert "params/w" in out.getvalue() and "opt/0/nu/e" in out.getvalue()
+    out = io.StringIO()
+    assert cli(["verify", path], out=out) == 0 and out.getvalue().startswith("OK"), out.getvalue()
+
+
+def test_each_step_of_an_old_manager_and_the_flax_step_folder_are_found():
+    root = OLD / "orbax-0.3.5"
+    # (a location, the step it names, the tree's own `step` leaf: the manager saved each
+    # step's number there, flax's save the state's 7)
+    for path, step, leaf in (
+        (root / "manager", 2, 2),
+        (root / "manager" / "1", 1, 1),
+        (root / "manager" / "1" / "default", 1, 1),
+        (root / "flax", 3, 7),
+        (root / "flax" / "checkpoint_3", 3, 7),
+        (OLD / "orbax-0.4.8" / "manager" / "1", 1, 1),
+    ):
+        assert claimed(str(path)), path
+        assert open_checkpoint(str(path))[2].global_step == step, path
+        assert shardsave.Saver().restore(str(path), {"step": np.zeros((), np.int64)})["step"] == leaf
+
+
+@pytest.mark.parametrize("where", ["memory", "s3", "gcs"])
+def test_old_orbax_checkpoints_restore_from_object_stores(where, request):
+    if where == "memory":
+        root = f"memory://{uuid.uuid4().hex}"
+    elif where == "s3":
+        root = f"s3://{s3_bucket(request.getfixturevalue('s3_env'))}/old"
+    else:
+        root = f"gs://{gcs_bucket(request.getfixturevalue('gcs_server'))}/old"
+    for version, checkpoint, step in (("0.3.5", "manager", 2), ("0.3.5", "flax", 3), ("0.4.8", "manager", 2)):
+        local, expected, _ = _old(version, checkpoint)
+        path = f"{root}/{version}/{checkpoint}"
+        # Orbax commits a folder on GCS by writing commit_success.txt into it; these Orbaxes
+        # wrote them on a local disk, where a rename commits: the upload adds the marker.
+        _upload(Path(local), path)
+        if where == "gcs":
+            store = open_store(path)
+            for name in os.listdir(local):
+                if name.isdigit() or name.startswith("checkpoint_"):
+                    store.write(f"{name}/commit_success.txt", b"").result()
+                    for item in os.listdir(Path(local, name)):  # and into each item of a step
+                        if (Path(local, name, item) / "checkpoint").is_file():
+                            store.write(f"{name}/{item}/commit_success.txt", b"").result()
+        assert claimed(path) and open_checkpoint(path)[2].global_step == step
+        target, _ = _onto_mesh(path)
+        capped = shardsave.Saver().restore(path, target, restore_sequentially=True, max_host_bytes=32 * MIB)
+        _check_onto(capped, target, expected)
+
+
+def test_a_shardsave_or_tensorflow_directory_is_not_taken_for_an_old_orbax_item(tmp_path):
+    # Their state file is called `checkpoint` too, as Orbax's msgpack file is.
+    shardsave.Saver(async_save=False).save({"w": np.arange(4.0)}, str(tmp_path / "model"), global_step=1)
+    assert (tmp_path / "checkpoint").is_file()
+    (tmp_path / "notes").mkdir()  # a folder beside it, holding no zarr array
+    assert not claimed(str(tmp_path))
+    assert shardsave.Saver().restore(str(tmp_path / "model-1"))["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def _msgpack_copy(tmp_path: Path, checkpoint: str = "pytree") -> Path:
+    item = tmp_path / "item"
+    shutil.copytree(OLD / "orbax-0.3.5" / checkpoint / ("checkpoint_3" if checkpoint == "flax" else ""), item)
+    return item
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda raw: raw[: len(raw) // 2], r"checkpoint is not Orbax's msgpack file: truncated"),
+        (lambda raw: raw + b"\x00", r"checkpoint is not Orbax's msgpack file: 1 bytes after the end"),
+        (lambda raw: b"\xc1" + raw[1:], r"checkpoint is not Orbax's msgpack file: byte 0 is 0xc1"),
+        (lambda raw: b"\x92\x01\x02", r"checkpoint: the tree is a list, not a dict"),
+        (
+            lambda raw: raw.replace(b"PLACEHOLDER://params.w", b"PLACEHOLDER://params.v"),
+            r"the leaf 'params.w' stands for 'PLACEHOLDER://params.v'",
+        ),
+        # an extension type Orbax's msgpack file does not use (a fixext 1 of code 9)
+        (lambda raw: b"\x81\xa1x\xd4\x09\x00", r"the extension type 9"),
+        # an array extension whose bytes do not fill its shape: ((4,), 'float32', 8 bytes)
+        (
+            lambda raw: b"\x81\xa1x\xc7\x15\x01" + b"\x93\x91\x04\xa7float32\xc4\x08" + bytes(8),
+            r"an array of shape \[4\] and 8 bytes of float32",
+        ),
+    ],
+)
+def test_a_damaged_msgpack_file_is_refused_naming_it(tmp_path, damage, message):
+    item = _msgpack_copy(tmp_path)
+    (item / "checkpoint").write_bytes(damage((item / "checkpoint").read_bytes()))
+    with pytest.raises(CorruptCheckpointError, match=message) as e:
+        shardsave.Saver().restore(str(item))
+    assert str(item / "checkpoint") in str(e.value)
+
+
+def test_an_array_the_msgpack_file_lists_but_that_is_gone_is_refused_naming_it(tmp_path):
+    item = _msgpack_copy(tmp_path)
+    shutil.rmtree(item / "params.ids")
+    with pytest.raises(CorruptCheckpointError, match=r"checkpoint lists the array 'params.ids'") as e:
+        shardsave.Saver().restore(str(item))
+    assert str(item / "params.ids" / ".zarray") in str(e.value)
+    item2 = tmp_path / "damaged-chunk"
+    shutil.copytree(item, item2)
+    shutil.copytree(OLD / "orbax-0.3.5" / "pytree" / "params.ids", item2 / "params.ids")
+    _truncate(item2 / "params.w" / "1.2")
+    with pytest.raises(CorruptCheckpointError) as e:
+        shardsave.Saver().restore(str(item2))
+    assert str(item2 / "params.w" / "1.2") in str(e.value)
+    assert any("params.w" in p for p in shardsave.CheckpointReader(str(item2)).verify())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_msgpack_files_are_read_or_refused_with_a_shardsave_error(tmp_path_factory, data):
+    checkpoint = data.draw(st.sampled_from(["pytree", "flax"]))
+    item = _msgpack_copy(tmp_path_factory.mktemp("fuzz"), checkpoint)
+    raw = bytearray((item / "checkpoint").read_bytes())
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(raw) - 1))
+        raw[at] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(1, len(raw)))
+    (item / "checkpoint").write_bytes(bytes(raw[:cut]))
+    with contextlib.suppress(ShardsaveError):  # refused: a shardsave error, never a raw exception
+        shardsave.CheckpointReader(str(item)).verify()

@@ -1,6 +1,6 @@
 """Orbax checkpoints, read without Orbax: onto any mesh, under the memory cap, from any store.
 
-What Orbax (orbax-checkpoint's PyTree and Standard handlers, 0.5 to 0.12) writes,
+What Orbax (orbax-checkpoint's PyTree and Standard handlers, 0.3 to 0.12) writes,
 and what is read of it here (FORMAT.md, "Reading Orbax checkpoints", says it for
 a stranger):
 
@@ -21,6 +21,16 @@ a stranger):
   of its own (`ocdbt.process_N/`) which the save merges into the root one
   before it commits: per-process databases without the root manifest are a save
   that never finished.
+- Orbax before 0.4.3 (and flax.training.checkpoints over it) wrote no `_METADATA`
+  unless asked: the tree is the msgpack file `checkpoint` beside the arrays, each
+  leaf either `PLACEHOLDER://name` (an array, or a string of the `_strings.json`
+  in the first string's folder) or the value itself (SaveArgs(aggregate=True)),
+  which is read from there. Such an array's type was not recorded: it is restored
+  as numpy, as that Orbax restores it. A msgpack file alone is not an item
+  (shardsave's and TensorFlow's state file has the same name): an item holds
+  zarr arrays or an OCDBT database beside it (OCDBT from 0.4.0). In 0.4 `_sharding` named no
+  devices; the mesh is laid over devices 0 to n-1, as Orbax lays it over
+  jax.devices().
 
 Each array is opened with tensorstore's zarr or zarr3 driver (over the ocdbt
 driver where the item is a database), which decodes its chunks and checks what
@@ -102,7 +112,7 @@ MANIFEST = "manifest.ocdbt"
 PROCESS_PREFIX = "ocdbt.process_"
 
 
-MSGPACK = "checkpoint"  # what Orbax before 0.5 (and its msgpack-only items) wrote instead of _METADATA
+MSGPACK = "checkpoint"  # the tree as msgpack: all Orbax before 0.4.3 wrote of it, unless asked for _METADATA
 
 
 # An item of a step folder is read in this order of preference (Orbax's default item
@@ -194,9 +204,15 @@ def _children(keys: list[str]) -> dict[str, set[str]]:
     return out
 
 
+def _holds_arrays(keys: Collection[str]) -> bool:
+    """Whether a folder's keys hold Orbax's arrays: an OCDBT database or zarr array folders."""
+    return any(k == MANIFEST or (k.count("/") == 1 and k.endswith(("/.zarray", "/zarr.json"))) for k in keys)
+
+
 def _is_item(keys: Collection[str]) -> bool:
-    # Not by MSGPACK (Orbax before 0.5): shardsave's own state file has that name too.
-    return METADATA in keys
+    # MSGPACK alone is not enough (shardsave's and TensorFlow's state file has that name
+    # too): Orbax before 0.4.3 wrote it beside the arrays, without _METADATA.
+    return METADATA in keys or (MSGPACK in keys and _holds_arrays(keys))
 
 
 @dataclass(frozen=True)
@@ -260,7 +276,10 @@ def locate(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> Located:
         if step is None and parent:
             step = _step_of(_name(parent))
         return Located(path, tuple(keys), step, None)
-    if STEP_METADATA in keys or any(_is_item(k) for n, k in children.items() if TMP_MARK not in n):
+    items = [n for n, k in children.items() if TMP_MARK not in n and _is_item(k)]
+    # A step folder holds items; a root whose items are all named as steps is flax's
+    # (flax.training.checkpoints' `checkpoint_N`, each the item itself).
+    if STEP_METADATA in keys or (items and not all(_step_of(n) is not None for n in items)):
         _require_commit(path, keys)
         item = _pick_item(path, children)
         inner = tuple(sorted(children[item]))
@@ -273,7 +292,11 @@ def locate(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> Located:
         if step is None or TMP_MARK in name:
             continue
         inner_children = _children(sorted(inner_keys))
-        if STEP_METADATA not in inner_keys and not any(_is_item(k) for k in inner_children.values()):
+        if (
+            STEP_METADATA not in inner_keys
+            and not _is_item(inner_keys)
+            and not any(_is_item(k) for k in inner_children.values())
+        ):
             continue
         if _commits_by_file(path) and COMMIT_FILE not in inner_keys:
             continue
@@ -284,6 +307,11 @@ def locate(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> Located:
         raise CheckpointNotFoundError(f"no committed Orbax checkpoint at {path!r}{hint}")
     step, name = max(steps)
     folder = join(path, name)
+    if STEP_METADATA not in children[name] and _is_item(children[name]):
+        # a step folder that is the item itself (flax.training.checkpoints' `checkpoint_N`)
+        inner = tuple(sorted(children[name]))
+        _require_commit(folder, inner)
+        return Located(folder, inner, step, None)
     inner_children = _children(sorted(children[name]))
     item = _pick_item(folder, inner_children)
     inner = tuple(sorted(inner_children[item]))
@@ -308,21 +336,66 @@ def is_orbax(path: str) -> bool:
             names = os.listdir(local)
         except OSError:
             return False
-        if METADATA in names or STEP_METADATA in names:
+        if METADATA in names or STEP_METADATA in names or _local_msgpack_item(local, names):
             return True
         for name in names:
             sub = os.path.join(local, name)
-            if os.path.isdir(sub) and (
-                os.path.exists(os.path.join(sub, STEP_METADATA))
-                or os.path.exists(os.path.join(sub, METADATA))
+            if not os.path.isdir(sub):
+                continue
+            if os.path.exists(os.path.join(sub, STEP_METADATA)) or os.path.exists(
+                os.path.join(sub, METADATA)
             ):
+                return True
+            if _local_msgpack_step(sub, below=_step_of(name) is not None):
                 return True
         return False
     try:
         keys = list_recursive(path, 60.0)
     except (OSError, ValueError):
         return False
-    return any(posixpath.basename(k) in (METADATA, STEP_METADATA) for k in keys)
+    if any(posixpath.basename(k) in (METADATA, STEP_METADATA) for k in keys):
+        return True
+    folders: dict[str, set[str]] = {}  # each folder holding a msgpack file -> its keys
+    for k in keys:
+        if posixpath.basename(k) == MSGPACK:
+            folders[posixpath.dirname(k)] = set()
+    for k in keys:
+        for folder, inner in folders.items():
+            if not folder or k.startswith(folder + "/"):
+                inner.add(k[len(folder) + 1 :] if folder else k)
+    return any(_is_item(inner) for inner in folders.values())
+
+
+def _local_msgpack_item(folder: str, names: list[str]) -> bool:
+    """Whether a local folder is an item of Orbax before 0.4.3: its msgpack file beside the arrays."""
+    if MSGPACK not in names:
+        return False
+    if MANIFEST in names:
+        return True
+    return any(
+        os.path.exists(os.path.join(folder, n, ".zarray"))
+        or os.path.exists(os.path.join(folder, n, "zarr.json"))
+        for n in names
+    )
+
+
+def _local_msgpack_step(folder: str, below: bool) -> bool:
+    """Whether a local folder is an item of Orbax before 0.4.3 (flax's `checkpoint_1`, a
+    manager's `1/default`), or, if below, holds one (a manager's step `1`)."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    if _local_msgpack_item(folder, names):
+        return True
+    for name in names if below else ():
+        sub = os.path.join(folder, name)
+        try:
+            if os.path.isdir(sub) and _local_msgpack_item(sub, os.listdir(sub)):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 # ---------------------------------------------------------------- reading the metadata
@@ -345,11 +418,13 @@ def _json(store: Store, key: str, *, required: bool = True) -> Any:
 
 @dataclass
 class _Leaf:
-    """One entry of _METADATA's tree."""
+    """One entry of _METADATA's tree (or of the msgpack file's, before 0.4.3)."""
 
     keys: tuple[str, ...]
-    value_type: str
+    value_type: str  # Orbax's; MSGPACK_ARRAY and MSGPACK_VALUE for the msgpack file's leaves
     write_shape: tuple[int, ...] | None
+    value: np.ndarray | None = None  # a value stored in the msgpack file itself
+    kind: str | None = None  # the value's leaf kind
 
 
 @dataclass
@@ -440,6 +515,245 @@ def _tree_entries(doc: Any, where: str) -> tuple[list[_Leaf], Any]:
     return leaves, structure
 
 
+# ---------------------------------------------------------------- the msgpack file (Orbax before 0.4.3)
+
+
+PLACEHOLDER = "PLACEHOLDER://"  # the msgpack file's stand-in for a value stored as an array
+
+
+MSGPACK_ARRAY = "msgpack-array"  # a placeholder: an array whose type Orbax did not record
+
+
+MSGPACK_VALUE = "msgpack-value"  # a value in the msgpack file itself (SaveArgs(aggregate=True))
+
+
+# The extension types of Orbax's msgpack file (orbax.checkpoint.msgpack_utils, after flax.serialization).
+_EXT_NDARRAY, _EXT_COMPLEX, _EXT_NPSCALAR, _EXT_TUPLE = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """An array (or a numpy scalar) of the msgpack file."""
+
+    value: np.ndarray
+    scalar: bool
+
+
+class _MsgpackError(ValueError):
+    pass
+
+
+class _Msgpack:
+    """A msgpack decoder for what Orbax's msgpack file holds: maps, arrays, strings, bytes,
+    numbers, nil, booleans and its four extension types. Nothing is executed and nothing
+    is allocated beyond what the bytes hold (msgpack is not a dependency of shardsave)."""
+
+    def __init__(self, data: bytes, depth: int = 0):
+        self.data = memoryview(data)
+        self.at = 0
+        self.depth = depth
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.at + n > len(self.data):
+            raise _MsgpackError(f"truncated at byte {self.at} (wants {n} more)")
+        out = self.data[self.at : self.at + n]
+        self.at += n
+        return out
+
+    def uint(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+    def whole(self) -> Any:
+        value = self.value()
+        if self.at != len(self.data):
+            raise _MsgpackError(f"{len(self.data) - self.at} bytes after the end of the value")
+        return value
+
+    def count(self, n: int) -> int:
+        if n > len(self.data) - self.at:  # each element takes a byte at least
+            raise _MsgpackError(f"a container of {n} elements in {len(self.data) - self.at} bytes")
+        return n
+
+    def value(self) -> Any:
+        b = self.uint(1)
+        if b <= 0x7F:
+            return b
+        if b >= 0xE0:
+            return b - 0x100
+        if 0x80 <= b <= 0x8F:
+            return self.map(b & 0x0F)
+        if 0x90 <= b <= 0x9F:
+            return self.array(b & 0x0F)
+        if 0xA0 <= b <= 0xBF:
+            return self.text(b & 0x1F)
+        simple = {0xC0: None, 0xC2: False, 0xC3: True}
+        if b in simple:
+            return simple[b]
+        if b in (0xC4, 0xC5, 0xC6):
+            return bytes(self.take(self.uint(1 << (b - 0xC4))))
+        if b in (0xC7, 0xC8, 0xC9):
+            n = self.uint(1 << (b - 0xC7))
+            return self.ext(int.from_bytes(self.take(1), "big", signed=True), n)
+        if b == 0xCA:
+            return float(np.frombuffer(self.take(4), ">f4")[0])
+        if b == 0xCB:
+            return float(np.frombuffer(self.take(8), ">f8")[0])
+        if 0xCC <= b <= 0xCF:
+            return self.uint(1 << (b - 0xCC))
+        if 0xD0 <= b <= 0xD3:
+            return int.from_bytes(self.take(1 << (b - 0xD0)), "big", signed=True)
+        if 0xD4 <= b <= 0xD8:
+            code = int.from_bytes(self.take(1), "big", signed=True)
+            return self.ext(code, 1 << (b - 0xD4))
+        if b in (0xD9, 0xDA, 0xDB):
+            return self.text(self.uint(1 << (b - 0xD9)))
+        if b in (0xDC, 0xDD):
+            return self.array(self.uint(2 if b == 0xDC else 4))
+        if b in (0xDE, 0xDF):
+            return self.map(self.uint(2 if b == 0xDE else 4))
+        raise _MsgpackError(f"byte {self.at - 1} is 0x{b:02x}, which begins no msgpack value")
+
+    def text(self, n: int) -> str:
+        try:
+            return str(self.take(n), "utf-8")
+        except UnicodeDecodeError as e:
+            raise _MsgpackError(f"a string that is not UTF-8 ({e})") from e
+
+    def nested(self) -> None:
+        if self.depth >= _tree.MAX_STRUCTURE_DEPTH:
+            raise _MsgpackError(f"containers nested more than {_tree.MAX_STRUCTURE_DEPTH} deep")
+
+    def array(self, n: int) -> list[Any]:
+        self.nested()
+        self.depth += 1
+        out = [self.value() for _ in range(self.count(n))]
+        self.depth -= 1
+        return out
+
+    def map(self, n: int) -> dict[Any, Any]:
+        self.nested()
+        self.depth += 1
+        out: dict[Any, Any] = {}
+        for _ in range(self.count(n)):
+            key = self.value()
+            if isinstance(key, bool) or not isinstance(key, (str, int)) or key in out:
+                raise _MsgpackError(f"a map key {key!r:.60} that is not a new string or integer")
+            out[key] = self.value()
+        self.depth -= 1
+        return out
+
+    def ext(self, code: int, n: int) -> Any:
+        inner = _Msgpack(bytes(self.take(n)), self.depth + 1)
+        inner.nested()
+        if code in (_EXT_NDARRAY, _EXT_NPSCALAR):
+            doc = inner.whole()
+            if not (isinstance(doc, list) and len(doc) == 3):
+                raise _MsgpackError(f"an array that is not (shape, dtype, bytes): {doc!r:.80}")
+            shape, name, buffer = doc
+            if isinstance(name, bytes):
+                name = name.decode("ascii", "replace")
+            if not isinstance(name, str) or name not in DTYPES:
+                raise _MsgpackError(f"an array of dtype {name!r:.40}, which shardsave does not read")
+            dims = _ints(shape)
+            dtype = DTYPES[name]
+            size = len(buffer) if isinstance(buffer, bytes) else -1
+            if dims is None or size != math.prod(dims) * dtype.itemsize:
+                raise _MsgpackError(f"an array of shape {shape!r:.60} and {size} bytes of {name}")
+            if code == _EXT_NPSCALAR and dims:
+                raise _MsgpackError(f"a numpy scalar of shape {list(dims)}")
+            return _Packed(np.frombuffer(buffer, dtype).reshape(dims), scalar=code == _EXT_NPSCALAR)
+        if code == _EXT_COMPLEX:
+            pair = inner.whole()
+            if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, float) for x in pair)):
+                raise _MsgpackError(f"a complex number that is not (real, imag): {pair!r:.60}")
+            return complex(pair[0], pair[1])
+        if code == _EXT_TUPLE:
+            items = inner.whole()
+            if not isinstance(items, list):
+                raise _MsgpackError("a tuple that is not a list")
+            return tuple(items)
+        raise _MsgpackError(f"the extension type {code}, which Orbax's msgpack file does not use")
+
+
+def _msgpack_value(value: Any, name: str, where: str) -> tuple[np.ndarray, str]:
+    """A value of the msgpack file itself, as an array and its leaf kind."""
+    if isinstance(value, _Packed):
+        return value.value, _tree.KIND_NUMPY_SCALAR if value.scalar else _tree.KIND_NUMPY
+    if isinstance(value, bool):
+        return np.asarray(value, np.bool_), _tree.KIND_BOOL
+    if isinstance(value, int):
+        if not -(1 << 63) <= value < 1 << 63:
+            raise CorruptCheckpointError(f"{where}: {name!r} is the integer {value}, beyond 64 bits")
+        return np.asarray(value, np.int64), _tree.KIND_INT
+    if isinstance(value, float):
+        return np.asarray(value, np.float64), _tree.KIND_FLOAT
+    if isinstance(value, complex):
+        return np.asarray(value, np.complex128), _tree.KIND_COMPLEX
+    raise CorruptCheckpointError(
+        f"{where}: {name!r} is a {type(value).__name__} value, which shardsave does not restore"
+    )
+
+
+def _msgpack_entries(raw: bytes, where: str, strings: dict[str, Any]) -> tuple[list[_Leaf], Any]:
+    """The leaves and structure of an item of Orbax before 0.4.3, from its msgpack file.
+
+    The file is the tree itself: dicts, lists, None, and at each leaf either
+    `PLACEHOLDER://name` (an array `name`, or a string of some `_strings.json`) or
+    the value (a number, a string, an array: SaveArgs(aggregate=True), as flax's
+    save_args_from_target asked for every leaf but a multi-device array). A string
+    value found there is added to strings.
+    """
+    try:
+        doc = _Msgpack(raw).whole()
+    except _MsgpackError as e:
+        raise CorruptCheckpointError(f"{where} is not Orbax's msgpack file: {e}") from e
+    if not isinstance(doc, dict):
+        raise CorruptCheckpointError(f"{where}: the tree is a {type(doc).__name__}, not a dict")
+    leaves: list[_Leaf] = []
+
+    def walk(node: Any, keys: tuple[str, ...]) -> Any:
+        if node is None:
+            return {"none": None}
+        if isinstance(node, dict):
+            if "__msgpack_chunked_array__" in node:
+                raise CorruptCheckpointError(
+                    f"{where}: {'/'.join(keys)!r} is an array of more than 1 GiB chunked into the msgpack "
+                    "file, which shardsave does not read"
+                )
+            return {"dict": [[k, walk(v, (*keys, str(k)))] for k, v in node.items()]}
+        if isinstance(node, (list, tuple)):
+            items = [walk(v, (*keys, str(i))) for i, v in enumerate(node)]
+            return {"list" if isinstance(node, list) else "tuple": items}
+        name = ".".join(keys)
+        if isinstance(node, str) and node.startswith(PLACEHOLDER):
+            if node[len(PLACEHOLDER) :] != name:
+                raise CorruptCheckpointError(f"{where}: the leaf {name!r} stands for {node!r:.100}")
+            leaf = _Leaf(keys, "string" if name in strings else MSGPACK_ARRAY, None)
+        elif isinstance(node, str):
+            strings[name] = node
+            leaf = _Leaf(keys, "string", None)
+        else:
+            value, kind = _msgpack_value(node, name, where)
+            leaf = _Leaf(keys, MSGPACK_VALUE, None, value=value, kind=kind)
+        leaves.append(leaf)
+        return len(leaves) - 1
+
+    return leaves, walk(doc, ())
+
+
+def _msgpack_strings(store: Store, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The strings of an item of Orbax before 0.4.3: each save put all of its strings into
+    `_strings.json` of the first string's folder (`name/_strings.json`)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        if key == STRINGS or (key.count("/") == 1 and key.endswith("/" + STRINGS)):
+            doc = _json(store, key)
+            if not isinstance(doc, dict):
+                raise CorruptCheckpointError(f"{join(store.path, key)} is not a JSON object")
+            out.update(doc)
+    return out
+
+
 def _ints(value: Any) -> tuple[int, ...] | None:
     if not isinstance(value, list) or len(value) > MAX_NDIM:
         return None
@@ -470,8 +784,15 @@ def _sharding(desc: Any) -> dict[str, Any] | None:
         doc = json.loads(desc) if isinstance(desc, str) else desc
         kind = doc.get("sharding_type")
         if kind == "NamedSharding":
-            ids = [d["id"] for d in np.array(doc["device_mesh"]["mesh"], dtype=object).reshape(-1)]
             shape = list(doc["shape"])
+            if "device_mesh" in doc:
+                ids = [d["id"] for d in np.array(doc["device_mesh"]["mesh"], dtype=object).reshape(-1)]
+            elif all(isinstance(d, int) and 0 < d < 1 << 20 for d in shape) and math.prod(shape) < 1 << 20:
+                # Orbax 0.4 and before recorded no devices, and restores onto the mesh it lays over
+                # jax.devices() in order: devices 0 to n-1 (of one host, where ids are in order)
+                ids = list(range(math.prod(shape)))
+            else:
+                return None
             spec: list[Any] = list(doc["partition_spec"])
             if not all(
                 e is None
@@ -721,8 +1042,9 @@ class OrbaxArrays:
     is_local = False
     copies_writes = False  # (read-only: nothing is written through it)
 
-    def __init__(self, folder: Store, arrays: dict[str, _Stored]):
+    def __init__(self, folder: Store, arrays: dict[str, _Stored], marker: str = METADATA):
         self.path = folder.path
+        self._marker = marker  # the item's tree file: _METADATA, or the msgpack file before 0.4.3
         self.timeout_s = folder.timeout_s
         self.stats = IOStats()
         self._folder = folder
@@ -799,7 +1121,7 @@ class OrbaxArrays:
         return key in self._arrays or self._folder.exists(key)
 
     def mtime(self, key: str) -> float | None:
-        return self._folder.mtime(METADATA if key in self._arrays else key)
+        return self._folder.mtime(self._marker if key in self._arrays else key)
 
     def list(self) -> list[str]:
         return sorted(self._arrays)
@@ -842,7 +1164,13 @@ def _grid(
 
 
 def _open_arrays(
-    folder: str, names: list[str], ocdbt: bool, zarr3: bool, strict: bool, timeout_s: float
+    folder: str,
+    names: list[str],
+    ocdbt: bool,
+    zarr3: bool,
+    strict: bool,
+    timeout_s: float,
+    listed_by: str = METADATA,
 ) -> list[Any]:
     """Each named array of the item, opened (concurrently) with tensorstore."""
     base, context = tensorstore_location(folder, _RESOURCES)
@@ -862,7 +1190,7 @@ def _open_arrays(
         except Exception as e:
             if "NOT_FOUND" in str(e):
                 raise CorruptCheckpointError(
-                    f"{join(folder, METADATA)} lists the array {name!r}, but {what} does not exist "
+                    f"{join(folder, listed_by)} lists the array {name!r}, but {what} does not exist "
                     "(the checkpoint is damaged)"
                 ) from e
             raise _error(e, f"opening {what}") from e
@@ -898,15 +1226,28 @@ def orbax_index(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tupl
     found = locate(path, timeout_s)
     folder = open_store(found.item, timeout_s)
     keys = found.keys
-    where = join(found.item, METADATA)
-    if METADATA not in keys:  # (a step's item that only has Orbax before 0.5's msgpack file)
+    strings: dict[str, Any] = {}
+    if METADATA in keys:
+        marker = METADATA
+        where = join(found.item, METADATA)
+        doc = _json(folder, METADATA)
+        leaves, structure = _tree_entries(doc, where)
+    elif MSGPACK in keys and _holds_arrays(keys):  # Orbax before 0.4.3: the tree is in the msgpack file
+        marker = MSGPACK
+        where = join(found.item, MSGPACK)
+        raw = folder.read_all(MSGPACK)
+        if raw is None:
+            raise CheckpointNotFoundError(f"{where} does not exist")
+        if len(raw) > MAX_JSON_BYTES:
+            raise CorruptCheckpointError(f"{where}: {len(raw)} bytes, more than shardsave reads of it")
+        strings = _msgpack_strings(folder, keys)
+        leaves, structure = _msgpack_entries(raw, where, strings)
+        doc = {"use_zarr3": any(k.endswith("/zarr.json") for k in keys)}
+    else:
         raise CorruptCheckpointError(
-            f"{found.item} has no {METADATA}: an item written by an Orbax older than 0.5 (msgpack, "
-            f"{MSGPACK!r}) or not a PyTree item, which shardsave does not read; restore it with that "
-            "Orbax and save it again"
+            f"{found.item} has no {METADATA}: not an Orbax PyTree item, which shardsave does not read; "
+            "restore it with that Orbax and save it again"
         )
-    doc = _json(folder, METADATA)
-    leaves, structure = _tree_entries(doc, where)
     processes = sorted({k.split("/", 1)[0] for k in keys if k.startswith(PROCESS_PREFIX) and "/" in k})
     use_ocdbt = doc.get("use_ocdbt")
     if use_ocdbt is None:
@@ -915,7 +1256,7 @@ def orbax_index(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tupl
     strict = doc.get("store_array_data_equal_to_fill_value", False)
     if not all(isinstance(v, bool) for v in (use_ocdbt, use_zarr3, strict)):
         raise CorruptCheckpointError(f"{where}: use_ocdbt, use_zarr3 and its other options must be booleans")
-    arrays = [leaf for leaf in leaves if leaf.value_type != "string"]
+    arrays = [leaf for leaf in leaves if leaf.value_type not in ("string", MSGPACK_VALUE)]
     if use_ocdbt and arrays and MANIFEST not in keys:
         if processes:
             raise CheckpointNotFoundError(
@@ -926,13 +1267,14 @@ def orbax_index(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tupl
         raise CorruptCheckpointError(f"{found.item}: {where} says OCDBT, but there is no {MANIFEST}")
     metas = _array_metadatas(folder, keys)
     shardings = _shardings(folder, keys)
-    strings: dict[str, Any] = {}
-    if any(leaf.value_type == "string" for leaf in leaves):
+    if marker == METADATA and any(leaf.value_type == "string" for leaf in leaves):
         strings = _json(folder, STRINGS)
         if not isinstance(strings, dict):
             raise CorruptCheckpointError(f"{join(found.item, STRINGS)} is not a JSON object")
     names = [".".join(leaf.keys) for leaf in arrays]
-    opened = dict(zip(names, _open_arrays(found.item, names, use_ocdbt, use_zarr3, strict, timeout_s)))
+    opened = dict(
+        zip(names, _open_arrays(found.item, names, use_ocdbt, use_zarr3, strict, timeout_s, marker))
+    )
     entries: list[LeafEntry] = []
     stored: dict[str, _Stored] = {}
     files: list[DataFile] = []
@@ -964,6 +1306,29 @@ def orbax_index(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tupl
                     stored_dtype="string",
                     stored_name=name,
                 )
+            )
+            continue
+        if leaf.value is not None:  # a value of the msgpack file itself
+            value = np.array(leaf.value, order="C")  # (ascontiguousarray makes a 0-d array 1-d)
+            if value.size == 0:  # no elements: one empty shard, the whole array (FORMAT.md)
+                shards = [StoredShard(k, 0, 0, (0,) * value.ndim, value.shape, ())]
+            else:
+                shards = [
+                    StoredShard(
+                        k,
+                        0,
+                        value.nbytes,
+                        (0,) * value.ndim,
+                        value.shape,
+                        (0,) * crc_chunks(value.nbytes, READ_CHUNK_BYTES),
+                    )
+                ]
+            data = value.reshape(-1).view(np.uint8)
+            stored[name] = _Stored(name, None, data, shards, [0], lambda _: where, value.shape)
+            files.append(DataFile(value.nbytes, None, 0, key=name))
+            kind = leaf.kind or _tree.KIND_NUMPY
+            entries.append(
+                LeafEntry(path_name, value.dtype, value.shape, kind, None, tuple(shards), stored_name=name)
             )
             continue
         array = opened[name]
@@ -1015,7 +1380,7 @@ def orbax_index(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tupl
             }.get(dtype.kind, _tree.KIND_NUMPY_SCALAR)
         elif key_impl is not None:
             kind = _tree.KIND_KEY
-        elif leaf.value_type == "np.ndarray":
+        elif leaf.value_type in ("np.ndarray", MSGPACK_ARRAY):  # (Orbax restores both as numpy)
             kind = _tree.KIND_NUMPY
         else:
             kind = _tree.KIND_ARRAY
@@ -1054,7 +1419,7 @@ def orbax_index(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tupl
     metrics = step_doc.get("metrics") if isinstance(step_doc, dict) else None
     custom = step_doc.get("custom_metadata") if isinstance(step_doc, dict) else None
     committed = step_doc.get("commit_timestamp_nsecs") if isinstance(step_doc, dict) else None
-    created = committed / 1e9 if isinstance(committed, int) else (folder.mtime(METADATA) or 0.0)
+    created = committed / 1e9 if isinstance(committed, int) else (folder.mtime(marker) or 0.0)
     index = Index(
         global_step=found.step,
         created=created,
@@ -1066,6 +1431,6 @@ def orbax_index(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> tupl
         metrics=metrics if isinstance(metrics, dict) and metrics else None,
         metadata=custom if isinstance(custom, dict) and custom else None,
         source=FORMAT_NAME,
-        commit_key=METADATA,
+        commit_key=marker,
     )
-    return OrbaxArrays(folder, stored), _name(found.item), index
+    return OrbaxArrays(folder, stored, marker), _name(found.item), index
