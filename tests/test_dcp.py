@@ -22,6 +22,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import gcs_bucket, s3_bucket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding
@@ -224,13 +225,29 @@ def test_restores_from_memory_urls(variant, mesh24):
 
 
 def test_restores_from_s3(s3_env, mesh24):
-    from tests.conftest import s3_bucket
-
     url = f"s3://{s3_bucket(s3_env)}/runs/dcp"
     _copy_to(url, "torch_save")
     expected, _ = _expected("torch_save")
     restored = shardsave.Saver().restore(url, _target(url, mesh24))
     assert _check_placed(restored, url, expected) == len(expected)
+
+
+@pytest.mark.parametrize("variant", ["torch_save", "zstd", "hf"])
+def test_restores_from_gcs(gcs_server, variant, mesh24):
+    url = f"gs://{gcs_bucket(gcs_server)}/runs/dcp"
+    _copy_to(url, variant)
+    expected, objects = _expected(variant)
+    assert dcp.is_dcp(url)
+    restored = shardsave.Saver().restore(url, _target(url, mesh24))
+    assert _check_placed(restored, url, expected) == len(expected)
+    capped = shardsave.Saver().restore(
+        url, _target(url, mesh24), restore_sequentially=True, max_host_bytes=32 << 20
+    )
+    assert _check_placed(capped, url, expected) == len(expected)
+    with shardsave.CheckpointReader(url) as reader:
+        assert reader.verify() == []
+        for name, value in objects.items():  # the non-tensor entries, decoded as on local disk
+            assert json.loads(json.dumps(reader.get(name))) == value, name
 
 
 # ---------------------------------------------------------------- hostile input
