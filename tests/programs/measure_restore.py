@@ -1,6 +1,7 @@
 """Host memory of one restore, measured in a fresh process (peak RSS minus RSS after).
 
     python tests/programs/measure_restore.py DIRECTORY TOTAL_MIB BIG_MIB SEQUENTIAL CAP [SLOW_S]
+    python tests/programs/measure_restore.py --restore PATH SEQUENTIAL CAP
 
 Builds a checkpoint of TOTAL_MIB (one leaf of BIG_MIB stored as a single shard,
 larger than a small cap), then restores it onto another mesh while a thread
@@ -8,6 +9,13 @@ samples RSS. The result stays alive, so "after" counts it out (on CPU, device
 memory is host memory); what remains is the transient host memory of the
 restore itself. SLOW_S delays the use of every read by that many seconds.
 Prints {"transient", "before", "after", "ok"} as JSON.
+
+With --restore, it restores the checkpoint at PATH instead, in any format shardsave
+reads (an Orbax or a DCP checkpoint, written beforehand by the test), onto a (4, 2)
+mesh: each array's first dimension over the mesh's first axis and its second over
+the second where they divide. It prints the same measures, with "restored" (the
+bytes of the arrays restored) and "crc32" (each leaf's CRC-32 of its C-order
+bytes, by tree path) for the caller to check the values.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import json
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +75,34 @@ def restore(path: str, target: Any, sequential: bool, cap: int | None, observer:
     return finish(values)
 
 
+def restore_existing(path: str, sequential: bool, cap: int | None) -> None:
+    """--restore: the checkpoint at path onto a (4, 2) mesh, measured as main() measures."""
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("d", "m"))
+
+    def on_mesh(leaf: Any) -> Any:
+        spec = [axis if n % size == 0 else None for n, axis, size in zip(leaf.shape, "dm", (4, 2))]
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, P(*spec)))
+
+    target = jax.tree.map(on_mesh, shardsave.load_structure(path))
+    gc.collect()
+    trim()
+    restored, measured = measure(
+        lambda: shardsave.Saver().restore(path, target, restore_sequentially=sequential, max_host_bytes=cap)
+    )
+    leaves = jax.tree_util.tree_leaves_with_path(restored)
+    crcs = {
+        jax.tree_util.keystr(k, simple=True, separator="/"): zlib.crc32(np.ascontiguousarray(v).data)
+        for k, v in leaves
+    }
+    nbytes = sum(int(v.nbytes) for _, v in leaves)
+    print(json.dumps({**measured, "restored": nbytes, "crc32": crcs, "ok": True}))
+
+
 def main() -> None:
+    if sys.argv[1] == "--restore":
+        cap = None if sys.argv[4] == "None" else int(sys.argv[4])
+        restore_existing(sys.argv[2], sys.argv[3] == "True", cap)
+        return
     directory, total_mib, big_mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     sequential, cap = sys.argv[4] == "True", None if sys.argv[5] == "None" else int(sys.argv[5])
     observer = SlowConsumer(float(sys.argv[6])) if len(sys.argv) > 6 else None
@@ -110,7 +146,7 @@ def measure(restore: Callable[[], Any]) -> tuple[Any, dict[str, int]]:
             time.sleep(0.0005)
 
     before = proc.memory_info().rss
-    thread = threading.Thread(target=sample)
+    thread = threading.Thread(target=sample, daemon=True)  # (a restore that raises must not hang)
     thread.start()
     restored = restore()
     jax.block_until_ready(restored)
