@@ -12,8 +12,7 @@ import numpy as np
 
 from shardsave import tree as _tree
 from shardsave.errors import CorruptCheckpointError
-from shardsave.formats import dcp as _dcp
-from shardsave.formats import open_checkpoint
+from shardsave.formats import holds_value, open_checkpoint, read_value
 from shardsave.formats import tf_bundle as _tf_bundle
 from shardsave.index import Box, decode_sharding
 from shardsave.restore.engine import restore_leaves
@@ -174,8 +173,8 @@ class CheckpointReader:
         if entry.stored_dtype == "string":
             strings = self._strings(entry)
             return strings if index is None else strings[index]
-        if entry.stored_dtype in _dcp.OBJECT_DTYPES and self.index.source == "dcp":
-            return self._object(entry)
+        if holds_value(self.index, entry):
+            return read_value(self._directory, self.index, entry)
         if entry.dtype == np.dtype(object):
             raise ValueError(
                 f"{self.path}: {name!r} is a TensorFlow {entry.stored_dtype} tensor, which has no "
@@ -192,14 +191,6 @@ class CheckpointReader:
             self._directory, self._base, self.index, [request], budget=None, sequential=False
         )
         return array[local] if local else array
-
-    def _object(self, entry: Any) -> Any:
-        """A DCP entry that is not a tensor (param_groups' numbers, lists, strings), unpickled
-        with only plain Python containers allowed: one naming any class is refused."""
-        (shard,) = entry.shards
-        key = DataFiles(self._directory, self._base, self.index).names[shard.file]
-        where = f"{join(self._directory.path, key)} (entry {entry.stored_name!r})"
-        return _dcp.read_object(self._directory, key, shard, entry.stored_dtype, where)
 
     def _strings(self, entry: Any) -> np.ndarray:
         """A TensorFlow string tensor as an array of bytes objects, its checksum verified."""

@@ -23,7 +23,7 @@ import jax
 from shardsave import _gc_pause
 from shardsave import tree as _tree
 from shardsave.errors import CheckpointExistsError, SaveFailedError, ShardsaveError, StorageError
-from shardsave.formats import open_checkpoint
+from shardsave.formats import holds_value, open_checkpoint, read_value
 from shardsave.formats.shardsave import (
     DEFAULT_PART_BYTES,
     checkpoint_name,
@@ -41,7 +41,7 @@ from shardsave.lifecycle.retention import (
 from shardsave.lifecycle.state import STATE_FILENAME
 from shardsave.restore.engine import restore_leaves
 from shardsave.restore.shared import lay_out, plan_shared_reads
-from shardsave.restore.targets import requests_for_saved, requests_for_target
+from shardsave.restore.targets import StoredValues, requests_for_saved, requests_for_target
 from shardsave.save.background import BackgroundCommits
 from shardsave.save.commit import PendingSave, commit, prepare_overwrite
 from shardsave.save.coordination import Coordinator
@@ -717,7 +717,10 @@ class Saver:
           target: a pytree of jax.Array or jax.ShapeDtypeStruct (with a sharding),
             numpy arrays or numbers, naming a subset of the saved leaves; any
             mesh, device count or partition spec. None restores the saved tree
-            onto the saved shardings, which requires the same devices.
+            onto the saved shardings, which requires the same devices. A leaf
+            that names a value a PyTorch DCP checkpoint stored as a Python
+            object (param_groups' "lr", or "betas" whole or item by item) takes
+            that value.
           reshape: allow a target shape with the same number of elements
             (defaults to the Saver's setting).
           cast: convert stored values to the target dtype where they differ.
@@ -753,7 +756,8 @@ class Saver:
         if target is None:
             requests, finish = requests_for_saved(index, save_path)
         else:
-            requests, finish = requests_for_target(index, target, reshape, cast, save_path, names)
+            stored = StoredValues(partial(holds_value, index), partial(read_value, directory, index))
+            requests, finish = requests_for_target(index, target, reshape, cast, save_path, names, stored)
         # Sharing pays where reading is dear (an object store); from a local file system,
         # reading the page cache again is cheaper than the collective (the commit that
         # added this has the measurement).

@@ -173,9 +173,44 @@ def test_the_reader_lists_non_tensor_entries_and_decodes_them_without_running_co
         assert reader.get("step") == 7
         _same_bits(reader.get("model.w_uneven", (slice(3, 6),)), expected["model.w_uneven"][3:6], "rows")
         assert reader.verify() == []
-    # named by a target, a non-tensor entry is refused, pointing to the reader
-    with pytest.raises(StructureMismatchError, match="CheckpointReader"):
-        shardsave.Saver().restore(path, {"lr": 0.0}, names={"lr": "optim.param_groups.0.lr"})
+
+
+@pytest.mark.parametrize("variant", ["torch_save", "zstd"])
+def test_a_target_that_names_param_groups_takes_their_stored_values(variant, mesh24):
+    """A torch optimizer's state_dict as the target: tensors onto the mesh, param_groups'
+    Python values (a tuple's items, a list of names) as torch stored them."""
+    path = str(FIXTURES / variant)
+    expected, objects = _expected(variant)
+    sharding = NamedSharding(mesh24, P("data"))
+    exp_avg = jax.ShapeDtypeStruct(
+        expected["optim.state.w_even.exp_avg"].shape, np.float32, sharding=sharding
+    )
+    group = {"lr": 0.0, "betas": (0.0, 0.0), "eps": 0.0, "weight_decay": 1, "amsgrad": True, "foreach": None}
+    target = {
+        "optim": {"state": {"w_even": {"exp_avg": exp_avg}}, "param_groups": [{**group, "params": ["", ""]}]},
+        "step": 0,
+    }
+    restored = shardsave.Saver().restore(path, target)
+    got = restored["optim"]["param_groups"][0]
+    assert got["lr"] == objects["optim.param_groups.0.lr"] == 0.01
+    assert got["betas"] == (0.9, 0.99) and isinstance(got["betas"], tuple)  # the target's tuple, filled
+    assert got["eps"] == 1e-08 and got["weight_decay"] == 0 and got["amsgrad"] is False
+    assert got["params"] == ["w_even", "w_uneven"] and got["foreach"] is None
+    assert restored["step"] == 7
+    _same_bits(
+        np.asarray(restored["optim"]["state"]["w_even"]["exp_avg"]),
+        expected["optim.state.w_even.exp_avg"],
+        "m",
+    )
+    # a whole value into one leaf, through names=
+    whole = shardsave.Saver().restore(path, {"b": 0}, names={"b": "optim.param_groups.0.betas"})
+    assert whole == {"b": (0.9, 0.99)}
+    with pytest.raises(
+        StructureMismatchError, match=r"has no item '2'.*give the target the value's structure"
+    ):
+        shardsave.Saver().restore(path, {"optim": {"param_groups": [{"betas": (0.0, 0.0, 0.0)}]}})
+    with pytest.raises(StructureMismatchError, match="holds a Python value there"):
+        shardsave.Saver().restore(path, {"step": np.zeros((), np.int64)})
 
 
 def test_load_structure_and_inspect_verify_convert(tmp_path, mesh24):

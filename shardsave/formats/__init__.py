@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from shardsave.errors import CheckpointNotFoundError
 from shardsave.formats import dcp as _dcp
@@ -23,9 +24,9 @@ from shardsave.formats import safetensors as _safetensors
 from shardsave.formats import shardsave as _shardsave
 from shardsave.formats import tf_bundle as _tf_bundle
 from shardsave.formats import zstd_chunks as _zstd_chunks
-from shardsave.index import Index
+from shardsave.index import Index, LeafEntry
 from shardsave.storage import open_store, readable, split_prefix
-from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Store
+from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Store, join
 
 
 @dataclass(frozen=True)
@@ -145,3 +146,25 @@ def open_checkpoint(path: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S) -> 
                 store, index = reader.view(directory, index)
             return store, base, index
     raise AssertionError("shardsave's own reader takes every index")  # unreachable: it is last
+
+
+def holds_value(index: Index, entry: LeafEntry) -> bool:
+    """Whether entry is a Python value rather than an array: a DCP entry that is not a
+    tensor (param_groups' numbers, lists and strings), which read_value reads."""
+    return index.source == "dcp" and entry.stored_dtype in _dcp.OBJECT_DTYPES
+
+
+def read_value(store: Store, index: Index, entry: LeafEntry) -> Any:
+    """The Python value of an entry for which holds_value() is true, decoded with only
+    plain containers allowed (a pickle naming any class is refused, never run).
+
+    Raises:
+      ValueError: entry is an array (restore or CheckpointReader.get reads it).
+      CorruptCheckpointError: the stored record is damaged or names a class.
+    """
+    if not holds_value(index, entry):
+        raise ValueError(f"{entry.name!r} is an array, not a stored Python value")
+    (shard,) = entry.shards
+    key = str(index.files[shard.file].key)
+    where = f"{join(store.path, key)} (entry {entry.stored_name!r})"
+    return _dcp.read_object(store, key, shard, str(entry.stored_dtype), where)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 
 from shardsave import tree as _tree
 from shardsave.errors import ShardingMismatchError, StructureMismatchError
-from shardsave.index import Index, decode_sharding
+from shardsave.index import Index, LeafEntry, decode_sharding
 from shardsave.restore.plan import LeafRequest
 
 
@@ -181,6 +182,54 @@ def stored_names(names: list[str], mapping: Callable[[str], str] | dict[str, str
     return out
 
 
+@dataclass(frozen=True)
+class StoredValues:
+    """The entries of a checkpoint that are Python values, not arrays (a PyTorch DCP
+    optimizer's param_groups), and how to read one: the format's business, handed in
+    by the caller, since nothing under shardsave.restore reads a format."""
+
+    holds: Callable[[LeafEntry], bool]
+    read: Callable[[LeafEntry], Any]
+
+
+def _value_leaf(
+    name: str, by_name: dict[str, LeafEntry], values: StoredValues | None
+) -> tuple[LeafEntry, tuple[str, ...]] | None:
+    """The stored value that holds target leaf `name`, and the keys into it: the value
+    itself ("optim/param_groups/0/lr"), or an item of it ("optim/param_groups/0/betas/1",
+    where a target's tuple flattened into leaves of its own)."""
+    if values is None:
+        return None
+    parts = name.split("/")
+    for cut in range(len(parts), 0, -1):
+        entry = by_name.get("/".join(parts[:cut]))
+        if entry is not None and values.holds(entry):
+            return entry, tuple(parts[cut:])
+    return None
+
+
+def _item(value: Any, keys: tuple[str, ...], name: str, entry: LeafEntry, path: str) -> Any:
+    """value[keys[0]][keys[1]]..., a list or tuple indexed by the key's number."""
+    for key in keys:
+        try:
+            if isinstance(value, dict):
+                value = value[key] if key in value else value[int(key)]
+            elif isinstance(value, (list, tuple)):
+                value = value[int(key)]
+            else:
+                raise TypeError(type(value).__name__)
+        except (KeyError, IndexError, ValueError, TypeError):
+            raise StructureMismatchError(
+                f"leaf {name!r}: {entry.name!r} of {path!r} holds the Python value {value!r:.200}, "
+                f"which has no item {key!r}; give the target the value's structure"
+            ) from None
+    return value
+
+
+def _ignoring_read(value_of: Callable[[str], Any], name: str, _read: Any) -> Any:
+    return value_of(name)
+
+
 def requests_for_target(
     index: Index,
     target: Any,
@@ -188,20 +237,49 @@ def requests_for_target(
     cast: bool,
     path: str,
     mapping: Callable[[str], str] | dict[str, str] | None = None,
+    values: StoredValues | None = None,
 ) -> tuple[list[LeafRequest], Callable[[list[Any]], Any]]:
+    """What to read for target, and how to finish what was read into target's tree.
+
+    A target leaf that names a stored Python value (values.holds), or an item of
+    one, takes that value as it was stored, whatever the target leaf held; it is
+    read when the restore finishes, not through the engine (it has no bytes to
+    place on a device).
+    """
     target_names, leaves, treedef = _tree.flatten(target)
     names = stored_names(target_names, mapping)
     # A foreign format's own names ("model.embed" in safetensors) also find their leaf.
     by_name = {e.stored_name: e for e in index.leaves if e.stored_name is not None}
     by_name.update((e.name, e) for e in index.leaves)
-    missing = [n for n in names if n not in by_name]
+    in_values = {n: found for n in names if (found := _value_leaf(n, by_name, values)) is not None}
+    missing = [n for n in names if n not in by_name and n not in in_values]
     if missing:
         raise _tree.missing_leaves_error(missing, list(by_name), path)
-    _refuse_unrestorable([by_name[n] for n in names], path)
+    _refuse_unrestorable([by_name[n] for n in names if n not in in_values], path)
     devices = devices_by_id()
-    requests = []
+    requests: list[LeafRequest] = []
     finishers: list[Callable[[Any], Any]] = []
+    positions: list[int | None] = []  # each target leaf's request, or None for a stored value
+    read_values: dict[str, Any] = {}
+
+    def stored_value(name: str) -> Any:
+        entry, keys = in_values[name]
+        if entry.name not in read_values:
+            assert values is not None
+            read_values[entry.name] = values.read(entry)
+        return _item(read_values[entry.name], keys, name, entry, path)
+
     for name, leaf in zip(names, leaves):
+        if name in in_values:
+            if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)):
+                raise StructureMismatchError(
+                    f"leaf {name!r}: {path!r} holds a Python value there ({in_values[name][0].stored_dtype}), "
+                    f"not a tensor; give the target a Python value (a number, a str, a list) in its place"
+                )
+            positions.append(None)
+            finishers.append(functools.partial(_ignoring_read, stored_value, name))
+            continue
+        positions.append(len(requests))
         entry = by_name[name]
         finisher: Callable[[Any], Any] | None = None
         if isinstance(leaf, str) or (entry.kind == _tree.KIND_STR and isinstance(leaf, jax.ShapeDtypeStruct)):
@@ -283,7 +361,8 @@ def requests_for_target(
         requests.append(request)
         finishers.append(finisher or functools.partial(_as_kind, kind=kind))
 
-    def finish(values: list[Any]) -> Any:
-        return jax.tree_util.tree_unflatten(treedef, [f(v) for f, v in zip(finishers, values)])
+    def finish(read: list[Any]) -> Any:
+        out = [f(None if i is None else read[i]) for f, i in zip(finishers, positions)]
+        return jax.tree_util.tree_unflatten(treedef, out)
 
     return requests, finish
