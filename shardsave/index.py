@@ -222,13 +222,15 @@ class StoredShard:
     # A compressed shard (Index.compression): the stored size of each chunk, whose
     # crc32c covers its stored bytes; None: stored as it is, nbytes at offset.
     stored: tuple[int, ...] | None = None
-    shape: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    # stop - start, computed unless given (an index decoder has it at hand already).
+    shape: tuple[int, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Computed here: functools.cached_property takes a lock shared by every
         # instance on each first access (Python 3.11), which made restores of many
         # shards measurably slower (the commit that moved this here has the figure).
-        object.__setattr__(self, "shape", tuple(b - a for a, b in zip(self.start, self.stop)))
+        if len(self.shape) != len(self.start):
+            object.__setattr__(self, "shape", tuple(b - a for a, b in zip(self.start, self.stop)))
 
 
 @dataclass(frozen=True)

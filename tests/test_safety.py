@@ -102,6 +102,22 @@ def test_2_a_step_the_index_cannot_hold_is_refused_before_anything_is_written(tm
     assert shardsave.CheckpointReader(path).global_step == -(2**62)
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_2_an_index_the_reader_would_refuse_is_never_committed_and_its_data_files_go(tmp_path, async_save):
+    # A NUL in a key is a name the reader refuses; the writer checks its index with the
+    # reader's validation (while the data writes are still in flight) and commits nothing.
+    saver = shardsave.Saver(async_save=async_save, max_to_keep=None)
+    good = saver.save({"a": jnp.ones(8)}, str(tmp_path / "m"), global_step=1)
+    saver.wait_until_finished()
+    with pytest.raises(SaveFailedError, match=r"m-2\.index.*its own reader refuses.*without NUL"):
+        saver.save({"a\0b": jnp.ones((64, 1024))}, str(tmp_path / "m"), global_step=2)
+        saver.wait_until_finished()
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("m-2"))
+    assert left == [], left  # neither an index nor a data file of the refused save
+    assert shardsave.latest_checkpoint(str(tmp_path)) == good
+    np.testing.assert_array_equal(saver.restore(good)["a"], np.ones(8))
+
+
 # Arbitrary pytrees: every container jax flattens, empty ones at any depth, bare leaves.
 class _Pair(tuple):  # a namedtuple made by hand keeps hypothesis' strategy small
     pass

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from dataclasses import replace
+from operator import le, sub
 from typing import Any
 
 from shardsave import tree as _tree
@@ -207,14 +208,16 @@ def _in(value: Any, lo: int, hi: int) -> bool:
     return type(value) is int and lo <= value <= hi
 
 
+_INT_ONLY = {int}
+
+
 def _ints(value: Any, lo: int, hi: int) -> tuple[int, ...] | None:
-    """A list of integers in [lo, hi] as a tuple, or None; checked in bulk."""
-    if (
-        type(value) is not list
-        or not all(type(x) is int for x in value)
-        or (value and (min(value) < lo or max(value) > hi))
-    ):
+    """A list of integers in [lo, hi] as a tuple, or None; checked in bulk (in C: an
+    index holds tens of thousands of these lists)."""
+    if type(value) is not list:
         return None
+    if value and (set(map(type, value)) != _INT_ONLY or min(value) < lo or max(value) > hi):
+        return None  # (type(True) is bool, not int: booleans are refused)
     return tuple(value)
 
 
@@ -386,6 +389,7 @@ def _decode_leaf(
     shards = []
     covered = 0
     last_file = len(files) - 1
+    ndim = len(shape)
     for j, s in enumerate(raw_shards):
         # Messages are built only on failure: an index holds tens of thousands of shards.
         if type(s) is not list or len(s) != (7 if compressed else 6):
@@ -402,13 +406,15 @@ def _decode_leaf(
             raise ValueError(
                 f"leaf {name!r} shard {j}: start, stop and crc32c must be lists of integers in range"
             )
-        if len(start) != len(shape) or len(stop) != len(shape):
+        if len(start) != ndim or len(stop) != ndim:
             raise ValueError(
-                f"leaf {name!r} shard {j}: box has {len(start)}/{len(stop)} dims, array has {len(shape)}"
+                f"leaf {name!r} shard {j}: box has {len(start)}/{len(stop)} dims, array has {ndim}"
             )
-        if not all(0 <= a <= b <= d for a, b, d in zip(start, stop, shape)):
+        # start >= 0 (_ints); stop >= start and stop <= shape in each dimension.
+        extent = tuple(map(sub, stop, start))
+        if ndim and (min(extent) < 0 or not all(map(le, stop, shape))):
             raise ValueError(f"leaf {name!r} shard {j}: box {start}..{stop} lies outside shape {shape}")
-        volume = math.prod(b - a for a, b in zip(start, stop))
+        volume = math.prod(extent)
         if nbytes != volume * dtype.itemsize:
             raise ValueError(f"leaf {name!r} shard {j}: nbytes {nbytes} != {volume} elements of {dtype_str}")
         if len(crc) != crc_chunks(nbytes, chunk):
@@ -426,7 +432,7 @@ def _decode_leaf(
                 f"leaf {name!r} shard {j}: bytes {offset}..{offset + span} lie past the end of file {file}"
             )
         covered += volume
-        shards.append(StoredShard(file, offset, nbytes, start, stop, crc, sizes))
+        shards.append(StoredShard(file, offset, nbytes, start, stop, crc, sizes, extent))
     if covered != size:
         raise ValueError(f"leaf {name!r}: shards hold {covered} elements, the array has {size}")
     if size == 0 and len(shards) != 1:

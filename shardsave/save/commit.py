@@ -270,10 +270,20 @@ def commit(
             streamed = start_writes(
                 directory, save.base, plan, staged, chunk, part_bytes, publish, save.compression_level
             )
+        raw, refused = b"", None
+        if save.key is None:
+            # The index needs only the checksums, which are known once the writes have
+            # started: building and checking it overlaps the writes still in flight
+            # (at a thousand leaves that is a sixth of a save to an object store).
+            try:
+                raw = encoded_index(save, streamed.crcs, chunk, part_bytes, streamed.parts, streamed.layouts)
+            except Exception as e:  # raised once the writes are done, so that they are cleaned up
+                refused = e
         results = streamed.wait()
         pending = [r for r in results if isinstance(r, PendingFile)]
+        if refused is not None:
+            raise refused
         if save.key is None:
-            raw = encoded_index(save, streamed.crcs, chunk, part_bytes, streamed.parts, streamed.layouts)
             if save.replace_local:
                 replace_local_checkpoint(save, pending, raw)
             else:
