@@ -274,7 +274,7 @@ def commit(
         if save.key is None:
             # The index needs only the checksums, which are known once the writes have
             # started: building and checking it overlaps the writes still in flight
-            # (at a thousand leaves that is a sixth of a save to an object store).
+            # (the commit that moved it here has the measurement).
             try:
                 raw = encoded_index(save, streamed.crcs, chunk, part_bytes, streamed.parts, streamed.layouts)
             except Exception as e:  # raised once the writes are done, so that they are cleaned up
