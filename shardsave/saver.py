@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 import jax
+import numpy as np
 
 from shardsave import _gc_pause
 from shardsave import tree as _tree
@@ -28,6 +29,7 @@ from shardsave.formats.shardsave import (
     DEFAULT_PART_BYTES,
     checkpoint_name,
     index_key,
+    stem_of,
 )
 from shardsave.index import json_document
 from shardsave.lifecycle.policies import SavePolicy
@@ -38,18 +40,22 @@ from shardsave.lifecycle.retention import (
     finish_commit,
     recovered,
 )
-from shardsave.lifecycle.state import STATE_FILENAME
+from shardsave.lifecycle.state import STATE_FILENAME, latest_checkpoint
 from shardsave.restore.engine import restore_leaves
 from shardsave.restore.shared import lay_out, plan_shared_reads
 from shardsave.restore.targets import StoredValues, requests_for_saved, requests_for_target
 from shardsave.save.background import BackgroundCommits
-from shardsave.save.commit import PendingSave, commit, prepare_overwrite
-from shardsave.save.coordination import Coordinator
+from shardsave.save.commit import LocalSave, PendingSave, commit, commit_local, prepare_overwrite
+from shardsave.save.coordination import Coordinator, shared_key
 from shardsave.save.plan import PlanCache, compression_level, leaf_spec, step_number
+from shardsave.save.replicas import replica_shifts, send_replicas
+from shardsave.save.stage import StagingBuffer
 from shardsave.save.staging import HostStaging
 from shardsave.save.stream import MIN_SAVE_HOST_BYTES
 from shardsave.storage import open_prefix
 from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Lock, Store, location, split_prefix
+from shardsave.tiers.local import LocalTier
+from shardsave.tiers.recover import LOCAL, PERSISTENT, restore_from_tiers
 
 _PLAN_CACHE_SIZE = 8
 
@@ -92,6 +98,8 @@ class RestoreInfo:
       index_seconds: reading and validating the index.
       plan_seconds: matching the target's leaves and planning the reads.
       place_seconds: creating the arrays on their devices (jax's own calls).
+      tier: where restore_latest() read it: "local" or "persistent"; None for restore().
+      reason: why restore_latest() chose that tier and step.
     """
 
     path: str
@@ -100,6 +108,8 @@ class RestoreInfo:
     index_seconds: float
     plan_seconds: float
     place_seconds: float
+    tier: str | None = None
+    reason: str | None = None
 
 
 class Saver:
@@ -179,6 +189,17 @@ class Saver:
         several processes need (a replicated leaf) once, spread over the processes,
         and share them through jax's collectives, instead of once per process.
         None (the default) shares on object stores and not from local paths.
+      local_directory: a local tier beside the save path (which is then the
+        persistent tier): a directory on this host's own memory or disk, such as
+        /dev/shm/ckpt. save(..., tier="local") writes each process's shards there,
+        and a copy of other processes' (replicas); restore_latest() restores the
+        newest step from whichever tier holds it whole. docs/guides/tiers.md.
+      local_interval_steps: should_save(step, tier="local") is true when step is a
+        multiple of it.
+      local_max_to_keep: how many local checkpoints each process keeps.
+      replicas: how many other processes hold a copy of each process's local
+        shards, each in a failure domain (local directory) of its own; 0 keeps
+        none (a single process has no peer to hold one).
 
     Examples:
       >>> import jax.numpy as jnp, shardsave, tempfile
@@ -218,6 +239,10 @@ class Saver:
         best_mode: str = "min",
         save_on_preemption: bool = False,
         compression: str | int | None = None,
+        local_directory: str | None = None,
+        local_interval_steps: int | None = None,
+        local_max_to_keep: int = 2,
+        replicas: int = 1,
     ):
         if max_to_keep is not None and max_to_keep < 0:
             raise ValueError(f"max_to_keep must be None or >= 0, found {max_to_keep}")
@@ -277,6 +302,16 @@ class Saver:
         self._last_directory: str | None = None
         self._last_save: SaveInfo | None = None
         self._last_restore: RestoreInfo | None = None
+        self._local: LocalTier | None = None
+        if local_directory is not None:
+            self._local = LocalTier(
+                local_directory, local_interval_steps, local_max_to_keep, replicas, storage_timeout_s
+            )
+        elif local_interval_steps is not None:
+            raise ValueError("local_interval_steps needs local_directory")
+        self._shifts: list[int] | None = None  # where each process's replicas go, once known
+        self._replica_buffers: dict[int, dict[int, StagingBuffer]] = {}
+        self._local_newest: int | None = None  # the newest local step saved or restored
         self._policy = SavePolicy(
             save_interval_steps,
             save_interval_secs,
@@ -385,6 +420,7 @@ class Saver:
         write_state: bool = True,
         metrics: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        tier: str = PERSISTENT,
     ) -> str | None:
         """Saves a pytree as the checkpoint save_path[-global_step].
 
@@ -407,9 +443,18 @@ class Saver:
             checkpoint; CheckpointReader(path).metrics reads it, and keep_best ranks by it.
           metadata: the same for anything else (a data loader's position);
             CheckpointReader(path).metadata reads it.
+          tier: "persistent" (the default) saves to save_path; "local" saves the
+            step to the Saver's local tier instead (its local_directory, named
+            after save_path's last part), each process's own shards and its
+            replicas of others'. A local checkpoint commits once every process
+            holds its shards and replicas; retention keeps local_max_to_keep of
+            them. latest_filename, overwrite and write_state apply to the
+            persistent tier only; a local save replaces a local checkpoint of
+            the same step.
 
         Returns:
-          The checkpoint's prefix, or None for an empty tree with allow_empty.
+          The checkpoint's prefix (in the local directory, for a local save), or
+          None for an empty tree with allow_empty.
 
         Raises:
           ValueError: the tree is empty or two leaves have the same name.
@@ -417,6 +462,12 @@ class Saver:
           CheckpointExistsError: the prefix holds a committed checkpoint.
           SaveFailedError: the previous asynchronous save failed.
         """
+        if tier not in (PERSISTENT, LOCAL):
+            raise ValueError(f'tier must be "persistent" or "local", found {tier!r}')
+        if tier == LOCAL and self._local is None:
+            raise ValueError('save(tier="local") needs a local tier: pass Saver(local_directory=...)')
+        if tier == LOCAL and global_step is None:
+            raise ValueError('save(tier="local") needs global_step: local checkpoints are told apart by it')
         self._commits.wait()
         began = time.perf_counter()
         began_on_clock = self._clock()
@@ -432,6 +483,10 @@ class Saver:
         # Validate every leaf before anything on disk changes.
         stored = [leaf_spec(n, x) for n, x in zip(names, leaves)]
         specs, leaves = [spec for spec, _ in stored], [leaf for _, leaf in stored]
+        if tier == LOCAL:
+            assert step is not None
+            structure = self._plans.structure(tree, treedef)
+            return self._save_local(prefix, step, specs, leaves, structure, documents, began)
         try:
             directory, base = open_prefix(prefix, self.storage_timeout_s)
         except StorageError as e:
@@ -536,6 +591,91 @@ class Saver:
                 raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         return prefix
 
+    def _save_local(
+        self,
+        persistent_prefix: str,
+        step: int,
+        specs: list[Any],
+        leaves: list[Any],
+        structure: Any,
+        documents: tuple[dict[str, Any] | None, dict[str, Any] | None],
+        began: float,
+    ) -> str:
+        """save(tier="local"): this process's shards and its replicas, to the local tier."""
+        tier = self._local
+        assert tier is not None
+        base = split_prefix(persistent_prefix)[1]
+        stem = stem_of(base)
+        shifts = self._replica_shifts(tier)
+        prefix = tier.prefix(base)
+        store = tier.store
+        if store.exists(index_key(base)):  # the tier's own checkpoint of this step: saved again
+            tier.forget(base)
+        plan = self._plans.plan(specs, True)
+        pid = jax.process_index()
+        staged = self._staging.stage(
+            plan,
+            leaves,
+            pid,
+            store,
+            base,
+            prefix,
+            publish=True,
+            on_device=self.snapshot_on_device and self.async_save,
+            part_bytes=self.part_bytes,
+        )
+        replicas = [send_replicas(plan, leaves, shift) for shift in shifts]
+        # Host leaves may change once save() returns; replicas stage them in the background.
+        host = [x if isinstance(x, jax.Array) else np.array(x, copy=True) for x in leaves] if replicas else []
+        key = shared_key("local", persistent_prefix) if self._coordinator.active else None
+        pending = PendingSave(
+            directory=store,
+            base=base,
+            stem=stem,
+            prefix=prefix,
+            plan=plan,
+            staged=staged,
+            structure=structure,
+            step=step,
+            timestamp=self._clock(),
+            key=key,
+            metrics=documents[0],
+            metadata=documents[1],
+        )
+        local = LocalSave(pending, replicas, self._replica_buffers, host, self.timeout_s)
+        nbytes = sum(f.nbytes for f in plan.files if f.process_index == pid)
+        info = SaveInfo(prefix, nbytes, time.perf_counter() - began)
+        self._last_save = info
+        self._local_newest = step if self._local_newest is None else max(self._local_newest, step)
+
+        def background() -> None:
+            started = time.perf_counter()
+            commit_local(local, self._coordinator, self.part_bytes, partial(tier.prune, stem))
+            self._last_save = replace(info, commit_seconds=time.perf_counter() - started)
+
+        if self.async_save:
+            self._commits.submit(background, prefix)
+        else:
+            try:
+                background()
+            except SaveFailedError:
+                raise
+            except Exception as e:
+                raise SaveFailedError(f"saving {prefix} failed: {e}") from e
+        return prefix
+
+    def _replica_shifts(self, tier: LocalTier) -> list[int]:
+        """Where each process's replicas go (save.replicas), agreed once by all processes."""
+        if self._shifts is None:
+            domain = tier.domain()
+            domains = self._coordinator.exchange(
+                shared_key("local-domains", "local"), domain, "agreeing where local replicas go"
+            )
+            self._shifts = (
+                replica_shifts([domains[p] for p in sorted(domains)], tier.replicas) if tier.replicas else []
+            )
+        return self._shifts
+
     def prepare(self, tree: Any) -> None:
         """Makes ready, in the background, what saving this tree needs: its plan and host memory.
 
@@ -585,7 +725,7 @@ class Saver:
             self._locks[directory.path, stem] = lock
         return lock
 
-    def should_save(self, step: int) -> bool:
+    def should_save(self, step: int, tier: str = PERSISTENT) -> bool:
         """Whether the training loop should save at this step, by the Saver's save policy.
 
         True when step is a multiple of save_interval_steps (step 0 included), or
@@ -595,12 +735,24 @@ class Saver:
         unconditional. With several processes every process gets the same answer
         for the same step: process 0's clock decides the time-based part.
 
+        With tier="local": whether the step is due for the local tier, a multiple
+        of local_interval_steps above the newest local step saved or restored (ask
+        it where the persistent tier is not due: see the example in
+        docs/guides/tiers.md).
+
         Examples:
           >>> import shardsave
           >>> saver = shardsave.Saver(save_interval_steps=100)
           >>> [s for s in range(0, 301, 50) if saver.should_save(s)]
           [0, 100, 200, 300]
         """
+        if tier == LOCAL:
+            step = step_number(step)
+            interval = None if self._local is None else self._local.interval_steps
+            newest = self._local_newest
+            return interval is not None and step % interval == 0 and (newest is None or step > newest)
+        if tier != PERSISTENT:
+            raise ValueError(f'tier must be "persistent" or "local", found {tier!r}')
         return self._policy.should_save(step_number(step))
 
     def reached_preemption(self, step: int) -> bool:
@@ -695,6 +847,111 @@ class Saver:
 
     # ------------------------------------------------------------ restore
 
+    def _requests(
+        self,
+        directory: Store,
+        index: Any,
+        save_path: str,
+        target: Any,
+        reshape: bool,
+        cast: bool,
+        names: Callable[[str], str] | dict[str, str] | None,
+    ) -> tuple[list[Any], list[Any], list[int], Callable[[list[Any]], Any]]:
+        """What a restore of target asks of the index: its requests, those it reads (some
+        shared across processes), which moved, and how the values become the tree."""
+        if target is None:
+            requests, finish = requests_for_saved(index, save_path)
+        else:
+            stored = StoredValues(partial(holds_value, index), partial(read_value, directory, index))
+            requests, finish = requests_for_target(index, target, reshape, cast, save_path, names, stored)
+        # Sharing pays where reading is dear (an object store); from a local file system,
+        # reading the page cache again is cheaper than the collective (the commit that
+        # added this has the measurement).
+        share = (not directory.is_local) if self.share_reads is None else self.share_reads
+        shared, moved = plan_shared_reads(requests) if share else (requests, [])
+        return requests, shared, moved, finish
+
+    def restore_latest(
+        self,
+        save_path: str,
+        target: Any,
+        *,
+        reshape: bool | None = None,
+        cast: bool = False,
+        names: Callable[[str], str] | dict[str, str] | None = None,
+    ) -> Any:
+        """Restores the newest step of save_path from the fastest tier that holds it whole.
+
+        Without a local tier, the persistent tier's latest_checkpoint. With one (a
+        collective call: every process makes it), the processes exchange which
+        local steps they hold, and restore the newest one newer than the
+        persistent tier's newest checkpoint whose data files some running process
+        holds: each reads what its local directory holds, and receives the rest
+        from the processes that hold it, through jax's collectives (a replaced
+        host's shards come from its peer's replica). Otherwise, or if a local file
+        proves damaged and no replica holds it whole, the persistent tier.
+        last_restore says which tier, which step and why; CheckpointReader of its
+        path reads the step's metadata.
+
+        Args:
+          save_path: the save path given to save(), such as "ckpt/model".
+          target: as restore()'s.
+          reshape, cast, names: as restore()'s.
+
+        Returns:
+          The restored tree, or None when neither tier holds a checkpoint of save_path.
+
+        Raises:
+          As restore(); CoordinationTimeoutError: a process did not take part in time.
+
+        Examples:
+          >>> import jax.numpy as jnp, shardsave, tempfile
+          >>> d = tempfile.mkdtemp()
+          >>> saver = shardsave.Saver(local_directory=f"{d}/local", replicas=0)
+          >>> _ = saver.save({"w": jnp.ones(4)}, f"{d}/model", global_step=5, tier="local")
+          >>> saver.wait_until_finished()
+          >>> restored = saver.restore_latest(f"{d}/model", {"w": jnp.zeros(4)})
+          >>> saver.last_restore.tier, float(restored["w"].sum())
+          ('local', 4.0)
+        """
+        self._commits.wait()
+        save_path = location(save_path)
+        directory_path, _ = split_prefix(save_path)
+        stem = split_prefix(save_path)[1]
+        timeout = self.storage_timeout_s
+
+        def persistent() -> tuple[str, int | None] | None:
+            latest = latest_checkpoint(directory_path)
+            if latest is None:
+                return None
+            return latest, open_checkpoint(latest, timeout)[2].global_step
+
+        def restore(path: str) -> Any:
+            return self.restore(path, target, reshape=reshape, cast=cast, names=names)
+
+        if self._local is None:
+            newest = persistent()
+            if newest is None:
+                return None
+            value = restore(newest[0])
+            reason = f"no local tier; restoring the persistent tier's newest checkpoint {newest[0]}"
+            self._last_restore = replace(self._last_restore, tier=PERSISTENT, reason=reason)  # type: ignore[type-var]
+            return value
+        local = self._local
+        same_reshape = self.reshape if reshape is None else reshape
+
+        def requests_of(index: Any, path: str) -> list[Any]:
+            return self._requests(local.store, index, path, target, same_reshape, cast, names)[1]
+
+        value, choice = restore_from_tiers(
+            local, stem, save_path, self._coordinator, persistent, requests_of, restore
+        )
+        if choice.tier == LOCAL and choice.step is not None:
+            self._local_newest = max(self._local_newest or choice.step, choice.step)
+        if self._last_restore is not None and choice.step is not None:
+            self._last_restore = replace(self._last_restore, tier=choice.tier, reason=choice.reason)
+        return value
+
     @_gc_pause.pausing
     def restore(
         self,
@@ -753,16 +1010,9 @@ class Saver:
         reshape = self.reshape if reshape is None else reshape
         sequential = self.restore_sequentially if restore_sequentially is None else restore_sequentially
         budget = self.max_host_bytes if max_host_bytes is None else max_host_bytes
-        if target is None:
-            requests, finish = requests_for_saved(index, save_path)
-        else:
-            stored = StoredValues(partial(holds_value, index), partial(read_value, directory, index))
-            requests, finish = requests_for_target(index, target, reshape, cast, save_path, names, stored)
-        # Sharing pays where reading is dear (an object store); from a local file system,
-        # reading the page cache again is cheaper than the collective (the commit that
-        # added this has the measurement).
-        share = (not directory.is_local) if self.share_reads is None else self.share_reads
-        shared, moved = plan_shared_reads(requests) if share else (requests, [])
+        requests, shared, moved, finish = self._requests(
+            directory, index, save_path, target, reshape, cast, names
+        )
         matched = time.perf_counter()
         values, times = restore_leaves(directory, base, index, shared, budget=budget, sequential=sequential)
         restored = finish(lay_out(values, requests, moved))

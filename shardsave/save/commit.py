@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
@@ -41,6 +42,8 @@ from shardsave.index import (
 )
 from shardsave.save.coordination import Coordinator, decode_reports, encode_report
 from shardsave.save.plan import SavePlan
+from shardsave.save.replicas import Replica
+from shardsave.save.stage import StagingBuffer, stage
 from shardsave.save.stream import Layout, Streamed
 from shardsave.storage.base import PendingFile, Store
 from shardsave.storage.local import sync_directory
@@ -400,3 +403,84 @@ def prepare_overwrite(
     if key is not None:
         coordinator.barrier(f"{key}/uncommitted", f"overwriting {prefix}")
     return False
+
+
+@dataclass(frozen=True)
+class LocalSave:
+    """The background half of one local-tier save: this process's own shards (as
+    PendingSave, its directory the local tier's) and its replicas of other processes'."""
+
+    save: PendingSave
+    replicas: list[Replica]
+    # The host buffers each source's replica is staged in, kept from save to save.
+    buffers: dict[int, dict[int, StagingBuffer]]
+    leaves: list[Any]  # the stored leaves, host ones copied (replicas stage those from them)
+    timeout_s: float
+
+
+def commit_local(
+    local: LocalSave, coordinator: Coordinator, part_bytes: int, after_commit: Callable[[], object]
+) -> None:
+    """Writes this process's data files and its replicas of others', then commits the step locally.
+
+    Each process reports its own files' checksums. Every process (not only
+    process 0) gathers all reports against one deadline, checks that its replicas
+    hold what their owners wrote, and writes the index into its own local
+    directory: its commit marker of the step, written only once every process has
+    its own shards and its replicas. A failure removes what this save wrote and
+    tells the others, who fail too (naming this process).
+    """
+    save = local.save
+    directory, plan = save.directory, save.plan
+    chunk = CRC_CHUNK_BYTES
+    what = f"saving the local checkpoint {save.prefix}"
+    deadline = time.monotonic() + local.timeout_s
+    written: list[Streamed] = []
+    pending: list[PendingFile] = []
+    try:
+        staged = save.staged() if callable(save.staged) else save.staged
+        own = (
+            staged
+            if isinstance(staged, Streamed)
+            else start_writes(directory, save.base, plan, staged, chunk, part_bytes, True)
+        )
+        written.append(own)
+        copies: dict[int, list[tuple[int, ...]]] = {}
+        for replica in local.replicas:
+            device_data = replica.wait(deadline, what)
+            buffers = local.buffers.setdefault(replica.source, {})
+            data = stage(plan, local.leaves, replica.source, buffers, device_data)
+            streamed = start_writes(directory, save.base, plan, data, chunk, part_bytes, True)
+            written.append(streamed)
+            copies.update(streamed.crcs)
+        for streamed in written:
+            pending += [r for r in streamed.wait() if isinstance(r, PendingFile)]
+        if save.key is None:
+            crcs, parts = own.crcs, own.parts
+        else:
+            coordinator.publish(
+                f"{save.key}/files/{coordinator.process_index}", encode_report(own.crcs, own.parts)
+            )
+            crcs, parts, _ = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
+        for k, sums in copies.items():
+            if crcs.get(k) != sums:
+                raise SaveFailedError(
+                    f"{what}: this process's replica of data file {k} (process {plan.files[k].process_index}'s) "
+                    "differs from what its owner wrote, so the step is not committed (please report this "
+                    "as a bug)"
+                )
+        raw = encoded_index(save, crcs, chunk, part_bytes, parts, {})
+        directory.write(index_key(save.base), raw).result()
+    except BaseException as e:
+        if save.key is not None:
+            with contextlib.suppress(Exception):
+                coordinator.publish(
+                    f"{save.key}/files/{coordinator.process_index}", encode_report(None, error=repr(e))
+                )
+        for file in pending:
+            file.discard()
+        for future in [directory.delete(key) for streamed in written for key in streamed.keys]:
+            with contextlib.suppress(Exception):
+                future.result()
+        raise
+    after_commit()

@@ -153,6 +153,26 @@ class Coordinator:
                 values[int(tail)] = value
         return values
 
+    def exchange(self, key: str, mine: str, what: str) -> dict[int, str]:
+        """Every process's value, this one's included, once all have published (one deadline).
+
+        Alone (no jax.distributed), just this process's.
+        """
+        if not self.active:
+            return {0: mine}
+        self.publish(f"{key}/{self.process_index}", mine)
+        return self.gather(key, what)
+
+    def fetch(self, key: str, what: str) -> str:
+        """The value another process publishes at key, waited for until the deadline."""
+        try:
+            return str(_client().blocking_key_value_get(key, int(self.timeout_s * 1000)))
+        except Exception as e:
+            raise CoordinationTimeoutError(
+                f"{what}: no answer within {self.timeout_s:g} s (did a process die or stall?) "
+                f"({str(e).splitlines()[0]})"
+            ) from e
+
     def agree(self, name: str, mine: bool) -> bool:
         """Process 0's answer to a yes/no question every process asks (its own elsewhere)."""
         key = shared_key("agree", name)

@@ -1,0 +1,188 @@
+"""A Saver's local tier: a directory on this host's own memory or disk.
+
+Each local checkpoint is a shardsave checkpoint prefix, `STEM-STEP`, in the
+local directory: the whole checkpoint's index, and of its data files only those
+this process wrote (its own devices') and its replicas of other processes'
+(save.replicas). Its index is this process's commit marker of the step (written
+only once every process holds its own files and its replicas, save.commit's
+commit_local). A local checkpoint alone is therefore not restorable: the
+processes restore it together (tiers.recover), each reading what it holds and
+receiving the rest from the peers that hold it.
+
+The directory belongs to the local tier: retention deletes its checkpoints of the
+save path's name beyond local_max_to_keep, and leftovers of local saves that did
+not commit, whichever run of the job wrote them, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from dataclasses import dataclass
+
+from shardsave.errors import ShardsaveError
+from shardsave.formats import open_checkpoint
+from shardsave.formats.shardsave import (
+    INDEX_SUFFIX,
+    Listing,
+    data_keys,
+    index_key,
+    names_of_save_path,
+    parse_data_key,
+    step_of,
+)
+from shardsave.index import Index
+from shardsave.storage import LocalStore, join, location, open_store, temp_target
+
+# A file in the local directory naming its failure domain: processes that write to
+# one directory (one host's memory) lose it together, so replicas go elsewhere.
+DOMAIN_FILE = ".shardsave-domain"
+
+
+@dataclass(frozen=True)
+class Held:
+    """A committed local checkpoint as this process holds it."""
+
+    base: str
+    index: Index
+    files: frozenset[int]  # the data files present whole
+
+
+class LocalTier:
+    """The local directory of a Saver's local tier, and the rules it keeps.
+
+    Args:
+      directory: a path on this host (such as /dev/shm/ckpt, or a local NVMe).
+      interval_steps: Saver.should_save(step, tier="local") is true at multiples of it
+        (never, with None).
+      max_to_keep: how many local checkpoints each process keeps.
+      replicas: how many other processes hold a copy of each process's shards.
+      timeout_s: the deadline of each storage operation.
+    """
+
+    def __init__(
+        self, directory: str, interval_steps: int | None, max_to_keep: int, replicas: int, timeout_s: float
+    ):
+        self.path = location(directory)
+        if "://" in self.path and not self.path.startswith("file://"):
+            raise ValueError(f"local_directory must be a path on this host, found {directory!r}")
+        if interval_steps is not None and interval_steps < 1:
+            raise ValueError(f"local_interval_steps must be None or >= 1, found {interval_steps}")
+        if max_to_keep < 1:
+            raise ValueError(f"local_max_to_keep must be >= 1, found {max_to_keep}")
+        if replicas < 0:
+            raise ValueError(f"replicas must be >= 0, found {replicas}")
+        self.interval_steps = interval_steps
+        self.max_to_keep = max_to_keep
+        self.replicas = replicas
+        self.timeout_s = timeout_s
+        self._store: LocalStore | None = None
+
+    @property
+    def store(self) -> LocalStore:
+        if self._store is None:
+            os.makedirs(self.path, exist_ok=True)
+            store = open_store(self.path, self.timeout_s)
+            assert isinstance(store, LocalStore)  # a path, by __init__'s check
+            self._store = store
+        return self._store
+
+    def prefix(self, base: str) -> str:
+        return join(self.path, base)
+
+    def domain(self) -> str:
+        """This directory's failure-domain token, made by the first process to ask."""
+        path = os.path.join(self.store.path, DOMAIN_FILE)
+        with contextlib.suppress(FileNotFoundError), open(path) as f:
+            if token := f.read().strip():
+                return token
+        temp = f"{path}.{uuid.uuid4().hex}"
+        with open(temp, "w") as f:
+            f.write(uuid.uuid4().hex)
+        try:
+            os.link(temp, path)  # never replaces a token another process made meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temp)
+        with open(path) as f:
+            return f.read().strip()
+
+    def held(self, stem: str) -> dict[int, Held]:
+        """The committed local checkpoints of save path stem, by step, with the files present.
+
+        An index that does not open (damaged) is left out: that step is not held here.
+        """
+        listing = Listing.of(self.store)
+        pattern = names_of_save_path(stem)
+        present = set(listing.keys)
+        out: dict[int, Held] = {}
+        for base in listing.committed:
+            step = step_of(base)
+            if step is None or not pattern.fullmatch(base):
+                continue
+            try:
+                index = open_checkpoint(self.prefix(base), self.timeout_s)[2]
+            except ShardsaveError:
+                continue
+            n = len(index.files)
+            files = frozenset(
+                k
+                for k, f in enumerate(index.files)
+                if all(key in present for key in data_keys(base, k, n, f.parts))
+            )
+            out[step] = Held(base, index, files)
+        return out
+
+    def forget(self, base: str, files: frozenset[int] | None = None) -> None:
+        """Deletes a local checkpoint (its index first, so it is never half-visible), or some of its data files."""
+        store = self.store
+        listing = Listing.of(store)
+        if files is None:
+            store.delete(index_key(base)).result()
+            doomed = listing.files_of(base)
+        else:
+            doomed = [k for k in listing.data.get(base, []) if _file_number(k) in files]
+        for future in [store.delete(k) for k in doomed]:
+            future.result()
+
+    def prune(self, stem: str) -> list[str]:
+        """Keeps the newest max_to_keep committed local checkpoints of stem; deletes the rest.
+
+        Also deletes leftovers of local saves of stem that never committed (a kill
+        or a failure mid-save): their data files, and temporary files.
+        """
+        listing = Listing.of(self.store)
+        pattern = names_of_save_path(stem)
+        committed = sorted(
+            (step, base)
+            for base in listing.committed
+            if pattern.fullmatch(base) and (step := step_of(base)) is not None
+        )
+        doomed = [base for _, base in committed[: -self.max_to_keep]]
+        for base in doomed:
+            self.store.delete(index_key(base)).result()
+        keys = [k for base in doomed for k in listing.files_of(base)]
+        # Only older than the newest commit: a process sharing this directory may be
+        # writing a newer step already.
+        newest = committed[-1][0] if committed else None
+        keys += [
+            k
+            for k in listing.leftovers(pattern)
+            if newest is not None and (step := step_of(_base_of(k))) is not None and step < newest
+        ]
+        for future in [self.store.delete(k) for k in keys]:
+            future.result()
+        return doomed
+
+
+def _file_number(key: str) -> int | None:
+    parsed = parse_data_key(key)
+    return None if parsed is None else parsed[1]
+
+
+def _base_of(key: str) -> str:
+    written = temp_target(key) or key
+    parsed = parse_data_key(written)
+    return parsed[0] if parsed else written.removesuffix(INDEX_SUFFIX)

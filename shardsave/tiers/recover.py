@@ -1,0 +1,252 @@
+"""Restoring from the fastest tier that holds a complete step.
+
+On restart the processes exchange (through jax's key-value store) which local
+steps they hold and which data files of each, and process 0 says which step the
+persistent tier's newest checkpoint has. Every process then makes the same
+choice (`choose`, pure): the newest local step newer than that persistent step
+whose data files are all held by some running process. Before restoring it,
+each process names the data files its own target needs (its restore plan), and
+those it lacks come from a process that holds them, through jax's collectives
+(tiers.transfer): a replaced host's own files from its peer's replica, a
+replicated leaf's file from the process that wrote it. A process without the
+step's index gets it through the key-value store. Then each restores from its
+own local directory as from any checkpoint, every byte verified.
+
+If a process's restore fails (a damaged local file), every process checks what
+it holds of that step, drops what is damaged, and the choice is made again
+once; after that, or when no local step qualifies, the restore reads the
+persistent tier. The choice and its reason are reported (Saver.last_restore).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from shardsave.errors import CorruptCheckpointError, ShardsaveError, StorageError
+from shardsave.formats.shardsave import data_keys, decode_index, index_key
+from shardsave.index import Index
+from shardsave.restore.fetch import Fetcher
+from shardsave.restore.plan import LeafRequest, plan_restore
+from shardsave.save.coordination import Coordinator, shared_key
+from shardsave.storage import aligned_empty
+from shardsave.tiers.local import Held, LocalTier
+from shardsave.tiers.transfer import Move, move_files
+
+LOCAL, PERSISTENT = "local", "persistent"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Which tier a restore reads, the step, and why."""
+
+    tier: str  # LOCAL or PERSISTENT
+    step: int | None
+    reason: str
+    path: str | None = None  # the persistent checkpoint, where the persistent tier is read
+    base: str | None = None  # the local checkpoint's name, where the local tier is read
+
+
+def choose(reports: dict[int, dict[str, Any]], persistent: list[Any] | None) -> Choice:
+    """The newest step recoverable from the local tiers, if newer than the persistent one.
+
+    Args:
+      reports: each running process's local holdings: {"steps": {STEP: {"base":
+        name, "files": [data files held], "owners": [each data file's writer]}}}.
+      persistent: [path, step] of the persistent tier's newest checkpoint, or None.
+    """
+    path, newest = (persistent[0], persistent[1]) if persistent else (None, None)
+    steps = sorted({int(s) for r in reports.values() for s in r["steps"]}, reverse=True)
+    why: list[str] = []
+    for step in steps:
+        if newest is not None and step <= newest:
+            break
+        held = {p: r["steps"][str(step)] for p, r in reports.items() if str(step) in r["steps"]}
+        some = next(iter(held.values()))
+        owners = some["owners"]
+        holders = {k: [p for p, h in held.items() if k in h["files"]] for k in range(len(owners))}
+        missing = [k for k, ps in holders.items() if not ps]
+        if not missing:
+            copies = sum(len(ps) for ps in holders.values())
+            return Choice(
+                LOCAL,
+                step,
+                f"local step {step} is newer than "
+                + (
+                    f"the persistent tier's newest (step {newest})"
+                    if newest is not None
+                    else "anything persistent"
+                )
+                + f"; the {len(reports)} processes' local tiers hold all its {len(owners)} data files "
+                f"({copies} copies)",
+                base=some["base"],
+            )
+        lost = sorted({owners[k] for k in missing})
+        why.append(
+            f"local step {step} lacks the data files of process(es) {lost} (no running process holds them)"
+        )
+    if not steps:
+        why.append("no local tier holds a committed step")
+    elif newest is not None and steps[0] <= newest:
+        why.append(f"no local step is newer than the persistent tier's step {newest}")
+    if path is None:
+        return Choice(PERSISTENT, None, "; ".join([*why, "and the persistent tier holds no checkpoint"]))
+    return Choice(PERSISTENT, newest, "; ".join([*why, f"restoring {path}"]), path=path)
+
+
+def needed_files(index: Index, requests: list[LeafRequest]) -> set[int]:
+    """The data files a restore of these requests reads (its plan's reads, no I/O)."""
+    plan = plan_restore(requests, index.checksums, budget=None, sequential=False)
+    return {read.shard.file for unit in plan.units for read in unit.reads}
+
+
+def plan_moves(sizes: list[int], held: dict[int, set[int]], needs: dict[int, set[int]]) -> list[Move]:
+    """Each file a process needs and lacks, from the least-loaded process that holds it."""
+    load: Counter[int] = Counter()
+    moves = []
+    for p in sorted(needs):
+        for k in sorted(needs[p] - held.get(p, set())):
+            holders = [q for q in sorted(held) if k in held[q]]
+            source = min(holders, key=lambda q: (load[q], q))
+            load[source] += 1
+            moves.append(Move(k, sizes[k], source, p))
+    return moves
+
+
+def damaged_files(tier: LocalTier, held: Held) -> frozenset[int]:
+    """The data files of a local checkpoint whose bytes disagree with its index (all read)."""
+    names = {id(shard): leaf.name for leaf in held.index.leaves for shard in leaf.shards}
+    fetcher = Fetcher(tier.store, held.base, held.index, names, aligned_empty)
+    bad = set()
+    for leaf in held.index.leaves:
+        for shard in leaf.shards:
+            if shard.file in held.files and shard.file not in bad:
+                try:
+                    fetcher.verify_shard(shard)
+                except (CorruptCheckpointError, StorageError, OSError):
+                    bad.add(shard.file)
+    return frozenset(bad)
+
+
+def restore_from_tiers(
+    tier: LocalTier,
+    stem: str,
+    subject: str,
+    coordinator: Coordinator,
+    persistent: Callable[[], tuple[str, int | None] | None],
+    requests_of: Callable[[Index, str], list[LeafRequest]],
+    restore: Callable[[str], Any],
+) -> tuple[Any, Choice]:
+    """Restores the newest step from the fastest tier that holds it whole (collective).
+
+    Args:
+      tier: this process's local tier.
+      stem: the save path's name: local checkpoints are stem-STEP.
+      subject: what every process shares about this restore (the save path), for its keys.
+      persistent: process 0's view of the persistent tier: (path, step) of its newest checkpoint.
+      requests_of: the target's leaf requests on a checkpoint's index at a path.
+      restore: restores the checkpoint at a path (the Saver's restore).
+
+    Returns:
+      What restore returned (None where no tier holds a checkpoint), and the choice.
+    """
+    what = f"restoring {subject} from its tiers"
+    pid = coordinator.process_index
+    dropped: list[str] = []
+    for attempt in range(2):
+        key = shared_key("tiers", subject)
+        held = tier.held(stem)
+        mine: dict[str, Any] = {
+            "steps": {
+                str(step): {
+                    "base": h.base,
+                    "files": sorted(h.files),
+                    "owners": [f.process_index for f in h.index.files],
+                }
+                for step, h in held.items()
+            }
+        }
+        if pid == 0:
+            newest = persistent()
+            mine["persistent"] = None if newest is None else list(newest)
+        reports = {
+            p: json.loads(v) for p, v in coordinator.exchange(f"{key}/held", json.dumps(mine), what).items()
+        }
+        choice = choose(reports, reports[0].get("persistent"))
+        if dropped:
+            choice = Choice(
+                choice.tier, choice.step, "; ".join([*dropped, choice.reason]), choice.path, choice.base
+            )
+        if choice.tier == PERSISTENT:
+            break
+        assert choice.step is not None and choice.base is not None
+        step, base = choice.step, choice.base
+        mine_held = held.get(step)
+        index, raw = (mine_held.index, None) if mine_held is not None else (None, b"")
+        lacking = [p for p, r in reports.items() if str(step) not in r["steps"]]
+        if lacking:
+            sender = min(p for p, r in reports.items() if str(step) in r["steps"])
+            if pid == sender:
+                data = tier.store.read_all(index_key(base)) or b""
+                coordinator.publish(f"{key}/index", base64.b64encode(data).decode())
+            if mine_held is None:
+                raw = base64.b64decode(coordinator.fetch(f"{key}/index", what))
+                index = decode_index(raw, tier.prefix(base) + ".index")
+        assert index is not None
+        needs = needed_files(index, requests_of(index, tier.prefix(base)))
+        all_needs = {
+            p: set(json.loads(v))
+            for p, v in coordinator.exchange(f"{key}/needs", json.dumps(sorted(needs)), what).items()
+        }
+        holdings = {
+            p: set(r["steps"][str(step)]["files"]) for p, r in reports.items() if str(step) in r["steps"]
+        }
+        moves = plan_moves([f.nbytes for f in index.files], holdings, all_needs)
+
+        def read(k: int, base: str = base, index: Index = index) -> bytes:
+            keys = data_keys(base, k, len(index.files), index.files[k].parts)
+            return b"".join(tier.store.read_all(key) or b"" for key in keys)
+
+        def write(k: int, data: bytes | memoryview, base: str = base, index: Index = index) -> None:
+            parts = index.files[k].parts
+            view, at = memoryview(data), 0
+            for key, size in zip(data_keys(base, k, len(index.files), parts), parts or (len(data),)):
+                tier.store.write(key, view[at : at + size]).result()
+                at += size
+
+        move_files(moves, read, write)
+        if raw:
+            tier.store.write(index_key(base), raw).result()
+        value, error = None, ""
+        try:
+            value = restore(tier.prefix(base))
+        except (ShardsaveError, OSError) as e:
+            error = f"{type(e).__name__}: {e}"
+        outcomes = coordinator.exchange(f"{key}/outcome", error, what)
+        failed = {p: o for p, o in outcomes.items() if o}
+        if not failed:
+            return value, choice
+        dropped.append(
+            f"local step {step} failed to restore on process(es) {sorted(failed)} ({next(iter(failed.values()))})"
+        )
+        if attempt == 0:
+            # A damaged local file: every process drops what it holds of the step that is
+            # damaged, and the choice is made again (a replica may hold the file whole).
+            now = tier.held(stem).get(step)
+            if now is not None:
+                bad = damaged_files(tier, now)
+                if bad:
+                    tier.forget(now.base, bad)
+            continue
+        choice = Choice(PERSISTENT, None, "; ".join(dropped))
+        newest = reports[0].get("persistent")
+        if newest:
+            choice = Choice(PERSISTENT, newest[1], f"{choice.reason}; restoring {newest[0]}", path=newest[0])
+        break
+    if choice.path is None:
+        return None, choice
+    return restore(choice.path), choice
