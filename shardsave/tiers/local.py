@@ -33,7 +33,7 @@ from shardsave.formats.shardsave import (
     step_of,
 )
 from shardsave.index import Index
-from shardsave.storage import LocalStore, join, location, open_store, temp_target
+from shardsave.storage import Store, join, location, open_store, temp_target
 
 # A file in the local directory naming its failure domain: processes that write to
 # one directory (one host's memory) lose it together, so replicas go elsewhere.
@@ -77,15 +77,13 @@ class LocalTier:
         self.max_to_keep = max_to_keep
         self.replicas = replicas
         self.timeout_s = timeout_s
-        self._store: LocalStore | None = None
+        self._store: Store | None = None
 
     @property
-    def store(self) -> LocalStore:
+    def store(self) -> Store:
         if self._store is None:
             os.makedirs(self.path, exist_ok=True)
-            store = open_store(self.path, self.timeout_s)
-            assert isinstance(store, LocalStore)  # a path, by __init__'s check
-            self._store = store
+            self._store = open_store(self.path, self.timeout_s)
         return self._store
 
     def prefix(self, base: str) -> str:
@@ -93,7 +91,7 @@ class LocalTier:
 
     def domain(self) -> str:
         """This directory's failure-domain token, made by the first process to ask."""
-        path = os.path.join(self.store.path, DOMAIN_FILE)
+        path = self.store.local_path(DOMAIN_FILE)
         with contextlib.suppress(FileNotFoundError), open(path) as f:
             if token := f.read().strip():
                 return token
