@@ -949,7 +949,9 @@ class Saver:
         if choice.tier == LOCAL and choice.step is not None:
             self._local_newest = max(self._local_newest or choice.step, choice.step)
         if self._last_restore is not None and choice.step is not None:
-            self._last_restore = replace(self._last_restore, tier=choice.tier, reason=choice.reason)
+            # A local restore read a view of the step: report the step's own local prefix.
+            path = local.prefix(choice.base) if choice.base is not None else self._last_restore.path
+            self._last_restore = replace(self._last_restore, path=path, tier=choice.tier, reason=choice.reason)
         return value
 
     @_gc_pause.pausing

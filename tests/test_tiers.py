@@ -329,6 +329,15 @@ def test_the_choice_of_tier_is_the_newest_complete_local_step_newer_than_the_per
     assert "lacks the data files of process(es) [1, 2]" in choice.reason
 
 
-def test_moves_bring_each_process_the_files_it_lacks_from_the_least_loaded_holder():
-    moves = plan_moves([10, 20, 30], {0: {0, 2}, 1: {1, 0}, 2: {2, 1}}, {0: {0, 1, 2}, 1: {1}, 2: {0, 2}})
-    assert [(m.file, m.source, m.dest, m.nbytes) for m in moves] == [(1, 1, 0, 20), (0, 0, 2, 10)]
+def test_moves_bring_each_process_the_ranges_it_lacks_from_the_holder_that_sends_least():
+    needs = {
+        0: {0: [(0, 10)], 1: [(0, 4), (8, 20)], 2: [(0, 30)]},
+        1: {1: [(0, 20)]},
+        2: {0: [(2, 6)], 2: [(0, 30)]},
+    }
+    moves = plan_moves({0: {0, 2}, 1: {1, 0}, 2: {2, 1}}, needs)
+    assert [(m.file, m.start, m.stop, m.source, m.dest) for m in moves] == [
+        (1, 0, 4, 1, 0),
+        (1, 8, 20, 2, 0),  # process 1 sent 4 bytes already
+        (0, 2, 6, 0, 2),
+    ]

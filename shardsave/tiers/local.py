@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 
@@ -38,6 +39,11 @@ from shardsave.storage import Store, join, location, open_store, temp_target
 # A file in the local directory naming its failure domain: processes that write to
 # one directory (one host's memory) lose it together, so replicas go elsewhere.
 DOMAIN_FILE = ".shardsave-domain"
+
+# A restore from the local tier reads a view of its step in a directory of this name
+# (deleted once the restore ends): the files held, linked, and sparse files holding
+# the ranges received from peers. Listing reads files only, never this directory.
+VIEW_PREFIX = ".restoring-"
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,25 @@ class LocalTier:
 
     def prefix(self, base: str) -> str:
         return join(self.path, base)
+
+    @property
+    def root(self) -> str:
+        """The local directory as a path of this host."""
+        return os.path.dirname(self.store.local_path(DOMAIN_FILE))
+
+    def read_span(self, held: Held, k: int, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of data file k of a local checkpoint this process holds."""
+        out = bytearray()
+        for key, a, b in _part_ranges(held.base, held.index, k, start, stop):
+            with open(self.store.local_path(key), "rb") as f:
+                out += os.pread(f.fileno(), b - a, a)
+        return bytes(out)
+
+    def view(self, base: str, index: Index, raw_index: bytes, held: frozenset[int]) -> RestoreView:
+        """A checkpoint for one restore: this process's files of the step, and room for the rest."""
+        return RestoreView(
+            os.path.join(self.root, f"{VIEW_PREFIX}{base}"), base, index, raw_index, self, held
+        )
 
     def domain(self) -> str:
         """This directory's failure-domain token, made by the first process to ask."""
@@ -173,6 +198,75 @@ class LocalTier:
         for future in [self.store.delete(k) for k in keys]:
             future.result()
         return doomed
+
+
+class RestoreView:
+    """A local checkpoint as one restore reads it, in a directory of its own.
+
+    The data files this process holds are hard links; of the others, the ranges
+    the restore reads arrive from peers (write) into sparse files of the right
+    size, where any byte not received reads as zero and so fails its checksum:
+    a range missed by mistake is never restored silently. close() deletes it.
+    """
+
+    def __init__(
+        self, path: str, base: str, index: Index, raw_index: bytes, tier: LocalTier, held: frozenset[int]
+    ):
+        self.path, self.base, self.index = path, base, index
+        shutil.rmtree(path, ignore_errors=True)  # a view left by a restore that was killed
+        os.makedirs(path)
+        n = len(index.files)
+        for k in held:
+            for key in data_keys(base, k, n, index.files[k].parts):
+                os.link(tier.store.local_path(key), os.path.join(path, key))
+        with open(os.path.join(path, index_key(base)), "wb") as f:
+            f.write(raw_index)
+        self._held = held
+
+    @property
+    def prefix(self) -> str:
+        return os.path.join(self.path, self.base)
+
+    def write(self, k: int, start: int, data: memoryview) -> None:
+        """Received bytes of data file k at offset start."""
+        if k in self._held:
+            return
+        at = start
+        for key, a, b in _part_ranges(self.base, self.index, k, start, start + len(data)):
+            name = os.path.join(self.path, key)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                size = _part_size(self.index, k, key)
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)
+                os.pwrite(fd, data[at - start : at - start + b - a], a)
+            finally:
+                os.close(fd)
+            at += b - a
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _part_ranges(base: str, index: Index, k: int, start: int, stop: int) -> list[tuple[str, int, int]]:
+    """(object key, start, stop within it) of the objects holding bytes [start, stop) of data file k."""
+    f = index.files[k]
+    keys = data_keys(base, k, len(index.files), f.parts)
+    sizes = f.parts or (f.nbytes,)
+    out, offset = [], 0
+    for key, size in zip(keys, sizes):
+        a, b = max(start, offset), min(stop, offset + size)
+        if a < b:
+            out.append((key, a - offset, b - offset))
+        offset += size
+    return out
+
+
+def _part_size(index: Index, k: int, key: str) -> int:
+    f = index.files[k]
+    if not f.parts:
+        return f.nbytes
+    return f.parts[int(key.rsplit(".part-", 1)[1])]
 
 
 def _file_number(key: str) -> int | None:

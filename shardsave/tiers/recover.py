@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from shardsave.errors import CorruptCheckpointError, ShardsaveError, StorageError
-from shardsave.formats.shardsave import data_keys, decode_index, index_key
+from shardsave.formats.shardsave import decode_index, index_key
 from shardsave.index import Index
 from shardsave.restore.fetch import Fetcher
-from shardsave.restore.plan import LeafRequest, plan_restore
+from shardsave.restore.plan import LeafRequest, plan_restore, read_span
 from shardsave.save.coordination import Coordinator, shared_key
 from shardsave.storage import aligned_empty
 from shardsave.tiers.local import Held, LocalTier
@@ -98,22 +98,44 @@ def choose(reports: dict[int, dict[str, Any]], persistent: list[Any] | None) -> 
     return Choice(PERSISTENT, newest, "; ".join([*why, f"restoring {path}"]), path=path)
 
 
-def needed_files(index: Index, requests: list[LeafRequest]) -> set[int]:
-    """The data files a restore of these requests reads (its plan's reads, no I/O)."""
+def needed_spans(index: Index, requests: list[LeafRequest]) -> dict[int, list[tuple[int, int]]]:
+    """The byte ranges of each data file that a restore of these requests reads (its plan, no I/O).
+
+    Each read widened to the checksum chunks that verify it, as the restore reads
+    it; ranges that touch or overlap are merged (a restore may coalesce them).
+    """
     plan = plan_restore(requests, index.checksums, budget=None, sequential=False)
-    return {read.shard.file for unit in plan.units for read in unit.reads}
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for unit in plan.units:
+        for read in unit.reads:
+            a, b = read_span(read, index.checksums)
+            spans.setdefault(read.shard.file, []).append((read.shard.offset + a, read.shard.offset + b))
+    return {k: _merged(v) for k, v in spans.items()}
 
 
-def plan_moves(sizes: list[int], held: dict[int, set[int]], needs: dict[int, set[int]]) -> list[Move]:
-    """Each file a process needs and lacks, from the least-loaded process that holds it."""
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def plan_moves(held: dict[int, set[int]], needs: dict[int, dict[int, list[tuple[int, int]]]]) -> list[Move]:
+    """Each range a process needs of a file it lacks, from the holder that sends the fewest bytes."""
     load: Counter[int] = Counter()
     moves = []
     for p in sorted(needs):
-        for k in sorted(needs[p] - held.get(p, set())):
+        for k, spans in sorted(needs[p].items()):
+            if k in held.get(p, set()):
+                continue
             holders = [q for q in sorted(held) if k in held[q]]
-            source = min(holders, key=lambda q: (load[q], q))
-            load[source] += 1
-            moves.append(Move(k, sizes[k], source, p))
+            for a, b in spans:
+                source = min(holders, key=lambda q: (load[q], q))
+                load[source] += b - a
+                moves.append(Move(k, a, b, source, p))
     return moves
 
 
@@ -130,6 +152,35 @@ def damaged_files(tier: LocalTier, held: Held) -> frozenset[int]:
                 except (CorruptCheckpointError, StorageError, OSError):
                     bad.add(shard.file)
     return frozenset(bad)
+
+
+def _restore_view(
+    tier: LocalTier,
+    base: str,
+    index: Index,
+    raw: bytes,
+    held: Held | None,
+    moves: list[Move],
+    restore: Callable[[str], Any],
+) -> tuple[Any, str]:
+    """Receives the ranges this process lacks into a view of the step, and restores it.
+
+    Returns the restored value, or an error's description (naming the local
+    directory's files, not the view's).
+    """
+    view = tier.view(base, index, raw, held.files if held is not None else frozenset())
+
+    def read(k: int, start: int, stop: int) -> bytes:
+        assert held is not None  # only a holder sends
+        return tier.read_span(held, k, start, stop)
+
+    try:
+        move_files(moves, read, view.write)
+        return restore(view.prefix), ""
+    except (ShardsaveError, OSError) as e:
+        return None, f"{type(e).__name__}: {e}".replace(view.path, tier.root)
+    finally:
+        view.close()
 
 
 def restore_from_tiers(
@@ -186,7 +237,8 @@ def restore_from_tiers(
         assert choice.step is not None and choice.base is not None
         step, base = choice.step, choice.base
         mine_held = held.get(step)
-        index, raw = (mine_held.index, None) if mine_held is not None else (None, b"")
+        index: Index | None = None if mine_held is None else mine_held.index
+        raw: bytes | None = None
         lacking = [p for p, r in reports.items() if str(step) not in r["steps"]]
         if lacking:
             sender = min(p for p, r in reports.items() if str(step) in r["steps"])
@@ -197,38 +249,24 @@ def restore_from_tiers(
                 raw = base64.b64decode(coordinator.fetch(f"{key}/index", what))
                 index = decode_index(raw, tier.prefix(base) + ".index")
         assert index is not None
-        needs = needed_files(index, requests_of(index, tier.prefix(base)))
+        needs = needed_spans(index, requests_of(index, tier.prefix(base)))
+        mine_needs = json.dumps({str(k): v for k, v in needs.items()})
         all_needs = {
-            p: set(json.loads(v))
-            for p, v in coordinator.exchange(f"{key}/needs", json.dumps(sorted(needs)), what).items()
+            p: {int(k): [(a, b) for a, b in v] for k, v in json.loads(raw_needs).items()}
+            for p, raw_needs in coordinator.exchange(f"{key}/needs", mine_needs, what).items()
         }
         holdings = {
             p: set(r["steps"][str(step)]["files"]) for p, r in reports.items() if str(step) in r["steps"]
         }
-        moves = plan_moves([f.nbytes for f in index.files], holdings, all_needs)
-
-        def read(k: int, base: str = base, index: Index = index) -> bytes:
-            keys = data_keys(base, k, len(index.files), index.files[k].parts)
-            return b"".join(tier.store.read_all(key) or b"" for key in keys)
-
-        def write(k: int, data: bytes | memoryview, base: str = base, index: Index = index) -> None:
-            parts = index.files[k].parts
-            view, at = memoryview(data), 0
-            for key, size in zip(data_keys(base, k, len(index.files), parts), parts or (len(data),)):
-                tier.store.write(key, view[at : at + size]).result()
-                at += size
-
-        move_files(moves, read, write)
-        if raw:
-            tier.store.write(index_key(base), raw).result()
-        value, error = None, ""
-        try:
-            value = restore(tier.prefix(base))
-        except (ShardsaveError, OSError) as e:
-            error = f"{type(e).__name__}: {e}"
+        moves = plan_moves(holdings, all_needs)
+        if raw is None:
+            raw = tier.store.read_all(index_key(base)) or b""
+        value, error = _restore_view(tier, base, index, raw, mine_held, moves, restore)
         outcomes = coordinator.exchange(f"{key}/outcome", error, what)
         failed = {p: o for p, o in outcomes.items() if o}
         if not failed:
+            if mine_held is None:  # so that CheckpointReader of the step's local prefix reads it
+                tier.store.write(index_key(base), raw).result()
             return value, choice
         dropped.append(
             f"local step {step} failed to restore on process(es) {sorted(failed)} ({next(iter(failed.values()))})"

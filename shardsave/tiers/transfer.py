@@ -1,9 +1,10 @@
-"""Moving whole data files between processes, through jax's collectives.
+"""Moving byte ranges of data files between processes, through jax's collectives.
 
-A restore from the local tier may need files that a process does not hold (a
-replaced host's own files, which its peer holds as a replica; a replicated
-leaf's file, written by one process). Each such file goes from a process that
-holds it to the one that needs it as uint8 blocks, one per device, through a
+A restore from the local tier may need bytes of files that a process does not
+hold (a replaced host's own files, which its peer holds as a replica; a
+replicated leaf's stored rows, written by one process). Each such range goes
+from a process that holds its file to the one that needs it as uint8 blocks, one
+per device, through a
 collective permute (a jitted ppermute over a mesh of just the devices taking
 part). In one round each device sends at most one piece and receives at most
 one; pieces are at most PIECE_BYTES, so the device memory a round holds is
@@ -30,10 +31,11 @@ _AXIS = "shardsave_files"
 
 @dataclass(frozen=True)
 class Move:
-    """Data file `file` (of `nbytes`) goes from process `source` to process `dest`."""
+    """Bytes [start, stop) of data file `file` go from process `source` to process `dest`."""
 
     file: int
-    nbytes: int
+    start: int
+    stop: int
     source: int
     dest: int
 
@@ -52,9 +54,9 @@ def schedule(moves: list[Move], piece_bytes: int = PIECE_BYTES) -> list[list[_Pi
     by_process = devices_by_process()
     rounds: list[list[_Piece]] = []
     busy: list[tuple[set[int], set[int]]] = []  # per round: the devices sending, and receiving
-    for move in sorted(moves, key=lambda m: (m.file, m.dest)):
-        for start in range(0, move.nbytes, piece_bytes):
-            stop = min(move.nbytes, start + piece_bytes)
+    for move in sorted(moves, key=lambda m: (m.file, m.start, m.dest)):
+        for start in range(move.start, move.stop, piece_bytes):
+            stop = min(move.stop, start + piece_bytes)
             for r, (sending, receiving) in enumerate([*busy, (set(), set())]):
                 src = next((d for d in by_process[move.source] if d.id not in sending), None)
                 dst = next((d for d in by_process[move.dest] if d.id not in receiving), None)
@@ -71,21 +73,19 @@ def schedule(moves: list[Move], piece_bytes: int = PIECE_BYTES) -> list[list[_Pi
 
 def move_files(
     moves: list[Move],
-    read: Callable[[int], bytes],
-    write: Callable[[int, bytes], None],
+    read: Callable[[int, int, int], bytes],
+    write: Callable[[int, int, memoryview], None],
     piece_bytes: int = PIECE_BYTES,
 ) -> None:
-    """Carries the moves: this process reads the files it sends and writes those it receives.
+    """Carries the moves: this process reads the ranges it sends and writes those it receives.
 
     Collective: every process calls it with the same moves.
 
     Args:
-      read: the bytes of a data file this process holds.
-      write: stores a data file this process received, whole.
+      read: bytes [start, stop) of data file k, which this process holds: read(k, start, stop).
+      write: stores bytes this process received, at their offset in data file k: write(k, start, data).
     """
     pid = jax.process_index()
-    sent: dict[int, bytes] = {}
-    received: dict[int, bytearray] = {}
     for pieces in schedule(moves, piece_bytes):
         devices = sorted({d for p in pieces for d in (p.src, p.dst)}, key=lambda d: d.id)
         local = [d for d in devices if d.process_index == pid]
@@ -95,12 +95,8 @@ def move_files(
         blocks = {}
         for p in pieces:
             if p.src.process_index == pid:
-                if p.move.file not in sent:
-                    sent[p.move.file] = read(p.move.file)
                 block = np.zeros((1, width), np.uint8)
-                block[0, : p.stop - p.start] = np.frombuffer(
-                    sent[p.move.file], np.uint8, p.stop - p.start, p.start
-                )
+                block[0, : p.stop - p.start] = np.frombuffer(read(p.move.file, p.start, p.stop), np.uint8)
                 blocks[p.src.id] = block
         mesh = jax.sharding.Mesh(np.array(devices, dtype=object), (_AXIS,))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_AXIS))
@@ -112,11 +108,8 @@ def move_files(
         got = {s.device.id: s.data for s in out.addressable_shards}
         for p in pieces:
             if p.dst.process_index == pid:
-                buffer = received.setdefault(p.move.file, bytearray(p.move.nbytes))
-                buffer[p.start : p.stop] = np.asarray(got[p.dst.id])[0, : p.stop - p.start].tobytes()
-    for move in moves:
-        if move.dest == pid:
-            write(move.file, bytes(received.pop(move.file, b"")))
+                data = np.asarray(got[p.dst.id])[0, : p.stop - p.start]
+                write(p.move.file, p.start, data.data)
 
 
 @functools.lru_cache(maxsize=32)
