@@ -48,7 +48,7 @@ from shardsave.save.background import BackgroundCommits
 from shardsave.save.commit import LocalSave, PendingSave, commit, commit_local, prepare_overwrite
 from shardsave.save.coordination import Coordinator, shared_key
 from shardsave.save.plan import PlanCache, compression_level, leaf_spec, step_number
-from shardsave.save.replicas import replica_shifts, send_replicas
+from shardsave.save.replicas import ReplicaPlan, plan_replica, replica_shifts, send_replicas
 from shardsave.save.stage import StagingBuffer
 from shardsave.save.staging import HostStaging
 from shardsave.save.stream import MIN_SAVE_HOST_BYTES
@@ -311,6 +311,7 @@ class Saver:
             raise ValueError("local_interval_steps needs local_directory")
         self._shifts: list[int] | None = None  # where each process's replicas go, once known
         self._replica_buffers: dict[int, dict[int, StagingBuffer]] = {}
+        self._replica_plans: dict[int, ReplicaPlan] = {}  # by shift, for the last plan saved locally
         self._local_newest: int | None = None  # the newest local step saved or restored
         self._policy = SavePolicy(
             save_interval_steps,
@@ -624,7 +625,7 @@ class Saver:
             on_device=self.snapshot_on_device and self.async_save,
             part_bytes=self.part_bytes,
         )
-        replicas = [send_replicas(plan, leaves, shift) for shift in shifts]
+        replicas = [send_replicas(self._replica_plan(plan, leaves, shift), leaves) for shift in shifts]
         # Host leaves may change once save() returns; replicas stage them in the background.
         host = [x if isinstance(x, jax.Array) else np.array(x, copy=True) for x in leaves] if replicas else []
         key = shared_key("local", persistent_prefix) if self._coordinator.active else None
@@ -663,6 +664,13 @@ class Saver:
             except Exception as e:
                 raise SaveFailedError(f"saving {prefix} failed: {e}") from e
         return prefix
+
+    def _replica_plan(self, plan: Any, leaves: list[Any], shift: int) -> ReplicaPlan:
+        """The replica plan of a save plan (save.replicas), kept while the plan is."""
+        kept = self._replica_plans.get(shift)
+        if kept is None or kept.plan is not plan:
+            kept = self._replica_plans[shift] = plan_replica(plan, leaves, shift)
+        return kept
 
     def _replica_shifts(self, tier: LocalTier) -> list[int]:
         """Where each process's replicas go (save.replicas), agreed once by all processes."""
@@ -951,7 +959,9 @@ class Saver:
         if self._last_restore is not None and choice.step is not None:
             # A local restore read a view of the step: report the step's own local prefix.
             path = local.prefix(choice.base) if choice.base is not None else self._last_restore.path
-            self._last_restore = replace(self._last_restore, path=path, tier=choice.tier, reason=choice.reason)
+            self._last_restore = replace(
+                self._last_restore, path=path, tier=choice.tier, reason=choice.reason
+            )
         return value
 
     @_gc_pause.pausing

@@ -94,11 +94,23 @@ class Replica:
         return self.device_data
 
 
-def send_replicas(plan: SavePlan, leaves: list[Any], shift: int) -> Replica:
-    """Starts the collective that gives this process its copy of process (pid - shift)'s shards.
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """How this process receives its copy of process `source`'s shards, for one save plan.
 
-    Every process calls it with the same plan and shift (it is collective), right
-    after staging its own shards; it returns once the copy is dispatched.
+    It depends only on the plan (shapes and shardings) and the shift, so the Saver
+    keeps it across saves, like the plan.
+    """
+
+    plan: SavePlan
+    source: int
+    own: tuple[int, ...]  # leaves whose copy this process holds already
+    moved: tuple[tuple[tuple[int, ...], Callable[..., Any]], ...]  # per mesh: its leaves, their permute
+    pairs: tuple[tuple[int, int], ...]  # (the source's device id, this process's) by local index
+
+
+def plan_replica(plan: SavePlan, leaves: list[Any], shift: int) -> ReplicaPlan:
+    """The replica plan of a save plan: which leaves move, through which collective.
 
     Raises:
       ValueError: a leaf's copy would need a device outside its mesh, or the
@@ -113,14 +125,14 @@ def send_replicas(plan: SavePlan, leaves: list[Any], shift: int) -> Replica:
         raise ValueError(
             f"a local tier's replicas need the same number of devices in every process, found {sorted(counts)}"
         )
-    # sigma: the device of process p that receives device d's copy (the same local index).
+    # sigma: the device of process p + shift that receives device d's copy (the same local index).
     sigma = {
         d.id: by_process[(p + shift) % n][j]
         for p, devices in by_process.items()
         for j, d in enumerate(devices)
     }
     moved: dict[Any, list[int]] = {}  # mesh -> the leaves whose copies move through it
-    own: list[int] = []  # leaves whose copy the receiver holds already
+    own: list[int] = []
     for i, spec in enumerate(plan.leaves):
         leaf = leaves[i]
         if not isinstance(leaf, jax.Array):
@@ -139,23 +151,33 @@ def send_replicas(plan: SavePlan, leaves: list[Any], shift: int) -> Replica:
                 "processes (a NamedSharding of a mesh over jax.devices()), or replicas=0"
             )
         moved.setdefault(sharding.mesh, []).append(i)
-
-    received: dict[int, jax.Array] = {}
+    permutes = []
     for mesh, indices in moved.items():
         position = {d.id: k for k, d in enumerate(mesh.devices.flat)}
         perm = tuple((position[d.id], position[sigma[d.id].id]) for d in mesh.devices.flat)
         specs = tuple(leaves[i].sharding.spec for i in indices)
-        outs = _permute(mesh, specs, perm)(*[leaves[i] for i in indices])
-        received.update(zip(indices, outs))
+        permutes.append((tuple(indices), _permute(mesh, specs, perm)))
+    pairs = tuple((src.id, dst.id) for src, dst in zip(by_process[source], by_process[pid]))
+    return ReplicaPlan(plan, source, tuple(own), tuple(permutes), pairs)
 
-    mine = by_process[pid]
-    theirs = by_process[source]
+
+def send_replicas(replica: ReplicaPlan, leaves: list[Any]) -> Replica:
+    """Starts the collective that gives this process its copy of replica.source's shards.
+
+    Every process calls it with the same plan and shift (it is collective), right
+    after staging its own shards; it returns once the copy is dispatched (on CPU
+    devices, where XLA runs a computation with collectives in the caller, once
+    it is made).
+    """
+    received: dict[int, jax.Array] = {}
+    for indices, permute in replica.moved:
+        received.update(zip(indices, permute(*[leaves[i] for i in indices])))
     device_data: DeviceShards = {}
-    for i in [*own, *received]:
+    for i in [*replica.own, *received]:
         array = received.get(i, leaves[i])
         here = {s.device.id: s.data for s in array.addressable_shards}
-        device_data[i] = {src.id: here[dst.id] for src, dst in zip(theirs, mine) if dst.id in here}
-    return Replica(source, device_data, list(received.values()))
+        device_data[i] = {src: here[dst] for src, dst in replica.pairs if dst in here}
+    return Replica(replica.source, device_data, list(received.values()))
 
 
 @functools.lru_cache(maxsize=16)

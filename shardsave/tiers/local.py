@@ -22,7 +22,9 @@ import shutil
 import uuid
 from dataclasses import dataclass
 
-from shardsave.errors import ShardsaveError
+import numpy as np
+
+from shardsave.errors import CorruptCheckpointError, ShardsaveError
 from shardsave.formats import open_checkpoint
 from shardsave.formats.shardsave import (
     INDEX_SUFFIX,
@@ -100,13 +102,20 @@ class LocalTier:
         """The local directory as a path of this host."""
         return os.path.dirname(self.store.local_path(DOMAIN_FILE))
 
-    def read_span(self, held: Held, k: int, start: int, stop: int) -> bytes:
-        """Bytes [start, stop) of data file k of a local checkpoint this process holds."""
-        out = bytearray()
-        for key, a, b in _part_ranges(held.base, held.index, k, start, stop):
-            with open(self.store.local_path(key), "rb") as f:
-                out += os.pread(f.fileno(), b - a, a)
-        return bytes(out)
+    def read_into(self, held: Held, k: int, start: int, out: np.ndarray) -> None:
+        """Fills out (uint8) with the bytes of data file k from start, of a local checkpoint held here."""
+        at = 0
+        for key, a, b in _part_ranges(held.base, held.index, k, start, start + out.size):
+            fd = os.open(self.store.local_path(key), os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [out[at : at + b - a].data], a)
+            finally:
+                os.close(fd)
+            if got != b - a:
+                raise CorruptCheckpointError(
+                    f"{self.store.local_path(key)}: {got} bytes at offset {a}, {b - a} expected (truncated?)"
+                )
+            at += b - a
 
     def view(self, base: str, index: Index, raw_index: bytes, held: frozenset[int]) -> RestoreView:
         """A checkpoint for one restore: this process's files of the step, and room for the rest."""

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from shardsave.errors import CorruptCheckpointError, ShardsaveError, StorageError
 from shardsave.formats.shardsave import decode_index, index_key
 from shardsave.index import Index
@@ -170,12 +172,12 @@ def _restore_view(
     """
     view = tier.view(base, index, raw, held.files if held is not None else frozenset())
 
-    def read(k: int, start: int, stop: int) -> bytes:
+    def read_into(k: int, start: int, out: np.ndarray) -> None:
         assert held is not None  # only a holder sends
-        return tier.read_span(held, k, start, stop)
+        tier.read_into(held, k, start, out)
 
     try:
-        move_files(moves, read, view.write)
+        move_files(moves, read_into, view.write)
         return restore(view.prefix), ""
     except (ShardsaveError, OSError) as e:
         return None, f"{type(e).__name__}: {e}".replace(view.path, tier.root)
