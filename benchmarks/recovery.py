@@ -24,6 +24,7 @@ Prints a table and writes OUT/recovery.json (medians, minimum and maximum).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -65,13 +66,13 @@ def _state(mib: int) -> tuple[dict, dict]:
 
 
 def _timed(name: str, fn) -> float:
+    """fn's time on this process, from a barrier of every process to its result on the devices."""
+    import jax
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(f"before {name}")
     began = time.perf_counter()
     out = fn()
-    import jax
-
     jax.block_until_ready(out)
     seconds = time.perf_counter() - began
     multihost_utils.sync_global_devices(f"after {name}")
@@ -141,20 +142,22 @@ def run_phase(phase: str, args: argparse.Namespace) -> list[dict]:
     argv = [sys.executable, __file__, "--worker", phase, "--port", str(_port())]
     argv += ["--processes", str(args.processes), "--mib", str(args.mib), "--reps", str(args.reps)]
     argv += ["--warmup", str(args.warmup)]
-    procs = []
-    for pid in range(args.processes):
-        env = {**os.environ, "PID": str(pid), "JAX_PLATFORMS": "cpu"}
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-        err = open(os.path.join(args.out, f"recovery-{phase}-{pid}.err"), "w")  # jax's and gloo's logs
-        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err, text=True))
-    out = []
-    for proc in procs:
-        stdout, _ = proc.communicate(timeout=1800)
-        if proc.returncode:
-            raise RuntimeError(
-                f"a {phase} process failed ({proc.returncode}): see {args.out}/recovery-{phase}-*.err"
-            )
-        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    with contextlib.ExitStack() as files:
+        procs = []
+        for pid in range(args.processes):
+            env = {**os.environ, "PID": str(pid), "JAX_PLATFORMS": "cpu"}
+            env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+            # jax's and gloo's logs, to read where a process failed
+            err = files.enter_context(open(os.path.join(args.out, f"recovery-{phase}-{pid}.err"), "w"))
+            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=err, text=True))
+        out = []
+        for proc in procs:
+            stdout, _ = proc.communicate(timeout=1800)
+            if proc.returncode:
+                raise RuntimeError(
+                    f"a {phase} process failed ({proc.returncode}): see {args.out}/recovery-{phase}-*.err"
+                )
+            out.append(json.loads(stdout.strip().splitlines()[-1]))
     return out
 
 

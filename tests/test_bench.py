@@ -73,3 +73,23 @@ def test_benchmark_runs_and_writes_its_outputs(tmp_path):
     table = (tmp_path / "table.txt").read_text()
     assert "shardsave" in table and "index of 100 leaves" in table
     assert doc["index"]["leaves"] == 100 and doc["index"]["read_s"] > 0
+
+
+def test_the_recovery_benchmark_runs_at_a_tiny_size(tmp_path):
+    tiny = ["--processes", "2", "--mib", "8", "--reps", "1", "--warmup", "0", "--out", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "recovery.py"), *tiny],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    doc = json.loads((tmp_path / "recovery.json").read_text())
+    assert set(doc["summary"]) == {
+        "plain save blocking",
+        "local save blocking",
+        "uncapped local restore",
+        "recovery from the local tier",
+        "restore from throttled S3",
+    }
+    assert all(s["median"] > 0 for s in doc["summary"].values())

@@ -119,6 +119,7 @@ RUN_ORDER = [
     "guides/pytorch.md",
     "guides/object-stores.md",
     "guides/orbax.md",
+    "guides/tiers.md",
 ]
 
 
