@@ -614,6 +614,9 @@ class Saver:
             tier.forget(base)
         plan = self._plans.plan(specs, True)
         pid = jax.process_index()
+        # The copies first: once every process has dispatched them, a failure here to
+        # stage this process's own shards cannot leave a peer waiting in the collective.
+        replicas = [send_replicas(self._replica_plan(plan, leaves, shift), leaves) for shift in shifts]
         staged = self._staging.stage(
             plan,
             leaves,
@@ -625,7 +628,6 @@ class Saver:
             on_device=self.snapshot_on_device and self.async_save,
             part_bytes=self.part_bytes,
         )
-        replicas = [send_replicas(self._replica_plan(plan, leaves, shift), leaves) for shift in shifts]
         # Host leaves may change once save() returns; replicas stage them in the background.
         host = [x if isinstance(x, jax.Array) else np.array(x, copy=True) for x in leaves] if replicas else []
         key = shared_key("local", persistent_prefix) if self._coordinator.active else None

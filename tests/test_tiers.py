@@ -1,7 +1,7 @@
 """Multi-tier checkpoints: a local tier every 2 steps with replicas on peers, the persistent every 10.
 
 The multi-process tests run tests/programs/tiers.py (an optax training loop) on
-4 processes of 1 CPU device each on loopback, kill processes with SIGKILL, and
+4 and 8 processes (1 or 2 CPU devices each) on loopback, kill processes with SIGKILL, and
 restart the job: every process must resume from the step the tiers say, bit for
 bit (each restored shard against the global values process 0 gathered at that
 step), with that step's data position.
@@ -224,6 +224,21 @@ def test_a_peer_killed_while_copying_fails_the_local_save_everywhere_and_both_ti
         assert listing == sorted([".shardsave-domain", *files, "model-46.index", "model-48.index"])
     persistent = sorted(p for p in os.listdir(tmp_path / "ckpt") if p.endswith(".index"))
     assert persistent == ["model-30.index", "model-40.index", "model-50.index"]  # max_to_keep=3
+
+
+def test_eight_processes_resume_from_the_local_tier_after_a_host_is_replaced(tmp_path):
+    for result in run_job(tmp_path, 8, "--stop-at", "13", kill=5):
+        assert _record(result, "stopped")["error"] is None
+    shutil.rmtree(tmp_path / "local-5")
+    for result in run_job(tmp_path, 8, "--last", "14"):
+        resumed = _record(result, "resumed")
+        assert (resumed["resumed"], resumed["tier"], resumed["position"], resumed["exact"]) == (
+            12,
+            "local",
+            12,
+            True,
+        )
+        assert "the 8 processes' local tiers hold all its 8 data files" in resumed["reason"]
 
 
 # ---------------------------------------------------------------- one process, and the pure parts
