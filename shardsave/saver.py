@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -40,7 +41,7 @@ from shardsave.lifecycle.retention import (
     finish_commit,
     recovered,
 )
-from shardsave.lifecycle.state import STATE_FILENAME, latest_checkpoint
+from shardsave.lifecycle.state import STATE_FILENAME, newest_of_save_path
 from shardsave.restore.engine import restore_leaves
 from shardsave.restore.shared import lay_out, plan_shared_reads
 from shardsave.restore.targets import StoredValues, requests_for_saved, requests_for_target
@@ -199,7 +200,7 @@ class Saver:
       local_max_to_keep: how many local checkpoints each process keeps.
       replicas: how many other processes hold a copy of each process's local
         shards, each in a failure domain (local directory) of its own; 0 keeps
-        none (a single process has no peer to hold one).
+        none (a single process has no peer to hold one). Not with save_host_bytes.
 
     Examples:
       >>> import jax.numpy as jnp, shardsave, tempfile
@@ -304,6 +305,12 @@ class Saver:
         self._last_restore: RestoreInfo | None = None
         self._local: LocalTier | None = None
         if local_directory is not None:
+            if replicas and save_host_bytes is not None:
+                raise ValueError(
+                    "a local tier's replicas with save_host_bytes are not supported: a capped save chooses "
+                    "its data files' parts as it streams them, and a replica must be written in the same "
+                    "parts; pass replicas=0 or save_host_bytes=None"
+                )
             self._local = LocalTier(
                 local_directory, local_interval_steps, local_max_to_keep, replicas, storage_timeout_s
             )
@@ -653,7 +660,7 @@ class Saver:
 
         def background() -> None:
             started = time.perf_counter()
-            commit_local(local, self._coordinator, self.part_bytes, partial(tier.prune, stem))
+            commit_local(local, self._coordinator, self.part_bytes, partial(_prune_local, tier, stem))
             self._last_save = replace(info, commit_seconds=time.perf_counter() - started)
 
         if self.async_save:
@@ -901,7 +908,8 @@ class Saver:
         host's shards come from its peer's replica). Otherwise, or if a local file
         proves damaged and no replica holds it whole, the persistent tier.
         last_restore says which tier, which step and why; CheckpointReader of its
-        path reads the step's metadata.
+        path reads the step's metadata. Local steps newer than the one restored
+        are deleted: they belong to a timeline the job has left.
 
         Args:
           save_path: the save path given to save(), such as "ckpt/model".
@@ -931,7 +939,7 @@ class Saver:
         timeout = self.storage_timeout_s
 
         def persistent() -> tuple[str, int | None] | None:
-            latest = latest_checkpoint(directory_path)
+            latest = newest_of_save_path(directory_path, stem, timeout)
             if latest is None:
                 return None
             return latest, open_checkpoint(latest, timeout)[2].global_step
@@ -956,9 +964,14 @@ class Saver:
         value, choice = restore_from_tiers(
             local, stem, save_path, self._coordinator, persistent, requests_of, restore
         )
-        if choice.tier == LOCAL and choice.step is not None:
-            self._local_newest = max(self._local_newest or choice.step, choice.step)
-        if self._last_restore is not None and choice.step is not None:
+        if choice.step is not None:
+            # Local steps newer than the one restored belong to a timeline the job has left
+            # (their files are incomplete, or it resumed from elsewhere): retention must not
+            # keep them over the steps saved from here on.
+            local.forget_newer(stem, choice.step)
+            if choice.tier == LOCAL:
+                self._local_newest = max(self._local_newest or choice.step, choice.step)
+        if value is not None and self._last_restore is not None:
             # A local restore read a view of the step: report the step's own local prefix.
             path = local.prefix(choice.base) if choice.base is not None else self._last_restore.path
             self._last_restore = replace(
@@ -1040,3 +1053,11 @@ class Saver:
             place_seconds=times.place_seconds,
         )
         return restored
+
+
+def _prune_local(tier: LocalTier, stem: str) -> None:
+    """The local tier's retention after a local commit; a failure there is a warning, not the save's."""
+    try:
+        tier.prune(stem)
+    except OSError as e:
+        warnings.warn(f"the local tier's retention in {tier.path} failed: {e}", RuntimeWarning, stacklevel=1)

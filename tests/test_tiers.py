@@ -164,6 +164,10 @@ def test_two_adjacent_hosts_lost_resume_from_the_persistent_tier_and_say_why(kil
         # Process 1's files were on process 1 and on its replica holder, process 2.
         assert "local step 16 lacks the data files of process(es) [1]" in resumed["reason"]
         assert resumed["reason"].endswith("restoring " + str(directory / "ckpt" / "model-10"))
+        # Steps 14 and 16 belong to the timeline the job left: gone, so that retention
+        # keeps step 12, saved after the resume.
+        listing = _record(result, "finished")["listing"]
+        assert [f for f in listing if f.endswith(".index")] == ["model-12.index"], listing
 
 
 def test_the_local_tier_restores_onto_half_the_processes(killed_at_17, tmp_path):
@@ -226,11 +230,30 @@ def test_a_peer_killed_while_copying_fails_the_local_save_everywhere_and_both_ti
     assert persistent == ["model-30.index", "model-40.index", "model-50.index"]  # max_to_keep=3
 
 
-def test_eight_processes_resume_from_the_local_tier_after_a_host_is_replaced(tmp_path):
-    for result in run_job(tmp_path, 8, "--stop-at", "13", kill=5):
+def test_a_host_value_that_differs_between_processes_fails_the_local_save_on_every_process(tmp_path):
+    # A numpy leaf is stored from one process; its replica holder stages its own
+    # value, which differs: that process refuses to commit, and every process raises.
+    results = run_job(tmp_path, 4, "--stop-at", "2", "--host-leaf-per-process", kill=0)
+    errors = [_record(result, "stopped")["error"] for result in results]
+    assert all(e is not None and "could not commit it" in e for e in errors), errors
+    assert all("leaf 'host'" in e and "must be the same on every process" in e for e in errors), errors
+    refused = [pid for pid in range(4) if not (tmp_path / f"local-{pid}" / "model-2.index").exists()]
+    assert len(refused) == 1 and f"process(es) {refused}" in errors[0], (refused, errors[0])
+
+
+def test_eight_processes_two_per_host_resume_from_the_local_tier_after_a_host_is_replaced(tmp_path):
+    # Processes 2h and 2h+1 share host h's local directory (one failure domain), so
+    # each one's replica goes to the next host, not to its neighbour on the same one.
+    hosts = "--local", "0,0,1,1,2,2,3,3"
+    for result in run_job(tmp_path, 8, "--stop-at", "13", *hosts, kill=5):
         assert _record(result, "stopped")["error"] is None
-    shutil.rmtree(tmp_path / "local-5")
-    for result in run_job(tmp_path, 8, "--last", "14"):
+    held = sorted(os.listdir(tmp_path / "local-2"))
+    assert [f for f in held if f.startswith("model-12.data")] == [
+        f"model-12.data-{k:05d}-of-00008"
+        for k in (2, 3, 4, 5)  # host 2's own files, and host 1's
+    ]
+    shutil.rmtree(tmp_path / "local-2")  # host 2 (processes 4 and 5) replaced
+    for result in run_job(tmp_path, 8, "--last", "14", *hosts):
         resumed = _record(result, "resumed")
         assert (resumed["resumed"], resumed["tier"], resumed["position"], resumed["exact"]) == (
             12,
@@ -305,7 +328,8 @@ def test_local_saves_are_refused_where_they_cannot_be_kept(tmp_path):
         shardsave.Saver(local_directory=str(tmp_path / "l")).save(
             state, str(tmp_path / "m"), global_step=1, tier="local"
         )
-    assert not os.path.exists(tmp_path / "l" / "m-1.index")
+    with pytest.raises(ValueError, match="replicas with save_host_bytes are not supported"):
+        shardsave.Saver(local_directory=str(tmp_path / "l"), save_host_bytes=64 << 20)
     with pytest.raises(ValueError, match="must be a path on this host"):
         shardsave.Saver(local_directory="s3://bucket/local")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from shardsave.errors import CorruptCheckpointError, ShardsaveError, StateFileWarning
 from shardsave.formats.shardsave import Listing, decode_index, index_key, names_of_save_path, stem_of
 from shardsave.storage import open_store
-from shardsave.storage.base import Store, join, location, split_prefix
+from shardsave.storage.base import DEFAULT_STORAGE_TIMEOUT_S, Store, join, location, split_prefix
 
 STATE_FILENAME = "checkpoint"
 
@@ -389,6 +389,23 @@ def latest_checkpoint(checkpoint_dir: str, latest_filename: str | None = None) -
         if is_committed(path):
             return path
     return None
+
+
+def newest_of_save_path(
+    checkpoint_dir: str, stem: str, timeout_s: float = DEFAULT_STORAGE_TIMEOUT_S
+) -> str | None:
+    """The newest committed checkpoint of save path `stem` in a directory (stem or stem-STEP).
+
+    latest_checkpoint's answer when it names one of stem's; otherwise (the state
+    file tracks another save path of the directory) the newest of stem's commits
+    that were meant to be recorded.
+    """
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is not None and names_of_save_path(stem).fullmatch(split_prefix(latest)[1]):
+        return latest
+    directory = open_store(location(checkpoint_dir), timeout_s)
+    commits = unrecorded_commits(directory, [], stem)
+    return join(directory.path, commits[-1][0]) if commits else None
 
 
 def checkpoint_exists(checkpoint_prefix: str) -> bool:

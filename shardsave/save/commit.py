@@ -427,16 +427,23 @@ def commit_local(
     process 0) gathers all reports against one deadline, checks that its replicas
     hold what their owners wrote, and writes the index into its own local
     directory: its commit marker of the step, written only once every process has
-    its own shards and its replicas. A failure removes what this save wrote and
-    tells the others, who fail too (naming this process).
+    its own shards and its replicas. A failure before the report removes what
+    this save wrote and tells the others, who fail too (naming this process), as
+    they do when a process does not report in time. Once all have reported, each
+    says whether it committed, and all raise if one did not: a save fails on
+    every process or on none, so that no process goes on to the next local
+    save's collective while another raises instead of joining it.
     """
     save = local.save
     directory, plan = save.directory, save.plan
     chunk = CRC_CHUNK_BYTES
     what = f"saving the local checkpoint {save.prefix}"
     deadline = time.monotonic() + local.timeout_s
+    pid = coordinator.process_index
     written: list[Streamed] = []
     pending: list[PendingFile] = []
+    reported = gathered = False
+    error = ""
     try:
         staged = save.staged() if callable(save.staged) else save.staged
         own = (
@@ -458,29 +465,52 @@ def commit_local(
         if save.key is None:
             crcs, parts = own.crcs, own.parts
         else:
-            coordinator.publish(
-                f"{save.key}/files/{coordinator.process_index}", encode_report(own.crcs, own.parts)
-            )
+            coordinator.publish(f"{save.key}/files/{pid}", encode_report(own.crcs, own.parts))
+            reported = True
             crcs, parts, _ = decode_reports(coordinator.gather(f"{save.key}/files", what), what)
+            gathered = True
         for k, sums in copies.items():
             if crcs.get(k) != sums:
-                raise SaveFailedError(
-                    f"{what}: this process's replica of data file {k} (process {plan.files[k].process_index}'s) "
-                    "differs from what its owner wrote, so the step is not committed (please report this "
-                    "as a bug)"
-                )
+                raise SaveFailedError(f"{what}: {_replica_differs(plan, k, sums, crcs.get(k))}")
         raw = encoded_index(save, crcs, chunk, part_bytes, parts, {})
         directory.write(index_key(save.base), raw).result()
     except BaseException as e:
-        if save.key is not None:
-            with contextlib.suppress(Exception):
-                coordinator.publish(
-                    f"{save.key}/files/{coordinator.process_index}", encode_report(None, error=repr(e))
-                )
+        if save.key is not None and not reported:
+            with contextlib.suppress(Exception):  # the others then fail at once, not at their deadline
+                coordinator.publish(f"{save.key}/files/{pid}", encode_report(None, error=repr(e)))
         for file in pending:
             file.discard()
         for future in [directory.delete(key) for streamed in written for key in streamed.keys]:
             with contextlib.suppress(Exception):
                 future.result()
-        raise
+        if not gathered:  # every process sees the same reports (or their absence), and fails alike
+            raise
+        error = f"{type(e).__name__}: {e}"
+    if save.key is not None:
+        outcomes = coordinator.exchange(f"{save.key}/committed", error, what)
+        failed = {p: o for p, o in sorted(outcomes.items()) if o}
+        if failed:
+            first = next(iter(failed.values()))
+            raise SaveFailedError(
+                f"{what}: process(es) {sorted(failed)} could not commit it ({first}); "
+                f"the processes that did keep their copies of the step"
+            )
     after_commit()
+
+
+def _replica_differs(plan: SavePlan, k: int, mine: list[tuple[int, ...]], theirs: Any) -> str:
+    """Why a replica of data file k disagrees with its owner's report, naming the leaf."""
+    owner = plan.files[k].process_index
+    for j, shard in enumerate(plan.files[k].shards):
+        if theirs is None or j >= len(theirs) or tuple(theirs[j]) != tuple(mine[j]):
+            spec = plan.leaves[shard.leaf]
+            hint = (
+                "a host value (a numpy array or a number) must be the same on every process"
+                if spec.sharding is None
+                else "please report this as a bug"
+            )
+            return (
+                f"leaf {spec.name!r}: this process's replica of data file {k} differs from what process "
+                f"{owner} wrote ({hint}), so the step is not committed here"
+            )
+    return f"this process's replica of data file {k} differs from what process {owner} wrote"

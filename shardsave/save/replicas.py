@@ -8,14 +8,15 @@ a failure domain (the local directory they are written to: two processes writing
 to one directory lose it together).
 
 The copy travels between the devices, through jax's collectives: save() dispatches
-one jitted collective permute per mesh (asynchronously, like any jax computation,
-so the training thread only enqueues it, and in program order on every process,
-so it never interleaves differently with the training step's own collectives).
-The received shards are new arrays the caller cannot change; the background
-thread copies them to the host and writes them as the source process's data
-files, byte for byte what that process writes itself (the same plan stages them).
-A leaf whose copy on the receiving process is its own already (replicated across
-the two) moves nothing.
+one jitted collective permute per mesh (asynchronously on accelerators, so the
+training thread only enqueues it; XLA's CPU client runs it in the calling
+thread), in program order on every process, so it never interleaves differently
+with the training step's own collectives. The received shards are new arrays
+the caller cannot change; the background thread copies them to the host and
+writes them as the source process's data files, byte for byte what that process
+writes itself (the same plan stages them). A leaf whose copy on the receiving
+process is its own already (replicated across the two) moves nothing between
+processes; it is copied on its devices.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from shardsave.errors import CoordinationTimeoutError
 from shardsave.index import device_boxes
@@ -164,10 +166,11 @@ def plan_replica(plan: SavePlan, leaves: list[Any], shift: int) -> ReplicaPlan:
 def send_replicas(replica: ReplicaPlan, leaves: list[Any]) -> Replica:
     """Starts the collective that gives this process its copy of replica.source's shards.
 
-    Every process calls it with the same plan and shift (it is collective), right
-    after staging its own shards; it returns once the copy is dispatched (on CPU
+    Every process calls it with the same plan and shift (it is collective), before
+    it stages its own shards; it returns once the copy is dispatched (on CPU
     devices, where XLA runs a computation with collectives in the caller, once
-    it is made).
+    it is made). Shards the receiver holds itself are copied on their devices,
+    since the caller may donate its arrays once save() returns.
     """
     received: dict[int, jax.Array] = {}
     for indices, permute in replica.moved:
@@ -176,6 +179,10 @@ def send_replicas(replica: ReplicaPlan, leaves: list[Any]) -> Replica:
     for i in [*replica.own, *received]:
         array = received.get(i, leaves[i])
         here = {s.device.id: s.data for s in array.addressable_shards}
+        if i not in received:
+            # The caller's own arrays, which it may donate or delete once save() returns,
+            # before the background thread stages them: copies on their devices.
+            here = {d: jnp.copy(x) for d, x in here.items()}
         device_data[i] = {src: here[dst] for src, dst in replica.pairs if dst in here}
     return Replica(replica.source, device_data, list(received.values()))
 

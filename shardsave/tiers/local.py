@@ -54,7 +54,7 @@ class Held:
 
     base: str
     index: Index
-    files: frozenset[int]  # the data files present whole
+    files: frozenset[int]  # the data files present whole (every part, of the size the index says)
 
 
 class LocalTier:
@@ -90,8 +90,9 @@ class LocalTier:
     @property
     def store(self) -> Store:
         if self._store is None:
-            os.makedirs(self.path, exist_ok=True)
-            self._store = open_store(self.path, self.timeout_s)
+            store = open_store(self.path, self.timeout_s)
+            os.makedirs(os.path.dirname(store.local_path(DOMAIN_FILE)), exist_ok=True)
+            self._store = store
         return self._store
 
     def prefix(self, base: str) -> str:
@@ -117,11 +118,16 @@ class LocalTier:
                 )
             at += b - a
 
-    def view(self, base: str, index: Index, raw_index: bytes, held: frozenset[int]) -> RestoreView:
-        """A checkpoint for one restore: this process's files of the step, and room for the rest."""
-        return RestoreView(
-            os.path.join(self.root, f"{VIEW_PREFIX}{base}"), base, index, raw_index, self, held
-        )
+    def view(self, base: str, index: Index, raw_index: bytes, held: frozenset[int], pid: int) -> RestoreView:
+        """A checkpoint for one restore by process pid: its files of the step, and room for the rest."""
+        path = os.path.join(self.root, f"{VIEW_PREFIX}{pid}-{base}")
+        return RestoreView(path, base, index, raw_index, self, held)
+
+    def forget_newer(self, stem: str, step: int) -> None:
+        """Deletes the local checkpoints of stem newer than step (a timeline the job has left)."""
+        for newer, held in self.held(stem).items():
+            if newer > step:
+                self.forget(held.base)
 
     def domain(self) -> str:
         """This directory's failure-domain token, made by the first process to ask."""
@@ -150,6 +156,13 @@ class LocalTier:
         pattern = names_of_save_path(stem)
         present = set(listing.keys)
         out: dict[int, Held] = {}
+
+        def whole(key: str, size: int) -> bool:
+            try:
+                return key in present and os.stat(self.store.local_path(key)).st_size == size
+            except OSError:
+                return False
+
         for base in listing.committed:
             step = step_of(base)
             if step is None or not pattern.fullmatch(base):
@@ -162,7 +175,10 @@ class LocalTier:
             files = frozenset(
                 k
                 for k, f in enumerate(index.files)
-                if all(key in present for key in data_keys(base, k, n, f.parts))
+                if all(
+                    whole(key, size)
+                    for key, size in zip(data_keys(base, k, n, f.parts), f.parts or (f.nbytes,))
+                )
             )
             out[step] = Held(base, index, files)
         return out
@@ -206,6 +222,15 @@ class LocalTier:
         ]
         for future in [self.store.delete(k) for k in keys]:
             future.result()
+        # Views of restores that were killed (a restore removes its own when it ends).
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.root):
+                if (
+                    entry.is_dir()
+                    and entry.name.startswith(VIEW_PREFIX)
+                    and pattern.fullmatch(_view_base(entry.name))
+                ):
+                    shutil.rmtree(entry.path, ignore_errors=True)
         return doomed
 
 
@@ -281,6 +306,11 @@ def _part_size(index: Index, k: int, key: str) -> int:
 def _file_number(key: str) -> int | None:
     parsed = parse_data_key(key)
     return None if parsed is None else parsed[1]
+
+
+def _view_base(name: str) -> str:
+    """The checkpoint name of a view directory, .restoring-PID-BASE."""
+    return name.removeprefix(VIEW_PREFIX).partition("-")[2]
 
 
 def _base_of(key: str) -> str:

@@ -164,25 +164,45 @@ def _restore_view(
     held: Held | None,
     moves: list[Move],
     restore: Callable[[str], Any],
+    pid: int,
 ) -> tuple[Any, str]:
     """Receives the ranges this process lacks into a view of the step, and restores it.
 
     Returns the restored value, or an error's description (naming the local
     directory's files, not the view's).
     """
-    view = tier.view(base, index, raw, held.files if held is not None else frozenset())
 
     def read_into(k: int, start: int, out: np.ndarray) -> None:
         assert held is not None  # only a holder sends
         tier.read_into(held, k, start, out)
 
+    view = None
     try:
-        move_files(moves, read_into, view.write)
+        view = tier.view(base, index, raw, held.files if held is not None else frozenset(), pid)
+    except OSError as e:
+        failed: BaseException | None = e
+    else:
+        failed = None
+    # Every process takes part in every round it is in, whatever failed here: a peer
+    # waiting in a collective has no deadline. A failure is reported after them.
+    moved = move_files(moves, read_into, view.write if view is not None else _discard)
+    try:
+        if failed is not None:
+            raise failed
+        if moved is not None:
+            raise moved
+        assert view is not None
         return restore(view.prefix), ""
     except (ShardsaveError, OSError) as e:
-        return None, f"{type(e).__name__}: {e}".replace(view.path, tier.root)
+        text = f"{type(e).__name__}: {e}"
+        return None, text if view is None else text.replace(view.path, tier.root)
     finally:
-        view.close()
+        if view is not None:
+            view.close()
+
+
+def _discard(k: int, start: int, data: memoryview) -> None:
+    """Where received bytes go when this process could not make its view (it reports that)."""
 
 
 def restore_from_tiers(
@@ -263,7 +283,7 @@ def restore_from_tiers(
         moves = plan_moves(holdings, all_needs)
         if raw is None:
             raw = tier.store.read_all(index_key(base)) or b""
-        value, error = _restore_view(tier, base, index, raw, mine_held, moves, restore)
+        value, error = _restore_view(tier, base, index, raw, mine_held, moves, restore, pid)
         outcomes = coordinator.exchange(f"{key}/outcome", error, what)
         failed = {p: o for p, o in outcomes.items() if o}
         if not failed:

@@ -103,11 +103,15 @@ def move_files(
     read_into: Callable[[int, int, np.ndarray], None],
     write: Callable[[int, int, memoryview], None],
     piece_bytes: int = PIECE_BYTES,
-) -> None:
+) -> BaseException | None:
     """Carries the moves: this process reads the ranges it sends and writes those it receives.
 
     Collective: every process calls it with the same moves. Each round is one
-    collective permute over a mesh of just its devices.
+    collective permute over a mesh of just its devices. A read or a write that
+    fails does not stop this process from taking part in the rounds that follow
+    (its peers would wait for it, with no deadline): what it could not read is
+    sent as zeros, which fail the receiver's checksums, and the first error is
+    returned once every round is done.
 
     Args:
       read_into: fills a uint8 buffer with bytes of data file k from an offset,
@@ -117,6 +121,7 @@ def move_files(
     """
     pid = jax.process_index()
     pairs = _payloads(moves)
+    error: BaseException | None = None
     for pieces in schedule(moves, piece_bytes):
         devices = sorted({d for p in pieces for d in (p.src, p.dst)}, key=lambda d: d.id)
         local = [d for d in devices if d.process_index == pid]
@@ -128,7 +133,11 @@ def move_files(
             if p.src.process_index == pid:
                 block = np.empty((1, width), np.uint8)
                 for m, a, b, at in _segments(pairs[p.pair], p.start, p.stop):
-                    read_into(m.file, a, block[0, at : at + b - a])
+                    try:
+                        read_into(m.file, a, block[0, at : at + b - a])
+                    except Exception as e:
+                        block[0, at : at + b - a] = 0
+                        error = error or e
                 blocks[p.src.id] = block
         mesh = jax.sharding.Mesh(np.array(devices, dtype=object), (_AXIS,))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_AXIS))
@@ -141,7 +150,11 @@ def move_files(
             if p.dst.process_index == pid:
                 block = np.asarray(got[p.dst.id])[0]
                 for m, a, b, at in _segments(pairs[p.pair], p.start, p.stop):
-                    write(m.file, a, block[at : at + b - a].data)
+                    try:
+                        write(m.file, a, block[at : at + b - a].data)
+                    except Exception as e:
+                        error = error or e
+    return error
 
 
 @functools.lru_cache(maxsize=32)

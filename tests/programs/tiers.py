@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--kill-during-copy", action="store_true")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=20)
+    parser.add_argument("--host-leaf-per-process", action="store_true", help="save a numpy leaf that differs")
     args = parser.parse_args()
     pid = int(os.environ["PID"])
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -92,7 +94,7 @@ def main() -> None:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(fresh), shardings
     )
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=0)  # as training loops do: saves must not hold the old state
     def train_step(state: dict[str, Any], x: jax.Array) -> dict[str, Any]:
         def loss(params: dict[str, Any]) -> jax.Array:
             return jnp.mean((x @ params["w"].T[:, :rows] + params["b"].sum()) ** 2)
@@ -168,7 +170,8 @@ def main() -> None:
             if pid == 0:
                 arrays: dict[str, Any] = dict(zip(names, map(np.asarray, gathered)))
                 np.savez(f"{directory}/reference-{step}.npz", **arrays)
-            saver.save(state, save_path, global_step=step, metadata={"data": position}, tier=tier)
+            saved = {**state, "host": np.full(4, pid)} if args.host_leaf_per_process else state
+            saver.save(saved, save_path, global_step=step, metadata={"data": position}, tier=tier)
         if step == args.stop_at:
             try:
                 saver.wait_until_finished()
