@@ -909,7 +909,8 @@ class Saver:
         proves damaged and no replica holds it whole, the persistent tier.
         last_restore says which tier, which step and why; CheckpointReader of its
         path reads the step's metadata. Local steps newer than the one restored
-        are deleted: they belong to a timeline the job has left.
+        (every one, when nothing could be restored) are deleted: they belong to
+        a timeline the job has left.
 
         Args:
           save_path: the save path given to save(), such as "ckpt/model".
@@ -917,10 +918,13 @@ class Saver:
           reshape, cast, names: as restore()'s.
 
         Returns:
-          The restored tree, or None when neither tier holds a checkpoint of save_path.
+          The restored tree, or None when neither tier holds a checkpoint of
+          save_path that can be restored.
 
         Raises:
-          As restore(); CoordinationTimeoutError: a process did not take part in time.
+          As restore(); CoordinationTimeoutError: a process did not take part in
+          time; CorruptCheckpointError: a local step failed to restore even from
+          its replicas, and the persistent tier holds nothing.
 
         Examples:
           >>> import jax.numpy as jnp, shardsave, tempfile
@@ -964,12 +968,13 @@ class Saver:
         value, choice = restore_from_tiers(
             local, stem, save_path, self._coordinator, persistent, requests_of, restore
         )
-        if choice.step is not None:
+        if choice.step is not None or value is None:
             # Local steps newer than the one restored belong to a timeline the job has left
-            # (their files are incomplete, or it resumed from elsewhere): retention must not
-            # keep them over the steps saved from here on.
-            local.forget_newer(stem, choice.step)
-            if choice.tier == LOCAL:
+            # (their files are incomplete, or it resumed from elsewhere; with nothing
+            # restored, every one): retention must not keep them over the steps saved
+            # from here on.
+            local.forget_newer(stem, choice.step if value is not None else None)
+            if choice.tier == LOCAL and choice.step is not None:
                 self._local_newest = max(self._local_newest or choice.step, choice.step)
         if value is not None and self._last_restore is not None:
             # A local restore read a view of the step: report the step's own local prefix.

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardsave
+from shardsave.errors import CorruptCheckpointError
 from shardsave.save.replicas import replica_shifts
 from shardsave.tiers.recover import choose, plan_moves
 
@@ -311,6 +312,30 @@ def test_one_process_saves_locally_and_restores_the_newest_tier(tmp_path):
 def test_restore_latest_finds_nothing_in_either_tier(tmp_path):
     saver = shardsave.Saver(local_directory=str(tmp_path / "local"), replicas=0)
     assert saver.restore_latest(str(tmp_path / "model"), {"w": jnp.zeros(3)}) is None
+
+
+def test_a_local_step_that_will_not_restore_is_never_a_silent_fresh_start(tmp_path):
+    saver = shardsave.Saver(local_directory=str(tmp_path / "local"), replicas=0)
+    saver.save(_state(), str(tmp_path / "model"), global_step=2, tier="local")
+    saver.wait_until_finished()
+    damaged = tmp_path / "local" / "model-2.data-00003-of-00008"
+    data = bytearray(damaged.read_bytes())
+    data[0] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    target = {"w": jnp.zeros((8, 8)), "n": np.int64(0)}
+    with pytest.raises(CorruptCheckpointError, match="local step 2 failed to restore on process"):
+        saver.restore_latest(str(tmp_path / "model"), target)
+
+
+def test_with_nothing_restorable_the_job_starts_afresh_and_forgets_the_local_steps_it_left(tmp_path):
+    saver = shardsave.Saver(local_directory=str(tmp_path / "local"), replicas=0)
+    for step in (2, 4):
+        saver.save(_state(), str(tmp_path / "model"), global_step=step, tier="local")
+    saver.wait_until_finished()
+    for step in (2, 4):  # a data file of each lost (as a lost host's)
+        (tmp_path / "local" / f"model-{step}.data-00001-of-00008").unlink()
+    assert saver.restore_latest(str(tmp_path / "model"), {"w": jnp.zeros((8, 8)), "n": np.int64(0)}) is None
+    assert not [f for f in os.listdir(tmp_path / "local") if f.startswith("model-")]
 
 
 def test_local_saves_are_refused_where_they_cannot_be_kept(tmp_path):

@@ -123,10 +123,13 @@ class LocalTier:
         path = os.path.join(self.root, f"{VIEW_PREFIX}{pid}-{base}")
         return RestoreView(path, base, index, raw_index, self, held)
 
-    def forget_newer(self, stem: str, step: int) -> None:
-        """Deletes the local checkpoints of stem newer than step (a timeline the job has left)."""
+    def forget_newer(self, stem: str, step: int | None) -> None:
+        """Deletes the local checkpoints of stem newer than step (a timeline the job has left).
+
+        None: every one (the job starts afresh: nothing it held could be restored).
+        """
         for newer, held in self.held(stem).items():
-            if newer > step:
+            if step is None or newer > step:
                 self.forget(held.base)
 
     def domain(self) -> str:

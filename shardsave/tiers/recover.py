@@ -225,7 +225,12 @@ def restore_from_tiers(
       restore: restores the checkpoint at a path (the Saver's restore).
 
     Returns:
-      What restore returned (None where no tier holds a checkpoint), and the choice.
+      What restore returned (None where no tier holds a checkpoint it can
+      restore), and the choice.
+
+    Raises:
+      CorruptCheckpointError: a local step failed to restore twice, and the
+        persistent tier holds nothing to fall back on.
     """
     what = f"restoring {subject} from its tiers"
     pid = coordinator.process_index
@@ -308,5 +313,7 @@ def restore_from_tiers(
             choice = Choice(PERSISTENT, newest[1], f"{choice.reason}; restoring {newest[0]}", path=newest[0])
         break
     if choice.path is None:
+        if dropped:  # a local step was there but would not restore: never a silent fresh start
+            raise CorruptCheckpointError(f"{what}: {choice.reason}")
         return None, choice
     return restore(choice.path), choice
