@@ -817,6 +817,7 @@ class Saver:
             self._commits.close()
         finally:
             self._staging.close()
+            self._replica_buffers.clear()
             self._policy.close()
             for lock in self._locks.values():
                 lock.release()
