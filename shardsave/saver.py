@@ -588,15 +588,7 @@ class Saver:
             )
             self._last_save = replace(info, commit_seconds=time.perf_counter() - started)
 
-        if self.async_save:
-            self._commits.submit(background, prefix)
-        else:
-            try:
-                background()
-            except SaveFailedError:
-                raise
-            except Exception as e:
-                raise SaveFailedError(f"saving {prefix} failed: {e}") from e
+        self._run_commit(background, prefix)
         return prefix
 
     def _save_local(
@@ -663,16 +655,20 @@ class Saver:
             commit_local(local, self._coordinator, self.part_bytes, partial(_prune_local, tier, stem))
             self._last_save = replace(info, commit_seconds=time.perf_counter() - started)
 
+        self._run_commit(background, prefix)
+        return prefix
+
+    def _run_commit(self, background: Callable[[], None], prefix: str) -> None:
+        """A save's background half: on the commit thread (async_save), or now."""
         if self.async_save:
             self._commits.submit(background, prefix)
-        else:
-            try:
-                background()
-            except SaveFailedError:
-                raise
-            except Exception as e:
-                raise SaveFailedError(f"saving {prefix} failed: {e}") from e
-        return prefix
+            return
+        try:
+            background()
+        except SaveFailedError:
+            raise
+        except Exception as e:
+            raise SaveFailedError(f"saving {prefix} failed: {e}") from e
 
     def _replica_plan(self, plan: Any, leaves: list[Any], shift: int) -> ReplicaPlan:
         """The replica plan of a save plan (save.replicas), kept while the plan is."""
