@@ -42,8 +42,9 @@ from shardsave.storage import Store, join, location, open_store, temp_target
 # one directory (one host's memory) lose it together, so replicas go elsewhere.
 DOMAIN_FILE = ".shardsave-domain"
 
-# A restore from the local tier reads a view of its step in a directory of this name
-# (deleted once the restore ends): the files held, linked, and sparse files holding
+# A restore from the local tier reads a view of its step in a directory of this prefix,
+# then the process index and the step's name (deleted once the restore ends; retention
+# removes those a kill left): the files held, linked, and sparse files holding
 # the ranges received from peers. Listing reads files only, never this directory.
 VIEW_PREFIX = ".restoring-"
 
