@@ -604,18 +604,27 @@ class Saver:
         """save(tier="local"): this process's shards and its replicas, to the local tier."""
         tier = self._local
         assert tier is not None
+        # The key first: every process takes it, whatever fails below, so that the keys of
+        # later saves stay the same in every process.
+        key = shared_key("local", persistent_prefix) if self._coordinator.active else None
         base = split_prefix(persistent_prefix)[1]
         stem = stem_of(base)
         shifts = self._replica_shifts(tier)
         prefix = tier.prefix(base)
-        store = tier.store
-        if store.exists(index_key(base)):  # the tier's own checkpoint of this step: saved again
-            tier.forget(base)
         plan = self._plans.plan(specs, True)
         pid = jax.process_index()
-        # The copies first: once every process has dispatched them, a failure here to
-        # stage this process's own shards cannot leave a peer waiting in the collective.
+        failed: OSError | None = None
+        try:
+            store = tier.store
+            if store.exists(index_key(base)):  # the tier's own checkpoint of this step: saved again
+                tier.forget(base)
+        except OSError as e:
+            failed = e
+        # The copies first: once every process has dispatched them, a failure of this
+        # process's own (above, or staging below) cannot leave a peer alone in the collective.
         replicas = [send_replicas(self._replica_plan(plan, leaves, shift), leaves) for shift in shifts]
+        if failed is not None:
+            raise SaveFailedError(f"saving {prefix} failed: {failed}") from failed
         staged = self._staging.stage(
             plan,
             leaves,
@@ -629,7 +638,6 @@ class Saver:
         )
         # Host leaves may change once save() returns; replicas stage them in the background.
         host = [x if isinstance(x, jax.Array) else np.array(x, copy=True) for x in leaves] if replicas else []
-        key = shared_key("local", persistent_prefix) if self._coordinator.active else None
         pending = PendingSave(
             directory=store,
             base=base,
@@ -680,10 +688,8 @@ class Saver:
     def _replica_shifts(self, tier: LocalTier) -> list[int]:
         """Where each process's replicas go (save.replicas), agreed once by all processes."""
         if self._shifts is None:
-            domain = tier.domain()
-            domains = self._coordinator.exchange(
-                shared_key("local-domains", "local"), domain, "agreeing where local replicas go"
-            )
+            key = shared_key("local-domains", "local")  # taken whatever fails below
+            domains = self._coordinator.exchange(key, tier.domain(), "agreeing where local replicas go")
             self._shifts = (
                 replica_shifts([domains[p] for p in sorted(domains)], tier.replicas) if tier.replicas else []
             )
@@ -878,12 +884,21 @@ class Saver:
         else:
             stored = StoredValues(partial(holds_value, index), partial(read_value, directory, index))
             requests, finish = requests_for_target(index, target, reshape, cast, save_path, names, stored)
+        shared, moved = plan_shared_reads(requests) if self._shares(directory) else (requests, [])
+        return requests, shared, moved, finish
+
+    def _shares(self, directory: Store) -> bool:
+        """Whether a restore from directory shares replicated reads across processes."""
+        if self._local is not None and directory.is_local:
+            root = os.path.realpath(self._local.root)
+            if os.path.realpath(directory.local_path("x")).startswith(root + os.sep):
+                # The local tier: each process reads what it holds, and one that fails must
+                # not leave the others in the sharing collective (tiers.recover agrees after).
+                return False
         # Sharing pays where reading is dear (an object store); from a local file system,
         # reading the page cache again is cheaper than the collective (the commit that
         # added this has the measurement).
-        share = (not directory.is_local) if self.share_reads is None else self.share_reads
-        shared, moved = plan_shared_reads(requests) if share else (requests, [])
-        return requests, shared, moved, finish
+        return (not directory.is_local) if self.share_reads is None else self.share_reads
 
     def restore_latest(
         self,
@@ -906,8 +921,7 @@ class Saver:
         proves damaged and no replica holds it whole, the persistent tier.
         last_restore says which tier, which step and why; CheckpointReader of its
         path reads the step's metadata. Local steps newer than the one restored
-        (every one, when nothing could be restored) are deleted: they belong to
-        a timeline the job has left.
+        are deleted: they belong to a timeline the job has left.
 
         Args:
           save_path: the save path given to save(), such as "ckpt/model".
@@ -965,13 +979,13 @@ class Saver:
         value, choice = restore_from_tiers(
             local, stem, save_path, self._coordinator, persistent, requests_of, restore
         )
-        if choice.step is not None or value is None:
+        if choice.step is not None and value is not None:
             # Local steps newer than the one restored belong to a timeline the job has left
-            # (their files are incomplete, or it resumed from elsewhere; with nothing
-            # restored, every one): retention must not keep them over the steps saved
-            # from here on.
-            local.forget_newer(stem, choice.step if value is not None else None)
-            if choice.tier == LOCAL and choice.step is not None:
+            # (their files are incomplete, or it resumed from elsewhere). With nothing
+            # restored they stay (a directory missing by mistake may come back), and
+            # retention, newest first by time, removes them as new steps are saved.
+            local.forget_newer(stem, choice.step)
+            if choice.tier == LOCAL:
                 self._local_newest = max(self._local_newest or choice.step, choice.step)
         if value is not None and self._last_restore is not None:
             # A local restore read a view of the step: report the step's own local prefix.

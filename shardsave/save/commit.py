@@ -432,7 +432,8 @@ def commit_local(
     they do when a process does not report in time. Once all have reported, each
     says whether it committed, and all raise if one did not: a save fails on
     every process or on none, so that no process goes on to the next local
-    save's collective while another raises instead of joining it.
+    save's collective while another raises instead of joining it (those that had
+    written their index take it back).
     """
     save = local.save
     directory, plan = save.directory, save.plan
@@ -490,10 +491,15 @@ def commit_local(
         outcomes = coordinator.exchange(f"{save.key}/committed", error, what)
         failed = {p: o for p, o in sorted(outcomes.items()) if o}
         if failed:
+            if not error:  # committed here: take it back, so that the step is committed nowhere
+                with contextlib.suppress(Exception):
+                    directory.delete(index_key(save.base)).result()
+                for future in [directory.delete(key) for streamed in written for key in streamed.keys]:
+                    with contextlib.suppress(Exception):
+                        future.result()
             first = next(iter(failed.values()))
             raise SaveFailedError(
-                f"{what}: process(es) {sorted(failed)} could not commit it ({first}); "
-                f"the processes that did keep their copies of the step"
+                f"{what}: process(es) {sorted(failed)} could not commit it ({first}); no process keeps it"
             )
     after_commit()
 

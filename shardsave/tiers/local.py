@@ -200,19 +200,24 @@ class LocalTier:
             future.result()
 
     def prune(self, stem: str) -> list[str]:
-        """Keeps the newest max_to_keep committed local checkpoints of stem; deletes the rest.
+        """Keeps the max_to_keep most recently committed local checkpoints of stem; deletes the rest.
 
-        Also deletes leftovers of local saves of stem that never committed (a kill
-        or a failure mid-save): their data files, and temporary files.
+        Most recent by the time of their commit, not by step: a job that started
+        afresh (nothing it held restored) keeps its new steps over higher-numbered
+        ones of the timeline it left. Also deletes leftovers of local saves of
+        stem that never committed (a kill or a failure mid-save): their data
+        files, and temporary files.
         """
         listing = Listing.of(self.store)
         pattern = names_of_save_path(stem)
-        committed = sorted(
+        by_step = sorted(
             (step, base)
             for base in listing.committed
             if pattern.fullmatch(base) and (step := step_of(base)) is not None
         )
-        doomed = [base for _, base in committed[: -self.max_to_keep]]
+        by_time = sorted(by_step, key=lambda sb: (self.store.mtime(index_key(sb[1])) or 0.0, sb[0]))
+        doomed = [base for _, base in by_time[: -self.max_to_keep]]
+        committed = by_step
         for base in doomed:
             self.store.delete(index_key(base)).result()
         keys = [k for base in doomed for k in listing.files_of(base)]

@@ -21,6 +21,7 @@ persistent tier. The choice and its reason are reported (Saver.last_restore).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -160,7 +161,7 @@ def _restore_view(
     tier: LocalTier,
     base: str,
     index: Index,
-    raw: bytes,
+    raw: bytes | None,
     held: Held | None,
     moves: list[Move],
     restore: Callable[[str], Any],
@@ -178,6 +179,8 @@ def _restore_view(
 
     view = None
     try:
+        if raw is None:
+            raw = tier.store.read_all(index_key(base)) or b""
         view = tier.view(base, index, raw, held.files if held is not None else frozenset(), pid)
     except OSError as e:
         failed: BaseException | None = e
@@ -229,8 +232,9 @@ def restore_from_tiers(
       restore), and the choice.
 
     Raises:
-      CorruptCheckpointError: a local step failed to restore twice, and the
-        persistent tier holds nothing to fall back on.
+      CorruptCheckpointError: a local step failed to restore (and the choice made
+        again found nothing else local), and the persistent tier holds nothing to
+        fall back on.
     """
     what = f"restoring {subject} from its tiers"
     pid = coordinator.process_index
@@ -286,14 +290,13 @@ def restore_from_tiers(
             p: set(r["steps"][str(step)]["files"]) for p, r in reports.items() if str(step) in r["steps"]
         }
         moves = plan_moves(holdings, all_needs)
-        if raw is None:
-            raw = tier.store.read_all(index_key(base)) or b""
         value, error = _restore_view(tier, base, index, raw, mine_held, moves, restore, pid)
         outcomes = coordinator.exchange(f"{key}/outcome", error, what)
         failed = {p: o for p, o in outcomes.items() if o}
         if not failed:
-            if mine_held is None:  # so that CheckpointReader of the step's local prefix reads it
-                tier.store.write(index_key(base), raw).result()
+            if mine_held is None and raw:  # so that CheckpointReader of the step's local prefix reads it
+                with contextlib.suppress(OSError):  # the restore is done: a copy of the index is a courtesy
+                    tier.store.write(index_key(base), raw).result()
             return value, choice
         dropped.append(
             f"local step {step} failed to restore on process(es) {sorted(failed)} ({next(iter(failed.values()))})"
