@@ -338,9 +338,12 @@ def test_with_nothing_restorable_the_job_starts_afresh_and_retention_keeps_its_n
     for step in (6, 8):  # a data file of each lost (as a lost host's)
         (tmp_path / "local" / f"model-{step}.data-00001-of-00008").unlink()
     assert saver.restore_latest(str(tmp_path / "model"), {"w": jnp.zeros((8, 8)), "n": np.int64(0)}) is None
+
     # Kept (a directory missing by mistake may come back), until the new timeline's
     # steps replace them: retention goes by the time of each commit, not by step.
-    indexes = lambda: sorted(f for f in os.listdir(tmp_path / "local") if f.endswith(".index"))  # noqa: E731
+    def indexes() -> list[str]:
+        return sorted(f for f in os.listdir(tmp_path / "local") if f.endswith(".index"))
+
     assert indexes() == ["model-6.index", "model-8.index"]
     for step in (2, 4):
         saver.save(_state(), str(tmp_path / "model"), global_step=step, tier="local")
