@@ -20,7 +20,6 @@ from functools import partial
 from typing import Any
 
 import jax
-import numpy as np
 
 from shardsave import _gc_pause
 from shardsave import tree as _tree
@@ -50,7 +49,7 @@ from shardsave.save.commit import LocalSave, PendingSave, commit, commit_local, 
 from shardsave.save.coordination import Coordinator, shared_key
 from shardsave.save.plan import PlanCache, compression_level, leaf_spec, step_number
 from shardsave.save.replicas import ReplicaPlan, plan_replica, replica_shifts, send_replicas
-from shardsave.save.stage import StagingBuffer
+from shardsave.save.stage import StagingBuffer, host_copies
 from shardsave.save.staging import HostStaging
 from shardsave.save.stream import MIN_SAVE_HOST_BYTES
 from shardsave.storage import open_prefix
@@ -637,7 +636,7 @@ class Saver:
             part_bytes=self.part_bytes,
         )
         # Host leaves may change once save() returns; replicas stage them in the background.
-        host = [x if isinstance(x, jax.Array) else np.array(x, copy=True) for x in leaves] if replicas else []
+        host = host_copies(leaves) if replicas else []
         pending = PendingSave(
             directory=store,
             base=base,

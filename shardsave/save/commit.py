@@ -481,9 +481,7 @@ def commit_local(
                 coordinator.publish(f"{save.key}/files/{pid}", encode_report(None, error=repr(e)))
         for file in pending:
             file.discard()
-        for future in [directory.delete(key) for streamed in written for key in streamed.keys]:
-            with contextlib.suppress(Exception):
-                future.result()
+        _delete_quietly(directory, [key for streamed in written for key in streamed.keys])
         if not gathered:  # every process sees the same reports (or their absence), and fails alike
             raise
         error = f"{type(e).__name__}: {e}"
@@ -491,17 +489,21 @@ def commit_local(
         outcomes = coordinator.exchange(f"{save.key}/committed", error, what)
         failed = {p: o for p, o in sorted(outcomes.items()) if o}
         if failed:
-            if not error:  # committed here: take it back, so that the step is committed nowhere
-                with contextlib.suppress(Exception):
-                    directory.delete(index_key(save.base)).result()
-                for future in [directory.delete(key) for streamed in written for key in streamed.keys]:
-                    with contextlib.suppress(Exception):
-                        future.result()
+            if not error:  # committed here: take it back (index first), so that it is committed nowhere
+                _delete_quietly(directory, [index_key(save.base)])
+                _delete_quietly(directory, [key for streamed in written for key in streamed.keys])
             first = next(iter(failed.values()))
             raise SaveFailedError(
                 f"{what}: process(es) {sorted(failed)} could not commit it ({first}); no process keeps it"
             )
     after_commit()
+
+
+def _delete_quietly(directory: Store, keys: list[str]) -> None:
+    """Deletes what a failed save wrote; an error here matters less than the one being raised."""
+    for future in [directory.delete(key) for key in keys]:
+        with contextlib.suppress(Exception):
+            future.result()
 
 
 def _replica_differs(plan: SavePlan, k: int, mine: list[tuple[int, ...]], theirs: Any) -> str:

@@ -122,8 +122,13 @@ def snapshot_on_device(
         leaf: {d: jnp.copy(data) for d, data in per_device.items() if (leaf, d) in writers}
         for leaf, per_device in shards.items()
     }
-    host = [leaf if isinstance(leaf, jax.Array) else np.array(leaf, copy=True) for leaf in leaves]
-    return copies, host
+    return copies, host_copies(leaves)
+
+
+def host_copies(leaves: list[Any]) -> list[Any]:
+    """The leaves with each host leaf (numpy array, number) copied, for staging after the caller
+    may have changed its own; jax arrays as they are (their shards are copied, or permuted, apart)."""
+    return [leaf if isinstance(leaf, jax.Array) else np.array(leaf, copy=True) for leaf in leaves]
 
 
 def stage(
