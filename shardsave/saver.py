@@ -48,7 +48,14 @@ from shardsave.save.background import BackgroundCommits
 from shardsave.save.commit import LocalSave, PendingSave, commit, commit_local, prepare_overwrite
 from shardsave.save.coordination import Coordinator, shared_key
 from shardsave.save.plan import PlanCache, compression_level, leaf_spec, step_number
-from shardsave.save.replicas import ReplicaPlan, plan_replica, replica_shifts, send_replicas
+from shardsave.save.replicas import (
+    ReplicaPlan,
+    describe_self,
+    plan_replica,
+    read_peers,
+    replica_shifts,
+    send_replicas,
+)
 from shardsave.save.stage import StagingBuffer, host_copies
 from shardsave.save.staging import HostStaging
 from shardsave.save.stream import MIN_SAVE_HOST_BYTES
@@ -316,6 +323,7 @@ class Saver:
         elif local_interval_steps is not None:
             raise ValueError("local_interval_steps needs local_directory")
         self._shifts: list[int] | None = None  # where each process's replicas go, once known
+        self._addresses: dict[int, str] = {}  # every process's transfer server (save.replicas)
         self._replica_buffers: dict[int, dict[int, StagingBuffer]] = {}
         self._replica_plans: dict[int, ReplicaPlan] = {}  # by shift, for the last plan saved locally
         self._local_newest: int | None = None  # the newest local step saved or restored
@@ -621,7 +629,12 @@ class Saver:
             failed = e
         # The copies first: once every process has dispatched them, a failure of this
         # process's own (above, or staging below) cannot leave a peer alone in the collective.
-        replicas = [send_replicas(self._replica_plan(plan, leaves, shift), leaves) for shift in shifts]
+        replicas = [
+            send_replicas(
+                self._replica_plan(plan, leaves, shift), leaves, key or "", self._addresses, self.timeout_s
+            )
+            for shift in shifts
+        ]
         if failed is not None:
             raise SaveFailedError(f"saving {prefix} failed: {failed}") from failed
         staged = self._staging.stage(
@@ -688,10 +701,11 @@ class Saver:
         """Where each process's replicas go (save.replicas), agreed once by all processes."""
         if self._shifts is None:
             key = shared_key("local-domains", "local")  # taken whatever fails below
-            domains = self._coordinator.exchange(key, tier.domain(), "agreeing where local replicas go")
-            self._shifts = (
-                replica_shifts([domains[p] for p in sorted(domains)], tier.replicas) if tier.replicas else []
+            described = self._coordinator.exchange(
+                key, describe_self(tier.domain(), tier.replicas), "agreeing where local replicas go"
             )
+            domains, self._addresses = read_peers(described)
+            self._shifts = replica_shifts(domains, tier.replicas) if tier.replicas else []
         return self._shifts
 
     def prepare(self, tree: Any) -> None:
