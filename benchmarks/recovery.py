@@ -96,15 +96,19 @@ def worker(phase: str, args: argparse.Namespace) -> None:
     if phase == "save":
         for rep in range(args.warmup + args.reps):
             saver.save(state, f"{ROOT}/plain/model", global_step=rep)
+            saver.wait_until_finished()
             plain = saver.last_save
-            saver.wait_until_finished()
             saver.save(state, f"{ROOT}/plain/model", global_step=rep, tier="local")
-            tiered = saver.last_save
             saver.wait_until_finished()
+            tiered = saver.last_save
             assert plain is not None and tiered is not None
+            assert plain.commit_seconds is not None and tiered.commit_seconds is not None
             if rep >= args.warmup:
                 records.setdefault("plain save blocking", []).append(plain.blocking_seconds)
                 records.setdefault("local save blocking", []).append(tiered.blocking_seconds)
+                # The background half, from save() returning to the commit: where the replicas' transfer went.
+                records.setdefault("plain save commit", []).append(plain.commit_seconds)
+                records.setdefault("local save commit", []).append(tiered.commit_seconds)
         saver.save(state, f"{ROOT}/plain/model", global_step=100)
         saver.save(state, f"{ROOT}/plain/model", global_step=100, tier="local")
         saver.save(state, f"s3://{BUCKET}/recovery/model", global_step=90)

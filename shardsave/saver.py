@@ -46,17 +46,15 @@ from shardsave.restore.shared import lay_out, plan_shared_reads
 from shardsave.restore.targets import StoredValues, requests_for_saved, requests_for_target
 from shardsave.save.background import BackgroundCommits
 from shardsave.save.commit import LocalSave, PendingSave, commit, commit_local, prepare_overwrite
-from shardsave.save.coordination import Coordinator, shared_key
+from shardsave.save.coordination import Coordinator, encode_report, shared_key
 from shardsave.save.plan import PlanCache, compression_level, leaf_spec, step_number
 from shardsave.save.replicas import (
-    ReplicaPlan,
     describe_self,
     plan_replica,
     read_peers,
     replica_shifts,
-    send_replicas,
 )
-from shardsave.save.stage import StagingBuffer, host_copies
+from shardsave.save.stage import host_copies
 from shardsave.save.staging import HostStaging
 from shardsave.save.stream import MIN_SAVE_HOST_BYTES
 from shardsave.storage import open_prefix
@@ -324,8 +322,6 @@ class Saver:
             raise ValueError("local_interval_steps needs local_directory")
         self._shifts: list[int] | None = None  # where each process's replicas go, once known
         self._addresses: dict[int, str] = {}  # every process's transfer server (save.replicas)
-        self._replica_buffers: dict[int, dict[int, StagingBuffer]] = {}
-        self._replica_plans: dict[int, ReplicaPlan] = {}  # by shift, for the last plan saved locally
         self._local_newest: int | None = None  # the newest local step saved or restored
         self._policy = SavePolicy(
             save_interval_steps,
@@ -627,16 +623,12 @@ class Saver:
                 tier.forget(base)
         except OSError as e:
             failed = e
-        # The copies first: once every process has dispatched them, a failure of this
-        # process's own (above, or staging below) cannot leave a peer alone in the collective.
-        replicas = [
-            send_replicas(
-                self._replica_plan(plan, leaves, shift), leaves, key or "", self._addresses, self.timeout_s
-            )
-            for shift in shifts
-        ]
         if failed is not None:
+            if key is not None:  # the peers, waiting for this process's files, then fail at once
+                with contextlib.suppress(Exception):
+                    self._coordinator.publish(f"{key}/files/{pid}", encode_report(None, error=repr(failed)))
             raise SaveFailedError(f"saving {prefix} failed: {failed}") from failed
+        replicas = [plan_replica(plan, shift) for shift in shifts]
         staged = self._staging.stage(
             plan,
             leaves,
@@ -648,7 +640,7 @@ class Saver:
             on_device=self.snapshot_on_device and self.async_save,
             part_bytes=self.part_bytes,
         )
-        # Host leaves may change once save() returns; replicas stage them in the background.
+        # Host leaves may change once save() returns; replicas are checked against them in the background.
         host = host_copies(leaves) if replicas else []
         pending = PendingSave(
             directory=store,
@@ -664,7 +656,7 @@ class Saver:
             metrics=documents[0],
             metadata=documents[1],
         )
-        local = LocalSave(pending, replicas, self._replica_buffers, host, self.timeout_s)
+        local = LocalSave(pending, replicas, self._addresses, host, self.timeout_s)
         nbytes = sum(f.nbytes for f in plan.files if f.process_index == pid)
         info = SaveInfo(prefix, nbytes, time.perf_counter() - began)
         self._last_save = info
@@ -689,13 +681,6 @@ class Saver:
             raise
         except Exception as e:
             raise SaveFailedError(f"saving {prefix} failed: {e}") from e
-
-    def _replica_plan(self, plan: Any, leaves: list[Any], shift: int) -> ReplicaPlan:
-        """The replica plan of a save plan (save.replicas), kept while the plan is."""
-        kept = self._replica_plans.get(shift)
-        if kept is None or kept.plan is not plan:
-            kept = self._replica_plans[shift] = plan_replica(plan, leaves, shift)
-        return kept
 
     def _replica_shifts(self, tier: LocalTier) -> list[int]:
         """Where each process's replicas go (save.replicas), agreed once by all processes."""
@@ -832,7 +817,6 @@ class Saver:
             self._commits.close()
         finally:
             self._staging.close()
-            self._replica_buffers.clear()
             self._policy.close()
             for lock in self._locks.values():
                 lock.release()

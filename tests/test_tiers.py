@@ -232,8 +232,8 @@ def test_a_peer_killed_while_copying_fails_the_local_save_everywhere_and_both_ti
 
 
 def test_a_host_value_that_differs_between_processes_fails_the_local_save_on_every_process(tmp_path):
-    # A numpy leaf is stored from one process; its replica holder stages its own
-    # value, which differs: that process refuses to commit, and every process raises.
+    # A numpy leaf is stored from one process; its replica holder checks it against
+    # its own value, which differs: that process refuses to commit, and every process raises.
     results = run_job(tmp_path, 4, "--stop-at", "2", "--host-leaf-per-process", kill=0)
     errors = [_record(result, "stopped")["error"] for result in results]
     assert all(e is not None and "could not commit it" in e for e in errors), errors

@@ -9,10 +9,12 @@ consecutive byte ranges (FORMAT.md).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from itertools import accumulate
 from typing import Any, TypeAlias
 
@@ -42,8 +44,8 @@ from shardsave.index import (
 )
 from shardsave.save.coordination import Coordinator, decode_reports, encode_report
 from shardsave.save.plan import SavePlan
-from shardsave.save.replicas import Replica
-from shardsave.save.stage import StagingBuffer, stage
+from shardsave.save.replicas import ReplicaPlan, offer, pull
+from shardsave.save.stage import host_array
 from shardsave.save.stream import Layout, Streamed
 from shardsave.storage.base import PendingFile, Store
 from shardsave.storage.local import sync_directory
@@ -411,10 +413,9 @@ class LocalSave:
     PendingSave, its directory the local tier's) and its replicas of other processes'."""
 
     save: PendingSave
-    replicas: list[Replica]
-    # The host buffers each source's replica is staged in, kept from save to save.
-    buffers: dict[int, dict[int, StagingBuffer]]
-    leaves: list[Any]  # the stored leaves, host ones copied (replicas stage those from them)
+    replicas: list[ReplicaPlan]
+    addresses: dict[int, str]  # every process's transfer server (save.replicas)
+    leaves: list[Any]  # the stored leaves, host ones copied (a replica's host values are checked with them)
     timeout_s: float
 
 
@@ -447,6 +448,11 @@ def commit_local(
     error = ""
     try:
         staged = save.staged() if callable(save.staged) else save.staged
+        if local.replicas:
+            # Replicas need several processes (so a key) and a whole staged copy (no capped save).
+            assert save.key is not None and isinstance(staged, dict)
+            for replica in local.replicas:  # first, so that the peers' pulls start at once
+                offer(replica, staged, save.key, local.timeout_s)
         own = (
             staged
             if isinstance(staged, Streamed)
@@ -454,13 +460,17 @@ def commit_local(
         )
         written.append(own)
         copies: dict[int, list[tuple[int, ...]]] = {}
-        for replica in local.replicas:
-            device_data = replica.wait(deadline, what)
-            buffers = local.buffers.setdefault(replica.source, {})
-            data = stage(plan, local.leaves, replica.source, buffers, device_data)
-            streamed = start_writes(directory, save.base, plan, data, chunk, part_bytes, True)
-            written.append(streamed)
-            copies.update(streamed.crcs)
+        differs: str | None = None  # raised once all have reported, as a checksum mismatch is
+        if local.replicas:
+            assert save.key is not None
+            key = save.key
+            for replica in local.replicas:
+                source_failed = partial(_failure_of, coordinator, f"{key}/files", replica.source)
+                files = pull(replica, local.addresses[replica.source], key, deadline, what, source_failed)
+                differs = differs or _host_values_differ(plan, local.leaves, files)
+                streamed = start_writes(directory, save.base, plan, files, chunk, part_bytes, True)
+                written.append(streamed)
+                copies.update(streamed.crcs)
         for streamed in written:
             pending += [r for r in streamed.wait() if isinstance(r, PendingFile)]
         if save.key is None:
@@ -473,6 +483,8 @@ def commit_local(
         for k, sums in copies.items():
             if crcs.get(k) != sums:
                 raise SaveFailedError(f"{what}: {_replica_differs(plan, k, sums, crcs.get(k))}")
+        if differs is not None:
+            raise SaveFailedError(f"{what}: {differs}")
         raw = encoded_index(save, crcs, chunk, part_bytes, parts, {})
         directory.write(index_key(save.base), raw).result()
     except BaseException as e:
@@ -499,6 +511,34 @@ def commit_local(
     after_commit()
 
 
+def _failure_of(coordinator: Coordinator, key: str, process: int) -> str | None:
+    """The error a process reported at KEY/PID in place of its files, if it did."""
+    report = coordinator.collect(key).get(process)
+    if report is None:
+        return None
+    error = json.loads(report).get("error")
+    return str(error) if error is not None else None
+
+
+def _host_values_differ(plan: SavePlan, leaves: list[Any], files: dict[int, Any]) -> str | None:
+    """Whether a replica's host values (numpy arrays, numbers: the same on every process)
+    differ from this process's, naming the first leaf that does."""
+    for k, data in files.items():
+        for shard in plan.files[k].shards:
+            spec = plan.leaves[shard.leaf]
+            if spec.sharding is not None or shard.nbytes == 0:
+                continue
+            mine = host_array(leaves[shard.leaf], spec.dtype).reshape(-1).view(np.uint8)
+            if not np.array_equal(mine, data[shard.offset : shard.offset + shard.nbytes]):
+                owner = plan.files[k].process_index
+                return (
+                    f"leaf {spec.name!r}: a host value (a numpy array or a number) differs between this "
+                    f"process and process {owner}; it must be the same on every process, so the step is "
+                    "not committed"
+                )
+    return None
+
+
 def _delete_quietly(directory: Store, keys: list[str]) -> None:
     """Deletes what a failed save wrote; an error here matters less than the one being raised."""
     for future in [directory.delete(key) for key in keys]:
@@ -507,18 +547,14 @@ def _delete_quietly(directory: Store, keys: list[str]) -> None:
 
 
 def _replica_differs(plan: SavePlan, k: int, mine: list[tuple[int, ...]], theirs: Any) -> str:
-    """Why a replica of data file k disagrees with its owner's report, naming the leaf."""
+    """Why a replica of data file k disagrees with its owner's report, naming the leaf: the
+    bytes changed between the owner's staging and this process's (a transfer or memory fault)."""
     owner = plan.files[k].process_index
     for j, shard in enumerate(plan.files[k].shards):
         if theirs is None or j >= len(theirs) or tuple(theirs[j]) != tuple(mine[j]):
-            spec = plan.leaves[shard.leaf]
-            hint = (
-                "a host value (a numpy array or a number) must be the same on every process"
-                if spec.sharding is None
-                else "please report this as a bug"
-            )
             return (
-                f"leaf {spec.name!r}: this process's replica of data file {k} differs from what process "
-                f"{owner} wrote ({hint}), so the step is not committed here"
+                f"leaf {plan.leaves[shard.leaf].name!r}: this process's replica of data file {k} differs "
+                f"from what process {owner} wrote (changed on its way; please report this as a bug), so "
+                "the step is not committed here"
             )
     return f"this process's replica of data file {k} differs from what process {owner} wrote"

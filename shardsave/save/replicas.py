@@ -6,17 +6,16 @@ smallest for which no two copies of any process's shards share a failure domain
 (the local directory they are written to: two processes writing to one directory
 lose it together).
 
-The copy travels device to device through jax's transfer server
-(jax.experimental.transfer): save() copies the shards the peer needs on their
-own devices (the caller may donate its arrays once save() returns) and offers
-them, which only enqueues work; the peer's background thread pulls them onto its
-own devices, copies them to its host and writes them as the source process's
-data files, byte for byte what that process writes itself (the same plan stages
-them). A pull is point to point, not a collective: it cannot interleave with the
-training step's own collectives, and it runs wholly off the training thread,
-also on CPU devices, where XLA runs a collective in the calling thread. A shard
-the receiver holds itself (a leaf replicated across the two) moves nothing
-between processes; it is copied on its device.
+The copy travels host to host, in the background threads, through jax's
+transfer server (jax.experimental.transfer, on the host's CPU client): once a
+process has staged its data files in host memory (what every save does), its
+commit thread offers them to its peer, whose commit thread pulls them and
+writes them byte for byte as the source's files. save() itself does nothing
+more than a plain save's device-to-host copy. A pull is point to point, not a
+collective: it never waits for, or interleaves with, the training step's own
+collectives (XLA's CPU client runs a collective in the calling thread, so a
+collective permute of the replicas would block the training thread there), and
+it takes no device memory.
 """
 
 from __future__ import annotations
@@ -28,18 +27,18 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from shardsave.errors import CoordinationTimeoutError
-from shardsave.index import box_shape, device_boxes
 from shardsave.save.plan import SavePlan
-from shardsave.save.stage import DeviceShards
 
 _POLL_S = 0.005  # how often the background thread looks whether the copies have arrived
+_LOOK_S = 0.1  # how often it looks whether their source gave up
 # The transfer server's sockets: several per peer and pieces of a few MiB keep loopback and
 # network links busy (one socket and whole 256 MiB pieces moved a fifth as fast on loopback).
 _TRANSPORTS = 4
@@ -86,69 +85,28 @@ def devices_by_process() -> dict[int, list[jax.Device]]:
 
 
 @dataclass(frozen=True)
-class Piece:
-    """One shard of a source process's data files, as its replica receives it."""
-
-    leaf: int
-    writer: int  # the source's device whose copy the plan writes
-    holder: int  # the receiver's device: the one holding the same box, or the one the pull lands on
-    shape: tuple[int, ...]
-    dtype: Any
-    local: bool  # the receiver holds the box itself: copied on its device, not pulled
-
-
-def pieces(plan: SavePlan, leaves: list[Any], source: int, receiver: int) -> tuple[Piece, ...]:
-    """What the receiver needs to write the source's data files, in one order both compute.
-
-    Only the shards the plan has the source write travel (a box several of the
-    source's devices hold moves once). Host leaves are not pieces: they hold the
-    same value on every process, so the receiver stages its own.
-    """
-    devices = devices_by_process()
-    mine = devices[receiver]
-    out: list[Piece] = []
-    for f in plan.files:
-        if f.process_index != source:
-            continue
-        for shard in f.shards:
-            leaf = leaves[shard.leaf]
-            if not isinstance(leaf, jax.Array) or shard.writer is None or shard.nbytes == 0:
-                continue
-            boxes = device_boxes(leaf.sharding, plan.leaves[shard.leaf].shape)
-            held = [d for d in mine if boxes.get(d) == shard.box]
-            local_index = devices[source].index(shard.writer)
-            holder = held[0] if held else mine[local_index % len(mine)]
-            out.append(
-                Piece(shard.leaf, shard.writer.id, holder.id, box_shape(shard.box), leaf.dtype, bool(held))
-            )
-    return tuple(out)
-
-
-@dataclass(frozen=True)
 class ReplicaPlan:
-    """One shift's copies for one save plan: what this process receives from `source`
-    and what it offers to `target`, whose replica of this process's shards it is.
+    """One shift's copies: this process holds a replica of `source`'s data files and
+    offers its own to `target`, which holds its replica. The data files of a plan are
+    numbered alike on every process, so both ends name them by number."""
 
-    It depends only on the plan (shapes and shardings) and the shift, so the Saver
-    keeps it across saves, like the plan.
-    """
-
-    plan: SavePlan
     shift: int
     source: int
     target: int
-    incoming: tuple[Piece, ...]  # the pieces of source's files, in its offer's order
-    outgoing: tuple[Piece, ...]  # the pieces of this process's files that target pulls
+    incoming: tuple[tuple[int, int], ...]  # the source's data files: (number, size)
+    outgoing: tuple[int, ...]  # this process's data files, in the order the target pulls them
 
 
-def plan_replica(plan: SavePlan, leaves: list[Any], shift: int) -> ReplicaPlan:
+def plan_replica(plan: SavePlan, shift: int) -> ReplicaPlan:
     """The replica plan of a save plan for one shift."""
     n = jax.process_count()
     pid = jax.process_index()
     source, target = (pid - shift) % n, (pid + shift) % n
-    return ReplicaPlan(
-        plan, shift, source, target, pieces(plan, leaves, source, pid), pieces(plan, leaves, pid, target)
-    )
+
+    def files(p: int) -> list[tuple[int, int]]:
+        return [(k, f.nbytes) for k, f in enumerate(plan.files) if f.process_index == p and f.nbytes]
+
+    return ReplicaPlan(shift, source, target, tuple(files(source)), tuple(k for k, _ in files(pid)))
 
 
 # This process's jax transfer server, started at the first local save with replicas,
@@ -169,7 +127,7 @@ def transfer_server() -> Any:
             bind = f"[{host}]" if ":" in host else host
             _server.append(
                 transfer.start_transfer_server(
-                    jax.local_devices()[0].client,
+                    _host_device().client,
                     f"{bind}:0",
                     [f"{bind}:0"] * _TRANSPORTS,
                     _PARALLEL_COPIES,
@@ -220,110 +178,76 @@ def _uuid(key: str, source: int, receiver: int) -> int:
     return int.from_bytes(digest, "big") >> 2
 
 
-_copy_all = jax.jit(lambda *xs: tuple(jnp.copy(x) for x in xs))
+def _host_device() -> jax.Device:
+    return jax.local_devices(backend="cpu")[0]
 
 
-def _device_copies(arrays: list[jax.Array]) -> list[jax.Array]:
-    """Copies made on their own devices, one dispatch per device."""
-    by_device: dict[Any, list[int]] = {}
-    for k, x in enumerate(arrays):
-        by_device.setdefault(next(iter(x.devices())), []).append(k)
-    out: list[Any] = [None] * len(arrays)
-    for indices in by_device.values():
-        for k, copy in zip(indices, _copy_all(*[arrays[k] for k in indices])):
-            out[k] = copy
-    return out
+def offer(replica: ReplicaPlan, staged: dict[int, Any], key: str, timeout_s: float) -> None:
+    """Offers this process's staged data files to replica.target, which pulls them.
 
-
-@dataclass
-class Replica:
-    """This process's copy of another's shards, on its way: what stage() needs to write the
-    source's data files, once the background thread has pulled them."""
-
-    plan: ReplicaPlan
-    address: str  # the source's transfer server
-    uuid: int
-    local: dict[tuple[int, int], jax.Array]  # (leaf, source device): the receiver's own copy
-    timeout_s: float
-
-    @property
-    def source(self) -> int:
-        return self.plan.source
-
-    def wait(self, deadline: float, what: str) -> DeviceShards:
-        """The copies, once pulled; raises naming the source if they do not arrive in time."""
-        remote = [p for p in self.plan.incoming if not p.local]
-        arrived: list[jax.Array] = []
-        if remote:
-            devices = {d.id: d for d in jax.local_devices()}
-            specs = [
-                jax.ShapeDtypeStruct(
-                    p.shape, p.dtype, sharding=jax.sharding.SingleDeviceSharding(devices[p.holder])
-                )
-                for p in remote
-            ]
-            until = datetime.datetime.now() + datetime.timedelta(
-                seconds=max(0.0, deadline - time.monotonic())
-            )
-            try:
-                arrived = _connect(self.address).pull(self.uuid, specs, timeout=until)
-                while not all(x.is_ready() for x in arrived):  # type: ignore[attr-defined]
-                    if time.monotonic() >= deadline:
-                        raise CoordinationTimeoutError(
-                            f"{what}: process {self.source} did not send its shards for this process's "
-                            f"replica within {self.timeout_s:g} s (did it die or stall?); the local "
-                            "checkpoint stays uncommitted"
-                        )
-                    time.sleep(_POLL_S)
-                for x in arrived:
-                    x.block_until_ready()  # a failed pull raises here
-            except CoordinationTimeoutError:
-                _forget(self.address)
-                raise
-            except Exception as e:
-                _forget(self.address)
-                raise CoordinationTimeoutError(
-                    f"{what}: pulling process {self.source}'s shards for this process's replica from "
-                    f"{self.address} failed (did it die?): {str(e).splitlines()[0] if str(e) else e!r}; the "
-                    "local checkpoint stays uncommitted"
-                ) from e
-        out: DeviceShards = {}
-        for p, x in zip(remote, arrived):
-            out.setdefault(p.leaf, {})[p.writer] = x
-        for (leaf, writer), x in self.local.items():
-            out.setdefault(leaf, {})[writer] = x
-        return out
-
-
-def send_replicas(
-    replica: ReplicaPlan, leaves: list[Any], key: str, addresses: dict[int, str], timeout_s: float
-) -> Replica:
-    """Offers this process's shards to replica.target and readies its copy of replica.source's.
-
-    It only enqueues work on the devices (copies, and the offer), so the training
-    thread does not wait for the transfer; the offer lapses after timeout_s if the
-    target never pulls it. Shards are copied before they are offered, and the
-    receiver's own boxes before save() returns, since the caller may donate its
-    arrays then.
+    It returns at once; the offer lapses after timeout_s if the target never
+    pulls it. The buffers must stay unchanged until the target has reported (the
+    save's commit waits for that).
     """
-    pid = jax.process_index()
+    if not replica.outgoing:
+        return
+    device = _host_device()
+    arrays = [jax.device_put(np.frombuffer(staged[k], np.uint8), device) for k in replica.outgoing]
+    until = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+    transfer_server().await_pull(_uuid(key, jax.process_index(), replica.target), arrays, timeout=until)
 
-    def shard_of(leaf: int, device: int) -> jax.Array:
-        return next(s.data for s in leaves[leaf].addressable_shards if s.device.id == device)
 
-    outgoing = [shard_of(p.leaf, p.writer) for p in replica.outgoing if not p.local]
-    if outgoing:
-        until = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
-        transfer_server().await_pull(_uuid(key, pid, replica.target), _device_copies(outgoing), timeout=until)
-    local = [p for p in replica.incoming if p.local]
-    copies = _device_copies([shard_of(p.leaf, p.holder) for p in local])
-    return Replica(
-        replica,
-        addresses.get(replica.source, ""),
-        _uuid(key, replica.source, pid),
-        {(p.leaf, p.writer): x for p, x in zip(local, copies)},
-        timeout_s,
-    )
+def pull(
+    replica: ReplicaPlan,
+    address: str,
+    key: str,
+    deadline: float,
+    what: str,
+    source_failed: Callable[[], str | None],
+) -> dict[int, Any]:
+    """replica.source's data files, pulled from its transfer server at address.
+
+    Raises CoordinationTimeoutError naming the source if they have not arrived by
+    the deadline, if the pull fails (the source died), or once source_failed()
+    says why the source gave up.
+    """
+    if not replica.incoming:
+        return {}
+    sharding = jax.sharding.SingleDeviceSharding(_host_device())
+    specs = [jax.ShapeDtypeStruct((n,), np.uint8, sharding=sharding) for _, n in replica.incoming]
+    until = datetime.datetime.now() + datetime.timedelta(seconds=max(0.0, deadline - time.monotonic()))
+    source = replica.source
+    try:
+        arrived = _connect(address).pull(_uuid(key, source, jax.process_index()), specs, timeout=until)
+        looked = time.monotonic()
+        while not all(x.is_ready() for x in arrived):
+            now = time.monotonic()
+            if now >= deadline:
+                raise CoordinationTimeoutError(
+                    f"{what}: process {source} did not send its data files for this process's replica "
+                    "in time (did it die or stall?); the local checkpoint stays uncommitted"
+                )
+            if now - looked >= _LOOK_S:
+                looked = now
+                why = source_failed()
+                if why is not None:
+                    raise CoordinationTimeoutError(
+                        f"{what}: process {source} failed before sending its data files for this "
+                        f"process's replica ({why}); the local checkpoint stays uncommitted"
+                    )
+            time.sleep(_POLL_S)
+        files = {k: np.asarray(x) for (k, _), x in zip(replica.incoming, arrived)}  # a failed pull raises
+    except CoordinationTimeoutError:
+        _forget(address)
+        raise
+    except Exception as e:
+        _forget(address)
+        raise CoordinationTimeoutError(
+            f"{what}: pulling process {source}'s data files for this process's replica from {address} "
+            f"failed (did it die?): {str(e).splitlines()[0] if str(e) else repr(e)}; the local checkpoint "
+            "stays uncommitted"
+        ) from e
+    return files
 
 
 def describe_self(domain: str, replicas: int) -> str:
