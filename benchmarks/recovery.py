@@ -9,7 +9,9 @@ their biases replicated. It runs in two phases, each a fresh job:
 
 - save: each repetition makes a plain asynchronous save to tmpfs and a local-tier
   save (Saver(local_directory=/dev/shm/..., replicas=1)) of the same state, and
-  records what each blocked (SaveInfo.blocking_seconds); then the state is saved
+  records what each blocked (SaveInfo.blocking_seconds) and how long its background
+  half took to commit (SaveInfo.commit_seconds: for the local save, the replicas'
+  transfer and the writes of both copies); then the state is saved
   once more to each tier: tmpfs (step 100), the local tier (step 100) and moto's S3
   behind a throttling proxy at --mb-per-s (step 90, the persistent tier).
 - restore: one process's local directory is emptied first (a replaced host). Each

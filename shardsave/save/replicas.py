@@ -121,19 +121,22 @@ def transfer_server() -> Any:
     jax.distributed's coordinator (or SHARDSAVE_TRANSFER_HOST), where the peers can connect."""
     with _lock:
         if not _server:
-            from jax.experimental import transfer
-
             host = _reachable_host()
             bind = f"[{host}]" if ":" in host else host
-            _server.append(
-                transfer.start_transfer_server(
-                    _host_device().client,
-                    f"{bind}:0",
-                    [f"{bind}:0"] * _TRANSPORTS,
-                    _PARALLEL_COPIES,
-                    _PIECE_BYTES,
+            client = _host_device().client
+            try:
+                from jax.experimental import transfer
+
+                server = transfer.start_transfer_server(
+                    client, f"{bind}:0", [f"{bind}:0"] * _TRANSPORTS, _PARALLEL_COPIES, _PIECE_BYTES
                 )
-            )
+            except (ImportError, AttributeError, TypeError) as e:
+                raise RuntimeError(
+                    "a local tier's replicas move through jax.experimental.transfer, which this jax "
+                    f"{jax.__version__} lacks or calls differently ({e}); shardsave's tests run it on jax "
+                    "0.10: upgrade jax, or pass replicas=0"
+                ) from e
+            _server.append(server)
         return _server[0]
 
 
@@ -179,7 +182,15 @@ def _uuid(key: str, source: int, receiver: int) -> int:
 
 
 def _host_device() -> jax.Device:
-    return jax.local_devices(backend="cpu")[0]
+    """The device of host memory, whose client the transfer server runs on."""
+    try:
+        return jax.local_devices(backend="cpu")[0]
+    except RuntimeError as e:
+        raise RuntimeError(
+            "a local tier's replicas move between hosts through jax's CPU backend, which this process "
+            f"does not have ({e}): add cpu to JAX_PLATFORMS (for example JAX_PLATFORMS=cuda,cpu), or "
+            "pass replicas=0"
+        ) from e
 
 
 def offer(replica: ReplicaPlan, staged: dict[int, Any], key: str, timeout_s: float) -> None:
