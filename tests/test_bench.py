@@ -88,6 +88,8 @@ def test_the_recovery_benchmark_runs_at_a_tiny_size(tmp_path):
     assert set(doc["summary"]) == {
         "plain save blocking",
         "local save blocking",
+        "plain save commit",
+        "local save commit",
         "uncapped local restore",
         "recovery from the local tier",
         "restore from throttled S3",
