@@ -616,30 +616,29 @@ class Saver:
         prefix = tier.prefix(base)
         plan = self._plans.plan(specs, True)
         pid = jax.process_index()
-        failed: OSError | None = None
         try:
             store = tier.store
             if store.exists(index_key(base)):  # the tier's own checkpoint of this step: saved again
                 tier.forget(base)
-        except OSError as e:
-            failed = e
-        if failed is not None:
+            replicas = [plan_replica(plan, shift) for shift in shifts]
+            staged = self._staging.stage(
+                plan,
+                leaves,
+                pid,
+                store,
+                base,
+                prefix,
+                publish=True,
+                on_device=self.snapshot_on_device and self.async_save,
+                part_bytes=self.part_bytes,
+            )
+        except Exception as e:
             if key is not None:  # the peers, waiting for this process's files, then fail at once
                 with contextlib.suppress(Exception):
-                    self._coordinator.publish(f"{key}/files/{pid}", encode_report(None, error=repr(failed)))
-            raise SaveFailedError(f"saving {prefix} failed: {failed}") from failed
-        replicas = [plan_replica(plan, shift) for shift in shifts]
-        staged = self._staging.stage(
-            plan,
-            leaves,
-            pid,
-            store,
-            base,
-            prefix,
-            publish=True,
-            on_device=self.snapshot_on_device and self.async_save,
-            part_bytes=self.part_bytes,
-        )
+                    self._coordinator.publish(f"{key}/files/{pid}", encode_report(None, error=repr(e)))
+            if isinstance(e, OSError):
+                raise SaveFailedError(f"saving {prefix} failed: {e}") from e
+            raise
         # Host leaves may change once save() returns; replicas are checked against them in the background.
         host = host_copies(leaves) if replicas else []
         pending = PendingSave(

@@ -171,6 +171,26 @@ def test_two_adjacent_hosts_lost_resume_from_the_persistent_tier_and_say_why(kil
         assert [f for f in listing if f.endswith(".index")] == ["model-12.index"], listing
 
 
+def test_with_two_replicas_two_adjacent_hosts_lost_resume_from_the_local_tier(tmp_path):
+    # replicas=2: process p's files are also on p + 1 and p + 2, so losing processes 1
+    # and 2 leaves a copy of every file (process 1's on 3, process 2's on 3 and 0).
+    first = tmp_path / "first"
+    for result in run_job(first, 4, "--stop-at", "17", "--replicas", "2", kill=2):
+        assert _record(result, "stopped")["error"] is None
+    held = sorted(f for f in os.listdir(first / "local-3") if f.startswith("model-16.data"))
+    assert held == [f"model-16.data-{k:05d}-of-00004" for k in (1, 2, 3)]  # its own, and 1's and 2's
+    directory = _restart(first, tmp_path / "job", lost=[1, 2])
+    for result in run_job(directory, 4, "--last", "18", "--replicas", "2"):
+        resumed = _record(result, "resumed")
+        assert (resumed["resumed"], resumed["tier"], resumed["position"], resumed["exact"]) == (
+            16,
+            "local",
+            16,
+            True,
+        )
+        assert result["code"] == 0
+
+
 def test_the_local_tier_restores_onto_half_the_processes(killed_at_17, tmp_path):
     # Two processes of two devices each, on the local directories of old processes 0
     # and 2: between them (own files and replicas) they hold every file of step 16.

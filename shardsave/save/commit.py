@@ -44,7 +44,7 @@ from shardsave.index import (
 )
 from shardsave.save.coordination import Coordinator, decode_reports, encode_report
 from shardsave.save.plan import SavePlan
-from shardsave.save.replicas import ReplicaPlan, offer, pull
+from shardsave.save.replicas import ReplicaPlan, offer, start_pull
 from shardsave.save.stage import host_array
 from shardsave.save.stream import Layout, Streamed
 from shardsave.storage.base import PendingFile, Store
@@ -432,8 +432,8 @@ def commit_local(
     this save wrote and tells the others, who fail too (naming this process), as
     they do when a process does not report in time. Once all have reported, each
     says whether it committed, and all raise if one did not: a save fails on
-    every process or on none, so that no process goes on to the next local
-    save's collective while another raises instead of joining it (those that had
+    every process or on none, so that no process keeps a step another lacks, or
+    goes on to the next save's agreement while another raises (those that had
     written their index take it back).
     """
     save = local.save
@@ -451,8 +451,7 @@ def commit_local(
         if local.replicas:
             # Replicas need several processes (so a key) and a whole staged copy (no capped save).
             assert save.key is not None and isinstance(staged, dict)
-            for replica in local.replicas:  # first, so that the peers' pulls start at once
-                offer(replica, staged, save.key, local.timeout_s)
+            offer(local.replicas, staged, save.key, local.timeout_s)  # first: the peers' pulls start at once
         own = (
             staged
             if isinstance(staged, Streamed)
@@ -464,9 +463,12 @@ def commit_local(
         if local.replicas:
             assert save.key is not None
             key = save.key
-            for replica in local.replicas:
-                source_failed = partial(_failure_of, coordinator, f"{key}/files", replica.source)
-                files = pull(replica, local.addresses[replica.source], key, deadline, what, source_failed)
+            pulls = [
+                start_pull(r, local.addresses[r.source], key, deadline) for r in local.replicas
+            ]  # all at once: they overlap
+            for pulling in pulls:
+                source_failed = partial(_failure_of, coordinator, f"{key}/files", pulling.replica.source)
+                files = pulling.wait(deadline, what, source_failed)
                 differs = differs or _host_values_differ(plan, local.leaves, files)
                 streamed = start_writes(directory, save.base, plan, files, chunk, part_bytes, True)
                 written.append(streamed)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import json
 import os
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,14 +76,6 @@ def replica_shifts(domains: list[str], replicas: int) -> list[int]:
             "local_directory, or lower replicas"
         )
     return shifts
-
-
-def devices_by_process() -> dict[int, list[jax.Device]]:
-    """Every process's devices, by id: the local index of a device is its place in its list."""
-    out: dict[int, list[jax.Device]] = {}
-    for device in sorted(jax.devices(), key=lambda d: d.id):
-        out.setdefault(device.process_index, []).append(device)
-    return out
 
 
 @dataclass(frozen=True)
@@ -143,9 +137,12 @@ def transfer_server() -> Any:
 def _connect(address: str) -> Any:
     server = transfer_server()
     with _lock:
-        if address not in _connections:
-            _connections[address] = server.connect(address)
-        return _connections[address]
+        known = _connections.get(address)
+    if known is not None:
+        return known
+    connection = server.connect(address)  # outside the lock: it may wait for the peer
+    with _lock:
+        return _connections.setdefault(address, connection)
 
 
 def _forget(address: str) -> None:
@@ -155,7 +152,13 @@ def _forget(address: str) -> None:
 
 
 def _reachable_host() -> str:
-    """The address of this host's interface that reaches the coordinator (no packet is sent)."""
+    """The address of this host's interface that the peers reach it at (no packet is sent).
+
+    The interface that routes to jax.distributed's coordinator, unless the
+    coordinator is named by a loopback address (then every process is on this
+    host). A coordinator's own host may resolve its name to loopback
+    (127.0.1.1 in Debian's /etc/hosts); then the interface of the default route.
+    """
     override = os.environ.get(HOST_ENV)
     if override:
         return override
@@ -166,13 +169,30 @@ def _reachable_host() -> str:
         return "127.0.0.1"
     host, _, port = coordinator.rpartition(":")
     host = host.strip("[]")
+    if host == "localhost" or _is_loopback(host):
+        return "127.0.0.1"
+    routed = _interface_towards(host, int(port))
+    if routed is not None and not _is_loopback(routed):
+        return routed
+    default = _interface_towards("192.0.2.1", 9)  # TEST-NET-1: only the route is looked up
+    return default if default is not None and not _is_loopback(default) else routed or "127.0.0.1"
+
+
+def _is_loopback(address: str) -> bool:
     try:
-        family = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)[0]
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _interface_towards(host: str, port: int) -> str | None:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
         with socket.socket(family[0], socket.SOCK_DGRAM) as probe:
             probe.connect(family[4])
             return str(probe.getsockname()[0])
     except OSError:
-        return "127.0.0.1"
+        return None
 
 
 def _uuid(key: str, source: int, receiver: int) -> int:
@@ -193,78 +213,116 @@ def _host_device() -> jax.Device:
         ) from e
 
 
-def offer(replica: ReplicaPlan, staged: dict[int, Any], key: str, timeout_s: float) -> None:
-    """Offers this process's staged data files to replica.target, which pulls them.
+def offer(replicas: list[ReplicaPlan], staged: dict[int, Any], key: str, timeout_s: float) -> None:
+    """Offers this process's staged data files to each replica's target, which pulls them.
 
-    It returns at once; the offer lapses after timeout_s if the target never
-    pulls it. The buffers must stay unchanged until the target has reported (the
-    save's commit waits for that).
+    The files are copied once (jax's CPU client does not alias the staging
+    buffers, whose bytes objects are not aligned for it) and that copy is offered
+    to every target; it is made before this returns, so the buffers may be
+    reused at once. The offer lapses, releasing the copy, after twice timeout_s
+    if a target never pulls it (it died or failed first), so that a target
+    always gives up first, at its own deadline.
     """
-    if not replica.outgoing:
+    outgoing = replicas[0].outgoing if replicas else ()
+    if not outgoing:
         return
     device = _host_device()
-    arrays = [jax.device_put(np.frombuffer(staged[k], np.uint8), device) for k in replica.outgoing]
-    until = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
-    transfer_server().await_pull(_uuid(key, jax.process_index(), replica.target), arrays, timeout=until)
+    arrays = [jax.device_put(np.frombuffer(staged[k], np.uint8), device) for k in outgoing]
+    jax.block_until_ready(arrays)
+    until = datetime.datetime.now() + datetime.timedelta(seconds=2 * timeout_s)
+    server = transfer_server()
+    for replica in replicas:
+        server.await_pull(_uuid(key, jax.process_index(), replica.target), arrays, timeout=until)
 
 
-def pull(
-    replica: ReplicaPlan,
-    address: str,
-    key: str,
-    deadline: float,
-    what: str,
-    source_failed: Callable[[], str | None],
-) -> dict[int, Any]:
-    """replica.source's data files, pulled from its transfer server at address.
+@dataclass
+class Pulling:
+    """One replica's pull, started: wait() gives its data files."""
 
-    Raises CoordinationTimeoutError naming the source if they have not arrived by
-    the deadline, if the pull fails (the source died), or once source_failed()
-    says why the source gave up.
+    replica: ReplicaPlan
+    address: str
+    started: Future[list[jax.Array]] | None  # None: the source has no data files
+
+    def wait(self, deadline: float, what: str, source_failed: Callable[[], str | None]) -> dict[int, Any]:
+        """The source's data files, once pulled.
+
+        Raises CoordinationTimeoutError naming the source if they have not arrived
+        by the deadline, if the pull fails (the source died, or this process
+        cannot reach its address), or once source_failed() says why the source
+        gave up.
+        """
+        if self.started is None:
+            return {}
+        source = self.replica.source
+        try:
+            arrived = self.started.result(timeout=max(0.0, deadline - time.monotonic()))
+            looked = time.monotonic()
+            while not all(x.is_ready() for x in arrived):  # type: ignore[attr-defined]
+                now = time.monotonic()
+                if now >= deadline:
+                    raise TimeoutError()
+                if now - looked >= _LOOK_S:
+                    looked = now
+                    why = source_failed()
+                    if why is not None:
+                        raise CoordinationTimeoutError(
+                            f"{what}: process {source} failed before sending its data files for this "
+                            f"process's replica ({why}); the local checkpoint stays uncommitted"
+                        )
+                time.sleep(_POLL_S)
+            return {k: np.asarray(x) for (k, _), x in zip(self.replica.incoming, arrived)}  # a failure raises
+        except CoordinationTimeoutError:
+            _forget(self.address)
+            raise
+        except TimeoutError as e:
+            _forget(self.address)
+            raise CoordinationTimeoutError(
+                f"{what}: process {source} did not send its data files for this process's replica in time "
+                f"(did it die or stall?); the local checkpoint stays uncommitted"
+            ) from e
+        except Exception as e:
+            _forget(self.address)
+            raise CoordinationTimeoutError(
+                f"{what}: pulling process {source}'s data files for this process's replica from "
+                f"{self.address} failed ({str(e).splitlines()[0] if str(e) else repr(e)}): did it die, or "
+                f"is that address unreachable from here (set {HOST_ENV} to the address each host's peers "
+                "reach it at)? The local checkpoint stays uncommitted"
+            ) from e
+
+
+def start_pull(replica: ReplicaPlan, address: str, key: str, deadline: float) -> Pulling:
+    """Starts pulling replica.source's data files from its transfer server at address.
+
+    The connection is made on a thread of its own, so that a peer that cannot be
+    reached holds no one past the deadline (Pulling.wait's).
     """
     if not replica.incoming:
-        return {}
+        return Pulling(replica, address, None)
     sharding = jax.sharding.SingleDeviceSharding(_host_device())
     specs = [jax.ShapeDtypeStruct((n,), np.uint8, sharding=sharding) for _, n in replica.incoming]
     until = datetime.datetime.now() + datetime.timedelta(seconds=max(0.0, deadline - time.monotonic()))
-    source = replica.source
-    try:
-        arrived = _connect(address).pull(_uuid(key, source, jax.process_index()), specs, timeout=until)
-        looked = time.monotonic()
-        while not all(x.is_ready() for x in arrived):
-            now = time.monotonic()
-            if now >= deadline:
-                raise CoordinationTimeoutError(
-                    f"{what}: process {source} did not send its data files for this process's replica "
-                    "in time (did it die or stall?); the local checkpoint stays uncommitted"
-                )
-            if now - looked >= _LOOK_S:
-                looked = now
-                why = source_failed()
-                if why is not None:
-                    raise CoordinationTimeoutError(
-                        f"{what}: process {source} failed before sending its data files for this "
-                        f"process's replica ({why}); the local checkpoint stays uncommitted"
-                    )
-            time.sleep(_POLL_S)
-        files = {k: np.asarray(x) for (k, _), x in zip(replica.incoming, arrived)}  # a failed pull raises
-    except CoordinationTimeoutError:
-        _forget(address)
-        raise
-    except Exception as e:
-        _forget(address)
-        raise CoordinationTimeoutError(
-            f"{what}: pulling process {source}'s data files for this process's replica from {address} "
-            f"failed (did it die?): {str(e).splitlines()[0] if str(e) else repr(e)}; the local checkpoint "
-            "stays uncommitted"
-        ) from e
-    return files
+    uuid = _uuid(key, replica.source, jax.process_index())
+
+    def run() -> list[jax.Array]:
+        return list(_connect(address).pull(uuid, specs, timeout=until))
+
+    future: Future[list[jax.Array]] = Future()
+
+    def thread() -> None:
+        try:
+            future.set_result(run())
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=thread, name="shardsave-pull", daemon=True).start()
+    return Pulling(replica, address, future)
 
 
 def describe_self(domain: str, replicas: int) -> str:
     """What a process tells the others of itself for its replicas: its failure domain and,
     with replicas, its transfer server's address."""
-    return json.dumps({"domain": domain, "address": str(transfer_server().address()) if replicas else ""})
+    serving = replicas and jax.process_count() > 1  # alone, replica_shifts refuses replicas
+    return json.dumps({"domain": domain, "address": str(transfer_server().address()) if serving else ""})
 
 
 def read_peers(described: dict[int, str]) -> tuple[list[str], dict[int, str]]:

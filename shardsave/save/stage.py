@@ -127,7 +127,7 @@ def snapshot_on_device(
 
 def host_copies(leaves: list[Any]) -> list[Any]:
     """The leaves with each host leaf (numpy array, number) copied, for staging after the caller
-    may have changed its own; jax arrays as they are (their shards are copied, or permuted, apart)."""
+    may have changed its own; jax arrays as they are (their shards are copied apart)."""
     return [leaf if isinstance(leaf, jax.Array) else np.array(leaf, copy=True) for leaf in leaves]
 
 

@@ -21,11 +21,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from shardsave.save.replicas import devices_by_process
-
 PIECE_BYTES = 256 << 20
 
 _AXIS = "shardsave_files"
+
+
+def devices_by_process() -> dict[int, list[jax.Device]]:
+    """Every process's devices, by id: the local index of a device is its place in its list."""
+    out: dict[int, list[jax.Device]] = {}
+    for device in sorted(jax.devices(), key=lambda d: d.id):
+        out.setdefault(device.process_index, []).append(device)
+    return out
 
 
 @dataclass(frozen=True)
