@@ -227,7 +227,13 @@ def test_a_peer_killed_while_copying_fails_the_local_save_everywhere_and_both_ti
     assert not [r for r in results[2]["records"] if "stopped" in r]  # it died in the save
     for pid in (0, 1, 3):
         error = _record(results[pid], "stopped")["error"]
-        assert error is not None and "processes [2] did not report within 10 s" in error, error
+        assert error is not None, pid
+        # Every survivor names process 2: at the reports' deadline, or (process 3, which
+        # pulls process 2's files for its replica) when that pull breaks off, if it had not ended.
+        named = ["processes [2] did not report within 10 s"]
+        if pid == 3:
+            named.append("pulling process 2's data files for this process's replica from")
+        assert any(n in error for n in named), error
         local = sorted(os.listdir(tmp_path / f"local-{pid}"))
         assert "model-16.index" in local and "model-18.index" not in local
     assert "model-10.index" in os.listdir(tmp_path / "ckpt")

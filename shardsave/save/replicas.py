@@ -42,7 +42,8 @@ from shardsave.save.plan import SavePlan
 _POLL_S = 0.005  # how often the background thread looks whether the copies have arrived
 _LOOK_S = 0.1  # how often it looks whether their source gave up
 # The transfer server's sockets: several per peer and pieces of a few MiB keep loopback and
-# network links busy (one socket and whole 256 MiB pieces moved a fifth as fast on loopback).
+# network links busy, where one socket and whole pieces of 256 MiB left them idle (measured
+# when these were set: the commit that moved replicas onto the transfer server).
 _TRANSPORTS = 4
 _PIECE_BYTES = 4 << 20
 _PARALLEL_COPIES = 8
@@ -88,7 +89,12 @@ class ReplicaPlan:
     source: int
     target: int
     incoming: tuple[tuple[int, int], ...]  # the source's data files: (number, size)
-    outgoing: tuple[int, ...]  # this process's data files, in the order the target pulls them
+    outgoing: tuple[int, ...]  # this process's non-empty data files, in the order the target pulls them
+
+    @property
+    def pulled(self) -> tuple[tuple[int, int], ...]:
+        """The incoming files that travel: an empty one is written as it is, with nothing pulled."""
+        return tuple((k, n) for k, n in self.incoming if n)
 
 
 def plan_replica(plan: SavePlan, shift: int) -> ReplicaPlan:
@@ -98,9 +104,10 @@ def plan_replica(plan: SavePlan, shift: int) -> ReplicaPlan:
     source, target = (pid - shift) % n, (pid + shift) % n
 
     def files(p: int) -> list[tuple[int, int]]:
-        return [(k, f.nbytes) for k, f in enumerate(plan.files) if f.process_index == p and f.nbytes]
+        return [(k, f.nbytes) for k, f in enumerate(plan.files) if f.process_index == p]
 
-    return ReplicaPlan(shift, source, target, tuple(files(source)), tuple(k for k, _ in files(pid)))
+    outgoing = tuple(k for k, n in files(pid) if n)
+    return ReplicaPlan(shift, source, target, tuple(files(source)), outgoing)
 
 
 # This process's jax transfer server, started at the first local save with replicas,
@@ -251,8 +258,9 @@ class Pulling:
         cannot reach its address), or once source_failed() says why the source
         gave up.
         """
+        empty = {k: b"" for k, n in self.replica.incoming if not n}
         if self.started is None:
-            return {}
+            return empty
         source = self.replica.source
         try:
             arrived = self.started.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -270,7 +278,8 @@ class Pulling:
                             f"process's replica ({why}); the local checkpoint stays uncommitted"
                         )
                 time.sleep(_POLL_S)
-            return {k: np.asarray(x) for (k, _), x in zip(self.replica.incoming, arrived)}  # a failure raises
+            pulled = {k: np.asarray(x) for (k, _), x in zip(self.replica.pulled, arrived)}  # a failure raises
+            return {**empty, **pulled}
         except CoordinationTimeoutError:
             _forget(self.address)
             raise
@@ -296,10 +305,10 @@ def start_pull(replica: ReplicaPlan, address: str, key: str, deadline: float) ->
     The connection is made on a thread of its own, so that a peer that cannot be
     reached holds no one past the deadline (Pulling.wait's).
     """
-    if not replica.incoming:
+    if not replica.pulled:
         return Pulling(replica, address, None)
     sharding = jax.sharding.SingleDeviceSharding(_host_device())
-    specs = [jax.ShapeDtypeStruct((n,), np.uint8, sharding=sharding) for _, n in replica.incoming]
+    specs = [jax.ShapeDtypeStruct((n,), np.uint8, sharding=sharding) for _, n in replica.pulled]
     until = datetime.datetime.now() + datetime.timedelta(seconds=max(0.0, deadline - time.monotonic()))
     uuid = _uuid(key, replica.source, jax.process_index())
 
