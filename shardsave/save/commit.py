@@ -448,10 +448,13 @@ def commit_local(
     error = ""
     try:
         staged = save.staged() if callable(save.staged) else save.staged
+        pulls = []
         if local.replicas:
             # Replicas need several processes (so a key) and a whole staged copy (no capped save).
             assert save.key is not None and isinstance(staged, dict)
             offer(local.replicas, staged, save.key, local.timeout_s)  # first: the peers' pulls start at once
+            # All at once, so that they overlap each other and this process's own writes.
+            pulls = [start_pull(r, local.addresses[r.source], save.key, deadline) for r in local.replicas]
         own = (
             staged
             if isinstance(staged, Streamed)
@@ -460,19 +463,15 @@ def commit_local(
         written.append(own)
         copies: dict[int, list[tuple[int, ...]]] = {}
         differs: str | None = None  # raised once all have reported, as a checksum mismatch is
-        if local.replicas:
-            assert save.key is not None
-            key = save.key
-            pulls = [
-                start_pull(r, local.addresses[r.source], key, deadline) for r in local.replicas
-            ]  # all at once: they overlap
-            for pulling in pulls:
-                source_failed = partial(_failure_of, coordinator, f"{key}/files", pulling.replica.source)
-                files = pulling.wait(deadline, what, source_failed)
-                differs = differs or _host_values_differ(plan, local.leaves, files)
-                streamed = start_writes(directory, save.base, plan, files, chunk, part_bytes, True)
-                written.append(streamed)
-                copies.update(streamed.crcs)
+        for pulling in pulls:
+            reports = f"{save.key}/files"
+            files = pulling.wait(
+                deadline, what, partial(_failure_of, coordinator, reports, pulling.replica.source)
+            )
+            differs = differs or _host_values_differ(plan, local.leaves, files)
+            streamed = start_writes(directory, save.base, plan, files, chunk, part_bytes, True)
+            written.append(streamed)
+            copies.update(streamed.crcs)
         for streamed in written:
             pending += [r for r in streamed.wait() if isinstance(r, PendingFile)]
         if save.key is None:

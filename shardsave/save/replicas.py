@@ -85,7 +85,6 @@ class ReplicaPlan:
     offers its own to `target`, which holds its replica. The data files of a plan are
     numbered alike on every process, so both ends name them by number."""
 
-    shift: int
     source: int
     target: int
     incoming: tuple[tuple[int, int], ...]  # the source's data files: (number, size)
@@ -107,7 +106,7 @@ def plan_replica(plan: SavePlan, shift: int) -> ReplicaPlan:
         return [(k, f.nbytes) for k, f in enumerate(plan.files) if f.process_index == p]
 
     outgoing = tuple(k for k, n in files(pid) if n)
-    return ReplicaPlan(shift, source, target, tuple(files(source)), outgoing)
+    return ReplicaPlan(source, target, tuple(files(source)), outgoing)
 
 
 # This process's jax transfer server, started at the first local save with replicas,
@@ -312,14 +311,11 @@ def start_pull(replica: ReplicaPlan, address: str, key: str, deadline: float) ->
     until = datetime.datetime.now() + datetime.timedelta(seconds=max(0.0, deadline - time.monotonic()))
     uuid = _uuid(key, replica.source, jax.process_index())
 
-    def run() -> list[jax.Array]:
-        return list(_connect(address).pull(uuid, specs, timeout=until))
-
     future: Future[list[jax.Array]] = Future()
 
-    def thread() -> None:
+    def thread() -> None:  # not a pool's: a connection that never returns holds only its own
         try:
-            future.set_result(run())
+            future.set_result(list(_connect(address).pull(uuid, specs, timeout=until)))
         except BaseException as e:
             future.set_exception(e)
 
